@@ -1,0 +1,158 @@
+"""``orthodiff`` command line: thin argparse front-ends over :mod:`orthodiff_nnunet.api`.
+
+Heavy imports (torch, nnunetv2) happen inside the commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from orthodiff_nnunet import __version__
+
+log = logging.getLogger("orthodiff")
+
+
+class CommandError(RuntimeError):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _not_implemented(name: str, issue: str):
+    def run(args: argparse.Namespace) -> int:
+        raise CommandError(f"`orthodiff {name}` is not implemented yet ({issue}).")
+
+    return run
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a site's series (DICOM/NIfTI/NRRD/MHA) into per-orientation nnU-Net raw datasets",
+        description=(
+            "Convert one site's data, described by a manifest CSV (one row per series), into nnU-Net raw "
+            "datasets, one per orientation: Dataset<ID>_<Name>Sag, Dataset<ID+1>_<Name>Cor, "
+            "Dataset<ID+2>_<Name>Ax. Output names are pseudonyms; no DICOM value is copied. "
+            "See the README for the manifest columns."
+        ),
+    )
+    p.add_argument("manifest", type=Path, help="manifest CSV, one row per series")
+    p.add_argument("-d", "--dataset-id", type=int, required=True,
+                   help="base dataset id: sagittal gets ID, coronal ID+1, axial ID+2")
+    p.add_argument("-n", "--name", required=True, help="dataset name, e.g. KneeSiteA (letters and digits)")
+    p.add_argument("--site-dir", type=Path, default=None,
+                   help="folder that relative paths in the manifest start from (default: the manifest's folder)")
+    p.add_argument("--raw", type=Path, default=None, help="nnUNet_raw folder (default: $nnUNet_raw)")
+    p.add_argument("--external", action="store_true",
+                   help="an external validation site: write imagesTs/labelsTs instead of imagesTr/labelsTr")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated abnormality label columns (default: the 8 knee labels found in the manifest)")
+    p.add_argument("--label-scheme", type=Path, default=None,
+                   help="JSON {name: value} of segmentation labels (default: the 11 knee structures)")
+    p.add_argument("--dry-run", action="store_true", help="only validate the manifest and every series; write nothing")
+    p.add_argument("--key-file", type=Path, default=None,
+                   help="also write a CSV mapping pseudonyms to source ids here (must lie outside nnUNet_raw's datasets)")
+    p.add_argument("--pseudonym-key", type=Path, default=None,
+                   help="secret key that makes pseudonyms stable across runs (default: <raw>/.orthodiff/pseudonym.key, created once)")
+    p.add_argument("--folds", type=int, default=5, help="number of patient-grouped cross-validation folds (default 5)")
+    p.add_argument("--max-obliquity", type=float, default=35.0,
+                   help="largest accepted angle (degrees) between slice normal and nearest patient axis")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="parallel workers (default 2)")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from orthodiff_nnunet.api import convert
+
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
+    result = convert(
+        manifest=args.manifest,
+        dataset_id=args.dataset_id,
+        name=args.name,
+        site_dir=args.site_dir,
+        raw=args.raw,
+        external=args.external,
+        abnormality_labels=labels,
+        label_scheme=args.label_scheme,
+        dry_run=args.dry_run,
+        key_file=args.key_file,
+        pseudonym_key=args.pseudonym_key,
+        num_folds=args.folds,
+        max_obliquity_deg=args.max_obliquity,
+        num_processes=args.num_processes,
+    )
+    print(result.summary())
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on generated phantom data (no real data needed)",
+        description="Generate two phantom knee sites (3 T training site, 1.5 T external site) and run the pipeline on them.",
+    )
+    p.add_argument("-o", "--output", type=Path, default=Path("orthodiff_demo"),
+                   help="work folder (default ./orthodiff_demo); nnUNet_raw/preprocessed/results go inside")
+    p.add_argument("--cases", type=int, default=6, help="exams per site (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the phantom (default 0)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from orthodiff_nnunet.api import demo
+
+    report = demo(output=args.output, cases_per_site=args.cases, seed=args.seed)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orthodiff",
+        description=(
+            "OrthoDiff-nnU-Net: convert -> plan_and_preprocess -> pretrain -> train -> evaluate, "
+            "on top of nnU-Net v2."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"orthodiff-nnunet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_convert(sub)
+    _add_demo(sub)
+    for name, helptext, issue in (
+        ("plan_and_preprocess", "fingerprint, plan per orientation and preprocess", "issue 4"),
+        ("pretrain", "diffusion pretraining of the planned network", "issue 5"),
+        ("train", "train segmentation (seg) or classification (cls)", "issues 6 and 7"),
+        ("predict", "predict with a trained model", "issues 6 and 7"),
+        ("evaluate", "cross-site external validation and report", "issue 8"),
+    ):
+        p = sub.add_parser(name, help=f"{helptext} (not implemented yet)", add_help=True)
+        p.set_defaults(func=_not_implemented(name, issue))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 1
+    if extra and args.command not in ("plan_and_preprocess", "pretrain", "train", "predict", "evaluate"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from orthodiff_nnunet.errors import OrthodiffError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CommandError, OrthodiffError) as exc:
+        print(f"orthodiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

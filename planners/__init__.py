@@ -1,0 +1,1 @@
+"""Installed as orthodiff_nnunet.planners."""
