@@ -1,0 +1,1 @@
+"""Networks built from nnU-Net plans, timestep conditioning, and the encoder weight contract."""
