@@ -1,0 +1,756 @@
+"""DICOM series: listing, reading (multi-echo aware) and writing synthetic MR series.
+
+Reading goes through SimpleITK/GDCM, which handles little- and big-endian and the usual
+compressed transfer syntaxes (JPEG lossless, JPEG-LS, JPEG 2000, RLE).
+
+Privacy rules of this module:
+
+* no DICOM value that identifies anyone (names, ids, dates, institution, descriptions, UIDs)
+  is logged or put into an error message: messages and logs show only series numbers, file
+  and echo counts, image sizes and geometry;
+* the images returned carry no metadata dictionary: each is rebuilt from its voxel array with
+  origin, spacing and direction only;
+* file and folder names are not logged either (sites sometimes name folders after patients);
+  the caller names the case in its own messages.
+
+Multi-echo series (several EchoTime values in one SeriesInstanceUID) are split into one volume
+per echo, ordered by ascending EchoTime (SimpleITK's series reader alone would stack every
+file of the series into one volume). Each echo's slices are sorted along the slice normal and
+checked for missing or repeated slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+
+from orthodiff_nnunet.errors import OrthodiffError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DicomError",
+    "EchoImage",
+    "SeriesInfo",
+    "list_series",
+    "read_series",
+    "write_series",
+    "TRANSFER_SYNTAXES",
+]
+
+# DICOM tags read from each file (SimpleITK metadata keys)
+_TAG_SERIES_UID = "0020|000e"
+_TAG_SERIES_NUMBER = "0020|0011"
+_TAG_ECHO_TIME = "0018|0081"
+_TAG_POSITION = "0020|0032"
+_TAG_ORIENTATION = "0020|0037"
+
+#: Largest accepted relative deviation of one slice gap from the median gap.
+SLICE_GAP_TOLERANCE = 0.10
+#: Echo times closer than this (ms) count as the same echo.
+_ECHO_TIME_DECIMALS = 3
+#: Direction cosines of the slices of one volume may differ by this much.
+_ORIENTATION_TOLERANCE = 1e-3
+
+#: Transfer syntaxes ``write_series`` can produce, by short name.
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "explicit_le": "1.2.840.10008.1.2.1",
+    "implicit_le": "1.2.840.10008.1.2",
+    "explicit_be": "1.2.840.10008.1.2.2",
+    "jpeg_lossless": "1.2.840.10008.1.2.4.70",  # process 14, selection value 1
+    "rle_lossless": "1.2.840.10008.1.2.5",
+}
+
+TransferSyntax = Literal["explicit_le", "implicit_le", "explicit_be", "jpeg_lossless", "rle_lossless"]
+
+_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+class DicomError(OrthodiffError):
+    """A DICOM folder or series cannot be read as asked; the message says what to do.
+
+    Messages never contain identifying DICOM values; the caller prefixes the case. The first
+    line is complete in itself (callers may show only the first line).
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# headers
+
+
+@dataclass(frozen=True)
+class _FileHeader:
+    path: Path = field(repr=False)
+    series_uid: str = field(repr=False)
+    series_number: int | None
+    echo_time_ms: float | None
+    rows: int
+    cols: int
+    frames: int
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None  # 6 direction cosines (row, column)
+    spacing: tuple[float, float, float]  # what GDCM reports for the file (x, y, z)
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 floats, SimpleITK order
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series of a folder, as needed to choose it.
+
+    ``uid`` is kept for selection only: it is hidden from ``repr`` and never logged.
+    """
+
+    uid: str = field(repr=False)
+    series_number: int | None
+    num_files: int
+    echo_times_ms: tuple[float, ...]
+    rows: int | None = None  # None when the files mix sizes
+    cols: int | None = None
+    files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
+    _headers: tuple[_FileHeader, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def num_echoes(self) -> int:
+        return max(1, len(self.echo_times_ms))
+
+    def describe(self) -> str:
+        """Non-identifying description for messages, e.g. ``series number 8: 192 files, 8 echoes, 256x256``."""
+        number = f"series number {self.series_number}" if self.series_number is not None else "series without number"
+        size = f"{self.rows}x{self.cols}" if self.rows is not None else "mixed image sizes"
+        echoes = f"{self.num_echoes} echo" + ("es" if self.num_echoes != 1 else "")
+        return f"{number}: {self.num_files} files, {echoes}, {size}"
+
+
+@dataclass(frozen=True)
+class EchoImage:
+    """One volume of a series: one echo (``echo_index`` 1-based by ascending echo time)."""
+
+    echo_index: int
+    echo_time_ms: float | None
+    number_of_echoes: int
+    image: sitk.Image = field(repr=False)
+
+
+def _floats(text: str) -> tuple[float, ...] | None:
+    try:
+        vals = tuple(float(v) for v in text.strip().split("\\") if v.strip() != "")
+    except ValueError:
+        return None
+    return vals or None
+
+
+def _read_header(reader: sitk.ImageFileReader, path: Path) -> _FileHeader:
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+
+    def get(tag: str) -> str:
+        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+    number_text = get(_TAG_SERIES_NUMBER)
+    try:
+        series_number: int | None = int(float(number_text)) if number_text else None
+    except ValueError:
+        series_number = None
+    te = _floats(get(_TAG_ECHO_TIME))
+    pos = _floats(get(_TAG_POSITION))
+    iop = _floats(get(_TAG_ORIENTATION))
+    size = reader.GetSize()
+    spacing = tuple(float(s) for s in reader.GetSpacing())
+    if len(spacing) == 2:
+        spacing = (*spacing, 1.0)
+    origin = tuple(float(o) for o in reader.GetOrigin())
+    if len(origin) == 2:
+        origin = (*origin, 0.0)
+    direction = tuple(float(d) for d in reader.GetDirection())
+    if len(direction) == 4:
+        direction = (direction[0], direction[1], 0.0, direction[2], direction[3], 0.0, 0.0, 0.0, 1.0)
+    return _FileHeader(
+        path=path,
+        series_uid=get(_TAG_SERIES_UID),
+        series_number=series_number,
+        echo_time_ms=round(te[0], _ECHO_TIME_DECIMALS) if te else None,
+        rows=int(size[1]),
+        cols=int(size[0]),
+        frames=int(size[2]) if len(size) > 2 else 1,
+        position=pos if pos is not None and len(pos) == 3 else None,  # type: ignore[arg-type]
+        orientation=iop if iop is not None and len(iop) == 6 else None,
+        spacing=spacing,  # type: ignore[arg-type]
+        origin=origin,  # type: ignore[arg-type]
+        direction=direction,
+    )
+
+
+def _new_reader() -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.LoadPrivateTagsOff()
+    return reader
+
+
+def _scan_folder(folder: Path) -> list[SeriesInfo]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomError(
+            "the DICOM folder does not exist or is not a folder; check the manifest's 'image' path"
+        )
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise DicomError(
+            "no DICOM series found in the folder (no readable DICOM file); point 'image' at the folder "
+            "that holds the series' .dcm files (sub-folders are not searched)"
+        )
+    reader = _new_reader()
+    out: list[SeriesInfo] = []
+    for uid in uids:
+        files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        headers: list[_FileHeader] = []
+        for f in files:
+            try:
+                headers.append(_read_header(reader, f))
+            except RuntimeError:
+                raise DicomError(
+                    f"GDCM cannot read the header of one of the {len(files)} files of a series "
+                    "(damaged or not DICOM); re-export the series"
+                ) from None
+        numbers = sorted({h.series_number for h in headers if h.series_number is not None})
+        tes = sorted({h.echo_time_ms for h in headers if h.echo_time_ms is not None})
+        sizes = {(h.rows, h.cols) for h in headers}
+        rows, cols = next(iter(sizes)) if len(sizes) == 1 else (None, None)
+        out.append(
+            SeriesInfo(
+                uid=uid,
+                series_number=numbers[0] if len(numbers) == 1 else None,
+                num_files=len(files),
+                echo_times_ms=tuple(tes),
+                rows=rows,
+                cols=cols,
+                files=files,
+                _headers=tuple(headers),
+            )
+        )
+    out.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.num_files))
+    return out
+
+
+def list_series(folder: Path) -> list[SeriesInfo]:
+    """The DICOM series of ``folder`` (not recursive), ordered by series number.
+
+    Raises:
+        DicomError: when the folder does not exist or holds no readable DICOM file.
+    """
+    series = _scan_folder(Path(folder))
+    log.debug("DICOM folder holds %d series: %s", len(series), "; ".join(s.describe() for s in series))
+    return series
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing a series and an echo
+
+
+def _candidates(series: Sequence[SeriesInfo]) -> str:
+    return "; ".join(f"[{s.describe()}]" for s in series)
+
+
+def _select_series(all_series: list[SeriesInfo], wanted: str | int | None) -> SeriesInfo:
+    if wanted is not None and str(wanted).strip() != "":
+        key = str(wanted).strip()
+        by_uid = [s for s in all_series if s.uid == key]
+        if by_uid:
+            return by_uid[0]
+        number: int | None
+        try:
+            number = int(float(key))
+        except ValueError:
+            number = None
+        by_number = [s for s in all_series if number is not None and s.series_number == number]
+        if len(by_number) == 1:
+            return by_number[0]
+        if len(by_number) > 1:
+            raise DicomError(
+                f"{len(by_number)} series of the folder share series number {number}: set the manifest's "
+                f"'series' column to the SeriesInstanceUID instead; candidates: {_candidates(by_number)}"
+            )
+        raise DicomError(
+            "the series given in the manifest's 'series' column is not in the folder (neither a "
+            "SeriesInstanceUID nor a series number of it); correct the 'series' column; the folder holds "
+            f"{len(all_series)} series: {_candidates(all_series)}"
+        )
+    if len(all_series) == 1:
+        return all_series[0]
+    # advice first: callers may shorten long messages
+    raise DicomError(
+        f"the folder holds {len(all_series)} DICOM series: set the manifest's 'series' column to the "
+        "SeriesInstanceUID or series number of the one to convert (one manifest row per series); "
+        f"candidates: {_candidates(all_series)}"
+    )
+
+
+def _echo_groups(info: SeriesInfo) -> list[tuple[float | None, list[_FileHeader]]]:
+    groups: dict[float | None, list[_FileHeader]] = {}
+    for h in info._headers:
+        groups.setdefault(h.echo_time_ms, []).append(h)
+    keys = sorted(groups, key=lambda t: (t is None, t if t is not None else 0.0))
+    return [(k, groups[k]) for k in keys]
+
+
+# ----------------------------------------------------------------------------------------------
+# one echo -> one volume
+
+
+def _normal_of(iop: Sequence[float]) -> np.ndarray:
+    row = np.asarray(iop[:3], dtype=float)
+    col = np.asarray(iop[3:], dtype=float)
+    n = np.cross(row, col)
+    norm = np.linalg.norm(n)
+    if norm < 1e-6:
+        raise DicomError("the slice orientation (ImageOrientationPatient) is degenerate; re-export the series")
+    return n / norm
+
+
+def _sort_and_check(headers: list[_FileHeader], label: str) -> tuple[list[_FileHeader], float | None]:
+    """Slices sorted along the slice normal, and the mean slice spacing (None for one slice)."""
+    if any(h.position is None or h.orientation is None for h in headers):
+        if len(headers) == 1:
+            return headers, None
+        raise DicomError(
+            f"{label}: some slices have no ImagePositionPatient/ImageOrientationPatient, so they cannot be "
+            "stacked; export the series with its patient geometry"
+        )
+    iop0 = np.asarray(headers[0].orientation, dtype=float)
+    if any(np.max(np.abs(np.asarray(h.orientation) - iop0)) > _ORIENTATION_TOLERANCE for h in headers):
+        raise DicomError(
+            f"{label}: the slices have different orientations (a localizer or several stacks in one series); "
+            "export the stack to convert as a series of its own, or choose another series"
+        )
+    normal = _normal_of(iop0)
+    proj = np.array([float(np.dot(normal, h.position)) for h in headers])  # type: ignore[arg-type]
+    order = np.argsort(proj, kind="stable")
+    proj = proj[order]
+    ordered = [headers[i] for i in order]
+    if len(ordered) == 1:
+        return ordered, None
+    gaps = np.diff(proj)
+    smallest = max(1e-3, 1e-3 * float(np.max(np.abs(proj - proj[0]))))
+    repeated = int(np.sum(gaps < smallest))
+    if repeated:
+        raise DicomError(
+            f"{label}: {repeated + 1} or more slices share a position (repeated acquisitions, temporal "
+            "positions or averages that echo time does not separate); export one acquisition per series"
+        )
+    median = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - median)))
+    if abs(gaps[worst] - median) > SLICE_GAP_TOLERANCE * median:
+        raise DicomError(
+            f"{label}: slices are missing or unevenly spaced: the gaps between the {len(ordered)} slices "
+            f"range from {gaps.min():.3g} to {gaps.max():.3g} mm (median {median:.3g} mm, the largest "
+            f"deviation after slice {worst + 1}); re-export the complete series"
+        )
+    return ordered, float(np.mean(gaps))
+
+
+def _fresh_image(array: np.ndarray, spacing, origin, direction) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetDirection(tuple(float(d) for d in direction))
+    return image
+
+
+def _read_volume(ordered: list[_FileHeader], slice_spacing: float | None, label: str) -> sitk.Image:
+    files = [str(h.path) for h in ordered]
+    # ITK warns about non-uniform slices on stderr; the spacing was checked above (with a
+    # clearer message), so its warning is silenced for this read only.
+    warnings_were_on = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        if len(files) == 1:
+            reader = _new_reader()
+            reader.SetFileName(files[0])
+            raw = reader.Execute()
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetImageIO("GDCMImageIO")
+            reader.MetaDataDictionaryArrayUpdateOff()
+            reader.LoadPrivateTagsOff()
+            reader.SetFileNames(files)
+            raw = reader.Execute()
+    except RuntimeError:
+        raise DicomError(
+            f"{label}: GDCM cannot decode the pixel data of {len(files)} file(s) (damaged files or an "
+            "unsupported transfer syntax); re-export the series uncompressed"
+        ) from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_were_on)
+    if raw.GetNumberOfComponentsPerPixel() != 1:
+        raise DicomError(f"{label}: the images are not greyscale (colour or multi-component); choose an MR greyscale series")
+    array = sitk.GetArrayFromImage(raw)
+    if array.ndim == 2:
+        array = array[None]
+    first = ordered[0]
+    if len(files) == 1:
+        # one file (single slice or a multi-frame object): keep the geometry GDCM computed
+        spacing, origin, direction = raw.GetSpacing(), raw.GetOrigin(), raw.GetDirection()
+        if raw.GetDimension() == 2:
+            spacing, origin, direction = first.spacing, first.origin, first.direction
+        return _fresh_image(array, spacing, origin, direction)
+    # several slices: geometry from the sorted slice positions (slice axis = row x column)
+    row = np.asarray(first.orientation[:3], dtype=float)  # type: ignore[index]
+    col = np.asarray(first.orientation[3:], dtype=float)  # type: ignore[index]
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = _normal_of(first.orientation)  # type: ignore[arg-type]
+    direction = np.stack([row, col, normal], axis=1).flatten()
+    spacing = (first.spacing[0], first.spacing[1], slice_spacing)
+    return _fresh_image(array, spacing, first.position, direction)
+
+
+# ----------------------------------------------------------------------------------------------
+# public reading
+
+
+def _series_of_file(path: Path) -> str:
+    reader = _new_reader()
+    try:
+        header = _read_header(reader, path)
+    except RuntimeError:
+        raise DicomError(
+            "the file is not a readable DICOM file; point 'image' at a DICOM series folder or one of its files"
+        ) from None
+    if not header.series_uid:
+        raise DicomError("the DICOM file has no SeriesInstanceUID; point 'image' at the series folder")
+    return header.series_uid
+
+
+def _parse_echo(echo: int | str | None) -> int | Literal["all"] | None:
+    if echo is None or (isinstance(echo, str) and echo.strip() == ""):
+        return None
+    if isinstance(echo, str):
+        e = echo.strip().lower()
+        if e == "all":
+            return "all"
+        try:
+            echo = int(e)
+        except ValueError:
+            raise DicomError(f"echo {echo!r} is not valid: use a 1-based echo number or 'all'") from None
+    if isinstance(echo, bool) or not isinstance(echo, (int, np.integer)) or echo < 1:
+        raise DicomError(f"echo {echo!r} is not valid: use a 1-based echo number or 'all'")
+    return int(echo)
+
+
+def read_series(
+    path: Path,
+    series: str | int | None = None,
+    echo: int | Literal["all"] | None = None,
+) -> list[EchoImage]:
+    """Read one DICOM series into one volume per echo.
+
+    Args:
+        path: a folder holding the series, or one DICOM file of it (its folder and its series are used).
+        series: SeriesInstanceUID or SeriesNumber; needed when the folder holds several series.
+        echo: multi-echo series: ``None`` -> echo 1 (and an INFO log says how many there are),
+            ``k`` -> the k-th echo by ascending EchoTime, ``"all"`` -> every echo.
+
+    Returns:
+        The echoes asked for, each a fresh ``sitk.Image`` (no metadata dictionary) in the DICOM
+        slice layout (index axes along row, column and slice normal = row x column).
+
+    Raises:
+        DicomError: no DICOM, several series without ``series``, an unknown series or echo,
+            missing or repeated slices, mixed image sizes or orientations, undecodable pixels.
+    """
+    path = Path(path)
+    wanted: str | int | None = series
+    if path.is_file():
+        file_uid = _series_of_file(path)
+        if wanted is not None and str(wanted).strip() != "":
+            # the file and the 'series' column must agree
+            chosen = _select_series(_scan_folder(path.parent), wanted)
+            if chosen.uid != file_uid:
+                raise DicomError(
+                    "the DICOM file given as 'image' belongs to another series than the manifest's 'series' "
+                    "column names; give the series folder, or clear the 'series' column"
+                )
+        wanted = file_uid
+        path = path.parent
+    elif not path.exists():
+        raise DicomError("the DICOM path does not exist; check the manifest's 'image' path")
+    info = _select_series(_scan_folder(path), wanted)
+    what = info.describe()
+
+    if info.rows is None:
+        sizes: dict[tuple[int, int], int] = {}
+        for h in info._headers:
+            sizes[(h.rows, h.cols)] = sizes.get((h.rows, h.cols), 0) + 1
+        listing = ", ".join(f"{r}x{c}: {n} files" for (r, c), n in sorted(sizes.items()))
+        raise DicomError(
+            f"{what}: the files mix image sizes ({listing}), e.g. a localizer stored in the series; "
+            "export the volume alone as its own series or choose another series"
+        )
+
+    groups = _echo_groups(info)
+    n_echoes = len(groups)
+    choice = _parse_echo(echo)
+    if choice is None:
+        indices = [1]
+        if n_echoes > 1:
+            log.info(
+                "%s has %d echoes (echo times %s ms); using echo 1: the manifest's 'echo' column chooses "
+                "another one or 'all'",
+                what, n_echoes, ", ".join(f"{t:g}" for t, _ in groups if t is not None),
+            )
+    elif choice == "all":
+        indices = list(range(1, n_echoes + 1))
+    else:
+        if choice > n_echoes:
+            raise DicomError(
+                f"{what}: echo {choice} was asked for but the series has {n_echoes} echo(es); "
+                f"set the manifest's 'echo' column to 1..{n_echoes} or 'all'"
+            )
+        indices = [choice]
+
+    out: list[EchoImage] = []
+    for k in indices:
+        te, headers = groups[k - 1]
+        label = what if n_echoes == 1 else f"{what}, echo {k} of {n_echoes}"
+        if any(h.frames > 1 for h in headers) and len(headers) > 1:
+            raise DicomError(
+                f"{label}: several multi-frame files in one echo are not supported; export one volume per file"
+            )
+        ordered, slice_spacing = _sort_and_check(headers, label)
+        image = _read_volume(ordered, slice_spacing, label)
+        log.debug(
+            "read %s: size %s, spacing %s mm",
+            label, "x".join(str(s) for s in image.GetSize()), "x".join(f"{s:.4g}" for s in image.GetSpacing()),
+        )
+        out.append(EchoImage(echo_index=k, echo_time_ms=te, number_of_echoes=n_echoes, image=image))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# writing synthetic MR series (tests, synthetic sites)
+
+
+def _jpeg_lossless_encode(frame: np.ndarray) -> bytes:
+    """Encode a 2D uint16 frame as JPEG lossless (process 14, selection value 1, 16-bit precision).
+
+    A minimal, dependency-free encoder (pydicom has no JPEG lossless encoder): one fixed Huffman
+    table in which every difference category 0..16 has a 5-bit code. Decoders (GDCM, libjpeg)
+    read it like any other process-14 stream.
+    """
+    x = np.ascontiguousarray(frame, dtype=np.uint16).astype(np.int64)
+    rows, cols = x.shape
+    pred = np.empty_like(x)
+    pred[0, 0] = 1 << 15
+    pred[0, 1:] = x[0, :-1]
+    pred[1:, 0] = x[:-1, 0]
+    pred[1:, 1:] = x[1:, :-1]
+    diff = (x - pred) % 65536
+    diff = np.where(diff >= 32768, diff - 65536, diff).ravel()  # -32768..32767
+    mag = np.abs(diff)
+    ssss = np.zeros_like(mag)
+    nz = mag > 0
+    ssss[nz] = np.floor(np.log2(mag[nz])).astype(np.int64) + 1
+    ssss[diff == -32768] = 16
+    extra = np.where(diff >= 0, diff, diff + (1 << ssss) - 1) & ((1 << ssss) - 1)
+    extra_len = np.where(ssss == 16, 0, ssss)
+    extra = np.where(ssss == 16, 0, extra)
+    code_len = 5
+    value = (ssss << extra_len) | extra
+    length = code_len + extra_len
+    max_len = int(length.max())
+    shifts = length[:, None] - 1 - np.arange(max_len)[None, :]
+    bits = (value[:, None] >> np.clip(shifts, 0, None)) & 1
+    bits = bits[shifts >= 0].astype(np.uint8)
+    pad = (-bits.size) % 8
+    bits = np.concatenate([bits, np.ones(pad, dtype=np.uint8)])
+    data = np.packbits(bits)
+    ff = np.flatnonzero(data == 0xFF)
+    data = np.insert(data, ff + 1, 0)  # byte stuffing
+    out = bytearray(b"\xff\xd8")
+    # SOF3: precision 16, rows, cols, 1 component (id 1, sampling 1x1, no quantisation table)
+    out += b"\xff\xc3" + (11).to_bytes(2, "big") + bytes([16]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big")
+    out += bytes([1, 1, 0x11, 0])
+    # DHT: DC table 0, 17 codes of length 5 for categories 0..16
+    counts = [0] * 16
+    counts[code_len - 1] = 17
+    out += b"\xff\xc4" + (3 + 16 + 17).to_bytes(2, "big") + bytes([0x00]) + bytes(counts) + bytes(range(17))
+    # SOS: 1 component, table 0, predictor 1, Se 0, Ah/Al 0
+    out += b"\xff\xda" + (8).to_bytes(2, "big") + bytes([1, 1, 0x00, 1, 0, 0])
+    out += data.tobytes() + b"\xff\xd9"
+    return bytes(out)
+
+
+def _ds_number(value: float) -> str:
+    """A DICOM DS string (at most 16 characters) as close to ``value`` as fits."""
+    for digits in range(15, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return f"{value:.6g}"
+
+
+def write_series(
+    folder: Path,
+    array: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    *,
+    patient_name: str = "Anon",
+    patient_id: str = "ANON",
+    birth_date: str = "",
+    study_date: str = "",
+    institution: str = "",
+    echo_times: Sequence[float] | None = None,
+    series_number: int = 1,
+    transfer_syntax: TransferSyntax = "explicit_le",
+    series_description: str = "",
+    series_uid: str | None = None,
+) -> list[Path]:
+    """Write a valid MR image series with pydicom, one file per slice (and per echo).
+
+    Args:
+        folder: where the files go (created); existing files are never overwritten.
+        array: ``(z, y, x)`` integer voxels (int16/uint16 range), or with ``echo_times``
+            ``(echoes, z, y, x)`` (a 3D array is repeated for every echo).
+        spacing: ``(x, y, z)`` mm; ``z`` is the distance between slice positions.
+        origin: position (LPS, mm) of the first voxel.
+        direction: 9 direction cosines in SimpleITK order (columns = i, j, k axes).
+            A left-handed direction (k = -(i x j)) is written as its right-handed equivalent
+            (slices reversed), which is how any DICOM reader returns it.
+        echo_times: one set of slices per echo time (ms), all in one series (same
+            SeriesInstanceUID), ``EchoNumbers`` 1..n in the given order.
+        transfer_syntax: ``explicit_le``, ``implicit_le``, ``explicit_be`` (pixel data
+            byte-swapped here), ``jpeg_lossless`` (process 14 SV1, built-in encoder) or
+            ``rle_lossless`` (pydicom's native encoder).
+        series_uid: reuse a SeriesInstanceUID (default: a new one).
+
+    Returns:
+        The written files, echo by echo, slice by slice.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    if transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer_syntax must be one of {', '.join(TRANSFER_SYNTAXES)}")
+    arr = np.asarray(array)
+    n_echo = len(echo_times) if echo_times else 1
+    if arr.ndim == 3:
+        arr = np.broadcast_to(arr, (n_echo, *arr.shape))
+    elif arr.ndim != 4 or arr.shape[0] != n_echo:
+        raise ValueError("array must be (z, y, x), or (echoes, z, y, x) with one volume per echo time")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise ValueError("array must hold integer values (DICOM stores integer pixels)")
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo >= 0 and hi <= 65535 and arr.dtype != np.int16:
+        pixel_dtype, signed = np.uint16, 0
+    elif lo >= -32768 and hi <= 32767:
+        pixel_dtype, signed = np.int16, 1
+    else:
+        raise ValueError("array values must fit into 16 bits (int16 or uint16)")
+    arr = arr.astype(pixel_dtype)
+
+    sx, sy, sz = (float(s) for s in spacing)
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    o = np.asarray(origin, dtype=float)
+    row, col, k_axis = d[:, 0], d[:, 1], d[:, 2]
+    normal = np.cross(row, col)
+    if float(np.dot(normal, k_axis)) < 0:
+        # left-handed: write the right-handed equivalent (last slice first)
+        o = o + (arr.shape[1] - 1) * sz * k_axis
+        k_axis = -k_axis
+        arr = arr[:, ::-1]
+    nz, ny, nx = arr.shape[1:]
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ts_uid = pydicom.uid.UID(TRANSFER_SYNTAXES[transfer_syntax])
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    series_uid = series_uid or generate_uid()
+    paths: list[Path] = []
+    instance = 0
+    for e in range(n_echo):
+        for z in range(nz):
+            instance += 1
+            pos = o + z * sz * k_axis
+            path = folder / f"IM_S{series_number:04d}_{instance:05d}.dcm"
+            if path.exists():
+                raise FileExistsError(f"{path} exists; write each series into its own names (series_number)")
+            sop_uid = generate_uid()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ts_uid
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SpecificCharacterSet = "ISO_IR 100"
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+            ds.SOPClassUID = _MR_IMAGE_STORAGE
+            ds.SOPInstanceUID = sop_uid
+            ds.StudyDate = study_date
+            ds.SeriesDate = study_date
+            ds.StudyTime = ""
+            ds.AccessionNumber = ""
+            ds.Modality = "MR"
+            ds.Manufacturer = "orthodiff synthetic"
+            ds.InstitutionName = institution
+            ds.ReferringPhysicianName = ""
+            ds.SeriesDescription = series_description
+            ds.PatientName = patient_name
+            ds.PatientID = patient_id
+            ds.PatientBirthDate = birth_date
+            ds.PatientSex = ""
+            ds.ScanningSequence = "SE"
+            ds.SequenceVariant = "NONE"
+            ds.ScanOptions = ""
+            ds.MRAcquisitionType = "2D"
+            ds.SliceThickness = _ds_number(sz)
+            ds.SpacingBetweenSlices = _ds_number(sz)
+            if echo_times:
+                ds.EchoTime = _ds_number(float(echo_times[e]))
+                ds.EchoNumbers = str(e + 1)
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.StudyID = ""
+            ds.SeriesNumber = str(series_number)
+            ds.InstanceNumber = str(instance)
+            ds.ImagePositionPatient = [_ds_number(v) for v in pos]
+            ds.ImageOrientationPatient = [_ds_number(v) for v in (*row, *col)]
+            ds.FrameOfReferenceUID = frame_uid
+            ds.PositionReferenceIndicator = ""
+            ds.SliceLocation = _ds_number(float(np.dot(normal, pos)))
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.Rows = ny
+            ds.Columns = nx
+            ds.PixelSpacing = [_ds_number(sy), _ds_number(sx)]  # row spacing (y), column spacing (x)
+            ds.BitsAllocated = 16
+            ds.BitsStored = 16
+            ds.HighBit = 15
+            ds.PixelRepresentation = signed
+            frame = np.ascontiguousarray(arr[e, z])
+            if transfer_syntax == "jpeg_lossless":
+                ds.PixelData = encapsulate([_jpeg_lossless_encode(frame.view(np.uint16))])
+                ds["PixelData"].VR = "OB"
+                ds["PixelData"].is_undefined_length = True
+            elif transfer_syntax == "rle_lossless":
+                ds.PixelData = frame.tobytes()
+                ds["PixelData"].VR = "OW"
+                ds.compress(ts_uid, frame, encoding_plugin="pydicom")
+            else:
+                little = transfer_syntax != "explicit_be"
+                ds.PixelData = frame.astype(frame.dtype.newbyteorder("<" if little else ">")).tobytes()
+                ds["PixelData"].VR = "OW"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+    return paths
