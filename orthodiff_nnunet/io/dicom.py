@@ -262,7 +262,8 @@ def _candidates(series: Sequence[SeriesInfo]) -> str:
 def _select_series(all_series: list[SeriesInfo], wanted: str | int | None) -> SeriesInfo:
     if wanted is not None and str(wanted).strip() != "":
         key = str(wanted).strip()
-        by_uid = [s for s in all_series if s.uid == key]
+        # GDCM's series id is the SeriesInstanceUID; the files' own value is matched too
+        by_uid = [s for s in all_series if s.uid == key or any(h.series_uid == key for h in s._headers)]
         if by_uid:
             return by_uid[0]
         number: int | None
