@@ -156,7 +156,9 @@ def _verify_nifti(path: Path) -> None:
     try:
         data = np.asanyarray(nibabel.load(str(path)).dataobj)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged file
-        raise OrthodiffError(f"{type(exc).__name__}: {exc}") from exc
+        raise SeriesProblem(
+            f"cannot read {path.name}: {type(exc).__name__}: {exc}; the file is damaged or incomplete: export it again"
+        ) from exc
     if data.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
@@ -231,9 +233,9 @@ def convert_series(task: dict) -> SeriesOutcome:
     out = SeriesOutcome(row=row.row)
     try:
         _convert_series(task, out)
-    except SeriesProblem as exc:
+    except OrthodiffError as exc:  # SeriesProblem, DicomError, RemapError: their message says what to do
         out.problems.append(f"{row.where()}: {exc}")
-    except (OrthodiffError, RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:
         # SimpleITK raises RuntimeError for unreadable/corrupt files
         msg = str(exc).strip().splitlines()
         detail = next((m for m in msg if m.strip()), type(exc).__name__)
