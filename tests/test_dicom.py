@@ -87,31 +87,73 @@ def test_left_handed_direction_is_written_as_its_physical_equivalent(tmp_path: P
     assert detect_plane(echo.image).orientation == "sag"
 
 
+#: The compressed syntaxes' encoders are optional (the 'test' extra): (module, PyPI package) each.
+_ENCODER_MODULES = {
+    "jpeg_ls_lossless": [("jpeg_ls", "pyjpegls")],
+    "jpeg2000_lossless": [("pylibjpeg", "pylibjpeg"), ("openjpeg", "pylibjpeg-openjpeg")],
+}
+#: How each compressed syntax's codestream begins (SOI + SOF55 for JPEG-LS, SOC + SIZ for JPEG 2000).
+_CODESTREAM_START = {
+    "jpeg_ls_lossless": b"\xff\xd8\xff\xf7",
+    "jpeg2000_lossless": b"\xff\x4f\xff\x51",
+}
+
+
 @pytest.mark.parametrize(
     "syntax, uid",
     [
         ("explicit_le", "1.2.840.10008.1.2.1"),
         ("implicit_le", "1.2.840.10008.1.2"),
         ("explicit_be", "1.2.840.10008.1.2.2"),
-        ("jpeg_lossless", "1.2.840.10008.1.2.4.70"),
+        ("jpeg_ls_lossless", "1.2.840.10008.1.2.4.80"),
+        ("jpeg2000_lossless", "1.2.840.10008.1.2.4.90"),
         ("rle_lossless", "1.2.840.10008.1.2.5"),
     ],
 )
 @pytest.mark.parametrize("dtype", [np.int16, np.uint16])
 def test_transfer_syntaxes(tmp_path: Path, syntax: str, uid: str, dtype) -> None:
-    # 16x16 slices: GDCM's RLE decoder refuses frames of 64 pixels or fewer
+    """Every syntax write_series offers is decoded back exactly by GDCM (read_series)."""
+    for module, package in _ENCODER_MODULES.get(syntax, []):
+        pytest.importorskip(module, reason=f"{syntax} encoding needs {package} (pip install {package})")
+    # 32x32 slices: GDCM's RLE decoder refuses frames of 64 pixels or fewer, and pylibjpeg-openjpeg
+    # (6 wavelet resolutions) needs both sides >= 32
     lo = -1500 if dtype == np.int16 else 0
-    arr = _volume((4, 16, 16), seed=4, lo=lo, dtype=dtype)
-    if dtype == np.uint16:  # extreme jumps: JPEG difference category 16 (difference 32768)
+    arr = _volume((4, 32, 32), seed=4, lo=lo, dtype=dtype)
+    # extreme jumps across the whole 16-bit range
+    if dtype == np.uint16:
         arr[0, 0, :4] = [0, 32768, 0, 65535]
     else:
         arr[0, 0, :4] = [-32768, 0, 32767, -32768]
     files = _write(tmp_path, arr, transfer_syntax=syntax)
     ds = pydicom.dcmread(files[0])
     assert ds.file_meta.TransferSyntaxUID == uid
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert ds["PixelData"].is_undefined_length == (syntax in _CODESTREAM_START or syntax == "rle_lossless")
+    if syntax in _CODESTREAM_START:
+        (frame,) = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+        assert frame.startswith(_CODESTREAM_START[syntax])
     (echo,) = read_series(tmp_path)
     assert echo.image.GetPixelID() == (sitk.sitkInt16 if dtype == np.int16 else sitk.sitkUInt16)
     _assert_geometry(echo.image, arr, RH_DIRECTIONS["sag"])
+
+
+@pytest.mark.parametrize("syntax, needs", [("jpeg_ls_lossless", "pyjpegls"), ("jpeg2000_lossless", "pylibjpeg-openjpeg")])
+def test_missing_encoder_names_the_package(tmp_path: Path, monkeypatch, syntax: str, needs: str) -> None:
+    class _NoPlugins:
+        available_plugins = ()
+
+    monkeypatch.setattr(pydicom.pixels, "get_encoder", lambda uid: _NoPlugins())
+    with pytest.raises(ModuleNotFoundError, match=f"{syntax}' needs .*pip install .*{needs}"):
+        _write(tmp_path, transfer_syntax=syntax)
+    assert not any(tmp_path.iterdir())
+
+
+def test_jpeg2000_refuses_slices_below_32_pixels(tmp_path: Path) -> None:
+    for module, package in _ENCODER_MODULES["jpeg2000_lossless"]:
+        pytest.importorskip(module, reason=f"jpeg2000_lossless encoding needs {package} (pip install {package})")
+    with pytest.raises(ValueError, match="at least 32x32 pixels.*these are 31x40"):
+        _write(tmp_path, _volume((2, 31, 40), seed=4), transfer_syntax="jpeg2000_lossless")
+    assert not any(tmp_path.iterdir())
 
 
 def test_big_endian_file_is_really_big_endian(tmp_path: Path) -> None:

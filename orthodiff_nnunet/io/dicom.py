@@ -64,11 +64,26 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "explicit_le": "1.2.840.10008.1.2.1",
     "implicit_le": "1.2.840.10008.1.2",
     "explicit_be": "1.2.840.10008.1.2.2",
-    "jpeg_lossless": "1.2.840.10008.1.2.4.70",  # process 14, selection value 1
+    "jpeg_ls_lossless": "1.2.840.10008.1.2.4.80",
+    "jpeg2000_lossless": "1.2.840.10008.1.2.4.90",
     "rle_lossless": "1.2.840.10008.1.2.5",
 }
 
-TransferSyntax = Literal["explicit_le", "implicit_le", "explicit_be", "jpeg_lossless", "rle_lossless"]
+#: The compressed syntaxes: pydicom's encoding plugin and the PyPI packages it needs. None of
+#: them is a dependency of this package (its 'test' extra installs them).
+_ENCODERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "jpeg_ls_lossless": ("pyjpegls", ("pyjpegls",)),
+    "jpeg2000_lossless": ("pylibjpeg", ("pylibjpeg", "pylibjpeg-openjpeg")),
+    "rle_lossless": ("pydicom", ()),  # pydicom's native encoder
+}
+
+#: pylibjpeg-openjpeg encodes 6 wavelet resolutions, which OpenJPEG allows only when both image
+#: sides are at least 2**5 pixels.
+_J2K_MIN_SIDE = 32
+
+TransferSyntax = Literal[
+    "explicit_le", "implicit_le", "explicit_be", "jpeg_ls_lossless", "jpeg2000_lossless", "rle_lossless"
+]
 
 _MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -538,56 +553,6 @@ def read_series(
 # writing synthetic MR series (tests, synthetic sites)
 
 
-def _jpeg_lossless_encode(frame: np.ndarray) -> bytes:
-    """Encode a 2D uint16 frame as JPEG lossless (process 14, selection value 1, 16-bit precision).
-
-    A minimal, dependency-free encoder (pydicom has no JPEG lossless encoder): one fixed Huffman
-    table in which every difference category 0..16 has a 5-bit code. Decoders (GDCM, libjpeg)
-    read it like any other process-14 stream.
-    """
-    x = np.ascontiguousarray(frame, dtype=np.uint16).astype(np.int64)
-    rows, cols = x.shape
-    pred = np.empty_like(x)
-    pred[0, 0] = 1 << 15
-    pred[0, 1:] = x[0, :-1]
-    pred[1:, 0] = x[:-1, 0]
-    pred[1:, 1:] = x[1:, :-1]
-    diff = (x - pred) % 65536
-    diff = np.where(diff >= 32768, diff - 65536, diff).ravel()  # -32768..32767
-    mag = np.abs(diff)
-    ssss = np.zeros_like(mag)
-    nz = mag > 0
-    ssss[nz] = np.floor(np.log2(mag[nz])).astype(np.int64) + 1
-    ssss[diff == -32768] = 16
-    extra = np.where(diff >= 0, diff, diff + (1 << ssss) - 1) & ((1 << ssss) - 1)
-    extra_len = np.where(ssss == 16, 0, ssss)
-    extra = np.where(ssss == 16, 0, extra)
-    code_len = 5
-    value = (ssss << extra_len) | extra
-    length = code_len + extra_len
-    max_len = int(length.max())
-    shifts = length[:, None] - 1 - np.arange(max_len)[None, :]
-    bits = (value[:, None] >> np.clip(shifts, 0, None)) & 1
-    bits = bits[shifts >= 0].astype(np.uint8)
-    pad = (-bits.size) % 8
-    bits = np.concatenate([bits, np.ones(pad, dtype=np.uint8)])
-    data = np.packbits(bits)
-    ff = np.flatnonzero(data == 0xFF)
-    data = np.insert(data, ff + 1, 0)  # byte stuffing
-    out = bytearray(b"\xff\xd8")
-    # SOF3: precision 16, rows, cols, 1 component (id 1, sampling 1x1, no quantisation table)
-    out += b"\xff\xc3" + (11).to_bytes(2, "big") + bytes([16]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big")
-    out += bytes([1, 1, 0x11, 0])
-    # DHT: DC table 0, 17 codes of length 5 for categories 0..16
-    counts = [0] * 16
-    counts[code_len - 1] = 17
-    out += b"\xff\xc4" + (3 + 16 + 17).to_bytes(2, "big") + bytes([0x00]) + bytes(counts) + bytes(range(17))
-    # SOS: 1 component, table 0, predictor 1, Se 0, Ah/Al 0
-    out += b"\xff\xda" + (8).to_bytes(2, "big") + bytes([1, 1, 0x00, 1, 0, 0])
-    out += data.tobytes() + b"\xff\xd9"
-    return bytes(out)
-
-
 def _ds_number(value: float) -> str:
     """A DICOM DS string (at most 16 characters) as close to ``value`` as fits."""
     for digits in range(15, 0, -1):
@@ -629,20 +594,36 @@ def write_series(
         echo_times: one set of slices per echo time (ms), all in one series (same
             SeriesInstanceUID), ``EchoNumbers`` 1..n in the given order.
         transfer_syntax: ``explicit_le``, ``implicit_le``, ``explicit_be`` (pixel data
-            byte-swapped here), ``jpeg_lossless`` (process 14 SV1, built-in encoder) or
-            ``rle_lossless`` (pydicom's native encoder).
+            byte-swapped here), or a lossless compression done by pydicom's
+            ``Dataset.compress``: ``jpeg_ls_lossless`` (1.2.840.10008.1.2.4.80, needs
+            ``pyjpegls``), ``jpeg2000_lossless`` (1.2.840.10008.1.2.4.90, needs ``pylibjpeg``
+            and ``pylibjpeg-openjpeg``; slices of at least 32x32 pixels, since that encoder always
+            uses 6 wavelet resolutions) or ``rle_lossless`` (pydicom's native encoder). The
+            JPEG encoders are not dependencies of this package (the ``test`` extra installs them).
         series_uid: reuse a SeriesInstanceUID (default: a new one).
 
     Returns:
         The written files, echo by echo, slice by slice.
+
+    Raises:
+        ValueError: an unknown ``transfer_syntax``, non-integer values, values beyond 16 bits,
+            or ``jpeg2000_lossless`` slices smaller than 32x32.
+        ModuleNotFoundError: the encoder a compressed ``transfer_syntax`` needs is not installed.
+        FileExistsError: a file of the series exists already.
     """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_encoder
     from pydicom.uid import generate_uid
 
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer_syntax must be one of {', '.join(TRANSFER_SYNTAXES)}")
+    plugin, packages = _ENCODERS.get(transfer_syntax, ("", ()))
+    if plugin and plugin not in get_encoder(TRANSFER_SYNTAXES[transfer_syntax]).available_plugins:
+        raise ModuleNotFoundError(
+            f"transfer_syntax {transfer_syntax!r} needs {' and '.join(packages)}: pip install {' '.join(packages)} "
+            "(or install this package with its 'test' extra)"
+        )
     arr = np.asarray(array)
     n_echo = len(echo_times) if echo_times else 1
     if arr.ndim == 3:
@@ -672,6 +653,11 @@ def write_series(
         k_axis = -k_axis
         arr = arr[:, ::-1]
     nz, ny, nx = arr.shape[1:]
+    if transfer_syntax == "jpeg2000_lossless" and min(ny, nx) < _J2K_MIN_SIDE:
+        raise ValueError(
+            f"jpeg2000_lossless needs slices of at least {_J2K_MIN_SIDE}x{_J2K_MIN_SIDE} pixels (pylibjpeg-openjpeg "
+            f"always encodes 6 wavelet resolutions); these are {ny}x{nx}: choose another transfer_syntax"
+        )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -740,14 +726,8 @@ def write_series(
             ds.HighBit = 15
             ds.PixelRepresentation = signed
             frame = np.ascontiguousarray(arr[e, z])
-            if transfer_syntax == "jpeg_lossless":
-                ds.PixelData = encapsulate([_jpeg_lossless_encode(frame.view(np.uint16))])
-                ds["PixelData"].VR = "OB"
-                ds["PixelData"].is_undefined_length = True
-            elif transfer_syntax == "rle_lossless":
-                ds.PixelData = frame.tobytes()
-                ds["PixelData"].VR = "OW"
-                ds.compress(ts_uid, frame, encoding_plugin="pydicom")
+            if plugin:
+                ds.compress(ts_uid, frame, encoding_plugin=plugin, generate_instance_uid=False)
             else:
                 little = transfer_syntax != "explicit_be"
                 ds.PixelData = frame.astype(frame.dtype.newbyteorder("<" if little else ">")).tobytes()
