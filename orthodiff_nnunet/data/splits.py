@@ -46,7 +46,9 @@ def patient_grouped_splits(
         log.warning("%d patients: using %d folds instead of %d", n_patients, k, num_folds)
     y = np.array([sites[c] for c in cases])
     x = np.zeros(len(cases))
-    if len(set(y.tolist())) > 1:
+    patients_per_site = {s: len({patients[c] for c in cases if sites[c] == s}) for s in set(y.tolist())}
+    # stratification needs every site to have at least one patient per fold
+    if len(patients_per_site) > 1 and min(patients_per_site.values()) >= k:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         folds = splitter.split(x, y, groups)
     else:
