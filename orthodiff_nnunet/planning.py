@@ -1,0 +1,859 @@
+"""``orthodiff plan_and_preprocess``: fingerprint, plan per orientation, preprocess (resumable).
+
+Stages, each reading and writing files under ``nnUNet_preprocessed/<dataset>/``:
+
+1. ``splits_final.json`` of the raw dataset is copied (only when not already there).
+2. Fingerprint with :class:`~orthodiff_nnunet.planners.OrthodiffFingerprintExtractor` (nnU-Net's,
+   plus a fallback for datasets without any foreground label). Reused when the raw files are
+   unchanged (names, sizes and modification times).
+3. Plans with an orthodiff planner (``resenc_m``, the default, or ``plain``), or, with
+   ``plans_from``, the plans of a planned dataset of the same orientation copied over (same
+   topology, spacing and normalisation: encoders move between the two).
+4. Preprocessing with nnU-Net's ``DefaultPreprocessor.run_case_save``, once per data identifier
+   (the segmentation, diffusion and classification configurations share one). Cases already
+   preprocessed under the same preprocessing-relevant plans (see
+   :func:`orthodiff_nnunet.plans.preprocessing_hash`) are skipped; a progress record beside the
+   data folder says which cases are complete.
+
+Dataset selection (``dataset_ids`` / ``-d``): each entry is a dataset id (``501``) or name
+(``Dataset501_KneeSag``). Without ``orientations`` exactly those datasets are processed
+(``-d 501 502 503``). With ``orientations`` each entry stands for its whole orientation group
+(``orthodiff convert`` writes ids base+0 sag, +1 cor, +2 ax, named ``<Name>Sag/Cor/Ax``), and
+only the group's datasets whose ``dataset.json["orthodiff"]["orientation"]`` is listed are kept:
+``-d 501 --orientations cor ax`` processes 502 and 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from orthodiff_nnunet.errors import OrthodiffError
+from orthodiff_nnunet.paths import preprocessed_dir, raw_dir, set_nnunet_paths
+from orthodiff_nnunet.plans import (
+    CLASSIFICATION_CONFIGURATION,
+    CONFIGURATION_ROLES,
+    DIFFUSION_CONFIGURATION,
+    SEGMENTATION_CONFIGURATION,
+    PlansError,
+    load_plans,
+    preprocessing_hash,
+    read_orthodiff_block,
+    resolve_configuration,
+    save_plans,
+    summarize_configuration,
+    with_orthodiff_block,
+)
+from orthodiff_nnunet.schemes import ORIENTATION_ID_OFFSET, ORIENTATION_SUFFIX, ORIENTATIONS, normalize_orientation
+from orthodiff_nnunet.utils import atomic_write_json, load_json
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CONFIGURATIONS",
+    "PLANNERS",
+    "ConfigurationSummary",
+    "DatasetPlanResult",
+    "PlannerName",
+    "PlanningError",
+    "PlanningResult",
+    "add_plan_and_preprocess_parser",
+    "default_plans_name",
+    "plan_and_preprocess",
+    "resolve_datasets",
+]
+
+PlannerName = Literal["resenc_m", "plain"]
+#: planner name -> (class name in orthodiff_nnunet.planners, plans identifier, default GPU memory target in GB)
+PLANNERS: dict[str, tuple[str, str, float]] = {
+    "resenc_m": ("OrthodiffResEncMPlanner", "orthodiffResEncMPlans", 8.0),
+    "plain": ("OrthodiffPlainPlanner", "orthodiffPlans", 8.0),
+}
+#: Configurations preprocessed by default; all three share one data identifier, so one pass.
+DEFAULT_CONFIGURATIONS: tuple[str, ...] = (
+    SEGMENTATION_CONFIGURATION,
+    DIFFUSION_CONFIGURATION,
+    CLASSIFICATION_CONFIGURATION,
+)
+_FINGERPRINT_RECORD = ".orthodiff_fingerprint_source.json"
+_FINGERPRINT_RECORD_VERSION = 1
+_PROGRESS_SUFFIX = ".orthodiff_progress.json"
+_ROLE_OF = {v: k for k, v in CONFIGURATION_ROLES.items()}
+
+
+class PlanningError(OrthodiffError):
+    """plan_and_preprocess cannot go on; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+@dataclass(frozen=True)
+class ConfigurationSummary:
+    """One configuration of a plans file. Spacing in mm and patch in voxels, through-plane axis first."""
+
+    name: str
+    role: str
+    spacing: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    n_stages: int
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    network: str
+    estimated_vram_gb: float | None
+
+
+@dataclass
+class DatasetPlanResult:
+    """What plan_and_preprocess did for one dataset."""
+
+    dataset_name: str
+    orientation: str
+    plans_identifier: str
+    plans_file: Path
+    planner: str
+    transferred_from: str | None
+    configurations: list[ConfigurationSummary]
+    num_cases: int = 0
+    num_preprocessed: int = 0
+    num_skipped: int = 0
+    fingerprint_reused: bool = False
+    seconds: float = 0.0
+
+    def configuration(self, name: str) -> ConfigurationSummary:
+        for c in self.configurations:
+            if c.name == name:
+                return c
+        raise KeyError(f"{self.dataset_name} has no configuration {name!r}")
+
+
+@dataclass
+class PlanningResult:
+    """Per-dataset results, in processing order."""
+
+    datasets: list[DatasetPlanResult] = field(default_factory=list)
+
+    def for_orientation(self, orientation: str) -> list[DatasetPlanResult]:
+        return [d for d in self.datasets if d.orientation == orientation]
+
+    def dataset(self, name_or_orientation: str) -> DatasetPlanResult:
+        """The result for a dataset name, or the only dataset of an orientation."""
+        hits = [d for d in self.datasets if d.dataset_name == name_or_orientation]
+        hits = hits or self.for_orientation(name_or_orientation)
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} datasets match {name_or_orientation!r}")
+        return hits[0]
+
+    @property
+    def seconds(self) -> float:
+        return sum(d.seconds for d in self.datasets)
+
+    def summary(self) -> str:
+        """Tables per orientation: spacing, patch, batch, stages, estimated memory, cases."""
+        lines: list[str] = []
+        header = ("dataset", "configuration", "spacing mm (tp first)", "patch (tp first)", "batch", "stages",
+                  "est. GPU GB", "network")
+        for o in ORIENTATIONS:
+            results = self.for_orientation(o)
+            if not results:
+                continue
+            rows = []
+            for d in results:
+                for c in d.configurations:
+                    rows.append((
+                        d.dataset_name, c.name,
+                        " x ".join(f"{s:.3g}" for s in c.spacing),
+                        " x ".join(str(p) for p in c.patch_size),
+                        str(c.batch_size), str(c.n_stages),
+                        "?" if c.estimated_vram_gb is None else f"{c.estimated_vram_gb:.1f}",
+                        c.network,
+                    ))
+            widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+            lines.append(f"orientation {o} ({', '.join(sorted({d.plans_identifier for d in results}))})")
+            lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+            for r in rows:
+                lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
+            for d in results:
+                origin = f"plans from {d.transferred_from}" if d.transferred_from else f"planned by {d.planner}"
+                lines.append(
+                    f"  {d.dataset_name}: {origin}; {d.num_cases} cases, {d.num_preprocessed} preprocessed, "
+                    f"{d.num_skipped} already done; {d.seconds:.1f} s; plans {d.plans_file}"
+                )
+            lines.append("")
+        return "\n".join(lines).rstrip()
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset selection
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A raw dataset as found in nnUNet_raw."""
+
+    dataset_id: int
+    name: str
+    folder: Path
+    dataset_json: dict = field(repr=False, compare=False, hash=False)
+
+    @property
+    def block(self) -> dict:
+        return self.dataset_json.get("orthodiff") or {}
+
+    @property
+    def orientation(self) -> str | None:
+        o = self.block.get("orientation")
+        return normalize_orientation(o) if o else None
+
+    @property
+    def external(self) -> bool:
+        return bool(self.block.get("external", False))
+
+
+def _dataset_id_of(name: str) -> int:
+    try:
+        return int(name[len("Dataset"):len("Dataset") + 3])
+    except ValueError as exc:
+        raise PlanningError(f"{name!r} is not an nnU-Net dataset name (DatasetNNN_Name)") from exc
+
+
+def _find_dataset(raw: Path, id_or_name: int | str) -> DatasetInfo:
+    text = str(id_or_name).strip()
+    if text.startswith("Dataset"):
+        folder = raw / text
+        if not folder.is_dir():
+            raise PlanningError(f"dataset folder {folder} not found")
+    else:
+        try:
+            dataset_id = int(text)
+        except ValueError as exc:
+            raise PlanningError(f"{text!r} is neither a dataset id (e.g. 501) nor a name (Dataset501_KneeSag)") from exc
+        hits = sorted(raw.glob(f"Dataset{dataset_id:03d}_*"))
+        hits = [h for h in hits if h.is_dir()]
+        if not hits:
+            raise PlanningError(f"no dataset with id {dataset_id} in {raw} (expected a folder Dataset{dataset_id:03d}_*)")
+        if len(hits) > 1:
+            raise PlanningError(f"several datasets with id {dataset_id} in {raw}: {[h.name for h in hits]}")
+        folder = hits[0]
+    dj = folder / "dataset.json"
+    if not dj.is_file():
+        raise PlanningError(f"{folder} has no dataset.json")
+    return DatasetInfo(_dataset_id_of(folder.name), folder.name, folder, load_json(dj))
+
+
+def _group(raw: Path, info: DatasetInfo) -> dict[str, DatasetInfo]:
+    """orientation -> dataset of ``info``'s convert group (ids base+0/1/2, names <Name>Sag/Cor/Ax)."""
+    block = info.block
+    if info.orientation is None:
+        raise PlanningError(
+            f"{info.name}/dataset.json has no orthodiff orientation, so its orientation group is unknown: "
+            "give its id without --orientations, or convert it with `orthodiff convert`"
+        )
+    base = block.get("base_dataset_id", info.dataset_id - ORIENTATION_ID_OFFSET[info.orientation])
+    name = block.get("name")
+    group: dict[str, DatasetInfo] = {}
+    for o in ORIENTATIONS:
+        ds_id = int(base) + ORIENTATION_ID_OFFSET[o]
+        candidates = [raw / f"Dataset{ds_id:03d}_{name}{ORIENTATION_SUFFIX[o]}"] if name else []
+        candidates += sorted(p for p in raw.glob(f"Dataset{ds_id:03d}_*") if p not in candidates)
+        for c in candidates:
+            if (c / "dataset.json").is_file():
+                other = DatasetInfo(ds_id, c.name, c, load_json(c / "dataset.json"))
+                ob = other.block
+                if other.orientation == o and ob.get("base_dataset_id", base) == base and ob.get("name", name) == name:
+                    group[o] = other
+                    break
+    group.setdefault(info.orientation, info)
+    return group
+
+
+def resolve_datasets(
+    dataset_ids: Sequence[int | str], orientations: Sequence[str] | None = None, raw: Path | None = None
+) -> list[DatasetInfo]:
+    """The datasets to process, in order, without duplicates (see the module docstring).
+
+    Raises:
+        PlanningError: for unknown ids, or when the filter leaves nothing.
+    """
+    raw = raw_dir(raw)
+    if not dataset_ids:
+        raise PlanningError("no dataset given: pass one or more ids with -d")
+    given = [_find_dataset(raw, d) for d in dataset_ids]
+    if orientations is None:
+        out = given
+    else:
+        wanted = [normalize_orientation(o) for o in orientations]
+        out = []
+        for info in given:
+            group = _group(raw, info)
+            out += [group[o] for o in ORIENTATIONS if o in wanted and o in group]
+        if not out:
+            raise PlanningError(
+                f"none of the datasets in the group(s) of {list(dataset_ids)} has orientation "
+                f"{'/'.join(wanted)} (dataset.json orthodiff.orientation)"
+            )
+    unique: dict[str, DatasetInfo] = {}
+    for info in out:
+        unique.setdefault(info.name, info)
+    return list(unique.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+def default_plans_name(planner: PlannerName = "resenc_m", gpu_memory_gb: float | None = None) -> str:
+    """``orthodiffResEncMPlans`` / ``orthodiffPlans``, with ``_<G>G`` for a non-default memory target."""
+    if planner not in PLANNERS:
+        raise PlanningError(f"unknown planner {planner!r}: use one of {', '.join(PLANNERS)}")
+    _, name, default_gb = PLANNERS[planner]
+    if gpu_memory_gb is None or float(gpu_memory_gb) == default_gb:
+        return name
+    return f"{name}_{float(gpu_memory_gb):g}G".replace(".", "p")
+
+
+def _planner_class(planner: PlannerName):
+    import orthodiff_nnunet.planners as planners
+
+    return getattr(planners, PLANNERS[planner][0])
+
+
+@contextlib.contextmanager
+def _nnunet_stdout_to_log() -> Iterator[None]:
+    """nnU-Net prints plans and progress notes; send them to the debug log instead of stdout."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            log.debug("nnU-Net said:\n%s", text)
+
+
+def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
+    """Copy the raw splits_final.json to nnUNet_preprocessed unless one is already there.
+
+    nnU-Net's planner asserts that an existing copy matches the raw one; a mismatch is reported
+    here with what to do instead of a bare AssertionError.
+    """
+    src = info.folder / "splits_final.json"
+    if not src.is_file():
+        return
+    dst = pre_folder / "splits_final.json"
+    if not dst.is_file():
+        atomic_write_json(dst, load_json(src))
+        return
+    a, b = load_json(src), load_json(dst)
+    same = all(
+        set(a[i]["train"]) == set(b[i]["train"]) and set(a[i]["val"]) == set(b[i]["val"]) for i in range(len(a))
+    ) if len(b) >= len(a) else False
+    if not same:
+        raise PlanningError(
+            f"{dst} differs from the raw dataset's splits_final.json (the dataset was re-converted?). "
+            f"Delete {dst} to use the new splits (models trained on the old folds no longer match), "
+            "or restore the old raw splits."
+        )
+
+
+def list_training_cases(info: DatasetInfo) -> dict[str, dict[str, Any]]:
+    """nnU-Net's case listing ``{case: {"images": [...], "label": ...}}`` of the raw training set.
+
+    Listed once per dataset and passed around: nnU-Net's listing starts a process pool each call.
+    Empty for an external site (``imagesTs`` only).
+    """
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    if "dataset" not in info.dataset_json and not (info.folder / "imagesTr").is_dir():
+        return {}
+    return get_filenames_of_train_images_and_targets(str(info.folder), copy.deepcopy(info.dataset_json))
+
+
+def _raw_files_key(info: DatasetInfo, dataset: dict[str, dict[str, Any]]) -> str:
+    """Hash of every raw training file's name, size and modification time (fingerprint reuse)."""
+    items = []
+    for k in sorted(dataset):
+        for f in [*dataset[k]["images"], dataset[k]["label"]]:
+            st = os.stat(f)
+            items.append((k, os.path.basename(f), st.st_size, st.st_mtime_ns))
+    payload = json.dumps({"v": _FINGERPRINT_RECORD_VERSION, "files": items,
+                          "labels": info.dataset_json.get("labels"),
+                          "channels": info.dataset_json.get("channel_names")}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _fingerprint(info: DatasetInfo, cases: dict[str, dict[str, Any]], pre_folder: Path, num_processes: int,
+                 clean: bool, verify: bool, show_progress: bool) -> bool:
+    """Extract the fingerprint unless an up-to-date one exists. Returns True when reused."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+
+    from orthodiff_nnunet.planners import OrthodiffFingerprintExtractor
+
+    key = _raw_files_key(info, cases)
+    record = pre_folder / _FINGERPRINT_RECORD
+    if not clean and (pre_folder / "dataset_fingerprint.json").is_file() and record.is_file():
+        if load_json(record).get("key") == key:
+            log.info("%s: raw files unchanged, reusing the fingerprint", info.name)
+            return True
+    log.info("%s: extracting the fingerprint", info.name)
+    with _nnunet_stdout_to_log():
+        extract_fingerprint_dataset(
+            info.dataset_id, OrthodiffFingerprintExtractor, num_processes=max(1, num_processes),
+            check_dataset_integrity=verify, clean=True, verbose=False, show_progress_bar=show_progress,
+        )
+    atomic_write_json(record, {"key": key})
+    return False
+
+
+def _summaries(plans: dict, configurations: Sequence[str]) -> list[ConfigurationSummary]:
+    out = []
+    for name in configurations:
+        if name not in plans.get("configurations", {}):
+            continue
+        s = summarize_configuration(plans, name)
+        out.append(ConfigurationSummary(
+            name=name, role=_ROLE_OF.get(name, "nnU-Net"), spacing=tuple(s["spacing"]),
+            patch_size=tuple(s["patch_size"]), batch_size=s["batch_size"], n_stages=s["n_stages"],
+            kernel_sizes=tuple(tuple(k) for k in s["kernel_sizes"]), strides=tuple(tuple(k) for k in s["strides"]),
+            network=s["network"], estimated_vram_gb=s["estimated_vram_gb"],
+        ))
+    return out
+
+
+def transfer_plans(
+    source_plans: dict, source_name: str, target: DatasetInfo, pre_root: Path,
+    cases: dict[str, dict[str, Any]] | None = None,
+) -> dict:
+    """Copy a planned dataset's plans to ``target`` (same orientation): same topology and normalisation.
+
+    Only the dataset name, the image reader/writer, and the orthodiff block's label and
+    abnormality names (and ``plans_transferred_from``) change; spacing, patch, batch, network and
+    intensity properties are the source's. Written atomically with the same plans identifier.
+
+    Raises:
+        PlanningError: when the orientations differ or the source plans have no orthodiff block.
+    """
+    import dataclasses
+
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    try:
+        block = read_orthodiff_block(source_plans)
+    except PlansError as exc:
+        raise PlanningError(f"cannot transfer plans from {source_name}: {exc}") from exc
+    if target.orientation != block.orientation:
+        raise PlanningError(
+            f"cannot transfer {block.orientation} plans of {source_name} to {target.name}, which is "
+            f"{target.orientation or 'of unknown orientation'}: plans move only between datasets of one orientation"
+        )
+    plans = copy.deepcopy(source_plans)
+    plans["dataset_name"] = target.name
+    dataset = cases if cases is not None else list_training_cases(target)
+    if dataset:
+        example = next(iter(dataset.values()))["images"][0]
+    else:  # external sites: imagesTs only
+        ending = target.dataset_json["file_ending"]
+        examples = sorted((target.folder / "imagesTs").glob(f"*{ending}"))
+        example = str(examples[0]) if examples else None
+    if example is not None:
+        rw = determine_reader_writer_from_dataset_json(target.dataset_json, example,
+                                                       allow_nonmatching_filename=True, verbose=False)
+        plans["image_reader_writer"] = rw.__name__
+    labels = target.dataset_json.get("labels", {})
+    label_names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1] if isinstance(kv[1], int) else 1 << 30)]
+    abnormal = target.block.get("abnormality_labels", list(block.abnormality_names))
+    new_block = dataclasses.replace(block, label_names=label_names or block.label_names,
+                                    abnormality_names=abnormal, plans_transferred_from=source_name)
+    plans = with_orthodiff_block(plans, new_block)
+    folder = pre_root / target.name
+    save_plans(folder / f"{plans['plans_name']}.json", plans)
+    atomic_write_json(folder / "dataset.json", target.dataset_json)
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing (resumable)
+_CASE_FILES = (".b2nd", "_seg.b2nd", ".pkl")  # what nnUNetDatasetBlosc2.save_case writes per case
+
+
+def _case_complete(out_dir: Path, case: str) -> bool:
+    return all((out_dir / f"{case}{suffix}").is_file() for suffix in _CASE_FILES)
+
+
+def _remove_partial_case(out_dir: Path, case: str) -> None:
+    """blosc2 refuses to overwrite: clear what an interrupted run left of a case."""
+    for suffix in _CASE_FILES:
+        (out_dir / f"{case}{suffix}").unlink(missing_ok=True)
+
+
+def _preprocess_data_identifier(
+    dataset_name: str, plans: dict, configuration: str, cases: dict[str, dict[str, Any]], pre_root: Path,
+    num_processes: int, clean: bool, show_progress: bool,
+) -> tuple[int, int, int]:
+    """Preprocess the cases of one data identifier that are not done yet. Returns (cases, new, skipped)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from tqdm import tqdm
+
+    folder = pre_root / dataset_name
+    dataset_json = load_json(folder / "dataset.json")
+    plans_manager = PlansManager(plans)
+    cm = plans_manager.get_configuration(configuration)
+    out_dir = folder / cm.data_identifier
+    progress_file = folder / f".{cm.data_identifier}{_PROGRESS_SUFFIX}"
+    digest = preprocessing_hash(plans, configuration, dataset_json.get("labels"))
+
+    record = load_json(progress_file) if progress_file.is_file() else None
+    if clean or record is None or record.get("hash") != digest:
+        if out_dir.exists():
+            log.info("%s: %s was made with other plans (or is incomplete): redoing it", dataset_name, out_dir.name)
+            shutil.rmtree(out_dir)
+        done: set[str] = set()
+    else:
+        done = set(record.get("done", []))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    done = {k for k in done if k in cases and _case_complete(out_dir, k)}
+    todo = [k for k in cases if k not in done]
+    skipped = len(cases) - len(todo)
+    for k in todo:
+        _remove_partial_case(out_dir, k)
+
+    last_write = [0.0]
+
+    def write_record(force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - last_write[0] > 2.0:
+            atomic_write_json(progress_file, {"hash": digest, "configuration": configuration,
+                                              "data_identifier": cm.data_identifier, "done": sorted(done)})
+            last_write[0] = now
+
+    write_record(force=True)
+    if not todo:
+        return len(cases), 0, skipped
+    preprocessor = cm.preprocessor_class(verbose=False)
+    args = {k: (str(out_dir / k), cases[k]["images"], cases[k]["label"], plans_manager, cm, dataset_json)
+            for k in todo}
+    bar = tqdm(total=len(todo), desc=f"Preprocessing {dataset_name}", unit="case", disable=not show_progress)
+    try:
+        if num_processes <= 1 or len(todo) == 1:
+            for k in todo:
+                preprocessor.run_case_save(*args[k])
+                done.add(k)
+                bar.update()
+                write_record()
+        else:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")  # as nnU-Net: torch and fork do not mix
+            with ProcessPoolExecutor(max_workers=min(num_processes, len(todo)), mp_context=ctx) as pool:
+                futures = {pool.submit(preprocessor.run_case_save, *args[k]): k for k in todo}
+                for fut in as_completed(futures):
+                    k = futures[fut]
+                    try:
+                        fut.result()
+                    except Exception as exc:
+                        for f in futures:
+                            f.cancel()
+                        raise PlanningError(
+                            f"{dataset_name}: preprocessing case {k} failed: {exc!r} (a killed worker usually "
+                            "means out of memory: lower -np). Cases done so far are kept; rerun to resume."
+                        ) from exc
+                    done.add(k)
+                    bar.update()
+                    write_record()
+    finally:
+        bar.close()
+        write_record(force=True)
+    return len(cases), len(todo), skipped
+
+
+def _copy_gt_segmentations(dataset_name: str, cases: dict[str, dict[str, Any]], pre_root: Path) -> None:
+    """As nnU-Net: labels copied to ``gt_segmentations`` for validation without the raw data."""
+    folder = pre_root / dataset_name
+    dataset_json = load_json(folder / "dataset.json")
+    gt = folder / "gt_segmentations"
+    gt.mkdir(parents=True, exist_ok=True)
+    for k, v in cases.items():
+        src, dst = Path(v["label"]), gt / f"{k}{dataset_json['file_ending']}"
+        s = src.stat()
+        if dst.is_file():
+            d = dst.stat()
+            if d.st_size == s.st_size and d.st_mtime_ns == s.st_mtime_ns:
+                continue
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+
+def preprocess_configurations(
+    dataset_name: str, plans: dict, configurations: Sequence[str], cases: dict[str, dict[str, Any]],
+    pre_root: Path, num_processes: int, clean: bool = False, show_progress: bool = True,
+) -> tuple[int, int, int]:
+    """Preprocess ``configurations`` of one dataset, once per distinct data identifier (resumable).
+
+    Args:
+        cases: the raw training cases (:func:`list_training_cases`).
+
+    Returns:
+        (number of cases, newly preprocessed, skipped as already done), summed over data identifiers.
+    """
+    by_identifier: dict[str, str] = {}
+    for c in configurations:
+        if c not in plans.get("configurations", {}):
+            log.info("%s: no configuration %s in the plans; skipped", dataset_name, c)
+            continue
+        by_identifier.setdefault(resolve_configuration(plans, c)["data_identifier"], c)
+    totals = [0, 0, 0]
+    for identifier, c in by_identifier.items():
+        n, new, skipped = _preprocess_data_identifier(dataset_name, plans, c, cases, pre_root,
+                                                      num_processes, clean, show_progress)
+        log.info("%s: %s: %d cases, %d preprocessed now, %d already done", dataset_name, identifier, n, new, skipped)
+        totals = [totals[0] + n, totals[1] + new, totals[2] + skipped]
+    _copy_gt_segmentations(dataset_name, cases, pre_root)
+    return totals[0], totals[1], totals[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# the API function
+def plan_and_preprocess(
+    dataset_ids: Sequence[int | str],
+    orientations: Sequence[str] | None = None,
+    num_processes: int = 2,
+    gpu_memory_gb: float | None = None,
+    planner: PlannerName = "resenc_m",
+    plans_from: int | str | None = None,
+    raw: Path | None = None,
+    preprocessed: Path | None = None,
+    *,
+    plans_name: str | None = None,
+    configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
+    preprocess: bool = True,
+    clean: bool = False,
+    verify_dataset_integrity: bool = False,
+    show_progress: bool = True,
+) -> PlanningResult:
+    """Fingerprint, plan and preprocess datasets, one per orientation.
+
+    Args:
+        dataset_ids: dataset ids or names (see the module docstring for how they combine with
+            ``orientations``).
+        orientations: keep only these orientations of each given dataset's group (``sag``,
+            ``cor``, ``ax``); None: exactly the given datasets.
+        num_processes: worker processes for fingerprinting and preprocessing.
+        gpu_memory_gb: GPU memory target for patch and batch sizes (GB); None: the planner's
+            default (8 GB, nnU-Net's ResEnc-M preset). A non-default target changes the plans
+            name (``orthodiffResEncMPlans_24G``) unless ``plans_name`` is given.
+        planner: ``resenc_m`` (residual-encoder U-Net, nnU-Net's recommended preset) or ``plain``.
+        plans_from: a planned dataset (id or name): instead of planning, each dataset gets the plans
+            of the dataset of the same orientation in that dataset's group (e.g. an unlabeled
+            corpus, an external site or another joint preprocessed like the labeled data).
+        raw: nnUNet_raw folder (default: the environment variable).
+        preprocessed: nnUNet_preprocessed folder (default: the environment variable).
+        plans_name: plans identifier (default: :func:`default_plans_name`).
+        configurations: configurations to preprocess (default: segmentation, diffusion and
+            classification, which share one preprocessed data folder). ``2d`` may be added.
+        preprocess: False plans only.
+        clean: re-extract fingerprints and re-preprocess every case.
+        verify_dataset_integrity: run nnU-Net's dataset check before fingerprinting.
+        show_progress: tqdm progress bars.
+
+    Returns:
+        PlanningResult with one entry per dataset (plans file, configurations, case counts).
+
+    Raises:
+        PlanningError: with what to do, for unknown datasets, orientation mismatches, missing
+            source plans, external datasets without ``plans_from`` and similar.
+    """
+    if planner not in PLANNERS:
+        raise PlanningError(f"unknown planner {planner!r}: use one of {', '.join(PLANNERS)}")
+    if gpu_memory_gb is not None and not gpu_memory_gb > 0:
+        raise PlanningError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
+    raw_root = raw_dir(raw)
+    pre_root = preprocessed_dir(preprocessed)
+    set_nnunet_paths(raw=raw_root, preprocessed=pre_root)
+    identifier = plans_name or default_plans_name(planner, gpu_memory_gb)
+    targets = resolve_datasets(dataset_ids, orientations, raw_root)
+
+    sources: dict[str, DatasetInfo] = {}
+    if plans_from is not None:
+        source = _find_dataset(raw_root, plans_from)
+        group = _group(raw_root, source)
+        for t in targets:
+            if t.orientation is None:
+                raise PlanningError(f"{t.name}/dataset.json has no orthodiff orientation: plans cannot be matched")
+            if t.orientation not in group:
+                raise PlanningError(
+                    f"--plans-from {source.name}: its group has no {t.orientation} dataset to give {t.name} its plans "
+                    f"(group: {', '.join(g.name for g in group.values())})"
+                )
+            if group[t.orientation].name != t.name:
+                sources[t.name] = group[t.orientation]
+        # datasets that are sources of others go first
+        targets.sort(key=lambda t: 0 if t.name in {s.name for s in sources.values()} else 1)
+
+    for t in targets:
+        if t.external and t.name not in sources:
+            raise PlanningError(
+                f"{t.name} is an external site: it never enters fingerprinting or planning. Give it the plans "
+                "of the training site: --plans-from <the training site's dataset id>"
+            )
+
+    from orthodiff_nnunet.planners.orthodiff_planner import n_proc_da_at_least_one
+
+    result = PlanningResult()
+    for t in targets:
+        start = time.perf_counter()
+        folder = pre_root / t.name
+        folder.mkdir(parents=True, exist_ok=True)
+        _copy_splits(t, folder)
+        cases = list_training_cases(t)
+        fingerprint_reused = False
+        if t.name in sources:
+            src = sources[t.name]
+            src_file = pre_root / src.name / f"{identifier}.json"
+            if not src_file.is_file():
+                have = sorted(p.stem for p in (pre_root / src.name).glob("*.json")) if (pre_root / src.name).is_dir() else []
+                raise PlanningError(
+                    f"{src.name} has no plans {identifier!r} to transfer to {t.name} (found: {have or 'none'}): "
+                    f"plan it first (orthodiff plan_and_preprocess -d {src.dataset_id}), or include it in -d"
+                )
+            log.info("%s: plans %s transferred from %s", t.name, identifier, src.name)
+            plans = transfer_plans(load_plans(src_file), src.name, t, pre_root, cases)
+            planner_used = read_orthodiff_block(plans).planner
+        else:
+            if t.orientation is None:
+                raise PlanningError(
+                    f"{t.name}/dataset.json has no orthodiff block with an orientation; convert the data with "
+                    "`orthodiff convert` first"
+                )
+            fingerprint_reused = _fingerprint(t, cases, folder, num_processes, clean, verify_dataset_integrity,
+                                              show_progress)
+            from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+            log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
+            with n_proc_da_at_least_one(), _nnunet_stdout_to_log():
+                plan_experiment_dataset(
+                    t.dataset_id, experiment_planner_class=_planner_class(planner),
+                    gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,
+                )
+            plans = load_plans(folder / f"{identifier}.json")
+            planner_used = PLANNERS[planner][0]
+        n, new, skipped = len(cases), 0, 0
+        if preprocess:
+            n, new, skipped = preprocess_configurations(t.name, plans, configurations, cases, pre_root,
+                                                        num_processes, clean, show_progress)
+        shown = list(dict.fromkeys([*DEFAULT_CONFIGURATIONS, *configurations]))
+        result.datasets.append(DatasetPlanResult(
+            dataset_name=t.name, orientation=read_orthodiff_block(plans).orientation, plans_identifier=identifier,
+            plans_file=folder / f"{identifier}.json", planner=planner_used,
+            transferred_from=sources[t.name].name if t.name in sources else None,
+            configurations=_summaries(plans, shown), num_cases=n, num_preprocessed=new, num_skipped=skipped,
+            fingerprint_reused=fingerprint_reused, seconds=time.perf_counter() - start,
+        ))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+def add_plan_and_preprocess_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``plan_and_preprocess`` to ``orthodiff``'s subcommands; its ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "plan_and_preprocess",
+        help="fingerprint, plan per orientation (segmentation, diffusion, classification) and preprocess",
+        description=(
+            "Fingerprint each dataset, plan it with an orthodiff planner (through-plane axis from the orientation, "
+            "thick slices never resampled to in-plane spacing; 3d_fullres, 3d_diffusion and 3d_classification of "
+            "one topology) and preprocess it. Resumable: cases already preprocessed with the same plans are skipped."
+        ),
+        epilog=(
+            "Examples: -d 501 502 503 (the three datasets of one conversion); -d 501 --orientations sag cor "
+            "(501's group filtered by dataset.json orientation); -d 511 512 513 --plans-from 501 (an unlabeled "
+            "corpus or external site preprocessed with the plans of 501/502/503, matched by orientation)."
+        ),
+    )
+    _add_arguments(p)
+    p.set_defaults(func=_run_from_args)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--dataset-ids", nargs="+", required=True, metavar="ID",
+                   help="dataset ids (e.g. 501) or names (Dataset501_KneeSag)")
+    p.add_argument("--orientations", nargs="+", default=None, metavar="ORIENT",
+                   help="sag, cor and/or ax: process these orientations of each given dataset's group "
+                        "(ids base+0/1/2), selected by dataset.json orthodiff.orientation (default: exactly the "
+                        "given datasets)")
+    p.add_argument("-np", "--num-processes", type=int, default=2,
+                   help="worker processes for fingerprinting and preprocessing (default 2; RAM bounds this)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory target in GB that patch and batch sizes are fitted to (default 8)")
+    p.add_argument("--planner", choices=sorted(PLANNERS), default="resenc_m",
+                   help="resenc_m: residual-encoder U-Net, nnU-Net's recommended preset (default); plain: plain U-Net")
+    p.add_argument("--plans-from", default=None, metavar="ID",
+                   help="use the plans of this planned dataset (the dataset of the same orientation in its group) "
+                        "instead of planning: unlabeled corpora, external sites, other joints")
+    p.add_argument("--plans-name", default=None,
+                   help="plans identifier (default orthodiffResEncMPlans / orthodiffPlans, with _<G>G for a "
+                        "non-default --gpu-memory-gb)")
+    p.add_argument("-c", "--configurations", nargs="+", default=list(DEFAULT_CONFIGURATIONS),
+                   help="configurations to preprocess (default: 3d_fullres 3d_diffusion 3d_classification, one "
+                        "shared data folder); add 2d for nnU-Net's 2D configuration")
+    p.add_argument("--raw", type=Path, default=None, help="nnUNet_raw folder (default: $nnUNet_raw)")
+    p.add_argument("--preprocessed", type=Path, default=None,
+                   help="nnUNet_preprocessed folder (default: $nnUNet_preprocessed)")
+    p.add_argument("--no-preprocess", action="store_true", help="fingerprint and plan only")
+    p.add_argument("--clean", action="store_true", help="re-extract fingerprints and re-preprocess every case")
+    p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    if args.num_processes < 1:
+        raise PlanningError(f"-np must be at least 1, got {args.num_processes}")
+    result = plan_and_preprocess(
+        dataset_ids=args.dataset_ids,
+        orientations=args.orientations,
+        num_processes=args.num_processes,
+        gpu_memory_gb=args.gpu_memory_gb,
+        planner=args.planner,
+        plans_from=args.plans_from,
+        raw=args.raw,
+        preprocessed=args.preprocessed,
+        plans_name=args.plans_name,
+        configurations=args.configurations,
+        preprocess=not args.no_preprocess,
+        clean=args.clean,
+        verify_dataset_integrity=args.verify,
+        show_progress=not args.no_progress,
+    )
+    print(result.summary())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m orthodiff_nnunet.planning ...``: the same command without the orthodiff CLI."""
+    parser = argparse.ArgumentParser(prog="python -m orthodiff_nnunet.planning",
+                                     description="orthodiff plan_and_preprocess")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return _run_from_args(args)
+    except OrthodiffError as exc:
+        print(f"plan_and_preprocess: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
