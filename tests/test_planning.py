@@ -500,3 +500,49 @@ def test_real_dess_knee_gets_sane_plans(tmp_path: Path):
     block = read_orthodiff_block(plans)
     assert all(0 < v <= 8.5 for v in block.estimated_vram_gb.values()), block.estimated_vram_gb
     print(result.summary())
+
+
+# --------------------------------------------------------------------------------------------- phantom -> convert
+#: (patch, batch) per configuration for the 3 T phantom site: 17-18 slices x 82 x 82-89 pixels
+#: (after transpose) -> 20 x 96 x 96 (divisibility 4 x 16 x 16); diffusion 10 -> 8 slices.
+PHANTOM_PLANS = {o: {SEGMENTATION_CONFIGURATION: ((20, 96, 96), 2), DIFFUSION_CONFIGURATION: ((8, 96, 96), 5),
+                     CLASSIFICATION_CONFIGURATION: ((20, 96, 96), 3)} for o in ("sag", "cor", "ax")}
+
+
+@pytest.mark.slow
+def test_phantom_convert_plan_and_preprocess_three_orientations(tmp_path: Path):
+    """phantom (3 T site, 0.8 mm in-plane, 3 mm slices) -> orthodiff convert -> plan_and_preprocess;
+    an external 1.5 T site (0.9 mm, 3.5 mm slices) gets the 3 T plans by orientation."""
+    from orthodiff_nnunet.api import convert
+    from orthodiff_nnunet.data.phantom import write_site
+    from orthodiff_nnunet.data.sites import SITE_3T, SITE_15T
+    from orthodiff_nnunet.planning import plan_and_preprocess
+
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    manifest = write_site(tmp_path / "siteA", SITE_3T, n_cases=3, seed=7, patients_with_two_exams=1)
+    convert(manifest, 701, "Phantom", raw=raw, num_processes=1)
+    manifest = write_site(tmp_path / "siteB", SITE_15T, n_cases=2, seed=8)
+    convert(manifest, 711, "PhantomExt", raw=raw, external=True, num_processes=1)
+    result = plan_and_preprocess([701], orientations=["sag", "cor", "ax"], num_processes=1, raw=raw,
+                                 preprocessed=pre, show_progress=False)
+    transferred = plan_and_preprocess([711, 712, 713], plans_from=701, num_processes=1, raw=raw,
+                                      preprocessed=pre, show_progress=False)
+    expected = PHANTOM_PLANS
+    for orientation in ("sag", "cor", "ax"):
+        d = result.dataset(orientation)
+        plans = json.loads(d.plans_file.read_text())
+        tp = THROUGH_PLANE_NUMPY_AXIS[orientation]
+        assert plans["transpose_forward"][0] == tp
+        fullres = resolve_configuration(plans, SEGMENTATION_CONFIGURATION)
+        np.testing.assert_allclose(fullres["spacing"], [3.0, 0.8, 0.8], rtol=1e-6)
+        got = {c.name: (c.patch_size, c.batch_size) for c in d.configurations}
+        assert got == expected[orientation], (orientation, got)
+        assert arch(plans)["kernel_sizes"][0] == [1, 3, 3]
+        assert read_orthodiff_block(plans).abnormality_names == ("ACL", "PCL", "MM", "LM", "MCL", "LCL", "PD", "EFFU")
+        assert read_orthodiff_block(plans).label_names[:3] == ("background", "femur", "tibia")
+        assert d.num_preprocessed == 3
+        assert (pre / d.dataset_name / "splits_final.json").is_file()
+        ext = transferred.dataset(orientation)
+        assert ext.transferred_from == d.dataset_name and ext.num_cases == 0
+        ext_plans = json.loads(ext.plans_file.read_text())
+        assert resolve_configuration(ext_plans, SEGMENTATION_CONFIGURATION) == fullres
