@@ -107,6 +107,72 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="diffusion pretraining of the planned network on one orientation's (unlabeled) scans",
+        description=(
+            "Train the plans' network as a timestep-conditioned denoiser (3D DDPM, T=1000) on a preprocessed "
+            "dataset, then export its EMA encoder with provenance. Several GPUs: "
+            "torchrun --nproc_per_node N $(which orthodiff) pretrain ..."
+        ),
+    )
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (one orientation)")
+    p.add_argument("--orientation", choices=["sag", "cor", "ax"], default=None,
+                   help="check that the dataset has this orientation")
+    p.add_argument("-p", "--plans", default=None, help="plans identifier (default: orthodiffResEncMPlans, else orthodiffPlans)")
+    p.add_argument("-c", "--configuration", default="3d_diffusion", help="diffusion configuration (default 3d_diffusion)")
+    p.add_argument("--iterations", type=int, default=2000, help="training iterations (default 2000)")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="iterations between checkpoints (default 250)")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule (default cosine)")
+    p.add_argument("--prediction", choices=["epsilon", "v"], default="epsilon", help="network target (default epsilon)")
+    p.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR loss weighting gamma (default off)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the weights (default 0.995)")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default=None,
+                   help="CUDA autocast precision (default fp16 with loss scaling; CPU always fp32)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last-3d memory format")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
+    p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the sanity picture (0: none)")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _init_distributed(device: str) -> None:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU) when started by torchrun."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from orthodiff_nnunet.pretraining import check_orientation, pretrain
+
+    if args.orientation:
+        check_orientation(args.dataset, args.orientation)
+    _init_distributed(args.device)
+    result = pretrain(
+        args.dataset, plans=args.plans, configuration=args.configuration, iterations=args.iterations,
+        checkpoint_every=args.checkpoint_every, schedule=args.schedule, prediction=args.prediction,
+        min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
+        precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
+        sample_steps=args.sample_steps,
+    )
+    if result.load_report:
+        print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orthodiff",
@@ -120,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_convert(sub)
     _add_demo(sub)
+    _add_pretrain(sub)
     for name, helptext, issue in (
         ("plan_and_preprocess", "fingerprint, plan per orientation and preprocess", "issue 4"),
-        ("pretrain", "diffusion pretraining of the planned network", "issue 5"),
         ("train", "train segmentation (seg) or classification (cls)", "issues 6 and 7"),
         ("predict", "predict with a trained model", "issues 6 and 7"),
         ("evaluate", "cross-site external validation and report", "issue 8"),
@@ -143,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    if extra and args.command not in ("plan_and_preprocess", "pretrain", "train", "predict", "evaluate"):
+    if extra and args.command not in ("plan_and_preprocess", "train", "predict", "evaluate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from orthodiff_nnunet.errors import OrthodiffError
 

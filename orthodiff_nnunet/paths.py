@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orthodiff_nnunet.errors import OrthodiffError
+
 ENV_RAW = "nnUNet_raw"
 ENV_PREPROCESSED = "nnUNet_preprocessed"
 ENV_RESULTS = "nnUNet_results"
 
 
-class PathsNotSetError(RuntimeError):
+class PathsNotSetError(OrthodiffError):
     """An nnU-Net folder was needed but neither given nor set in the environment."""
 
 

@@ -39,3 +39,49 @@ def build_network(
         arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], input_channels,
         output_channels, allow_init=True, deep_supervision=deep_supervision,
     )
+
+
+def shrink_architecture(plans: dict, configurations: list[str], max_features: int = 8, max_stages: int = 3) -> dict:
+    """A copy of ``plans`` whose configurations use a tiny network (for CPU tests and the demo).
+
+    Per configuration the U-Net keeps its first ``max_stages`` stages (kernels, strides, convs
+    per stage) and caps the feature count at ``max_features``; the patch size is left as planned
+    (it stays divisible by the reduced total stride).
+    """
+    plans = copy.deepcopy(plans)
+    for name in configurations:
+        if "architecture" not in plans["configurations"][name]:
+            continue  # inherits its parent's (shrunk) architecture
+        kw = plans["configurations"][name]["architecture"]["arch_kwargs"]
+        n = min(max_stages, int(kw["n_stages"]))
+        kw["n_stages"] = n
+        for key in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage"):
+            if key in kw and isinstance(kw[key], list):
+                kw[key] = kw[key][:n]
+        kw["features_per_stage"] = [min(int(f), max_features) for f in kw["features_per_stage"]]
+        if isinstance(kw.get("n_conv_per_stage_decoder"), list):
+            kw["n_conv_per_stage_decoder"] = kw["n_conv_per_stage_decoder"][: n - 1]
+        if "pool_op_kernel_sizes" in plans["configurations"][name]:
+            plans["configurations"][name]["pool_op_kernel_sizes"] = plans["configurations"][name]["pool_op_kernel_sizes"][:n]
+        if "conv_kernel_sizes" in plans["configurations"][name]:
+            plans["configurations"][name]["conv_kernel_sizes"] = plans["configurations"][name]["conv_kernel_sizes"][:n]
+    return plans
+
+
+def write_shrunk_plans(preprocessed_dataset: "Path", plans_identifier: str, new_identifier: str,
+                       max_features: int = 8, max_stages: int = 3) -> str:
+    """Save a tiny-network copy of a plans file beside it (same preprocessed data); returns its identifier.
+
+    For CPU tests and the demo: the real code path with a network small enough for 2 cores.
+    """
+    from pathlib import Path
+
+    from orthodiff_nnunet.utils import atomic_write_json, load_json
+
+    folder = Path(preprocessed_dataset)
+    plans = load_json(folder / f"{plans_identifier}.json")
+    configs = [n for n, c in plans["configurations"].items() if "architecture" in c]
+    small = shrink_architecture(plans, configs, max_features, max_stages)
+    small["plans_name"] = new_identifier
+    atomic_write_json(folder / f"{new_identifier}.json", small)
+    return new_identifier

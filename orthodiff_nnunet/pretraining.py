@@ -1,0 +1,252 @@
+"""``orthodiff pretrain``: diffusion pretraining of the planned network on one orientation's scans.
+
+Runs :class:`~orthodiff_nnunet.trainers.diffusion_pretraining.nnUNetTrainerOrthoDiffPretrain` on
+the diffusion configuration of the dataset's plans, then exports the EMA encoder with its
+provenance, checks that the segmentation network of the same plans loads it strictly, and writes
+a sanity picture of denoised slices.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from orthodiff_nnunet import paths
+from orthodiff_nnunet.errors import OrthodiffError
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_FOLD = "all"  # unlabeled pretraining uses every scan
+ENCODER_FILE = "encoder.pt"
+DEFAULT_PLANS_ORDER = ("orthodiffResEncMPlans", "orthodiffPlans")
+
+
+@dataclass
+class PretrainResult:
+    """Where the run wrote its outputs and what it measured."""
+
+    output_folder: Path
+    encoder_path: Path
+    iterations: int
+    train_losses: list[float]
+    val_losses: list[float]
+    sample_png: Path | None
+    load_report: str
+
+    def summary(self) -> str:
+        return (f"pretraining done: {self.iterations} iterations, train loss {self.train_losses[0]:.4f} -> "
+                f"{self.train_losses[-1]:.4f}, EMA validation loss {self.val_losses[-1]:.4f}\n"
+                f"encoder: {self.encoder_path}\n{self.load_report}\n"
+                f"loss curve: {self.output_folder / 'loss_curve.png'}"
+                + (f"\nsanity picture: {self.sample_png}" if self.sample_png else ""))
+
+
+def find_plans(dataset_name: str, plans_identifier: str | None = None) -> tuple[str, dict]:
+    """The dataset's plans (the given identifier, else orthodiff's ResEnc-M, else plain plans)."""
+    folder = paths.preprocessed_dir() / dataset_name
+    candidates = [plans_identifier] if plans_identifier else list(DEFAULT_PLANS_ORDER)
+    for ident in candidates:
+        f = folder / f"{ident}.json"
+        if f.is_file():
+            return ident, json.loads(f.read_text())
+    raise OrthodiffError(
+        f"no plans {' or '.join(candidates)} for {dataset_name} in {folder}: "
+        f"run `orthodiff plan_and_preprocess -d {dataset_name}` first"
+    )
+
+
+def resolve_device(device: str) -> "torch.device":  # noqa: F821
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OrthodiffError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def pretrain(
+    dataset: int | str,
+    *,
+    plans: str | None = None,
+    configuration: str = "3d_diffusion",
+    iterations: int = 2000,
+    checkpoint_every: int = 250,
+    schedule: Literal["cosine", "linear"] = "cosine",
+    prediction: Literal["epsilon", "v"] = "epsilon",
+    min_snr_gamma: float | None = None,
+    learning_rate: float = 1e-4,
+    ema_decay: float = 0.995,
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] | None = None,
+    channels_last: bool = False,
+    resume: bool = False,
+    device: str = "auto",
+    val_iterations: int = 5,
+    sample_steps: int = 10,
+) -> PretrainResult:
+    """Pretrain the plans' network as a timestep-conditioned denoiser on a preprocessed dataset.
+
+    Args:
+        dataset: nnU-Net dataset id or name (one orientation).
+        plans: plans identifier (default: orthodiff's ResEnc-M plans, else orthodiff's plain plans).
+        configuration: the diffusion configuration of the plans.
+        iterations: total training iterations.
+        checkpoint_every: iterations between atomic checkpoints (one nnU-Net "epoch").
+        schedule: noise schedule (T = 1000 steps).
+        prediction: ``epsilon`` (the method's) or ``v``.
+        min_snr_gamma: min-SNR loss weighting γ (None: unweighted MSE).
+        learning_rate: AdamW learning rate (polynomial decay).
+        ema_decay: decay of the exponential moving average of the weights.
+        precision: ``fp32``, ``tf32``, ``bf16`` or ``fp16`` autocast on CUDA (default fp16, nnU-Net's);
+            always fp32 on CPU.
+        channels_last: channels-last-3d memory format.
+        resume: continue from the run's latest checkpoint.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        val_iterations: validation batches per checkpoint (fixed noise, EMA weights).
+        sample_steps: DDIM steps of the sanity picture (0: no picture).
+    """
+    import torch
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network
+    from orthodiff_nnunet.networks.encoder_io import export_encoder, load_encoder
+    from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+
+    dataset_name = maybe_convert_to_dataset_name(dataset)
+    plans_identifier, plans_dict = find_plans(dataset_name, plans)
+    if configuration not in plans_dict["configurations"]:
+        raise OrthodiffError(f"plans {plans_identifier} of {dataset_name} have no configuration {configuration!r} "
+                             f"(they have {', '.join(plans_dict['configurations'])}): re-run plan_and_preprocess")
+    dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
+    dev = resolve_device(device)
+    trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
+    trainer_plans["continue_training"] = resume
+    trainer = nnUNetTrainerOrthoDiffPretrain(trainer_plans, configuration, PRETRAIN_FOLD, dataset_json, dev)
+    trainer.total_iterations = iterations
+    trainer.checkpoint_every = checkpoint_every
+    trainer.schedule_name = schedule
+    trainer.prediction = prediction
+    trainer.min_snr_gamma = min_snr_gamma
+    trainer.initial_lr = learning_rate
+    trainer.ema_decay = ema_decay
+    trainer.num_val_iterations_per_epoch = val_iterations
+    trainer.channels_last = channels_last
+    if precision is not None:
+        trainer.precision = precision
+    out = Path(trainer.output_folder)
+    latest = [out / n for n in ("checkpoint_latest.pth", "checkpoint_final.pth") if (out / n).is_file()]
+    if latest and not resume:
+        raise OrthodiffError(f"{out} already holds a pretraining run: pass --resume to continue it, "
+                             "or remove the folder to start again")
+    trainer.initialize()
+    if resume:
+        if not latest:
+            raise OrthodiffError(f"--resume: no checkpoint in {out}; start without --resume")
+        saved = json.loads((out / "diffusion_config.json").read_text())
+        now = trainer.diffusion_config()
+        differs = {k: (saved[k], now[k]) for k in saved if k != "precision" and saved.get(k) != now.get(k)}
+        if differs:
+            raise OrthodiffError(f"--resume with other diffusion settings than the run's: {differs}")
+        trainer.load_checkpoint(str(latest[0]))
+        log.info("resuming %s at iteration %d", out, trainer.iterations_done())
+    trainer.run_training()
+
+    rank0 = trainer.local_rank == 0
+    model = trainer._model()
+    train_losses = [float(x) for x in trainer.logger.get_value("train_losses", None)]
+    val_losses = [float(x) for x in trainer.logger.get_value("val_losses", None)]
+    encoder_path = out / ENCODER_FILE
+    report = ""
+    sample_png = None
+    if rank0:
+        seg_cfg = "3d_fullres"
+        arch = architecture_of(plans_dict, configuration)
+        block = plans_dict.get("orthodiff", {})
+        provenance = {
+            "dataset": dataset_name,
+            "plans_identifier": plans_identifier,
+            "configuration": configuration,
+            "architecture": arch,
+            "architecture_hash": architecture_hash(arch),
+            "orientation": block.get("orientation") or dataset_json.get("orthodiff", {}).get("orientation"),
+            "schedule": trainer._schedule.to_dict(),
+            "prediction": prediction,
+            "ema_decay": ema_decay,
+            "weights": "ema",
+            "iterations": trainer.iterations_done(),
+            "scans": len(trainer.get_tr_and_val_datasets()[0].identifiers),
+        }
+        export_encoder(model.ema.network, encoder_path, provenance)
+        seg_net = build_network(plans_dict, seg_cfg, trainer.num_input_channels, len(dataset_json["labels"]))
+        seg_hash = architecture_hash(architecture_of(plans_dict, seg_cfg))
+        report = load_encoder(seg_net, encoder_path, seg_hash).summary()
+        log.info("%s; the %s network of these plans loads it strictly", report, seg_cfg)
+        if sample_steps > 0:
+            sample_png = write_sanity_picture(trainer, out / "denoising_sanity.png", sample_steps)
+    return PretrainResult(out, encoder_path, trainer.iterations_done(), train_losses, val_losses, sample_png, report)
+
+
+def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
+    """Middle slices: a clean patch, noised to t = T/2, denoised back from there, and a sample from noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from orthodiff_nnunet.diffusion import q_sample
+    from orthodiff_nnunet.diffusion.sampling import ddim_sample
+
+    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder, trainer.get_tr_and_val_datasets()[0].identifiers[:1])
+    data, *_ = ds.load_case(ds.identifiers[0])
+    data = np.asarray(data[:])
+    patch = trainer.configuration_manager.patch_size
+    starts = [max(0, (s - p) // 2) for s, p in zip(data.shape[1:], patch)]
+    crop = data[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(starts, patch))]
+    pad = [(0, 0)] + [(0, p - c) for c, p in zip(crop.shape[1:], patch)]
+    x0 = torch.from_numpy(np.pad(crop, pad)).float()[None].to(trainer.device)
+    model = trainer._model().ema.eval()
+    sched = trainer._schedule
+    g = torch.Generator().manual_seed(0)
+    half = sched.num_steps // 2
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    t = torch.full((1,), half, device=x0.device)
+    noisy = q_sample(sched, x0, t, noise)
+    with torch.no_grad():
+        denoised = ddim_sample(model, sched, noisy, steps, trainer.prediction, start_step=half)
+        sample = ddim_sample(model, sched, torch.randn(x0.shape, generator=g).to(x0.device), steps, trainer.prediction)
+    panels = [("clean", x0), (f"noised t={half}", noisy), (f"denoised ({steps} DDIM steps)", denoised),
+              (f"sample from noise ({steps} steps)", sample)]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    mid = x0.shape[2] // 2  # through-plane axis is first in the plans' patch
+    for ax, (title, vol) in zip(axes, panels):
+        ax.imshow(vol[0, 0, mid].float().cpu().numpy(), cmap="gray", vmin=-2.5, vmax=2.5)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{trainer.plans_manager.dataset_name}: {trainer.iterations_done()} iterations (EMA weights)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def check_orientation(dataset: int | str, orientation: str) -> None:
+    """Refuse a dataset whose converted orientation is not ``orientation``."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    name = maybe_convert_to_dataset_name(dataset)
+    f = paths.preprocessed_dir() / name / "dataset.json"
+    if not f.is_file():
+        raise OrthodiffError(f"{name} is not preprocessed ({f} missing): run `orthodiff plan_and_preprocess -d {dataset}`")
+    found = json.loads(f.read_text()).get("orthodiff", {}).get("orientation")
+    if found != orientation:
+        raise OrthodiffError(f"{name} holds {found or 'unknown'} series, not {orientation}: pick that orientation's dataset")

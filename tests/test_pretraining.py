@@ -1,0 +1,148 @@
+"""Diffusion pretraining on a tiny phantom (CPU): loss falls, kill-and-resume, encoder contract, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthodiff_nnunet.api import convert
+from orthodiff_nnunet.data.phantom import write_site
+from orthodiff_nnunet.data.sites import SITE_3T
+from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network, write_shrunk_plans
+from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, load_encoder, read_encoder_checkpoint
+
+DATASET = "Dataset521_PretrainSag"
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A sagittal phantom dataset, planned and preprocessed by orthodiff, with tiny-network plans."""
+    from orthodiff_nnunet.planning import plan_and_preprocess
+
+    root = tmp_path_factory.mktemp("pretrain")
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "res")}
+    old = {k: os.environ.get(k) for k in [*env, "nnUNet_n_proc_DA", "nnUNet_compile"]}
+    os.environ.update(env)
+    manifest = write_site(root / "site", SITE_3T, n_cases=4, seed=5, orientations=("sag",))
+    convert(manifest, 521, "Pretrain", num_processes=1)
+    result = plan_and_preprocess([521], num_processes=1, show_progress=False)
+    ident = result.datasets[0].plans_identifier if hasattr(result, "datasets") else None
+    plans_id = write_shrunk_plans(root / "pre" / DATASET, ident or "orthodiffResEncMPlans", "tinyPlans")
+    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
+    yield root, plans_id
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "orthodiff_nnunet.cli", *args], env=dict(os.environ), **kw)
+
+
+def test_loss_falls_and_encoder_loads_strictly(planned):
+    from orthodiff_nnunet.pretraining import pretrain
+
+    root, plans_id = planned
+    torch.manual_seed(0)
+    result = pretrain(521, plans=plans_id, iterations=40, checkpoint_every=10, learning_rate=2e-3,
+                      device="cpu", sample_steps=3)
+    assert result.iterations == 40
+    assert len(result.train_losses) == 4
+    assert result.train_losses[-1] < 0.75 * result.train_losses[0], result.train_losses
+    assert (result.output_folder / "loss_curve.png").is_file() and result.sample_png.is_file()
+    assert (result.output_folder / "checkpoint_final.pth").is_file()
+
+    payload = read_encoder_checkpoint(result.encoder_path)
+    prov = payload["provenance"]
+    assert prov["iterations"] == 40 and prov["scans"] == 4 and prov["orientation"] == "sag"
+    assert prov["schedule"] == {"name": "cosine", "num_steps": 1000} and prov["weights"] == "ema"
+    assert prov["nnunetv2_version"].startswith("2.8")
+
+    # round trip: a segmentation network of the same plans gets exactly these encoder weights
+    plans = json.loads((root / "pre" / DATASET / f"{plans_id}.json").read_text())
+    seg = build_network(plans, "3d_fullres", 1, 12)
+    decoder_before = {k: v.clone() for k, v in seg.decoder.state_dict().items() if not k.startswith("encoder.")}
+    report = load_encoder(seg, result.encoder_path, architecture_hash(architecture_of(plans, "3d_fullres")))
+    assert report.tensors == len(payload["state_dict"]) > 0
+    for k, v in seg.encoder.state_dict().items():
+        assert torch.equal(v, payload["state_dict"][k]), k
+    for k, v in seg.decoder.state_dict().items():
+        if k in decoder_before:
+            assert torch.equal(v, decoder_before[k]), k  # decoder untouched
+
+    # the encoder is the pretrained EMA one, not a fresh initialisation
+    fresh = build_network(plans, "3d_fullres", 1, 12)
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.encoder.state_dict().values(), payload["state_dict"].values()))
+
+
+def test_mismatched_network_is_refused(planned):
+    root, plans_id = planned
+    folder = root / "res" / DATASET
+    encoder = next(folder.glob(f"*__{plans_id}__3d_diffusion/fold_all/encoder.pt"))
+    plans = json.loads((root / "pre" / DATASET / f"{plans_id}.json").read_text())
+    other_id = write_shrunk_plans(root / "pre" / DATASET, plans_id, "tinierPlans", max_features=4)
+    other = json.loads((root / "pre" / DATASET / f"{other_id}.json").read_text())
+    net = build_network(other, "3d_fullres", 1, 12)
+    with pytest.raises(EncoderMismatchError, match="other shapes"):
+        load_encoder(net, encoder)
+    with pytest.raises(EncoderMismatchError, match="pretrained with architecture .*--plans-from"):
+        load_encoder(net, encoder, architecture_hash(architecture_of(other, "3d_fullres")))
+    assert architecture_hash(architecture_of(plans, "3d_fullres")) == architecture_hash(architecture_of(plans, "3d_diffusion"))
+
+
+def test_kill_and_resume_ends_at_same_iteration_and_optimizer_state(planned):
+    root, plans_id = planned
+    out = root / "res" / DATASET / f"nnUNetTrainerOrthoDiffPretrain__{plans_id}__3d_diffusion" / "fold_all"
+    assert (out / "checkpoint_final.pth").is_file()  # from the first test; this run uses other plans
+    other = write_shrunk_plans(root / "pre" / DATASET, plans_id, "resumePlans")
+    out = root / "res" / DATASET / f"nnUNetTrainerOrthoDiffPretrain__{other}__3d_diffusion" / "fold_all"
+    args = ["pretrain", "-d", "521", "-p", other, "--iterations", "40", "--checkpoint-every", "10",
+            "--device", "cpu", "--sample-steps", "0"]
+    proc = _run_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoint_latest.pth"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if latest.is_file() and torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(latest, map_location="cpu", weights_only=False)
+    assert 2 <= saved["current_epoch"] < 4, "the run was killed before it finished"
+    assert not list(out.glob("*.tmp"))  # atomic writes: no half-written checkpoint is left as the latest
+    # without --resume the run refuses to overwrite
+    refused = subprocess.run([sys.executable, "-m", "orthodiff_nnunet.cli", *args], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    done = subprocess.run([sys.executable, "-m", "orthodiff_nnunet.cli", *args, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 4  # 40 iterations = 4 x 10
+    steps = {int(s["step"]) for s in final["optimizer_state"]["state"].values()}
+    assert steps == {40}  # every optimizer step was taken exactly once across the kill
+    assert len(json.loads(json.dumps(final["logging"]["train_losses"], default=float))) == 4
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo_on_cpu(planned):
+    root, plans_id = planned
+    other = write_shrunk_plans(root / "pre" / DATASET, plans_id, "ddpPlans")
+    cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "orthodiff_nnunet.cli", "pretrain", "-d", "521", "-p", other, "--iterations", "8",
+           "--checkpoint-every", "4", "--device", "cpu", "--sample-steps", "0"]
+    done = subprocess.run(cli, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = root / "res" / DATASET / f"nnUNetTrainerOrthoDiffPretrain__{other}__3d_diffusion" / "fold_all"
+    final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2
+    assert read_encoder_checkpoint(out / "encoder.pt")["provenance"]["iterations"] == 8
