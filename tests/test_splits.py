@@ -37,3 +37,18 @@ def test_deterministic():
     pats = {c: c for c in cases}
     sites = {c: "S" for c in cases}
     assert patient_grouped_splits(cases, pats, sites) == patient_grouped_splits(list(reversed(cases)), pats, sites)
+
+
+def test_label_fraction_subset_stratified_and_deterministic():
+    from orthodiff_nnunet.data.splits import label_fraction_subset
+
+    cases = [f"c{i:03d}" for i in range(100)]
+    sites = {c: ("A" if i < 70 else "B") for i, c in enumerate(cases)}
+    sub = label_fraction_subset(cases, sites, 0.1)
+    assert len(sub) == 10 and sum(sites[c] == "B" for c in sub) == 3
+    assert sub == label_fraction_subset(list(reversed(cases)), sites, 0.1)
+    assert sub != label_fraction_subset(cases, sites, 0.1, seed=1)
+    assert set(label_fraction_subset(cases, sites, 0.1)) <= set(cases)
+    tiny = label_fraction_subset(cases[:3], {c: "A" for c in cases[:3]}, 0.1)
+    assert len(tiny) == 1  # at least one case per site
+    assert label_fraction_subset(cases, sites, 1.0) == cases

@@ -56,3 +56,33 @@ def patient_grouped_splits(
         folds = splitter.split(x, y, groups)
     arr = np.array(cases)
     return [{"train": sorted(arr[tr].tolist()), "val": sorted(arr[va].tolist())} for tr, va in folds]
+
+
+def label_fraction_subset(
+    cases: Sequence[str],
+    sites: Mapping[str, str],
+    fraction: float,
+    seed: int = SPLIT_SEED,
+) -> list[str]:
+    """Deterministic subset of ``cases`` holding ``fraction`` of each site's cases (at least one per site).
+
+    Used for label-efficiency runs (``--label-fraction``): the same fraction, seed and case list
+    always give the same subset, and every site keeps its share, so a 10% run still sees every site.
+
+    Args:
+        cases: training case identifiers.
+        sites: case -> site name.
+        fraction: in (0, 1]; 1 returns every case.
+        seed: selection seed (recorded with the results).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction} must be in (0, 1]")
+    if fraction == 1:
+        return sorted(cases)
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    for site in sorted({sites[c] for c in cases}):
+        members = sorted(c for c in cases if sites[c] == site)
+        k = max(1, int(round(fraction * len(members))))
+        chosen += rng.permutation(members)[:k].tolist()
+    return sorted(chosen)
