@@ -132,6 +132,7 @@ class DatasetPlanResult:
     num_preprocessed: int = 0
     num_skipped: int = 0
     fingerprint_reused: bool = False
+    plans_reused: bool = False
     seconds: float = 0.0
 
     def configuration(self, name: str) -> ConfigurationSummary:
@@ -189,6 +190,8 @@ class PlanningResult:
                 lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
             for d in results:
                 origin = f"plans from {d.transferred_from}" if d.transferred_from else f"planned by {d.planner}"
+                if d.plans_reused:
+                    origin += " (unchanged, reused)"
                 lines.append(
                     f"  {d.dataset_name}: {origin}; {d.num_cases} cases, {d.num_preprocessed} preprocessed, "
                     f"{d.num_skipped} already done; {d.seconds:.1f} s; plans {d.plans_file}"
@@ -413,6 +416,30 @@ def _fingerprint(info: DatasetInfo, cases: dict[str, dict[str, Any]], pre_folder
         )
     atomic_write_json(record, {"key": key})
     return False
+
+
+def _plans_are_current(plans_file: Path, dataset_name: str, planner: PlannerName, gpu_memory_gb: float | None) -> bool:
+    """Whether existing plans were made for this dataset by the same planner, version and memory target.
+
+    Together with an unchanged fingerprint this means re-planning would write the same plans,
+    so a resumed run skips it (nnU-Net's planning instantiates many networks: seconds).
+    """
+    from orthodiff_nnunet.planners.orthodiff_planner import PLANNER_VERSION
+
+    if not plans_file.is_file():
+        return False
+    try:
+        block = read_orthodiff_block(load_plans(plans_file))
+    except (PlansError, ValueError):
+        return False
+    target = PLANNERS[planner][2] if gpu_memory_gb is None else float(gpu_memory_gb)
+    return (
+        block.planner == PLANNERS[planner][0]
+        and block.planner_version == PLANNER_VERSION
+        and block.gpu_memory_target_gb == target
+        and block.plans_transferred_from is None
+        and block.source_datasets == (dataset_name,)
+    )
 
 
 def _summaries(plans: dict, configurations: Sequence[str]) -> list[ConfigurationSummary]:
@@ -717,7 +744,7 @@ def plan_and_preprocess(
         folder.mkdir(parents=True, exist_ok=True)
         _copy_splits(t, folder)
         cases = list_training_cases(t)
-        fingerprint_reused = False
+        fingerprint_reused = plans_reused = False
         if t.name in sources:
             src = sources[t.name]
             src_file = pre_root / src.name / f"{identifier}.json"
@@ -738,15 +765,20 @@ def plan_and_preprocess(
                 )
             fingerprint_reused = _fingerprint(t, cases, folder, num_processes, clean, verify_dataset_integrity,
                                               show_progress)
-            from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+            plans_file = folder / f"{identifier}.json"
+            if fingerprint_reused and _plans_are_current(plans_file, t.name, planner, gpu_memory_gb):
+                log.info("%s: fingerprint and planner settings unchanged, reusing %s", t.name, plans_file.name)
+                plans_reused = True
+            else:
+                from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
 
-            log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
-            with n_proc_da_at_least_one(), _nnunet_stdout_to_log():
-                plan_experiment_dataset(
-                    t.dataset_id, experiment_planner_class=_planner_class(planner),
-                    gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,
-                )
-            plans = load_plans(folder / f"{identifier}.json")
+                log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
+                with n_proc_da_at_least_one(), _nnunet_stdout_to_log():
+                    plan_experiment_dataset(
+                        t.dataset_id, experiment_planner_class=_planner_class(planner),
+                        gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,
+                    )
+            plans = load_plans(plans_file)
             planner_used = PLANNERS[planner][0]
         n, new, skipped = len(cases), 0, 0
         if preprocess:
@@ -758,7 +790,7 @@ def plan_and_preprocess(
             plans_file=folder / f"{identifier}.json", planner=planner_used,
             transferred_from=sources[t.name].name if t.name in sources else None,
             configurations=_summaries(plans, shown), num_cases=n, num_preprocessed=new, num_skipped=skipped,
-            fingerprint_reused=fingerprint_reused, seconds=time.perf_counter() - start,
+            fingerprint_reused=fingerprint_reused, plans_reused=plans_reused, seconds=time.perf_counter() - start,
         ))
     return result
 

@@ -328,7 +328,8 @@ def test_resume_skips_cases_done_with_the_same_plans(planned):
     sag = folders[0].name
     again = plan_and_preprocess([501], num_processes=1, raw=raw, preprocessed=pre, show_progress=False)
     d = again.dataset(sag)
-    assert (d.num_cases, d.num_preprocessed, d.num_skipped, d.fingerprint_reused) == (4, 0, 4, True)
+    assert (d.num_cases, d.num_preprocessed, d.num_skipped, d.fingerprint_reused, d.plans_reused) == \
+        (4, 0, 4, True, True)
     data_dir = pre / sag / "orthodiffResEncMPlans_3d_fullres"
     (data_dir / "knee_002.b2nd").unlink()  # an interrupted case
     d = plan_and_preprocess([501], num_processes=1, raw=raw, preprocessed=pre, show_progress=False).dataset(sag)
@@ -342,7 +343,7 @@ def test_resume_skips_cases_done_with_the_same_plans(planned):
     # a different memory target is a different plans file (and data folder); the old one stays
     d = plan_and_preprocess([501], num_processes=1, gpu_memory_gb=4, raw=raw, preprocessed=pre,
                             show_progress=False, preprocess=False).dataset(sag)
-    assert d.plans_identifier == "orthodiffResEncMPlans_4G"
+    assert d.plans_identifier == "orthodiffResEncMPlans_4G" and not d.plans_reused
     assert read_orthodiff_block(load_plans_of(pre, folders[0], "orthodiffResEncMPlans_4G")).gpu_memory_target_gb == 4
 
 
@@ -389,10 +390,12 @@ def test_plans_transfer_to_an_unlabeled_corpus_and_an_external_site(planned):
                             show_progress=False)
 
 
-def test_cli_parser_runs_and_prints_the_summary(planned, capsys):
+def test_cli_parser_runs_and_prints_the_summary(planned, capsys, monkeypatch):
     from orthodiff_nnunet.planning import add_plan_and_preprocess_parser
 
     raw, pre, _, _ = planned
+    # in-process augmentation (set for training) must not break planning's memory estimate
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     parser = argparse.ArgumentParser(prog="orthodiff")
     sub = parser.add_subparsers(dest="command")
     add_plan_and_preprocess_parser(sub)
@@ -403,6 +406,7 @@ def test_cli_parser_runs_and_prints_the_summary(planned, capsys):
     out = capsys.readouterr().out
     assert "orientation ax" in out and "Dataset503_KneeAx" in out and "orientation sag" not in out
     assert "3d_classification" in out and "4 already done" in out
+    assert os.environ["nnUNet_n_proc_DA"] == "0"
 
 
 def test_splits_conflict_is_reported(planned):
