@@ -30,6 +30,7 @@ def test_wheel_has_no_bare_top_level_packages_and_imports(tmp_path):
     zipfile.ZipFile(wheel).extractall(target)
     code = (
         "import orthodiff_nnunet.dataset_conversion.site_converter as s, orthodiff_nnunet.planners, "
+        "orthodiff_nnunet.diffusion, orthodiff_nnunet.networks.encoder_io, orthodiff_nnunet.trainers.diffusion_pretraining, "
         "orthodiff_nnunet.trainers, orthodiff_nnunet.remap as r; print(s.__file__); "
         "print(r.load_remap_table(\"oai_zib\").name)"
     )

@@ -41,14 +41,20 @@ def build_network(
     )
 
 
-def shrink_architecture(plans: dict, configurations: list[str], max_features: int = 8, max_stages: int = 3) -> dict:
+def shrink_architecture(plans: dict, configurations: list[str], max_features: int = 8, max_stages: int = 3,
+                        max_blocks_per_stage: int = 1, max_batch_size: int | None = 2) -> dict:
     """A copy of ``plans`` whose configurations use a tiny network (for CPU tests and the demo).
 
     Per configuration the U-Net keeps its first ``max_stages`` stages (kernels, strides, convs
-    per stage) and caps the feature count at ``max_features``; the patch size is left as planned
-    (it stays divisible by the reduced total stride).
+    per stage), caps the feature count at ``max_features`` and the residual blocks per stage at
+    ``max_blocks_per_stage``, and every configuration's batch at ``max_batch_size``; the patch
+    size is left as planned (it stays divisible by the reduced total stride).
     """
     plans = copy.deepcopy(plans)
+    if max_batch_size is not None:
+        for c in plans["configurations"].values():
+            if "batch_size" in c:
+                c["batch_size"] = min(int(c["batch_size"]), max_batch_size)
     for name in configurations:
         if "architecture" not in plans["configurations"][name]:
             continue  # inherits its parent's (shrunk) architecture
@@ -59,6 +65,8 @@ def shrink_architecture(plans: dict, configurations: list[str], max_features: in
             if key in kw and isinstance(kw[key], list):
                 kw[key] = kw[key][:n]
         kw["features_per_stage"] = [min(int(f), max_features) for f in kw["features_per_stage"]]
+        if isinstance(kw.get("n_blocks_per_stage"), list):
+            kw["n_blocks_per_stage"] = [min(int(b), max_blocks_per_stage) for b in kw["n_blocks_per_stage"]]
         if isinstance(kw.get("n_conv_per_stage_decoder"), list):
             kw["n_conv_per_stage_decoder"] = kw["n_conv_per_stage_decoder"][: n - 1]
         if "pool_op_kernel_sizes" in plans["configurations"][name]:
@@ -69,7 +77,8 @@ def shrink_architecture(plans: dict, configurations: list[str], max_features: in
 
 
 def write_shrunk_plans(preprocessed_dataset: "Path", plans_identifier: str, new_identifier: str,
-                       max_features: int = 8, max_stages: int = 3) -> str:
+                       max_features: int = 8, max_stages: int = 3, max_blocks_per_stage: int = 1,
+                       max_batch_size: int | None = 2) -> str:
     """Save a tiny-network copy of a plans file beside it (same preprocessed data); returns its identifier.
 
     For CPU tests and the demo: the real code path with a network small enough for 2 cores.
@@ -81,7 +90,7 @@ def write_shrunk_plans(preprocessed_dataset: "Path", plans_identifier: str, new_
     folder = Path(preprocessed_dataset)
     plans = load_json(folder / f"{plans_identifier}.json")
     configs = [n for n, c in plans["configurations"].items() if "architecture" in c]
-    small = shrink_architecture(plans, configs, max_features, max_stages)
+    small = shrink_architecture(plans, configs, max_features, max_stages, max_blocks_per_stage, max_batch_size)
     small["plans_name"] = new_identifier
     atomic_write_json(folder / f"{new_identifier}.json", small)
     return new_identifier
