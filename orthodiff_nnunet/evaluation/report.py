@@ -1,0 +1,396 @@
+"""Cross-site evaluation report: ``report.json``, ``report.md`` and a self-contained ``report.html``.
+
+Inputs are plain rows, so the report does not care how predictions were made:
+
+* segmentation rows, one per case and structure: ``case, orientation, site, field_strength_t, vendor,
+  structure, dice, hd95_mm, surface_dice``;
+* classification exams: ``exam, site, field_strength_t, vendor, views (list), targets {label: 0/1/None},
+  probabilities {label: p}``, with decision thresholds chosen on validation data.
+
+Every metric is given overall and stratified by site, field strength, vendor and (segmentation)
+orientation, with percentile-bootstrap 95% intervals (resampling cases or exams). Calibration:
+expected calibration error and a reliability diagram. Plots are PNG files next to the report
+and embedded in the HTML (no external resources).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from orthodiff_nnunet.evaluation.classification import bootstrap_ci, classification_metrics
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
+
+STRATA_SEG = ("site", "field_strength_t", "vendor", "orientation")
+STRATA_CLS = ("site", "field_strength_t", "vendor")
+SEG_METRICS = ("dice", "hd95_mm", "surface_dice")
+
+
+def _nan_to_none(x):
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {str(k): _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, np.generic):
+        return _nan_to_none(x.item())
+    return x
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration
+
+
+def calibration(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> dict:
+    """Expected calibration error over equal-width probability bins, and the bins for a reliability diagram.
+
+    ECE = Σ_b (n_b / N) |fraction of positives_b − mean probability_b|; unknown labels (NaN) are left out.
+    """
+    y = np.asarray(y_true, dtype=float).ravel()
+    p = np.asarray(prob, dtype=float).ravel()
+    keep = np.isfinite(y)
+    y, p = y[keep], p[keep]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        conf, frac = float(p[sel].mean()), float(y[sel].mean())
+        ece += n / max(1, y.size) * abs(frac - conf)
+        bins.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": n, "mean_probability": conf,
+                     "fraction_positive": frac})
+    return {"ece": float(ece) if y.size else math.nan, "n": int(y.size), "bins": bins}
+
+
+# ----------------------------------------------------------------------------------------------
+# segmentation
+
+
+def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    lo, hi, _ = bootstrap_ci(lambda idx: float(np.mean(v[idx])), v.size, n_boot, seed) if n_boot else (math.nan, math.nan, 0)
+    return float(v.mean()), lo, hi
+
+
+def summarize_segmentation(rows: Sequence[Mapping], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per structure: mean Dice / HD95 / surface Dice with bootstrap CIs, overall and per stratum."""
+    structures = list(dict.fromkeys(r["structure"] for r in rows))
+
+    def block(subset: list[Mapping]) -> dict:
+        out = {}
+        for s in structures:
+            rs = [r for r in subset if r["structure"] == s]
+            entry = {"n_cases": len(rs)}
+            for m in SEG_METRICS:
+                vals = np.array([np.nan if r.get(m) is None else float(r[m]) for r in rs], dtype=float)
+                mean, lo, hi = _mean_ci(vals, n_boot, seed)
+                entry[m] = {"mean": mean, "ci": [lo, hi], "n": int(np.isfinite(vals).sum())}
+            out[s] = entry
+        return out
+
+    summary = {"overall": block(list(rows)), "strata": {}}
+    for key in STRATA_SEG:
+        values = sorted({r.get(key) for r in rows if r.get(key) is not None}, key=str)
+        summary["strata"][key] = {str(v): block([r for r in rows if r.get(key) == v]) for v in values}
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# classification
+
+
+def _cls_arrays(exams: Sequence[Mapping], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    y = np.array([[np.nan if e["targets"].get(n) is None else float(e["targets"][n]) for n in labels] for e in exams],
+                 dtype=float).reshape(len(exams), len(labels))
+    p = np.array([[float(e["probabilities"][n]) for n in labels] for e in exams], dtype=float).reshape(len(exams), len(labels))
+    return y, p
+
+
+def summarize_classification(exams: Sequence[Mapping], labels: Sequence[str], thresholds: Mapping[str, float],
+                             n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per-label metrics with CIs (overall and per stratum), calibration, and the views each exam had."""
+    y, p = _cls_arrays(exams, labels)
+    out = {"overall": classification_metrics(y, p, labels, thresholds, n_boot, seed).to_dict(), "strata": {},
+           "calibration": {n: calibration(y[:, j], p[:, j]) for j, n in enumerate(labels)},
+           "calibration_pooled": calibration(y, p),
+           "missing_views": {e["exam"]: sorted(set(("sag", "cor", "ax")) - set(e.get("views", ()))) for e in exams
+                             if set(("sag", "cor", "ax")) - set(e.get("views", ("sag", "cor", "ax")))}}
+    for key in STRATA_CLS:
+        values = sorted({e.get(key) for e in exams if e.get(key) is not None}, key=str)
+        out["strata"][key] = {}
+        for v in values:
+            sub = [e for e in exams if e.get(key) == v]
+            ys, ps = _cls_arrays(sub, labels)
+            out["strata"][key][str(v)] = classification_metrics(ys, ps, labels, thresholds, n_boot, seed).to_dict()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(exams: Sequence[Mapping], labels: Sequence[str], path: Path) -> Path | None:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, p = _cls_arrays(exams, labels)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    drawn = 0
+    for j, name in enumerate(labels):
+        keep = np.isfinite(y[:, j])
+        yy = y[keep, j]
+        if yy.size == 0 or yy.min() == yy.max():
+            continue
+        fpr, tpr, _ = roc_curve(yy, p[keep, j])
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(yy, p[keep, j]):.2f})")
+        drawn += 1
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC curves (external site)")
+    if drawn:
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no label with both classes", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_dice_boxes(rows: Sequence[Mapping], path: Path) -> Path:
+    plt = _plt()
+    structures = list(dict.fromkeys(r["structure"] for r in rows))
+    sites = sorted({str(r["site"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(structures) * len(sites)), 4.2))
+    width = 0.8 / max(1, len(sites))
+    for k, site in enumerate(sites):
+        data = [[r["dice"] for r in rows if r["structure"] == s and str(r["site"]) == site
+                 and r.get("dice") is not None and math.isfinite(r["dice"])] or [np.nan] for s in structures]
+        pos = np.arange(len(structures)) + (k - (len(sites) - 1) / 2) * width
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, manage_ticks=False)
+        for b in bp["boxes"]:
+            b.set_facecolor(f"C{k}")
+            b.set_alpha(0.6)
+        ax.plot([], [], color=f"C{k}", lw=6, alpha=0.6, label=site)
+    ax.set_xticks(np.arange(len(structures)))
+    ax.set_xticklabels(structures, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.set_title("Dice per structure and site")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(cal: Mapping, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    b = cal["bins"]
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    if b:
+        ax.plot([x["mean_probability"] for x in b], [x["fraction_positive"] for x in b], "o-", label="model")
+        for x in b:
+            ax.annotate(str(x["n"]), (x["mean_probability"], x["fraction_positive"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("fraction positive")
+    ax.set_title(f"Reliability (all labels pooled), ECE {_fmt(cal['ece'])}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# provenance
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("orthodiff-nnunet", "nnunetv2", "torch", "dynamic-network-architectures", "SimpleITK", "monai",
+                "scikit-learn", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def hash_inputs(folders: Sequence[Path]) -> str:
+    """SHA-256 over the relative paths and bytes of every file under ``folders`` (sorted)."""
+    h = hashlib.sha256()
+    for folder in sorted(Path(f) for f in folders):
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(folder.parent)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _seg_table(block: Mapping) -> list[list[str]]:
+    rows = [["structure", "n", "Dice [95% CI]", "HD95 mm [95% CI]", "surface Dice [95% CI]"]]
+    for s, e in block.items():
+        cells = [s, str(e["n_cases"])]
+        for m in SEG_METRICS:
+            lo, hi = e[m]["ci"]
+            cells.append(f"{_fmt(e[m]['mean'])} [{_fmt(lo)}, {_fmt(hi)}]")
+        rows.append(cells)
+    return rows
+
+
+def _cls_table(metrics: Mapping) -> list[list[str]]:
+    rows = [["label", "n (pos)", "threshold", "AUROC [95% CI]", "AUPRC [95% CI]", "sensitivity [95% CI]",
+             "specificity [95% CI]"]]
+
+    def cell(v, ci):
+        lo, hi = ci if ci else (None, None)
+        return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+
+    for m in metrics["labels"]:
+        rows.append([m["name"], f"{m['n']} ({m['n_pos']})", _fmt(m["threshold"])]
+                    + [cell(m[k], m["ci"].get(k)) for k in ("auroc", "auprc", "sensitivity", "specificity")])
+    mac, mci = metrics["macro"], metrics["macro_ci"]
+    rows.append(["macro", f"{metrics['n_exams']} exams", ""]
+                + [cell(mac.get(k), mci.get(k)) for k in ("auroc", "auprc", "sensitivity", "specificity")])
+    return rows
+
+
+def _md(rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+                     + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STRATUM_TITLES = {"site": "site", "field_strength_t": "field strength (T)", "vendor": "vendor", "orientation": "orientation"}
+
+
+def build_report(
+    out_dir: Path,
+    seg_rows: Sequence[Mapping] = (),
+    cls_exams: Sequence[Mapping] = (),
+    label_names: Sequence[str] = (),
+    thresholds: Mapping[str, float] | None = None,
+    provenance: Mapping | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    title: str = "OrthoDiff-nnU-Net external validation",
+) -> Path:
+    """Write report.json, report.md, report.html and the PNG plots into ``out_dir``; returns report.html."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict = {"title": title, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "provenance": {**(provenance or {}), "packages": package_versions()},
+                    "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "percentile 95%"}}
+    plots: dict[str, Path] = {}
+    if seg_rows:
+        report["segmentation"] = summarize_segmentation(seg_rows, n_boot, seed)
+        report["segmentation"]["cases"] = list(seg_rows)
+        plots["Dice per structure and site"] = plot_dice_boxes(seg_rows, out_dir / "dice_boxplot.png")
+    if cls_exams:
+        thresholds = dict(thresholds or {})
+        report["classification"] = summarize_classification(cls_exams, label_names, thresholds, n_boot, seed)
+        report["classification"]["exams"] = list(cls_exams)
+        plots["ROC curves"] = plot_roc(cls_exams, label_names, out_dir / "roc_curves.png")
+        plots["Reliability diagram"] = plot_reliability(report["classification"]["calibration_pooled"],
+                                                        out_dir / "reliability_diagram.png")
+    atomic_write_json(out_dir / "report.json", _nan_to_none(report))
+
+    md = [f"# {title}", "", f"Created {report['created']}. Intervals: percentile bootstrap ({n_boot} resamples, seed {seed}).", ""]
+    parts_html = []
+    if seg_rows:
+        seg = report["segmentation"]
+        md += ["## Segmentation (overall)", "", _md(_seg_table(seg["overall"])), ""]
+        parts_html.append("<h2>Segmentation (overall)</h2>" + _html_table(_seg_table(seg["overall"])))
+        for key, groups in seg["strata"].items():
+            for value, block in groups.items():
+                t = f"Segmentation, {STRATUM_TITLES[key]} = {value}"
+                md += [f"### {t}", "", _md(_seg_table(block)), ""]
+                parts_html.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_seg_table(block)))
+    if cls_exams:
+        cls = report["classification"]
+        md += ["## Classification (overall)", "", _md(_cls_table(cls["overall"])), "",
+               f"Expected calibration error (all labels pooled): {_fmt(cls['calibration_pooled']['ece'])}", ""]
+        parts_html.append("<h2>Classification (overall)</h2>" + _html_table(_cls_table(cls["overall"]))
+                          + f"<p>Expected calibration error (all labels pooled): {_fmt(cls['calibration_pooled']['ece'])}</p>")
+        if cls["missing_views"]:
+            gaps = ", ".join(f"{e}: {'/'.join(v)}" for e, v in cls["missing_views"].items())
+            md += [f"Exams predicted with missing views: {gaps}", ""]
+            parts_html.append(f"<p>Exams predicted with missing views: {html.escape(gaps)}</p>")
+        for key, groups in cls["strata"].items():
+            for value, block in groups.items():
+                t = f"Classification, {STRATUM_TITLES[key]} = {value}"
+                md += [f"### {t}", "", _md(_cls_table(block)), ""]
+                parts_html.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block)))
+    md += ["## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots.items()] + [""]
+    md += ["## Provenance", "", "```json", json.dumps(_nan_to_none(report["provenance"]), indent=2), "```", ""]
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
+
+    imgs = "".join(
+        f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in plots.items())
+    prov = html.escape(json.dumps(_nan_to_none(report["provenance"]), indent=2))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+th {{ background: #f0f3f7; }}
+figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
+pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.8em; }}
+.note {{ color: #555; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="note">Created {report['created']}. Intervals: percentile bootstrap ({n_boot} resamples of cases/exams, seed {seed}); n/a = undefined on these data.</p>
+{''.join(parts_html)}
+<h2>Plots</h2>{imgs}
+<h2>Provenance</h2><pre>{prov}</pre>
+</body></html>
+"""
+    atomic_write_text(out_dir / "report.html", page)
+    return out_dir / "report.html"
