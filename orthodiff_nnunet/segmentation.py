@@ -1,0 +1,637 @@
+"""``orthodiff train seg`` and ``orthodiff predict seg``: warm-started nnU-Net segmentation.
+
+Training runs :class:`~orthodiff_nnunet.trainers.segmentation.nnUNetTrainerOrthoDiffSeg` (encoder
+from the diffusion pretraining) or its from-scratch twin ``nnUNetTrainerOrthoDiffSegScratch`` on
+the dataset's ``3d_fullres`` configuration; prediction runs nnU-Net's ``nnUNetPredictor`` on the
+trained model folder. Everything else is nnU-Net's.
+
+Where the models go (every variant is a complete, standard nnU-Net results tree, so nnU-Net's own
+tools work on each unchanged):
+
+* the init is the trainer's class name, i.e. part of nnU-Net's model folder name:
+  ``<results>/<Dataset>/nnUNetTrainerOrthoDiffSeg__<plans>__3d_fullres/fold_0`` (diffusion) beside
+  ``<results>/<Dataset>/nnUNetTrainerOrthoDiffSegScratch__<plans>__3d_fullres/fold_0`` (scratch);
+* ``<results>`` is ``nnUNet_results`` for all the labels, and its subfolder
+  ``label_fraction_<F>`` (``label_fraction_<F>_seed<S>`` for a non-default seed) for a label
+  fraction ``F < 1``, so that ``nnUNet_results=$nnUNet_results/label_fraction_0.1 nnUNetv2_predict
+  -d ... -tr nnUNetTrainerOrthoDiffSeg ...`` finds the 10% model.
+
+Each fold folder holds ``orthodiff_seg_run.json``: init, encoder and its provenance, label fraction,
+seed, the training cases used and the schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from orthodiff_nnunet import paths
+from orthodiff_nnunet.data.splits import SPLIT_SEED
+from orthodiff_nnunet.errors import OrthodiffError
+
+log = logging.getLogger(__name__)
+
+Init = Literal["diffusion", "scratch"]
+Fold = int | Literal["all"]
+TRAINER_OF_INIT: dict[str, str] = {"diffusion": "nnUNetTrainerOrthoDiffSeg", "scratch": "nnUNetTrainerOrthoDiffSegScratch"}
+SEGMENTATION_CONFIGURATION = "3d_fullres"
+RUN_RECORD = "orthodiff_seg_run.json"
+_EXT_TRAINER_ENV = "nnUNet_extTrainer"
+
+__all__ = [
+    "SegmentationError",
+    "SegmentationPredictResult",
+    "SegmentationTrainResult",
+    "add_predict_seg_parser",
+    "add_train_seg_parser",
+    "model_folder",
+    "predict_segmentation",
+    "results_root_for",
+    "train_segmentation",
+    "trainers_folder",
+]
+
+
+class SegmentationError(OrthodiffError):
+    """Segmentation training or prediction cannot go on; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+@dataclass
+class SegmentationTrainResult:
+    """What a training run wrote and measured.
+
+    Attributes:
+        model_folder: nnU-Net model folder (``<Trainer>__<plans>__<configuration>``), usable by
+            ``orthodiff predict seg -m`` and nnU-Net's predictors.
+        output_folder: the fold folder inside it (checkpoints, logs, ``validation/``).
+        results_root: the ``nnUNet_results`` tree the model folder belongs to.
+        run_record: ``orthodiff_seg_run.json`` (init, encoder, label fraction, seed, cases, schedule).
+        validation_summary: nnU-Net's ``validation/summary.json``, None without validation.
+        dice: validation Dice per structure name (mean over validation cases).
+        mean_dice: nnU-Net's foreground mean Dice.
+    """
+
+    model_folder: Path
+    output_folder: Path
+    results_root: Path
+    run_record: dict
+    validation_summary: Path | None = None
+    dice: dict[str, float] = field(default_factory=dict)
+    mean_dice: float | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.output_folder / "checkpoint_final.pth"
+
+    def summary(self) -> str:
+        r = self.run_record
+        lines = [f"segmentation training done ({r['init']} init, label fraction {r['label_fraction']:g}: "
+                 f"{len(r['training_cases'])} training cases, fold {r['fold']})",
+                 f"model folder: {self.model_folder}"]
+        if r.get("encoder"):
+            lines.append(f"encoder: {r['encoder']}")
+        if self.validation_summary is not None:
+            lines.append(f"validation: {self.validation_summary} (mean foreground Dice {self.mean_dice:.4f})")
+            lines += [f"  {name:<20s} {d:.4f}" for name, d in self.dice.items()]
+        return "\n".join(lines)
+
+
+@dataclass
+class SegmentationPredictResult:
+    """Masks written by a prediction run (one per input case, on the input image's grid)."""
+
+    output_folder: Path
+    masks: list[Path]
+
+    def summary(self) -> str:
+        return f"{len(self.masks)} segmentation(s) written to {self.output_folder}"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+def trainers_folder() -> Path:
+    """The folder of orthodiff's trainer modules, for ``nnUNet_extTrainer``."""
+    import orthodiff_nnunet.trainers as trainers
+
+    return Path(trainers.__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for nnunetv2 (read at call time) and restore them afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _with_our_trainers() -> contextlib.AbstractContextManager:
+    """``nnUNet_extTrainer`` with orthodiff's trainers folder first, so nnU-Net finds them by name."""
+    from nnunetv2.paths import nnUNet_extTrainer
+
+    current = [p for p in (nnUNet_extTrainer.get() or "").split(os.pathsep) if p]
+    ours = str(trainers_folder())
+    return _environment(**{_EXT_TRAINER_ENV: os.pathsep.join([ours] + [p for p in current if p != ours])})
+
+
+def _parse_fold(fold: int | str) -> Fold:
+    if isinstance(fold, str) and fold.strip().lower() == "all":
+        return "all"
+    try:
+        value = int(fold)
+    except (TypeError, ValueError) as exc:
+        raise SegmentationError(f"fold {fold!r}: give a fold number (0-4) or 'all'") from exc
+    if value < 0:
+        raise SegmentationError(f"fold {value}: give a fold number (0-4) or 'all'")
+    return value
+
+
+def results_root_for(label_fraction: float = 1.0, seed: int = SPLIT_SEED, results: Path | None = None) -> Path:
+    """The ``nnUNet_results`` tree of a label fraction (``nnUNet_results`` itself for 1)."""
+    base = paths.results_dir(results)
+    if not 0 < label_fraction <= 1:
+        raise SegmentationError(f"--label-fraction {label_fraction}: give a fraction in (0, 1]")
+    if label_fraction == 1:
+        return base
+    suffix = "" if int(seed) == SPLIT_SEED else f"_seed{int(seed)}"
+    return base / f"label_fraction_{label_fraction:g}{suffix}"
+
+
+def model_folder(dataset: int | str, init: Init = "diffusion", plans: str | None = None,
+                 configuration: str = SEGMENTATION_CONFIGURATION, label_fraction: float = 1.0,
+                 seed: int = SPLIT_SEED) -> Path:
+    """The nnU-Net model folder that :func:`train_segmentation` writes for these settings."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from orthodiff_nnunet.pretraining import find_plans
+
+    if init not in TRAINER_OF_INIT:
+        raise SegmentationError(f"--init {init!r}: use one of {', '.join(TRAINER_OF_INIT)}")
+    name = maybe_convert_to_dataset_name(dataset)
+    ident, _ = find_plans(name, plans)
+    return results_root_for(label_fraction, seed) / name / f"{TRAINER_OF_INIT[init]}__{ident}__{configuration}"
+
+
+def _resolve_dataset(dataset: int | str, orientation: str | None) -> str:
+    """Dataset name; with ``orientation``, the dataset of that orientation in ``dataset``'s convert group."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from orthodiff_nnunet.pretraining import check_orientation
+
+    if orientation is None:
+        try:
+            return maybe_convert_to_dataset_name(dataset)
+        except RuntimeError as exc:
+            raise SegmentationError(f"dataset {dataset}: {exc}") from exc
+    try:
+        raw = paths.raw_dir()
+    except paths.PathsNotSetError:
+        raw = None  # only preprocessed data here: -d must be the dataset itself
+    if raw is not None:
+        from orthodiff_nnunet.planning import resolve_datasets
+
+        found = resolve_datasets([dataset], [orientation], raw)
+        if len(found) != 1:
+            raise SegmentationError(f"{len(found)} datasets of orientation {orientation} match {dataset}")
+        name = found[0].name
+    else:
+        name = maybe_convert_to_dataset_name(dataset)
+    check_orientation(name, orientation)
+    return name
+
+
+def _read_summary(summary: Path, dataset_json: dict) -> tuple[dict[str, float], float | None]:
+    data = json.loads(summary.read_text())
+    names = {str(v): k for k, v in dataset_json["labels"].items() if not isinstance(v, (list, tuple))}
+    mean_of = data.get("mean", {})
+    keys = sorted(mean_of, key=lambda k: (0, int(k)) if str(k).isdigit() else (1, str(k)))
+    dice = {names.get(str(k), str(k)): float(mean_of[k]["Dice"]) for k in keys}
+    mean = data.get("foreground_mean", {}).get("Dice")
+    return dice, None if mean is None else float(mean)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+def train_segmentation(
+    dataset: int | str,
+    *,
+    fold: int | str = 0,
+    init: Init = "diffusion",
+    encoder: Path | None = None,
+    label_fraction: float = 1.0,
+    seed: int = SPLIT_SEED,
+    orientation: str | None = None,
+    plans: str | None = None,
+    configuration: str = SEGMENTATION_CONFIGURATION,
+    epochs: int | None = None,
+    iterations_per_epoch: int | None = None,
+    val_iterations_per_epoch: int | None = None,
+    learning_rate: float = 1e-2,
+    warmup_epochs: int | None = None,
+    freeze_encoder_epochs: int = 0,
+    continue_training: bool = False,
+    device: str = "auto",
+    validate: bool = True,
+    validation_mirroring: bool = True,
+) -> SegmentationTrainResult:
+    """Train nnU-Net segmentation on labeled cases, warm-started from the diffusion encoder or from scratch.
+
+    Args:
+        dataset: dataset id or name (one orientation), preprocessed with ``orthodiff plan_and_preprocess``.
+        fold: cross-validation fold of the dataset's ``splits_final.json`` (0-4) or ``"all"``.
+        init: ``diffusion`` (encoder from the pretraining checkpoint) or ``scratch`` (the twin: nnU-Net's
+            random initialisation, everything else identical).
+        encoder: encoder checkpoint (default: ``orthodiff pretrain``'s output for this dataset and
+            plans); only with ``init="diffusion"``.
+        label_fraction: share of the fold's labeled training cases used, per site, in (0, 1].
+        seed: seed of the label-fraction subset (recorded; a non-default seed gets its own results tree).
+        orientation: ``sag``/``cor``/``ax``: train the dataset of this orientation in ``dataset``'s
+            convert group (ids base+0/1/2), and check it.
+        plans: plans identifier (default: orthodiff's ResEnc-M plans, else orthodiff's plain plans).
+        configuration: segmentation configuration of the plans.
+        epochs: epochs (default nnU-Net's 1000).
+        iterations_per_epoch: training iterations per epoch (default nnU-Net's 250).
+        val_iterations_per_epoch: validation iterations per epoch (default nnU-Net's 50).
+        learning_rate: SGD initial learning rate (default 1e-2, nnU-Net's; see the trainer module for
+            the schedule and why).
+        warmup_epochs: linear warm-up epochs (default 5% of the epochs; 0 = nnU-Net's schedule).
+        freeze_encoder_epochs: epochs at the start with the encoder frozen (diffusion init only).
+        continue_training: continue the run from its latest checkpoint (nnU-Net's ``--c``).
+        device: ``auto``, ``cuda`` or ``cpu``.
+        validate: run nnU-Net's final validation (sliding window on the fold's validation cases).
+        validation_mirroring: mirroring test-time augmentation in that validation.
+
+    Returns:
+        :class:`SegmentationTrainResult`.
+
+    Raises:
+        SegmentationError: unknown dataset/plans/configuration, an encoder with ``init="scratch"``,
+            a missing encoder ("run orthodiff pretrain first"), a run that exists without
+            ``continue_training`` or differs from the one being continued.
+        EncoderMismatchError: the encoder was pretrained on other plans.
+    """
+    import torch  # noqa: F401  (heavy imports only once a command runs)
+
+    from orthodiff_nnunet.pretraining import find_plans, resolve_device
+    from orthodiff_nnunet.trainers.segmentation import (
+        default_encoder_path,
+        nnUNetTrainerOrthoDiffSeg,
+        nnUNetTrainerOrthoDiffSegScratch,
+    )
+
+    if init not in TRAINER_OF_INIT:
+        raise SegmentationError(f"--init {init!r}: use one of {', '.join(TRAINER_OF_INIT)}")
+    if encoder is not None and init == "scratch":
+        raise SegmentationError("--encoder is only used with --init diffusion; the scratch twin starts from "
+                                "nnU-Net's random initialisation")
+    fold = _parse_fold(fold)
+    root = results_root_for(label_fraction, seed)
+    dataset_name = _resolve_dataset(dataset, orientation)
+    plans_identifier, plans_dict = find_plans(dataset_name, plans)
+    if configuration not in plans_dict["configurations"]:
+        raise SegmentationError(f"plans {plans_identifier} of {dataset_name} have no configuration {configuration!r} "
+                                f"(they have {', '.join(plans_dict['configurations'])}): re-run plan_and_preprocess")
+    dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
+    if init == "diffusion":
+        encoder = Path(encoder) if encoder is not None else default_encoder_path(
+            paths.results_dir(), dataset_name, plans_identifier)
+        if not encoder.is_file():
+            raise SegmentationError(
+                f"no encoder checkpoint at {encoder}: run `orthodiff pretrain -d {dataset_name} -p {plans_identifier}` "
+                "first, pass --encoder, or train the from-scratch twin with --init scratch")
+        encoder = encoder.resolve()
+    dev = resolve_device(device)
+
+    trainer_class = nnUNetTrainerOrthoDiffSeg if init == "diffusion" else nnUNetTrainerOrthoDiffSegScratch
+    out = root / dataset_name / f"{trainer_class.__name__}__{plans_identifier}__{configuration}" / f"fold_{fold}"
+    checkpoints = [out / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                   if (out / n).is_file()]  # nnU-Net's order for --c
+    if checkpoints and not continue_training:
+        raise SegmentationError(f"{out} already holds a training run: pass --continue to continue it, or remove "
+                                "the folder to start again")
+    if continue_training:
+        if not checkpoints:
+            raise SegmentationError(f"--continue: no checkpoint in {out}; start without --continue")
+        _check_same_run(out / RUN_RECORD, init, encoder, label_fraction, seed)
+
+    trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
+    trainer_plans["continue_training"] = continue_training
+    root.mkdir(parents=True, exist_ok=True)
+    with _environment(**{paths.ENV_RESULTS: str(root)}):  # the trainer names its output folder from it
+        trainer = trainer_class(trainer_plans, configuration, fold, dataset_json, dev)
+    trainer.encoder_path = None if encoder is None else str(encoder)
+    trainer.label_fraction = float(label_fraction)
+    trainer.label_fraction_seed = int(seed)
+    trainer.initial_lr = float(learning_rate)
+    trainer.warmup_epochs = warmup_epochs
+    trainer.freeze_encoder_epochs = int(freeze_encoder_epochs)
+    trainer.validation_mirroring = bool(validation_mirroring)
+    if epochs is not None:
+        trainer.num_epochs = int(epochs)
+    if iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
+    if val_iterations_per_epoch is not None:
+        trainer.num_val_iterations_per_epoch = int(val_iterations_per_epoch)
+
+    trainer.initialize()
+    if trainer.encoder_report is not None:
+        log.info("%s: %s", dataset_name, trainer.encoder_report.summary())
+    if continue_training:
+        trainer.load_checkpoint(str(checkpoints[0]))
+        log.info("continuing %s at epoch %d", out, trainer.current_epoch)
+    trainer.run_training()
+    record = json.loads((out / RUN_RECORD).read_text())
+    result = SegmentationTrainResult(model_folder=out.parent, output_folder=out, results_root=root, run_record=record)
+    if validate:
+        trainer.perform_actual_validation()
+        summary = out / "validation" / "summary.json"
+        if summary.is_file():
+            result.validation_summary = summary
+            result.dice, result.mean_dice = _read_summary(summary, dataset_json)
+    return result
+
+
+def _check_same_run(record_file: Path, init: str, encoder: Path | None, label_fraction: float, seed: int) -> None:
+    """Refuse to continue a run with other settings than it was started with."""
+    if not record_file.is_file():
+        return  # started by nnUNetv2_train or an older version: nothing to compare
+    saved = json.loads(record_file.read_text())
+    now = {"init": init, "encoder": None if encoder is None else str(encoder),
+           "label_fraction": float(label_fraction), "label_fraction_seed": int(seed)}
+    differs = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if differs:
+        raise SegmentationError("--continue with other settings than the run was started with "
+                                f"(saved, now): {differs}")
+
+
+# ----------------------------------------------------------------------------------------------
+# prediction
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _input_cases(folder: Path, file_ending: str, num_channels: int) -> dict[str, list[Path]]:
+    """case -> channel files. nnU-Net naming (``case_0000.nii.gz``) or, for one channel, any name."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(file_ending))
+    if not files:
+        raise SegmentationError(f"no {file_ending} images in {folder}: put the converted images there "
+                                f"(nnU-Net naming CASE_0000{file_ending})")
+    cases: dict[str, list[Path]] = {}
+    unnamed = []
+    for f in files:
+        m = _CHANNEL.match(f.name[: -len(file_ending)])
+        if m:
+            cases.setdefault(m["case"], []).append(f)
+        else:
+            unnamed.append(f)
+    if unnamed:
+        if num_channels != 1 or cases:
+            raise SegmentationError(f"{len(unnamed)} file(s) in {folder} lack nnU-Net's channel suffix "
+                                    f"(e.g. {unnamed[0].name}): name them CASE_0000{file_ending}")
+        cases = {f.name[: -len(file_ending)]: [f] for f in unnamed}
+    wrong = [c for c, fs in cases.items() if len(fs) != num_channels]
+    if wrong:
+        raise SegmentationError(f"the model needs {num_channels} channel(s) per case; {wrong[0]} has "
+                                f"{len(cases[wrong[0]])} in {folder}")
+    return cases
+
+
+def _check_layout(cases: dict[str, list[Path]], orientation: str | None) -> None:
+    """Inputs must be in the converter's canonical LPS layout with the model's through-plane axis."""
+    import SimpleITK as sitk
+
+    from orthodiff_nnunet.orientation import CANONICAL_ORIENTATION_CODE, THROUGH_PLANE_SITK_AXIS, through_plane_axis
+
+    problems = []
+    for case, files in cases.items():
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(files[0]))
+        reader.ReadImageInformation()
+        if reader.GetDimension() != 3:
+            problems.append(f"{files[0].name}: {reader.GetDimension()}D, a 3D image is needed")
+            continue
+        code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reader.GetDirection())
+        if code != CANONICAL_ORIENTATION_CODE:
+            problems.append(f"{files[0].name}: axes run {code}, not the canonical {CANONICAL_ORIENTATION_CODE}")
+            continue
+        axis, rule = through_plane_axis(reader.GetSpacing())
+        if orientation in THROUGH_PLANE_SITK_AXIS and rule == "thickest spacing" and axis != THROUGH_PLANE_SITK_AXIS[orientation]:
+            problems.append(f"{files[0].name}: thick slices along image axis {axis}, but the model is {orientation} "
+                            f"(axis {THROUGH_PLANE_SITK_AXIS[orientation]})")
+    if problems:
+        raise SegmentationError(
+            "input images are not laid out like the model's training data: convert them with `orthodiff convert` "
+            "(an external site with --external; its imagesTs are ready to predict), or pass --no-layout-check "
+            "if you know better:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def predict_segmentation(
+    input_folder: Path,
+    output_folder: Path,
+    model: Path,
+    *,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
+    device: str = "auto",
+    mirroring: bool = True,
+    tile_step_size: float = 0.5,
+    num_processes: int = 2,
+    check_layout: bool = True,
+    show_progress: bool = True,
+) -> SegmentationPredictResult:
+    """Segment every image of ``input_folder`` with a trained model through nnU-Net's predictor.
+
+    The masks are written as ``<case><file ending>`` on each input image's grid (same size, spacing,
+    origin and direction): nnU-Net resamples the prediction back and writes it with the source
+    geometry.
+
+    Args:
+        input_folder: images as ``orthodiff convert`` writes them (canonical LPS layout), named like
+            nnU-Net's (``CASE_0000.nii.gz``) or, for a one-channel model, any name with the dataset's
+            file ending.
+        output_folder: where the masks go (created).
+        model: the model folder (``<Trainer>__<plans>__<configuration>``) or one of its ``fold_X``
+            folders (then that fold only).
+        folds: folds to ensemble (default: every fold with the checkpoint).
+        checkpoint: checkpoint file name in each fold folder.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        mirroring: mirroring test-time augmentation (nnU-Net's default; 4-8x slower).
+        tile_step_size: sliding-window step as a fraction of the patch (nnU-Net's 0.5).
+        num_processes: worker processes for preprocessing and export (0: all in this process).
+        check_layout: refuse images that are not in the converter's canonical layout.
+        show_progress: tqdm progress bars.
+
+    Raises:
+        SegmentationError: no model or checkpoint, no images, wrong naming or layout.
+    """
+    from orthodiff_nnunet.pretraining import resolve_device
+
+    model = Path(model).resolve()
+    if model.name.startswith("fold_") and (model.parent / "plans.json").is_file():
+        if folds is None:
+            folds = [model.name[len("fold_"):]]
+        model = model.parent
+    for f in ("plans.json", "dataset.json"):
+        if not (model / f).is_file():
+            raise SegmentationError(f"{model} is not a trained nnU-Net model folder ({f} missing): pass the folder "
+                                    "<Trainer>__<plans>__<configuration> that `orthodiff train seg` printed")
+    available = sorted(p.name[len("fold_"):] for p in model.glob("fold_*") if (p / checkpoint).is_file())
+    use = [str(f) for f in folds] if folds is not None else available
+    missing = [f for f in use if f not in available]
+    if not use or missing:
+        raise SegmentationError(f"no {checkpoint} for fold(s) {missing or 'any'} in {model} (found: "
+                                f"{available or 'none'}): finish training first or pick another checkpoint")
+    folds_arg = tuple("all" if f == "all" else int(f) for f in use)
+    dataset_json = json.loads((model / "dataset.json").read_text())
+    plans = json.loads((model / "plans.json").read_text())
+    file_ending = dataset_json["file_ending"]
+    input_folder, output_folder = Path(input_folder), Path(output_folder)
+    if not input_folder.is_dir():
+        raise SegmentationError(f"input folder {input_folder} does not exist")
+    cases = _input_cases(input_folder, file_ending, len(dataset_json["channel_names"]))
+    if check_layout:
+        _check_layout(cases, (plans.get("orthodiff") or {}).get("orientation"))
+    output_folder.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=show_progress)
+    with _with_our_trainers():
+        predictor.initialize_from_trained_model_folder(str(model), folds_arg, checkpoint_name=checkpoint)
+    names = sorted(cases)
+    inputs = [[str(p) for p in cases[c]] for c in names]
+    outputs = [str(output_folder / c) for c in names]
+    log.info("predicting %d case(s) with %s (folds %s)", len(names), model.name, ", ".join(use))
+    if num_processes <= 0:
+        predictor.predict_from_files_sequential(inputs, outputs, save_probabilities=False, overwrite=True)
+    else:
+        predictor.predict_from_files(inputs, outputs, save_probabilities=False, overwrite=True,
+                                     num_processes_preprocessing=num_processes,
+                                     num_processes_segmentation_export=num_processes)
+    masks = [output_folder / f"{c}{file_ending}" for c in names]
+    absent = [m.name for m in masks if not m.is_file()]
+    if absent:
+        raise SegmentationError(f"nnU-Net wrote no mask for {', '.join(absent)} in {output_folder}")
+    return SegmentationPredictResult(output_folder, masks)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``seg`` to ``orthodiff train``'s subcommands; its ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "seg",
+        help="nnU-Net segmentation warm-started from the diffusion encoder (or its from-scratch twin)",
+        description=(
+            "Train nnU-Net's 3d_fullres segmentation on the labeled cases of one orientation's dataset, with the "
+            "encoder initialised from `orthodiff pretrain` (--init diffusion) or at random (--init scratch, the "
+            "baseline twin: same plans, data, schedule and iterations). Everything but the init and a linear "
+            "learning-rate warm-up is nnU-Net's."
+        ),
+        epilog=(
+            "Examples: orthodiff train seg -d 501 --orientation sag --fold 0; "
+            "orthodiff train seg -d 501 --orientation sag --fold 0 --init scratch --label-fraction 0.1. "
+            "Models: $nnUNet_results/<Dataset>/nnUNetTrainerOrthoDiffSeg[Scratch]__<plans>__3d_fullres "
+            "($nnUNet_results/label_fraction_<F>/... for F < 1)."
+        ),
+    )
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("--orientation", choices=["sag", "cor", "ax"], default=None,
+                   help="train the dataset of this orientation in -d's convert group (and check it)")
+    p.add_argument("-f", "--fold", default="0", help="cross-validation fold 0-4 or 'all' (default 0)")
+    p.add_argument("--init", choices=list(TRAINER_OF_INIT), default="diffusion",
+                   help="diffusion: encoder from the pretraining (default); scratch: nnU-Net's random init")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="encoder checkpoint (default: orthodiff pretrain's encoder.pt for this dataset and plans)")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="share of the fold's labeled training cases, per site, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=SPLIT_SEED, help=f"label-fraction subset seed (default {SPLIT_SEED})")
+    p.add_argument("-p", "--plans", default=None, help="plans identifier (default: orthodiffResEncMPlans, else orthodiffPlans)")
+    p.add_argument("-c", "--configuration", default=SEGMENTATION_CONFIGURATION,
+                   help="segmentation configuration (default 3d_fullres)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default nnU-Net's 1000)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None, help="iterations per epoch (default 250)")
+    p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
+    p.add_argument("--lr", type=float, default=1e-2, help="SGD initial learning rate (default 1e-2, nnU-Net's)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear learning-rate warm-up epochs (default 5%% of the epochs; 0: nnU-Net's schedule)")
+    p.add_argument("--freeze-encoder-epochs", type=int, default=0,
+                   help="first epochs with the encoder frozen (default 0; diffusion init only)")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="continue the run from its latest checkpoint")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
+    p.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation")
+    p.add_argument("--no-validation-mirroring", action="store_true",
+                   help="final validation without mirroring test-time augmentation")
+    p.set_defaults(func=_run_train_seg)
+    return p
+
+
+def _run_train_seg(args: argparse.Namespace) -> int:
+    result = train_segmentation(
+        args.dataset, fold=args.fold, init=args.init, encoder=args.encoder, label_fraction=args.label_fraction,
+        seed=args.seed, orientation=args.orientation, plans=args.plans, configuration=args.configuration,
+        epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations,
+        learning_rate=args.lr, warmup_epochs=args.warmup_epochs, freeze_encoder_epochs=args.freeze_encoder_epochs,
+        continue_training=args.continue_training, device=args.device, validate=not args.no_validation,
+        validation_mirroring=not args.no_validation_mirroring,
+    )
+    print(result.summary())
+    return 0
+
+
+def add_predict_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``seg`` to ``orthodiff predict``'s subcommands; its ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "seg",
+        help="segment images with a trained model (nnU-Net's predictor; masks on the source grid)",
+        description=(
+            "Segment every image in -i with the model folder -m (written by `orthodiff train seg`) through "
+            "nnU-Net's nnUNetPredictor. Masks keep each image's size, spacing, origin and direction. The images "
+            "must be laid out as `orthodiff convert` writes them (e.g. an external site's imagesTs)."
+        ),
+    )
+    p.add_argument("-i", "--input", type=Path, required=True, help="folder of images (CASE_0000.nii.gz ...)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the masks (created)")
+    p.add_argument("-m", "--model", type=Path, required=True,
+                   help="model folder <Trainer>__<plans>__<configuration> (or one of its fold_X folders)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained folds)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
+    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
+    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
+    p.add_argument("-np", "--num-processes", type=int, default=2,
+                   help="processes for preprocessing and export (default 2; 0: in this process)")
+    p.add_argument("--no-layout-check", action="store_true",
+                   help="do not refuse images outside the converter's canonical layout")
+    p.set_defaults(func=_run_predict_seg)
+    return p
+
+
+def _run_predict_seg(args: argparse.Namespace) -> int:
+    result = predict_segmentation(
+        args.input, args.output, args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
+        mirroring=not args.disable_tta, tile_step_size=args.step_size, num_processes=args.num_processes,
+        check_layout=not args.no_layout_check,
+    )
+    print(result.summary())
+    return 0

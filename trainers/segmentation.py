@@ -1,0 +1,317 @@
+"""Segmentation warm-started from the diffusion-pretrained encoder, and its from-scratch twin.
+
+``nnUNetTrainerOrthoDiffSeg`` is nnU-Net's own trainer (network, loss, SGD, augmentation, deep
+supervision, checkpoints, validation, predictor) with four small changes, each a single hook:
+
+* ``initialize``: after nnU-Net builds the network, the encoder checkpoint of the diffusion
+  pretraining is loaded strictly into ``network.encoder`` (CPU map location, architecture hash of
+  the plans checked first, so an encoder of other plans is refused with a message saying what to
+  do) and what was loaded is written to the training log.
+* ``do_split``: nnU-Net's split of the fold, restricted to labeled cases (the converter writes
+  all-background maps for unlabeled scans and records them in ``orthodiff_targets.json``), and the
+  fold's labeled training cases reduced to ``label_fraction`` of each site
+  (:func:`orthodiff_nnunet.data.splits.label_fraction_subset`, deterministic).
+* ``configure_optimizers``: nnU-Net's SGD with a linear learning-rate warm-up followed by nnU-Net's
+  polynomial decay (:class:`WarmupPolyLRScheduler`; no warm-up = nnU-Net's schedule exactly).
+* ``on_train_epoch_start``: optionally the first ``freeze_encoder_epochs`` epochs with the encoder
+  frozen (no gradients, no updates), then nnU-Net's epoch start.
+
+``on_train_start`` additionally writes ``orthodiff_seg_run.json`` (init, encoder and its provenance,
+label fraction, seed, the chosen training cases, schedule) beside the checkpoints.
+
+``nnUNetTrainerOrthoDiffSegScratch`` is the same class with ``init = "scratch"``: identical plans,
+data, case subset, schedule and iterations; only the encoder's starting weights differ. The two
+trainer names give the two runs distinct nnU-Net model folders
+(``<Trainer>__<plans>__<configuration>``) side by side, and each can be started by nnU-Net itself
+(``nnUNetv2_train <id> 3d_fullres 0 -tr nnUNetTrainerOrthoDiffSeg -p orthodiffResEncMPlans``).
+
+Default schedule, and why: initial learning rate 1e-2 (nnU-Net's SGD, Nesterov momentum 0.99)
+with a linear warm-up over the first 5% of the epochs, the same for both inits. The decoder and the
+segmentation heads start from random weights and need nnU-Net's learning rate to train in nnU-Net's
+epoch budget; the encoder comes from a different objective (denoising, Adam 1e-4), so its features
+are a starting point, not an optimum to preserve with a tiny learning rate. What the warm-up protects
+against is the first updates, driven by the random decoder's large, uninformative gradients, wiping
+out the pretrained filters before the decoder has aligned with them (the nnssl recipe: linear
+warm-up, then poly; it uses 1e-3 for fine-tuning, available as ``initial_lr``/``--lr``). The
+from-scratch twin gets the same warm-up so that the init is the only difference between the two
+runs; ``warmup_epochs = 0`` reproduces ``nnUNetTrainer``'s schedule exactly.
+
+nnU-Net imports this module by bare name through ``nnUNet_extTrainer``: absolute imports only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from importlib.metadata import version as _package_version
+from pathlib import Path
+
+import torch
+from nnunetv2.paths import nnUNet_raw, nnUNet_results
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch.optim.lr_scheduler import _LRScheduler
+
+from orthodiff_nnunet import __version__ as _orthodiff_version
+from orthodiff_nnunet.data.splits import SPLIT_SEED, label_fraction_subset
+from orthodiff_nnunet.errors import OrthodiffError
+from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
+from orthodiff_nnunet.networks.encoder_io import EncoderLoadReport, encoder_of, load_encoder
+from orthodiff_nnunet.utils import atomic_write_json
+
+INITS = ("diffusion", "scratch")
+RUN_RECORD = "orthodiff_seg_run.json"
+PRETRAIN_TRAINER = "nnUNetTrainerOrthoDiffPretrain"
+PRETRAIN_CONFIGURATION = "3d_diffusion"
+DEFAULT_WARMUP_FRACTION = 0.05  # nnssl: 50 of 1000 epochs
+
+
+class SegmentationSetupError(OrthodiffError):
+    """The segmentation run cannot start as asked; the message says what to do."""
+
+
+def default_encoder_path(results_root: str | os.PathLike, dataset_name: str, plans_identifier: str) -> Path:
+    """Where ``orthodiff pretrain`` exports the encoder for ``dataset_name`` and these plans."""
+    return (Path(results_root) / dataset_name / f"{PRETRAIN_TRAINER}__{plans_identifier}__{PRETRAIN_CONFIGURATION}"
+            / "fold_all" / "encoder.pt")
+
+
+class WarmupPolyLRScheduler(_LRScheduler):
+    """Linear warm-up, then nnU-Net's polynomial decay; stepped once per epoch like nnU-Net's.
+
+    ``lr(s) = initial_lr * (s + 1) / (W + 1)`` for ``s < W = warmup_steps``: a straight line from
+    0 (at step -1) to ``initial_lr`` (at step W), so the first epoch already trains, at
+    ``initial_lr / (W + 1)``, and every one of the W warm-up epochs is below the target. Then
+    ``lr(s) = initial_lr * (1 - (s - W) / (max_steps - W)) ** exponent``, nnU-Net's polynomial decay
+    over the remaining epochs, starting at ``initial_lr``. With ``W = 0`` it equals nnU-Net's
+    ``PolyLRScheduler``.
+    """
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int = 0,
+                 exponent: float = 0.9, current_step: int | None = None):
+        if not 0 <= warmup_steps < max(max_steps, 1):
+            raise ValueError(f"warm-up of {warmup_steps} epochs must be shorter than the {max_steps} epochs")
+        self.optimizer = optimizer
+        self.initial_lr = initial_lr
+        self.max_steps = max_steps
+        self.warmup_steps = warmup_steps
+        self.exponent = exponent
+        self.ctr = 0
+        super().__init__(optimizer, current_step if current_step is not None else -1)
+
+    def lr_at(self, step: int) -> float:
+        w = self.warmup_steps
+        if step < w:
+            return self.initial_lr * (step + 1) / (w + 1)
+        return self.initial_lr * max(0.0, 1 - (step - w) / (self.max_steps - w)) ** self.exponent
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        lr = self.lr_at(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._last_lr = [lr for _ in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr
+
+
+class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
+    """nnU-Net segmentation warm-started from the diffusion encoder (``init = "diffusion"``).
+
+    Public attributes, set before :meth:`initialize` (the ``orthodiff train seg`` API does):
+
+    * ``encoder_path``: encoder checkpoint; None = the pretraining output of this dataset and plans
+      (``nnUNet_results/<Dataset>/nnUNetTrainerOrthoDiffPretrain__<plans>__3d_diffusion/fold_all/encoder.pt``).
+    * ``label_fraction`` (0, 1] and ``label_fraction_seed``: share of the fold's labeled training
+      cases, per site.
+    * ``warmup_epochs``: linear LR warm-up length; None = 5% of ``num_epochs`` (at least 1).
+    * ``freeze_encoder_epochs``: epochs at the start with the encoder frozen (default 0).
+    * ``validation_mirroring``: mirror test-time augmentation in the final validation.
+    """
+
+    init = "diffusion"
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.encoder_path: str | None = None
+        self.label_fraction: float = 1.0
+        self.label_fraction_seed: int = SPLIT_SEED
+        self.warmup_epochs: int | None = None
+        self.freeze_encoder_epochs: int = 0
+        self.validation_mirroring: bool = True
+        self.encoder_report: EncoderLoadReport | None = None
+        self._split_cache: tuple[list[str], list[str], dict] | None = None
+        self._encoder_frozen = False
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def resolved_warmup_epochs(self) -> int:
+        if self.warmup_epochs is None:
+            return max(1, math.ceil(DEFAULT_WARMUP_FRACTION * self.num_epochs)) if self.num_epochs > 1 else 0
+        return int(self.warmup_epochs)
+
+    def resolved_encoder_path(self) -> Path | None:
+        if self.init == "scratch":
+            return None
+        if self.encoder_path is not None:
+            return Path(self.encoder_path)
+        return default_encoder_path(nnUNet_results.require(), self.plans_manager.dataset_name,
+                                    self.plans_manager.plans_name)
+
+    def _check_settings(self) -> None:
+        if self.init not in INITS:
+            raise SegmentationSetupError(f"init {self.init!r}: use one of {', '.join(INITS)}")
+        if not 0 < float(self.label_fraction) <= 1:
+            raise SegmentationSetupError(f"label fraction {self.label_fraction} must be in (0, 1]")
+        w = self.resolved_warmup_epochs()
+        if w < 0 or (w and w >= self.num_epochs):
+            raise SegmentationSetupError(f"warm-up of {w} epochs must be shorter than the {self.num_epochs} epochs")
+        if self.freeze_encoder_epochs < 0 or self.freeze_encoder_epochs >= max(self.num_epochs, 1):
+            raise SegmentationSetupError(
+                f"freezing the encoder for {self.freeze_encoder_epochs} of {self.num_epochs} epochs: use fewer")
+        if self.freeze_encoder_epochs and self.init == "scratch":
+            raise SegmentationSetupError("freezing a randomly initialised encoder trains on random features: "
+                                         "use freeze_encoder_epochs = 0 with init 'scratch'")
+        if self.freeze_encoder_epochs and self.is_ddp:
+            raise SegmentationSetupError("freezing the encoder is not supported with DDP (parameters without "
+                                         "gradients stall its reducer): use freeze_encoder_epochs = 0")
+
+    def initialize(self) -> None:
+        """nnU-Net's initialize, then the encoder warm start (checked before any training)."""
+        self._check_settings()
+        super().initialize()
+        path = self.resolved_encoder_path()
+        if path is None:
+            self.print_to_log_file("init 'scratch': nnU-Net's random initialisation (the from-scratch twin)")
+            return
+        if not path.is_file():
+            raise SegmentationSetupError(
+                f"no encoder checkpoint at {path}: run `orthodiff pretrain -d {self.plans_manager.dataset_name} "
+                f"-p {self.plans_manager.plans_name}` first, pass the encoder explicitly, or use init 'scratch'")
+        arch_hash = architecture_hash(architecture_of(self.plans_manager.plans, self.configuration_name))
+        self.encoder_report = load_encoder(self.network, path, arch_hash)
+        self.print_to_log_file(f"encoder warm start from {path}: {self.encoder_report.summary()}; "
+                               "decoder and segmentation heads keep nnU-Net's initialisation")
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD; its poly schedule preceded by a linear warm-up."""
+        optimizer, _ = super().configure_optimizers()
+        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.resolved_warmup_epochs())
+        return optimizer, scheduler
+
+    # -- data: labeled cases, label fraction ------------------------------------------------------
+
+    def case_table(self) -> dict[str, dict]:
+        """``orthodiff_targets.json`` cases (site, labeled/unlabeled) of this dataset; {} if unknown.
+
+        Read from the raw dataset (``nnUNet_raw``) where the converter wrote it, else from the
+        preprocessed dataset folder.
+        """
+        name = (self.dataset_json.get("orthodiff") or {}).get("targets_file", "orthodiff_targets.json")
+        candidates = [Path(self.preprocessed_dataset_folder_base) / name]
+        if nnUNet_raw.is_set():
+            candidates.insert(0, Path(nnUNet_raw.get()) / self.plans_manager.dataset_name / name)
+        for f in candidates:
+            if f.is_file():
+                return json.loads(f.read_text())["cases"]
+        if (self.dataset_json.get("orthodiff") or {}).get("num_unlabeled", 0):
+            raise SegmentationSetupError(
+                f"{self.plans_manager.dataset_name} has unlabeled cases but its {name} was not found in "
+                f"{' or '.join(str(c.parent) for c in candidates)}: set nnUNet_raw to the converted raw data")
+        return {}
+
+    def do_split(self):
+        """nnU-Net's split, labeled cases only; the fold's training cases reduced to the label fraction."""
+        if self._split_cache is None:
+            tr_keys, val_keys = super().do_split()
+            table = self.case_table()
+            labeled = {c for c, v in table.items() if v.get("segmentation", "labeled") == "labeled"} if table else None
+            is_labeled = (lambda c: True) if labeled is None else (lambda c: c in labeled)
+            tr_lab = [k for k in tr_keys if is_labeled(k)]
+            val_lab = [k for k in val_keys if is_labeled(k)]
+            if not tr_lab:
+                raise SegmentationSetupError(f"fold {self.fold} of {self.plans_manager.dataset_name} has no labeled "
+                                             "training case: convert label maps for the training site")
+            sites = {c: table.get(c, {}).get("site", "unknown") for c in tr_lab}
+            chosen = label_fraction_subset(tr_lab, sites, float(self.label_fraction), int(self.label_fraction_seed))
+            if self.fold == "all":
+                val_lab = list(chosen)  # nnU-Net's fold 'all': validation = training cases
+            info = {"excluded_unlabeled_train": len(tr_keys) - len(tr_lab),
+                    "excluded_unlabeled_val": len(val_keys) - len(val_lab) if self.fold != "all" else 0,
+                    "labeled_train_cases_in_fold": len(tr_lab), "sites": sorted(set(sites.values()))}
+            self._split_cache = (chosen, val_lab, info)
+            self.print_to_log_file(
+                f"segmentation split: {len(chosen)} of {len(tr_lab)} labeled training cases (label fraction "
+                f"{self.label_fraction:g}, seed {self.label_fraction_seed}), {len(val_lab)} validation cases; "
+                f"{info['excluded_unlabeled_train']} unlabeled training cases left out")
+        chosen, val_lab, _ = self._split_cache
+        return list(chosen), list(val_lab)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        """Freeze the encoder for the first ``freeze_encoder_epochs`` epochs, then nnU-Net's epoch start."""
+        frozen = self.current_epoch < self.freeze_encoder_epochs
+        if frozen != self._encoder_frozen:
+            encoder_of(self.network).requires_grad_(not frozen)
+            self._encoder_frozen = frozen
+            self.print_to_log_file("encoder frozen" if frozen else "encoder unfrozen: training the whole network")
+        super().on_train_epoch_start()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.local_rank == 0:
+            atomic_write_json(Path(self.output_folder) / RUN_RECORD, self.run_record())
+
+    def run_record(self) -> dict:
+        """What makes this run what it is (written to ``orthodiff_seg_run.json`` in the fold folder)."""
+        self.do_split()
+        tr, val, info = self._split_cache
+        path = self.resolved_encoder_path()
+        prov = self.encoder_report.provenance if self.encoder_report else {}
+        return {
+            "trainer": type(self).__name__,
+            "init": self.init,
+            "encoder": str(path) if path is not None else None,
+            "encoder_provenance": {k: prov.get(k) for k in ("dataset", "plans_identifier", "architecture_hash",
+                                                            "iterations", "scans", "weights", "created")}
+                                   if prov else None,
+            "encoder_tensors_loaded": self.encoder_report.tensors if self.encoder_report else 0,
+            "dataset": self.plans_manager.dataset_name,
+            "plans_identifier": self.plans_manager.plans_name,
+            "configuration": self.configuration_name,
+            "fold": self.fold,
+            "label_fraction": float(self.label_fraction),
+            "label_fraction_seed": int(self.label_fraction_seed),
+            "training_cases": tr,
+            "validation_cases": val,
+            **info,
+            "schedule": {"initial_lr": self.initial_lr, "warmup_epochs": self.resolved_warmup_epochs(),
+                         "freeze_encoder_epochs": int(self.freeze_encoder_epochs), "num_epochs": self.num_epochs,
+                         "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                         "batch_size": self.batch_size},
+            "versions": {"orthodiff_nnunet": _orthodiff_version, "nnunetv2": _package_version("nnunetv2"),
+                         "torch": torch.__version__},
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's validation; mirroring test-time augmentation only if ``validation_mirroring``."""
+        if self.validation_mirroring:
+            return super().perform_actual_validation(save_probabilities)
+        axes, self.inference_allowed_mirroring_axes = self.inference_allowed_mirroring_axes, None
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
+
+
+class nnUNetTrainerOrthoDiffSegScratch(nnUNetTrainerOrthoDiffSeg):
+    """The from-scratch twin: nnU-Net's random initialisation, everything else identical."""
+
+    init = "scratch"
