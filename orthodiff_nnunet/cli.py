@@ -96,13 +96,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="work folder (default ./orthodiff_demo); nnUNet_raw/preprocessed/results go inside")
     p.add_argument("--cases", type=int, default=6, help="exams per site (default 6)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantom (default 0)")
+    p.add_argument("--pretrain-iterations", type=int, default=30, help="diffusion iterations per orientation (default 30)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from orthodiff_nnunet.api import demo
 
-    report = demo(output=args.output, cases_per_site=args.cases, seed=args.seed)
+    report = demo(output=args.output, cases_per_site=args.cases, seed=args.seed,
+                  pretrain_iterations=args.pretrain_iterations, device=args.device)
     print(report)
     return 0
 
@@ -186,9 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_convert(sub)
     _add_demo(sub)
+    from orthodiff_nnunet.planning import add_plan_and_preprocess_parser
+
+    add_plan_and_preprocess_parser(sub)
     _add_pretrain(sub)
     for name, helptext, issue in (
-        ("plan_and_preprocess", "fingerprint, plan per orientation and preprocess", "issue 4"),
         ("train", "train segmentation (seg) or classification (cls)", "issues 6 and 7"),
         ("predict", "predict with a trained model", "issues 6 and 7"),
         ("evaluate", "cross-site external validation and report", "issue 8"),
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    if extra and args.command not in ("plan_and_preprocess", "train", "predict", "evaluate"):
+    if extra and args.command not in ("train", "predict", "evaluate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from orthodiff_nnunet.errors import OrthodiffError
 
