@@ -193,19 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_and_preprocess_parser(sub)
     _add_pretrain(sub)
-    for name, helptext, issue in (
-        ("train", "train segmentation (seg) or classification (cls)", "issues 6 and 7"),
-        ("predict", "predict with a trained model", "issues 6 and 7"),
-        ("evaluate", "cross-site external validation and report", "issue 8"),
-    ):
-        p = sub.add_parser(name, help=f"{helptext} (not implemented yet)", add_help=True)
-        p.set_defaults(func=_not_implemented(name, issue))
+    train = sub.add_parser("train", help="train segmentation (seg) or classification (cls)",
+                           description="Train a model on planned, preprocessed data: `orthodiff train seg|cls --help`.")
+    train_sub = train.add_subparsers(dest="task", metavar="TASK", required=True)
+    predict = sub.add_parser("predict", help="predict with a trained segmentation (seg) or classification (cls) model",
+                             description="Predict with a trained model: `orthodiff predict seg|cls --help`.")
+    predict_sub = predict.add_subparsers(dest="task", metavar="TASK", required=True)
+    from orthodiff_nnunet.segmentation import add_predict_seg_parser, add_train_seg_parser
+
+    add_train_seg_parser(train_sub)
+    add_predict_seg_parser(predict_sub)
+    try:
+        from orthodiff_nnunet.classification import add_predict_cls_parser, add_train_cls_parser
+    except ImportError:  # pragma: no cover - classification not installed yet
+        pass
+    else:
+        add_train_cls_parser(train_sub)
+        add_predict_cls_parser(predict_sub)
+    p = sub.add_parser("evaluate", help="cross-site external validation and report (not implemented yet)")
+    p.set_defaults(func=_not_implemented("evaluate", "issue 8"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -214,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    if extra and args.command not in ("train", "predict", "evaluate"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from orthodiff_nnunet.errors import OrthodiffError
 
     try:
