@@ -19,13 +19,6 @@ class CommandError(RuntimeError):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
-def _not_implemented(name: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        raise CommandError(f"`orthodiff {name}` is not implemented yet ({issue}).")
-
-    return run
-
-
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -210,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_train_cls_parser(train_sub)
         add_predict_cls_parser(predict_sub)
-    p = sub.add_parser("evaluate", help="cross-site external validation and report (not implemented yet)")
-    p.set_defaults(func=_not_implemented("evaluate", "issue 8"))
+    from orthodiff_nnunet.evaluation.external import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 

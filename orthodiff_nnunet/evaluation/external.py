@@ -1,0 +1,199 @@
+"""``orthodiff evaluate``: predict an external site's converted datasets and report every metric per stratum.
+
+Segmentation: each orientation's model predicts that orientation's ``imagesTs`` (through
+nnU-Net's predictor), and every *labeled* case is scored per structure against ``labelsTs``.
+Classification: the fused three-view model predicts the site's exams; thresholds are the ones the
+model chose on its validation data. Site, field strength and vendor come from the converter's
+targets file, so every metric is stratified by them (and by orientation for segmentation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orthodiff_nnunet import paths
+from orthodiff_nnunet.errors import OrthodiffError
+from orthodiff_nnunet.utils import load_json
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(OrthodiffError):
+    """The external datasets or the models cannot be evaluated as asked."""
+
+
+@dataclass
+class EvaluationResult:
+    output_folder: Path
+    report_html: Path
+    num_seg_cases: int
+    num_cls_exams: int
+
+    def summary(self) -> str:
+        return (f"evaluated {self.num_seg_cases} segmentation case(s) and {self.num_cls_exams} exam(s); "
+                f"report: {self.report_html}")
+
+
+def _external_datasets(external: Sequence[int | str], raw: Path | None):
+    from orthodiff_nnunet.planning import resolve_datasets
+
+    infos = resolve_datasets(external, orientations=["sag", "cor", "ax"], raw=raw)
+    if not infos:
+        raise EvaluationError(f"no converted datasets for {list(external)} in {paths.raw_dir(raw)}")
+    return {info.orientation: info for info in infos}
+
+
+def _cases_folder(info, kind: str) -> Path:
+    """imagesTs/labelsTs of an external site (imagesTr/labelsTr if it was converted as a training site)."""
+    for sub in (f"{kind}Ts", f"{kind}Tr"):
+        if (info.folder / sub).is_dir():
+            return info.folder / sub
+    raise EvaluationError(f"{info.name} has neither {kind}Ts nor {kind}Tr: convert the site with `orthodiff convert --external`")
+
+
+def evaluate_segmentation(
+    datasets: Mapping[str, object],
+    seg_models: Mapping[str, Path],
+    output: Path,
+    device: str = "auto",
+    mirroring: bool = False,
+    num_processes: int = 2,
+    tolerance_mm: float = 1.0,
+) -> tuple[list[dict], list[str]]:
+    """Predict each orientation with its model and score the labeled cases; returns (rows, model folders)."""
+    from orthodiff_nnunet.evaluation.segmentation import evaluate_case_files
+    from orthodiff_nnunet.segmentation import predict_segmentation
+
+    rows: list[dict] = []
+    used: list[str] = []
+    for orientation, model in seg_models.items():
+        if orientation not in datasets:
+            raise EvaluationError(f"a {orientation} segmentation model was given but the external site has no "
+                                  f"{orientation} dataset (it has {', '.join(datasets)})")
+        info = datasets[orientation]
+        targets = load_json(info.folder / "orthodiff_targets.json")["cases"]
+        labels = info.dataset_json["labels"]
+        pred_dir = output / "segmentation" / orientation
+        result = predict_segmentation(_cases_folder(info, "images"), pred_dir, Path(model), device=device,
+                                      mirroring=mirroring, num_processes=num_processes, show_progress=True)
+        used.append(str(Path(model).resolve()))
+        ref_dir = _cases_folder(info, "labels")
+        for mask in sorted(result.masks):
+            case = mask.name[: -len(info.dataset_json["file_ending"])]
+            t = targets.get(case, {})
+            if t.get("segmentation") != "labeled":
+                continue  # unlabeled cases have no reference
+            metrics = evaluate_case_files(ref_dir / mask.name, mask, labels, tolerance_mm)
+            for structure, m in metrics.items():
+                rows.append({"case": case, "orientation": orientation, "site": t.get("site"),
+                             "field_strength_t": t.get("field_strength_t"), "vendor": t.get("vendor"),
+                             "structure": structure, **m})
+    return rows, used
+
+
+def evaluate(
+    external: Sequence[int | str],
+    output: Path,
+    *,
+    seg_models: Mapping[str, Path] | None = None,
+    cls_model: Path | None = None,
+    raw: Path | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+    mirroring: bool = False,
+    num_processes: int = 2,
+) -> EvaluationResult:
+    """Validate trained models on an external site's converted datasets and write the report.
+
+    Args:
+        external: dataset ids or names of the external site (one is enough: its convert group's
+            sagittal, coronal and axial datasets are found).
+        output: report folder (predictions go below it).
+        seg_models: orientation -> segmentation model folder (``orthodiff train seg`` output).
+        cls_model: classification model folder (``orthodiff train cls`` output).
+        raw: nnUNet_raw (default: environment).
+        n_boot: bootstrap resamples for the 95% intervals.
+        seed: bootstrap seed.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        mirroring: mirroring test-time augmentation for segmentation.
+        num_processes: worker processes of nnU-Net's predictor.
+    """
+    from orthodiff_nnunet.evaluation.report import build_report, hash_inputs
+
+    if not seg_models and cls_model is None:
+        raise EvaluationError("nothing to evaluate: give segmentation models (--seg sag=MODEL ...) and/or --cls MODEL")
+    output = Path(output)
+    datasets = _external_datasets(external, raw)
+    seg_rows, used = evaluate_segmentation(datasets, seg_models or {}, output, device, mirroring, num_processes) \
+        if seg_models else ([], [])
+    cls_exams: list[dict] = []
+    label_names: list[str] = []
+    thresholds: dict[str, float] = {}
+    if cls_model is not None:
+        cls_exams, label_names, thresholds = _evaluate_classification(datasets, Path(cls_model), output, device)
+        used.append(str(Path(cls_model).resolve()))
+    provenance = {
+        "external_datasets": {o: info.name for o, info in datasets.items()},
+        "input_data_sha256": hash_inputs([info.folder for info in datasets.values()]),
+        "models": used,
+        "plans": sorted({str(p) for m in used for p in Path(m).glob("plans.json")}),
+        "checkpoints": sorted({str(p) for m in used for p in Path(m).rglob("checkpoint_*.pth")}),
+    }
+    html = build_report(output, seg_rows, cls_exams, label_names, thresholds, provenance, n_boot, seed)
+    return EvaluationResult(output, html, len({(r["case"], r["orientation"]) for r in seg_rows}), len(cls_exams))
+
+
+def _evaluate_classification(datasets, cls_model: Path, output: Path, device: str):
+    """Fused three-view predictions of the external exams with their targets (see orthodiff_nnunet.classification)."""
+    from orthodiff_nnunet.classification import predict_classification
+
+    result = predict_classification(cls_model, {o: info.name for o, info in datasets.items()},
+                                    output / "classification", device=device)
+    return result.exams, list(result.label_names), dict(result.thresholds)
+
+
+def _model_pairs(values: Sequence[str]) -> dict[str, Path]:
+    out = {}
+    for v in values or []:
+        if "=" not in v:
+            raise EvaluationError(f"--seg {v!r}: write ORIENTATION=MODEL_FOLDER, e.g. sag=$nnUNet_results/...")
+        o, m = v.split("=", 1)
+        from orthodiff_nnunet.schemes import normalize_orientation
+
+        out[normalize_orientation(o)] = Path(m)
+    return out
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="validate trained models on an external site and write a report (JSON, Markdown, HTML)",
+        description=("Predict an external site's converted datasets with trained segmentation and/or classification "
+                     "models and report Dice, HD95, surface Dice, AUROC, AUPRC, sensitivity, specificity with "
+                     "bootstrap 95% CIs, stratified by site, field strength, vendor and orientation, plus calibration."),
+        epilog="Example: orthodiff evaluate -d 511 --seg sag=$nnUNet_results/Dataset501_.../ --cls MODEL -o report/",
+    )
+    p.add_argument("-d", "--datasets", nargs="+", required=True, help="the external site's dataset id(s) or name(s)")
+    p.add_argument("--seg", nargs="+", default=None, metavar="ORIENT=MODEL", help="segmentation model folder per orientation")
+    p.add_argument("--cls", type=Path, default=None, metavar="MODEL", help="classification model folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="report folder")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--mirroring", action="store_true", help="mirroring test-time augmentation (slower)")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="predictor worker processes (default 2)")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = evaluate(args.datasets, args.output, seg_models=_model_pairs(args.seg), cls_model=args.cls,
+                      n_boot=args.bootstrap, seed=args.seed, device=args.device, mirroring=args.mirroring,
+                      num_processes=args.num_processes)
+    print(result.summary())
+    return 0
