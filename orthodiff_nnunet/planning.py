@@ -370,16 +370,33 @@ def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
 
 
 def list_training_cases(info: DatasetInfo) -> dict[str, dict[str, Any]]:
-    """nnU-Net's case listing ``{case: {"images": [...], "label": ...}}`` of the raw training set.
+    """The raw training cases ``{case: {"images": [...], "label": ...}}``, as nnU-Net lists them.
 
-    Listed once per dataset and passed around: nnU-Net's listing starts a process pool each call.
-    Empty for an external site (``imagesTs`` only).
+    Listed once per dataset and passed around. For the standard ``imagesTr/<case>_<XXXX><ending>``
+    layout the files are grouped in one pass (nnU-Net's own listing matches every file against
+    every case, O(n^2), in a pool of 12 forked processes per call); datasets that list their
+    files in ``dataset.json["dataset"]`` go through nnU-Net's function. Empty for an external
+    site (``imagesTs`` only).
     """
+    import re
+
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    if "dataset" not in info.dataset_json and not (info.folder / "imagesTr").is_dir():
+    dataset_json = info.dataset_json
+    if "dataset" in dataset_json:
+        return get_filenames_of_train_images_and_targets(str(info.folder), copy.deepcopy(dataset_json))
+    images = info.folder / "imagesTr"
+    if not images.is_dir():
         return {}
-    return get_filenames_of_train_images_and_targets(str(info.folder), copy.deepcopy(info.dataset_json))
+    ending = dataset_json["file_ending"]
+    pattern = re.compile(r"(.+)_\d{4}" + re.escape(ending))
+    grouped: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(images)):
+        m = pattern.fullmatch(name)
+        if m:
+            grouped.setdefault(m.group(1), []).append(str(images / name))
+    labels = info.folder / "labelsTr"
+    return {k: {"images": grouped[k], "label": str(labels / f"{k}{ending}")} for k in sorted(grouped)}
 
 
 def _raw_files_key(info: DatasetInfo, dataset: dict[str, dict[str, Any]]) -> str:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -254,8 +255,14 @@ class OrthodiffPlannerMixin:
 
     @staticmethod
     def static_estimate_VRAM_usage(*args: Any, **kwargs: Any) -> int:
-        """nnU-Net's estimate, safe with ``nnUNet_n_proc_DA=0``."""
-        with n_proc_da_at_least_one():
+        """nnU-Net's estimate, built on the ``meta`` device and safe with ``nnUNet_n_proc_DA=0``.
+
+        The estimate only counts feature-map sizes, yet nnU-Net builds a real network each time,
+        and torch's default weight initialisation of the convolutions takes ~1 s per ResEnc
+        network on a CPU core (most of nnU-Net's planning time). On the meta device no weights
+        are allocated or initialised; the number returned is identical.
+        """
+        with n_proc_da_at_least_one(), torch.device("meta"):
             return ExperimentPlanner.static_estimate_VRAM_usage(*args, **kwargs)
 
     # ------------------------------------------------------------------ memory model
@@ -277,7 +284,7 @@ class OrthodiffPlannerMixin:
 
     def _network(self, configuration: dict):
         arch = configuration["architecture"]
-        with n_proc_da_at_least_one():
+        with n_proc_da_at_least_one(), torch.device("meta"):  # shapes only: no weights (see above)
             return get_network_from_plans(
                 arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                 self._num_input_channels, len(self.dataset_json["labels"]), allow_init=False,

@@ -316,6 +316,21 @@ def test_plans_per_orientation(planned):
         summary = result.dataset(orientation)
         assert summary.num_preprocessed == 4 and summary.num_skipped == 0
         assert summary.configuration(DIFFUSION_CONFIGURATION).patch_size == (6, 80, 64)
+    # the meta-device memory estimate is nnU-Net's number, and the one-pass listing nnU-Net's listing
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from orthodiff_nnunet.planners import OrthodiffResEncMPlanner
+    from orthodiff_nnunet.planning import _find_dataset, list_training_cases
+
+    architecture = resolve_configuration(plans, SEGMENTATION_CONFIGURATION)["architecture"]
+    estimate_args = ([14, 80, 64], 1, 3, architecture["network_class_name"], architecture["arch_kwargs"],
+                     architecture["_kw_requires_import"])
+    assert OrthodiffResEncMPlanner.static_estimate_VRAM_usage(*estimate_args) == \
+        ExperimentPlanner.static_estimate_VRAM_usage(*estimate_args)
+    info = _find_dataset(raw, 503)
+    assert list_training_cases(info) == get_filenames_of_train_images_and_targets(str(info.folder),
+                                                                                   info.dataset_json)
     text = result.summary()
     for o in ("orientation sag", "orientation cor", "orientation ax", "3 x 0.4 x 0.4", "14 x 80 x 64", "6 x 80 x 64"):
         assert o in text
@@ -452,6 +467,7 @@ def _shared_data() -> Path | None:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_dess_knee_gets_sane_plans(tmp_path: Path):
     """pyKNEEr's sagittal 3D DESS (GE 3T, 512 x 512 x 80, 0.3125 x 0.3125 x 1.5 mm), full resolution."""
     shared = _shared_data()
