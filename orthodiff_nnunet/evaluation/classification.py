@@ -1,0 +1,349 @@
+"""Multi-label classification metrics with bootstrap confidence intervals.
+
+Conventions (used by ``orthodiff train cls``/``predict cls`` and the evaluation report):
+
+* ``y_true`` is an ``(N, L)`` float array of 0/1 with ``NaN`` for an unknown label; every metric of
+  a label uses only the exams where that label is known.
+* ``y_score`` is an ``(N, L)`` array of probabilities (any monotone score works for AUROC/AUPRC).
+* An exam is called positive for a label when ``score >= threshold``.
+* A metric that is undefined on the data (AUROC or AUPRC without positives, AUROC without
+  negatives, sensitivity without positives, specificity without negatives) is ``NaN``, never a
+  made-up 0.5; macro averages are the mean over the labels where the metric is defined.
+
+Point estimates come from scikit-learn (``roc_auc_score``, ``average_precision_score``,
+``roc_curve``, ``precision_recall_curve``). Bootstrap resamples exams with replacement (one index
+set per resample, shared by every label, so macro CIs keep the labels' correlation) with a
+seeded :func:`numpy.random.default_rng`; inside the resampling loop AUROC and AUPRC are computed by
+exact NumPy equivalents of scikit-learn's formulas (rank statistic with tie averaging; step-wise
+average precision over distinct thresholds), which are ~50x faster and checked against
+scikit-learn in the tests. The interval is the percentile interval; resamples where a metric is
+undefined are skipped and counted (``n_valid``): with a handful of exams the interval is wide or
+missing, which is the honest answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+ThresholdMethod = Literal["youden", "f1", "fixed"]
+METRICS: tuple[str, ...] = ("auroc", "auprc", "sensitivity", "specificity")
+DEFAULT_THRESHOLD = 0.5
+
+__all__ = [
+    "METRICS", "ThresholdMethod", "LabelMetrics", "ClassificationMetrics", "auroc", "average_precision",
+    "binary_metrics", "bootstrap_ci", "choose_threshold", "choose_thresholds", "classification_metrics", "mean_auroc",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# single-label metrics
+def _known(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true, dtype=np.float64).ravel()
+    y_score = np.asarray(y_score, dtype=np.float64).ravel()
+    if y_true.shape != y_score.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_score {y_score.shape} differ in length")
+    keep = np.isfinite(y_true)
+    if not np.all(np.isfinite(y_score[keep])):
+        raise ValueError("y_score holds NaN or infinite values where the label is known")
+    yt = y_true[keep]
+    if np.any((yt != 0) & (yt != 1)):
+        raise ValueError(f"labels must be 0, 1 or NaN (unknown), got {sorted(set(yt.tolist()) - {0.0, 1.0})[:5]}")
+    return yt.astype(np.int64), y_score[keep]
+
+
+def _rank_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic with average ranks for ties (= scikit-learn's value)."""
+    from scipy.stats import rankdata
+
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(s)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _step_average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    """scikit-learn's average precision: sum over distinct thresholds of (R_k - R_{k-1}) * P_k."""
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return math.nan
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last]
+    precision = tps / (last + 1)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Area under the ROC curve (scikit-learn); NaN without both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = _known(y_true, y_score)
+    if y.size == 0 or y.min() == y.max():
+        return math.nan
+    return float(roc_auc_score(y, s))
+
+
+def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision (scikit-learn); NaN without positives."""
+    from sklearn.metrics import average_precision_score
+
+    y, s = _known(y_true, y_score)
+    if y.sum() == 0:
+        return math.nan
+    return float(average_precision_score(y, s))
+
+
+def _sens_spec(y: np.ndarray, s: np.ndarray, threshold: float) -> tuple[float, float]:
+    pred = s >= threshold
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    sens = float(np.sum(pred & (y == 1)) / n_pos) if n_pos else math.nan
+    spec = float(np.sum(~pred & (y == 0)) / n_neg) if n_neg else math.nan
+    return sens, spec
+
+
+def binary_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+    """AUROC, AUPRC, sensitivity and specificity at ``threshold``, and the counts, of one label."""
+    y, s = _known(y_true, y_score)
+    sens, spec = _sens_spec(y, s, threshold)
+    return {"auroc": auroc(y, s), "auprc": average_precision(y, s), "sensitivity": sens, "specificity": spec,
+            "n": int(y.size), "n_pos": int(y.sum())}
+
+
+def mean_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Macro AUROC over the labels where it is defined (NaN if none is): the checkpoint-selection metric."""
+    y_true = np.atleast_2d(np.asarray(y_true, dtype=np.float64))
+    y_score = np.atleast_2d(np.asarray(y_score, dtype=np.float64))
+    values = [auroc(y_true[:, j], y_score[:, j]) for j in range(y_true.shape[1])]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+# ----------------------------------------------------------------------------------------------
+# thresholds
+def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, method: ThresholdMethod = "youden",
+                     fixed: float = DEFAULT_THRESHOLD) -> float:
+    """Decision threshold of one label, chosen on validation data.
+
+    Args:
+        y_true: 0/1 (NaN = unknown, ignored).
+        y_score: probabilities.
+        method: ``youden`` (maximise sensitivity + specificity - 1 on the ROC curve), ``f1``
+            (maximise F1 on the precision-recall curve) or ``fixed``.
+        fixed: the threshold of ``fixed``, and the fallback when the validation data has only
+            one class (no curve to choose on).
+
+    Returns:
+        A threshold halfway between the chosen operating point's score and the next lower
+        validation score, so that it does not sit exactly on a validation exam's score.
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    if method not in ("youden", "f1", "fixed"):
+        raise ValueError(f"threshold method {method!r}: use youden, f1 or fixed")
+    y, s = _known(y_true, y_score)
+    if method == "fixed" or y.size == 0 or y.min() == y.max():
+        return float(fixed)
+    if method == "youden":
+        fpr, tpr, thr = roc_curve(y, s)
+        best = thr[int(np.argmax(tpr - fpr))]  # first maximum: the highest threshold among ties
+    else:
+        precision, recall, thr = precision_recall_curve(y, s)
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        best = thr[int(np.argmax(f1))]
+    if not np.isfinite(best):
+        return float(fixed)
+    lower = s[s < best]
+    return float((best + lower.max()) / 2) if lower.size else float(best)
+
+
+def choose_thresholds(y_true: np.ndarray, y_score: np.ndarray, label_names: Sequence[str],
+                      method: ThresholdMethod = "youden", fixed: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+    """Per-label thresholds (see :func:`choose_threshold`), as ``{label: threshold}``."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    return {name: choose_threshold(y_true[:, j], y_score[:, j], method, fixed) for j, name in enumerate(label_names)}
+
+
+# ----------------------------------------------------------------------------------------------
+# bootstrap
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float, int]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` exams resampled with replacement.
+
+    Args:
+        statistic: maps an index array (length ``n``, with repeats) to a number; NaN = undefined.
+        n: number of exams.
+        n_boot: resamples.
+        seed: seed of :func:`numpy.random.default_rng` (same seed, same interval).
+        alpha: 0.05 gives a 95% interval.
+
+    Returns:
+        ``(low, high, n_valid)``; ``(nan, nan, n_valid)`` when fewer than half the resamples are defined.
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(n_boot)):
+        v = statistic(rng.integers(0, n, n))
+        if not math.isnan(v):
+            values.append(v)
+    if n == 0 or len(values) < max(1, n_boot // 2):
+        return math.nan, math.nan, len(values)
+    lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi), len(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# reports
+def _fmt(v: float, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+@dataclass
+class LabelMetrics:
+    """One label: counts, threshold, point estimates and ``ci[metric] = (low, high)``."""
+
+    name: str
+    n: int
+    n_pos: int
+    threshold: float
+    auroc: float
+    auprc: float
+    sensitivity: float
+    specificity: float
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class ClassificationMetrics:
+    """Per-label and macro-averaged metrics with bootstrap CIs (see the module docstring)."""
+
+    labels: list[LabelMetrics]
+    macro: dict[str, float]
+    macro_ci: dict[str, tuple[float, float]]
+    n_exams: int
+    n_boot: int
+    seed: int
+    alpha: float
+
+    def label(self, name: str) -> LabelMetrics:
+        for m in self.labels:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (NaN becomes None)."""
+
+        def clean(x):
+            if isinstance(x, float):
+                return None if math.isnan(x) else x
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v) for v in x]
+            return x
+
+        return clean(asdict(self))
+
+    def to_markdown(self) -> str:
+        """A table: label, n (positives), threshold, then each metric as ``value [low, high]``."""
+        level = int(round(100 * (1 - self.alpha)))
+        head = ["label", "n (pos)", "threshold"] + [f"{m} [{level}% CI]" for m in METRICS]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def cell(v, ci):
+            lo, hi = ci if ci else (math.nan, math.nan)
+            return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+
+        for m in self.labels:
+            rows.append("| " + " | ".join([m.name, f"{m.n} ({m.n_pos})", _fmt(m.threshold)]
+                                           + [cell(getattr(m, k), m.ci.get(k)) for k in METRICS]) + " |")
+        rows.append("| " + " | ".join(["**macro**", f"{self.n_exams} exams", ""]
+                                       + [cell(self.macro[k], self.macro_ci.get(k)) for k in METRICS]) + " |")
+        return "\n".join(rows) + (f"\n\nBootstrap: {self.n_boot} resamples of exams, seed {self.seed}, "
+                                  "percentile intervals; n/a = undefined on these exams.")
+
+
+def classification_metrics(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    label_names: Sequence[str],
+    thresholds: Mapping[str, float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> ClassificationMetrics:
+    """Per-label AUROC, AUPRC, sensitivity and specificity at the thresholds, macro averages, bootstrap CIs.
+
+    Args:
+        y_true: ``(N, L)`` 0/1, NaN = unknown.
+        y_score: ``(N, L)`` probabilities.
+        label_names: the ``L`` label names, in column order.
+        thresholds: per-label decision thresholds (default 0.5), chosen on *other* (validation) data.
+        n_boot: bootstrap resamples (0: no intervals).
+        seed: bootstrap seed.
+        alpha: 1 - confidence level.
+    """
+    y_true = np.atleast_2d(np.asarray(y_true, dtype=np.float64))
+    y_score = np.atleast_2d(np.asarray(y_score, dtype=np.float64))
+    if y_true.shape != y_score.shape or y_true.shape[1] != len(label_names):
+        raise ValueError(f"y_true {y_true.shape}, y_score {y_score.shape} and {len(label_names)} label names disagree")
+    thr = {n: float((thresholds or {}).get(n, DEFAULT_THRESHOLD)) for n in label_names}
+    n = y_true.shape[0]
+
+    labels = []
+    for j, name in enumerate(label_names):
+        m = binary_metrics(y_true[:, j], y_score[:, j], thr[name])
+        labels.append(LabelMetrics(name=name, n=m["n"], n_pos=m["n_pos"], threshold=thr[name], auroc=m["auroc"],
+                                   auprc=m["auprc"], sensitivity=m["sensitivity"], specificity=m["specificity"]))
+
+    def macro_of(values: list[float]) -> float:
+        vals = [v for v in values if not math.isnan(v)]
+        return float(np.mean(vals)) if vals else math.nan
+
+    macro = {k: macro_of([getattr(m, k) for m in labels]) for k in METRICS}
+    macro_ci: dict[str, tuple[float, float]] = {}
+    if n_boot > 0 and n > 0:
+        # one pass over the resamples computes every label's metrics on the same exam indices
+        rng = np.random.default_rng(seed)
+        values = np.full((int(n_boot), len(label_names), len(METRICS)), np.nan)
+        known = [np.isfinite(y_true[:, j]) for j in range(len(label_names))]
+        for b in range(int(n_boot)):
+            idx = rng.integers(0, n, n)
+            for j, name in enumerate(label_names):
+                sel = idx[known[j][idx]]
+                if sel.size == 0:
+                    continue
+                y = y_true[sel, j].astype(np.int64)
+                s = y_score[sel, j]
+                sens, spec = _sens_spec(y, s, thr[name])
+                values[b, j] = (_rank_auroc(y, s), _step_average_precision(y, s), sens, spec)
+
+        def interval(v: np.ndarray) -> tuple[float, float]:
+            v = v[~np.isnan(v)]
+            if v.size < max(1, n_boot // 2):
+                return math.nan, math.nan
+            lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            return float(lo), float(hi)
+
+        for j, m in enumerate(labels):
+            m.ci = {k: interval(values[:, j, i]) for i, k in enumerate(METRICS)}
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples give NaN, then skipped
+                macro_values = np.nanmean(values, axis=1)
+        macro_ci = {k: interval(macro_values[:, i]) for i, k in enumerate(METRICS)}
+    return ClassificationMetrics(labels=labels, macro=macro, macro_ci=macro_ci, n_exams=n, n_boot=int(n_boot),
+                                 seed=int(seed), alpha=float(alpha))
