@@ -1,0 +1,305 @@
+"""Multi-view abnormality classifier on the plans' (diffusion-pretrained) encoders.
+
+Per view (``sag``, ``cor``, ``ax``) a :class:`ViewBranch` runs the encoder of that orientation's
+plans network (``build_network(plans, "3d_classification", ...).encoder``, the module the
+pretraining exports and :func:`~orthodiff_nnunet.networks.encoder_io.load_encoder` fills) and
+pools the last ``feature_stages`` stage outputs (default 1: the bottleneck, the method's "middle
+block") with :class:`AttentionPooling` (attention-weighted sum plus global average, as in the
+method's head). A fusion module maps the views' features to one logit per label:
+
+* ``concat`` (default, the method's): the views' features are concatenated and a linear layer
+  gives the logits. A missing view contributes a learned per-view placeholder vector instead of
+  its features, so an exam without (say) its axial series is still predicted.
+* ``gated`` (the method's option): every view gives its own logits and a per-label gate; the
+  logits are averaged with softmax(gates) over the views *present* in that exam.
+
+Noised input (the method reads features of the clean scan noised to a timestep ``t``): each
+branch may noise its input with the pretraining schedule (``q_sample``) at a fixed timestep.
+Noise is random in training and, in evaluation, the same seeded noise field for every exam
+(deterministic and independent of batch composition). The exported encoder is the plain
+``network.encoder``; the pretraining's timestep FiLM layers are not part of it. With
+``film=True`` a branch carries the same FiLM hooks (:class:`TimestepConditionedNetwork` on the
+encoder only) so that :func:`load_timestep_film` can copy the pretrained time MLP and encoder-stage
+FiLM layers from the pretraining checkpoint beside ``encoder.pt``; without it a noised input goes
+through the unconditioned encoder (still a valid feature extractor, just not the exact network the
+pretraining saw at that ``t``). ``t = 0`` (clean input) needs neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from orthodiff_nnunet.diffusion import make_schedule, q_sample
+from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork, _stage_channels
+from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError
+
+FusionName = Literal["concat", "gated"]
+FUSIONS: tuple[str, ...] = ("concat", "gated")
+EVAL_NOISE_SEED = 20240531
+
+__all__ = ["FUSIONS", "FusionName", "AttentionPooling", "ViewBranch", "ConcatFusion", "GatedFusion",
+           "MultiViewClassifier", "build_classifier", "load_timestep_film"]
+
+
+class AttentionPooling(nn.Module):
+    """(B, C, *spatial) -> (B, 2C): attention-weighted sum (gated attention) and global average.
+
+    The attention score of each voxel is ``w^T tanh(V h)`` (Ilse et al. 2018), softmax-normalised
+    over the voxels. Works for any number of spatial dimensions.
+    """
+
+    def __init__(self, channels: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or max(8, channels // 2)
+        self.score = nn.Sequential(nn.Linear(channels, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.out_features = 2 * channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        weights = torch.softmax(self.score(tokens).float(), dim=1).to(tokens.dtype)  # (B, N, 1)
+        attended = (weights * tokens).sum(dim=1)
+        return torch.cat([attended, tokens.mean(dim=1)], dim=1)
+
+
+class _EncoderOnly(nn.Module):
+    """Holds ``encoder`` under the attribute name the encoder contract and the FiLM hooks expect."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor):
+        return self.encoder(x)
+
+
+class ViewBranch(nn.Module):
+    """Encoder of one view, optional input noising (and FiLM), attention + average pooling.
+
+    Args:
+        encoder: the plans network's encoder (must return every stage's output, ``return_skips``).
+        feature_stages: how many of the last stages are pooled and concatenated (1 = bottleneck).
+        noise_timestep: 0 (clean input) or the timestep ``t`` the input is noised to.
+        schedule: ``{"name": ..., "num_steps": ...}`` of the pretraining (for ``q_sample``).
+        film: add the pretraining's timestep FiLM hooks on the encoder stages (load them with
+            :func:`load_timestep_film`).
+        film_embed_dim: width of the timestep embedding of those hooks.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_stages: int = 1, noise_timestep: int = 0,
+                 schedule: Mapping[str, object] | None = None, film: bool = False, film_embed_dim: int = 128) -> None:
+        super().__init__()
+        if not getattr(encoder, "return_skips", True):
+            raise ValueError("the encoder must return every stage's output (return_skips=True)")
+        n_stages = len(encoder.stages)
+        if not 1 <= feature_stages <= n_stages:
+            raise ValueError(f"feature_stages must be in 1..{n_stages}, got {feature_stages}")
+        schedule = dict(schedule or {"name": "cosine", "num_steps": 1000})
+        if not 0 <= int(noise_timestep) < int(schedule["num_steps"]):
+            raise ValueError(f"noise timestep {noise_timestep} outside 0..{int(schedule['num_steps']) - 1}")
+        body = _EncoderOnly(encoder)
+        self.body: nn.Module = TimestepConditionedNetwork(body, film_embed_dim, condition_decoder=False) if film else body
+        self.film = bool(film)
+        self.feature_stages = int(feature_stages)
+        self.noise_timestep = int(noise_timestep)
+        self.schedule_config = schedule
+        self._schedule = make_schedule(str(schedule["name"]), int(schedule["num_steps"])) if noise_timestep else None
+        channels = [_stage_channels(s) for s in encoder.stages][-self.feature_stages:]
+        self.pools = nn.ModuleList(AttentionPooling(c) for c in channels)
+        self.out_features = sum(p.out_features for p in self.pools)
+        self.norm = nn.LayerNorm(self.out_features)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.body.network.encoder if self.film else self.body.encoder
+
+    def conditioning_parameters(self) -> list[nn.Parameter]:
+        """The FiLM time MLP and layers (empty without FiLM)."""
+        if not self.film:
+            return []
+        return list(self.body.time_mlp.parameters()) + list(self.body.film.parameters())
+
+    def _noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.full((x.shape[0],), self.noise_timestep, device=x.device, dtype=torch.long)
+        if self.noise_timestep == 0:
+            return x, t
+        if self.training:
+            noise = torch.randn_like(x)
+        else:  # the same seeded noise field for every exam
+            g = torch.Generator().manual_seed(EVAL_NOISE_SEED)
+            noise = torch.randn((1, *x.shape[1:]), generator=g).to(x.device, x.dtype).expand_as(x)
+        return q_sample(self._schedule, x, t, noise), t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, t = self._noised(x)
+        skips = self.body(x, t) if self.film else self.body(x)
+        feats = [pool(s) for pool, s in zip(self.pools, skips[-self.feature_stages:])]
+        return self.norm(torch.cat(feats, dim=1).float())
+
+
+class ConcatFusion(nn.Module):
+    """Concatenate the views' features (a learned placeholder for a missing view), then a linear layer."""
+
+    def __init__(self, in_features: Mapping[str, int], num_labels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.views = tuple(in_features)
+        self.missing = nn.ParameterDict({v: nn.Parameter(torch.zeros(d)) for v, d in in_features.items()})
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(sum(in_features.values()), num_labels)
+
+    def forward(self, feats: Mapping[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for i, v in enumerate(self.views):
+            parts.append(torch.where(present[:, i:i + 1], feats[v], self.missing[v].expand_as(feats[v])))
+        return self.linear(self.dropout(torch.cat(parts, dim=1)))
+
+
+class GatedFusion(nn.Module):
+    """Per-view logits averaged with per-label softmax gates over the views present."""
+
+    def __init__(self, in_features: Mapping[str, int], num_labels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.views = tuple(in_features)
+        self.dropout = nn.Dropout(dropout)
+        self.logits = nn.ModuleDict({v: nn.Linear(d, num_labels) for v, d in in_features.items()})
+        self.gates = nn.ModuleDict({v: nn.Linear(d, num_labels) for v, d in in_features.items()})
+
+    def forward(self, feats: Mapping[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([self.logits[v](self.dropout(feats[v])) for v in self.views], dim=1)  # (B, V, L)
+        gates = torch.stack([self.gates[v](feats[v]) for v in self.views], dim=1)
+        gates = gates.masked_fill(~present[:, :, None], float("-inf"))
+        weights = torch.softmax(gates, dim=1).nan_to_num(0.0)  # an exam without any view gets 0 logits
+        return (weights * logits).sum(dim=1)
+
+
+class MultiViewClassifier(nn.Module):
+    """Branches per view + fusion: ``model(inputs, present) -> (B, L)`` logits.
+
+    Args (of ``forward``):
+        inputs: view -> ``(B, C, *patch)`` tensor; rows of exams without that view are ignored
+            (the loader fills them with zeros).
+        present: ``(B, V)`` bool, column order :attr:`views`.
+    """
+
+    def __init__(self, branches: Mapping[str, ViewBranch], num_labels: int, fusion: FusionName = "concat",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
+        self.views = tuple(branches)
+        self.branches = nn.ModuleDict(dict(branches))
+        dims = {v: b.out_features for v, b in branches.items()}
+        self.fusion_name = fusion
+        self.fusion = (ConcatFusion if fusion == "concat" else GatedFusion)(dims, num_labels, dropout)
+        self.num_labels = num_labels
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        present = present.to(torch.bool)
+        feats = {}
+        for i, v in enumerate(self.views):
+            x = inputs[v]
+            rows = torch.nonzero(present[:, i], as_tuple=False).flatten()
+            out = torch.zeros((x.shape[0], self.branches[v].out_features), device=x.device, dtype=torch.float32)
+            if rows.numel():
+                sub = x if rows.numel() == x.shape[0] else x.index_select(0, rows)
+                out = out.index_copy(0, rows, self.branches[v](sub).float())
+            feats[v] = out
+        return self.fusion(feats, present)
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {v: b.encoder for v, b in self.branches.items()}
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Pretrained parameters: encoders and their FiLM conditioning (lower learning rate, or frozen)."""
+        out = []
+        for b in self.branches.values():
+            out += list(b.encoder.parameters()) + b.conditioning_parameters()
+        return out
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything trained from scratch: pooling, norms, fusion."""
+        enc = {id(p) for p in self.encoder_parameters()}
+        return [p for p in self.parameters() if id(p) not in enc]
+
+
+def build_classifier(
+    plans: Mapping[str, dict],
+    configuration: str,
+    num_input_channels: Mapping[str, int] | int,
+    num_labels: int,
+    *,
+    fusion: FusionName = "concat",
+    feature_stages: int = 1,
+    noise_timesteps: Mapping[str, int] | None = None,
+    schedules: Mapping[str, Mapping[str, object]] | None = None,
+    film: bool | Mapping[str, bool] = False,
+    dropout: float = 0.0,
+) -> MultiViewClassifier:
+    """A classifier whose per-view encoders are exactly the plans networks' encoders.
+
+    Args:
+        plans: view -> that view's plans dict (views in fusion order).
+        configuration: the plans configuration (``3d_classification``).
+        num_input_channels: per view, or one number for all.
+        num_labels: number of labels.
+        fusion: ``concat`` or ``gated``.
+        feature_stages: last stages pooled per view.
+        noise_timesteps: view -> timestep of the input noise (default 0, clean).
+        schedules: view -> pretraining schedule dict (default cosine, 1000 steps).
+        film: timestep FiLM hooks on the encoders of noised views (one flag, or per view; see the
+            module docstring).
+        dropout: before the fusion's linear layers.
+    """
+    from orthodiff_nnunet.networks.build import build_network
+
+    branches = {}
+    for view, p in plans.items():
+        c = num_input_channels if isinstance(num_input_channels, int) else num_input_channels[view]
+        net = build_network(dict(p), configuration, c, 1)
+        t = int((noise_timesteps or {}).get(view, 0))
+        use_film = bool(film.get(view, False) if isinstance(film, Mapping) else film) and t > 0
+        branches[view] = ViewBranch(net.encoder, feature_stages, t, (schedules or {}).get(view), use_film)
+    return MultiViewClassifier(branches, num_labels, fusion, dropout)
+
+
+def load_timestep_film(branch: ViewBranch, encoder_path: Path) -> str:
+    """Copy the pretrained timestep MLP and encoder-stage FiLM layers into ``branch``.
+
+    They are read from the pretraining's nnU-Net checkpoint (``checkpoint_final.pth``, else
+    ``checkpoint_latest.pth``) beside ``encoder_path``, EMA weights, strictly.
+
+    Returns:
+        A one-line report.
+
+    Raises:
+        EncoderMismatchError: no checkpoint, or its FiLM layers do not fit this encoder.
+    """
+    if not branch.film:
+        raise ValueError("this branch has no FiLM hooks (build it with film=True and a noise timestep > 0)")
+    folder = Path(encoder_path).parent
+    ckpt = next((folder / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth") if (folder / n).is_file()), None)
+    if ckpt is None:
+        raise EncoderMismatchError(
+            f"no pretraining checkpoint beside {encoder_path}: the timestep FiLM layers live there; keep the "
+            "pretraining folder, or use clean input (--noise-timestep 0) or --no-film")
+    weights = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    n = len(branch.body.film)
+    wanted = {f"time_mlp.{k}": f"ema.time_mlp.{k}" for k in branch.body.time_mlp.state_dict()}
+    wanted.update({f"film.{i}.{k}": f"ema.film.{i}.{k}" for i in range(n) for k in ("weight", "bias")})
+    missing = [src for src in wanted.values() if src not in weights]
+    if missing:
+        raise EncoderMismatchError(f"{ckpt} lacks {len(missing)} FiLM tensors (e.g. {missing[0]}): not an orthodiff "
+                                   "pretraining checkpoint of this encoder")
+    own = {**{f"time_mlp.{k}": v for k, v in branch.body.time_mlp.state_dict().items()},
+           **{f"film.{k}": v for k, v in branch.body.film.state_dict().items()}}
+    bad = [k for k, src in wanted.items() if own[k].shape != weights[src].shape]
+    if bad:
+        raise EncoderMismatchError(f"{ckpt}: FiLM tensor {bad[0]} has shape {tuple(weights[wanted[bad[0]]].shape)}, "
+                                   f"this encoder needs {tuple(own[bad[0]].shape)}")
+    branch.body.time_mlp.load_state_dict({k[len('time_mlp.'):]: weights[s] for k, s in wanted.items() if k.startswith("time_mlp.")})
+    branch.body.film.load_state_dict({k[len('film.'):]: weights[s] for k, s in wanted.items() if k.startswith("film.")})
+    return f"timestep FiLM (time MLP + {n} encoder stages) from {ckpt.name}"
