@@ -1,0 +1,603 @@
+"""``orthodiff train cls`` / ``orthodiff predict cls``: multi-label abnormality classification.
+
+Training fuses the views (sagittal, coronal, axial datasets of one conversion, matched per exam)
+through :class:`~orthodiff_nnunet.trainers.classification.nnUNetTrainerOrthoDiffCls` on each view's
+``3d_classification`` configuration, with each view's diffusion-pretrained encoder:
+
+* ``finetune`` (default): encoder trained at ``encoder_lr_factor`` x the head's learning rate;
+* ``probe``: encoder frozen (linear probe on pooled features);
+* ``scratch``: same network, random encoder, full learning rate (the baseline).
+
+The label set is the datasets' targets file (8 knee labels by default, MRNet's 3, another
+joint's). Transfer to another joint is the same command: preprocess that joint's datasets with the
+knee plans (``orthodiff plan_and_preprocess -d <ankle> --plans-from <knee>``) and pass the knee
+encoders (``--encoders-from <knee dataset>`` or ``--encoder sag=PATH``).
+
+Outputs (``nnUNet_results/<first view's dataset>/nnUNetTrainerOrthoDiffCls__<plans>__<configuration>/<run>/fold_<k>/``):
+``classifier.json`` (settings), ``plans_<view>.json``, ``checkpoint_{best,latest,final}.pth``,
+``progress.csv/png``, ``thresholds.json`` (chosen on validation), ``validation_predictions.csv``,
+``validation_metrics.json`` and, with a test fold, ``test_predictions.csv`` and
+``test_metrics.{json,md}``.
+
+Prediction writes a CSV with one row per exam: per-label probabilities, decisions at the
+validation thresholds, which views were present (an exam with a missing view is still
+predicted), and the targets when known (then also metrics with bootstrap CIs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from orthodiff_nnunet import paths
+from orthodiff_nnunet.errors import OrthodiffError
+from orthodiff_nnunet.schemes import ORIENTATION_ID_OFFSET, ORIENTATIONS, normalize_orientation
+from orthodiff_nnunet.utils import load_json
+
+log = logging.getLogger(__name__)
+
+TRAINER_NAME = "nnUNetTrainerOrthoDiffCls"
+PRETRAIN_TRAINER_NAME = "nnUNetTrainerOrthoDiffPretrain"
+CONFIGURATION = "3d_classification"
+
+__all__ = ["ClassificationTrainResult", "ClassificationPredictResult", "train_classification",
+           "predict_classification", "add_train_cls_parser", "add_predict_cls_parser", "resolve_views",
+           "default_encoder_path"]
+
+
+class ClassificationUsageError(OrthodiffError):
+    """Bad options or inputs of train/predict cls; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset and encoder resolution
+def _find_preprocessed(pre: Path, id_or_name: int | str) -> Path:
+    text = str(id_or_name).strip()
+    if text.startswith("Dataset"):
+        folder = pre / text
+        if not folder.is_dir():
+            raise ClassificationUsageError(f"{folder} not found: run `orthodiff plan_and_preprocess -d {text}` first")
+        return folder
+    try:
+        ds = int(text)
+    except ValueError:
+        raise ClassificationUsageError(f"{text!r} is neither a dataset id (501) nor a name (Dataset501_KneeSag)") from None
+    hits = [p for p in sorted(pre.glob(f"Dataset{ds:03d}_*")) if p.is_dir()]
+    if len(hits) != 1:
+        raise ClassificationUsageError(
+            f"{'no' if not hits else 'several'} preprocessed dataset(s) with id {ds} in {pre}"
+            + ("" if hits else f": run `orthodiff plan_and_preprocess -d {ds}` first"))
+    return hits[0]
+
+
+def _orientation_of(folder: Path) -> str | None:
+    f = folder / "dataset.json"
+    o = load_json(f).get("orthodiff", {}).get("orientation") if f.is_file() else None
+    return normalize_orientation(o) if o else None
+
+
+def resolve_views(datasets: Sequence[int | str] | int | str, views: Sequence[str] | None = None,
+                  preprocessed: Path | None = None) -> dict[str, str]:
+    """view -> preprocessed dataset name, in view order.
+
+    Args:
+        datasets: one dataset (id or name) standing for its conversion group (ids base+0 sag,
+            +1 cor, +2 ax), or one dataset per view.
+        views: views to use, in fusion order (default: every orientation found, sag, cor, ax).
+        preprocessed: nnUNet_preprocessed (default: the environment variable).
+    """
+    pre = paths.preprocessed_dir(preprocessed)
+    items = [datasets] if isinstance(datasets, (int, str)) else list(datasets)
+    if not items:
+        raise ClassificationUsageError("no dataset given: pass -d with a dataset id")
+    wanted = [normalize_orientation(v) for v in views] if views else None
+    found: dict[str, str] = {}
+    for item in items:
+        folder = _find_preprocessed(pre, item)
+        o = _orientation_of(folder)
+        if o is None:
+            raise ClassificationUsageError(f"{folder.name}/dataset.json has no orthodiff orientation: convert it with "
+                                           "`orthodiff convert`")
+        if o in found and found[o] != folder.name:
+            raise ClassificationUsageError(f"two {o} datasets given: {found[o]} and {folder.name}")
+        found[o] = folder.name
+    if len(items) == 1:  # the whole conversion group
+        folder = pre / found[next(iter(found))]
+        block = load_json(folder / "dataset.json").get("orthodiff", {})
+        o = next(iter(found))
+        base = int(block.get("base_dataset_id", int(folder.name[7:10]) - ORIENTATION_ID_OFFSET[o]))
+        name = block.get("name")
+        for other in ORIENTATIONS:
+            if other in found:
+                continue
+            for cand in sorted(pre.glob(f"Dataset{base + ORIENTATION_ID_OFFSET[other]:03d}_*")):
+                ob = load_json(cand / "dataset.json").get("orthodiff", {}) if (cand / "dataset.json").is_file() else {}
+                if _orientation_of(cand) == other and ob.get("name", name) == name:
+                    found[other] = cand.name
+                    break
+    order = wanted or [o for o in ORIENTATIONS if o in found]
+    missing = [v for v in order if v not in found]
+    if missing:
+        raise ClassificationUsageError(f"no preprocessed {'/'.join(missing)} dataset for {items} (found: {found}); "
+                                       "preprocess that orientation or drop it from --views")
+    return {v: found[v] for v in order}
+
+
+def default_encoder_path(dataset_name: str, plans_identifier: str, results: Path | None = None) -> Path:
+    """Where ``orthodiff pretrain`` writes the encoder of ``dataset_name`` with these plans."""
+    return (paths.results_dir(results) / dataset_name / f"{PRETRAIN_TRAINER_NAME}__{plans_identifier}__3d_diffusion"
+            / "fold_all" / "encoder.pt")
+
+
+def _view_data(view: str, dataset_name: str, plans_identifier: str | None, configuration: str):
+    from orthodiff_nnunet.pretraining import find_plans
+    from orthodiff_nnunet.trainers.classification import ViewData
+
+    ident, plans = find_plans(dataset_name, plans_identifier)
+    if configuration not in plans["configurations"]:
+        raise ClassificationUsageError(f"plans {ident} of {dataset_name} have no configuration {configuration!r} "
+                                       f"({', '.join(plans['configurations'])}): re-run plan_and_preprocess")
+    folder = paths.preprocessed_dir() / dataset_name
+    return ViewData(view, dataset_name, ident, plans, configuration, load_json(folder / "dataset.json"), folder)
+
+
+def _per_view(value, views: Sequence[str], what: str, cast) -> dict:
+    """One value for all views, a mapping, or ``["sag=..", ...]`` strings -> {view: value}."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {normalize_orientation(k): cast(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1 and "=" not in str(value[0]):
+            return {v: cast(value[0]) for v in views}
+        out = {}
+        for item in value:
+            if "=" not in str(item):
+                raise ClassificationUsageError(f"{what}: give one value, or VIEW=VALUE per view (e.g. sag=...), got {item!r}")
+            k, val = str(item).split("=", 1)
+            out[normalize_orientation(k)] = cast(val)
+        return out
+    return {v: cast(value) for v in views}
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ClassificationTrainResult:
+    """What a training run produced."""
+
+    output_folder: Path
+    views: dict[str, str]
+    label_names: list[str]
+    mode: str
+    best_epoch: int
+    best_val_mean_auroc: float
+    history: list[dict]
+    thresholds: dict[str, float]
+    validation: object  # ClassificationMetrics
+    test: object | None = None
+    precision: str = "fp32"
+    precision_timings: dict[str, float] = field(default_factory=dict)
+    load_reports: dict[str, str] = field(default_factory=dict)
+    num_exams: dict[str, int] = field(default_factory=dict)
+    train_exams_per_s: float = float("nan")
+    test_exams_per_s: float | None = None
+
+    def summary(self) -> str:
+        lines = [f"classification ({self.mode}, views {'+'.join(self.views)}: {', '.join(self.views.values())}), "
+                 f"{len(self.label_names)} labels; exams {self.num_exams}",
+                 f"best epoch {self.best_epoch}: validation mean AUROC {self.best_val_mean_auroc:.3f}; "
+                 f"precision {self.precision}; {self.train_exams_per_s:.1f} training exams/s"]
+        lines += [f"  encoder {v}: {r}" for v, r in self.load_reports.items()]
+        if self.test is not None:
+            lines.append("held-out test exams:\n" + self.test.to_markdown())
+        lines.append(f"outputs: {self.output_folder}")
+        return "\n".join(lines)
+
+
+def train_classification(
+    dataset: int | str | Sequence[int | str],
+    *,
+    views: Sequence[str] | None = None,
+    plans: str | None = None,
+    configuration: str = CONFIGURATION,
+    fold: int | str = 0,
+    mode: Literal["finetune", "probe", "scratch"] = "finetune",
+    encoders: Mapping[str, Path] | Path | None = None,
+    encoders_from: int | str | None = None,
+    noise_timestep: int | Mapping[str, int] = 0,
+    film: bool = True,
+    fusion: Literal["concat", "gated"] = "concat",
+    feature_stages: int = 1,
+    dropout: float = 0.0,
+    epochs: int = 50,
+    iterations_per_epoch: int = 50,
+    batch_size: int | None = None,
+    learning_rate: float = 1e-3,
+    encoder_lr_factor: float = 0.05,
+    weight_decay: float = 1e-4,
+    label_fraction: float = 1.0,
+    test_fold: int | None = None,
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto",
+    mirror_axes: Literal["lr", "all", "none"] = "lr",
+    augment: bool = True,
+    threshold_method: Literal["youden", "f1", "fixed"] = "youden",
+    n_boot: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+    output_folder: Path | None = None,
+    run_name: str | None = None,
+    resume: bool = False,
+) -> ClassificationTrainResult:
+    """Train the multi-view abnormality classifier.
+
+    Args:
+        dataset: a dataset id/name standing for its sag/cor/ax group, or one dataset per view.
+        views: views to fuse, in order (default: every orientation found).
+        plans: plans identifier (default: orthodiff's ResEnc-M plans, else plain).
+        configuration: the classification configuration.
+        fold: fold of ``splits_final.json`` (train/validation), or ``"all"``.
+        mode: ``finetune``, ``probe`` (frozen encoder) or ``scratch``.
+        encoders: view -> encoder checkpoint (one path: for a single view); default: each view's
+            own pretraining output (:func:`default_encoder_path`).
+        encoders_from: take each view's encoder from this dataset group's pretraining instead
+            (transfer, e.g. knee encoders for ankle data with transferred plans).
+        noise_timestep: timestep the input is noised to (0 = clean), one for all views or per view.
+        film: with noised input, use the pretraining's timestep FiLM layers (else unconditioned).
+        fusion: ``concat`` (default) or ``gated`` (per label).
+        feature_stages: last encoder stages pooled (1 = bottleneck).
+        dropout: before the fusion layer.
+        epochs, iterations_per_epoch: training length (validation after every epoch).
+        batch_size: exams per step (default: the configuration's batch size).
+        learning_rate: AdamW learning rate of the head (polynomial decay).
+        encoder_lr_factor: encoder learning rate = factor x ``learning_rate`` (fine-tune; the method: 0.05).
+        weight_decay: AdamW weight decay.
+        label_fraction: use this fraction of the training exams (per site, seeded; label efficiency).
+        test_fold: hold out this fold's validation exams as a test set (never trained on, never
+            used for selection or thresholds); metrics with bootstrap CIs are written.
+        precision: ``auto`` (CUDA: measured, the fastest), or fixed; CPU always fp32.
+        mirror_axes: ``lr`` (left-right only, default), ``all`` (nnU-Net's), ``none``.
+        augment: nnU-Net's training augmentation (False: centre crop only).
+        threshold_method: per-label decision threshold on validation: ``youden``, ``f1``, ``fixed`` (0.5).
+        n_boot: bootstrap resamples for the CIs.
+        seed: seed of sampling, initialisation and bootstrap.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        output_folder: explicit output folder (default: under nnUNet_results, see the module docstring).
+        run_name: name of the run folder (default: views, mode, fraction, timestep).
+        resume: continue from the run's ``checkpoint_latest.pth``.
+    """
+    from orthodiff_nnunet.data.targets import load_dataset_targets
+    from orthodiff_nnunet.pretraining import resolve_device
+    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
+
+    view_names = resolve_views(dataset, views)
+    vds = {v: _view_data(v, name, plans, configuration) for v, name in view_names.items()}
+    targets = {v: load_dataset_targets(name) for v, name in view_names.items()}
+    order = list(view_names)
+    enc = _per_view(encoders, order, "--encoder", Path) if not isinstance(encoders, (str, Path)) else (
+        {order[0]: Path(encoders)} if len(order) == 1 else None)
+    if enc is None:
+        raise ClassificationUsageError("one encoder path for several views: give VIEW=PATH per view")
+    if mode != "scratch":
+        source = resolve_views(encoders_from, order) if encoders_from is not None else view_names
+        for v in order:
+            if v not in enc:
+                path = default_encoder_path(source[v], vds[v].plans_identifier)
+                if not path.is_file():
+                    raise ClassificationUsageError(
+                        f"no pretrained {v} encoder at {path}: run `orthodiff pretrain -d {source[v]}`, pass "
+                        f"--encoder {v}=PATH or --encoders-from DATASET, or use --mode scratch")
+                enc[v] = path
+    timesteps = _per_view(noise_timestep, order, "--noise-timestep", int)
+    if fold != "all":
+        fold = int(fold)
+    run = run_name or "_".join([ "-".join(order), mode]
+                               + ([f"lf{label_fraction:g}"] if label_fraction < 1 else [])
+                               + ([f"t{'-'.join(str(timesteps.get(v, 0)) for v in order)}"] if any(timesteps.values()) else []))
+    out = Path(output_folder) if output_folder else (
+        paths.results_dir() / view_names[order[0]] / f"{TRAINER_NAME}__{vds[order[0]].plans_identifier}__{configuration}"
+        / run / f"fold_{fold}")
+    latest = out / "checkpoint_latest.pth"
+    if (out / "checkpoint_final.pth").is_file() and not resume:
+        raise ClassificationUsageError(f"{out} already holds a finished run: choose another --run-name or remove it")
+    if latest.is_file() and not resume:
+        raise ClassificationUsageError(f"{out} holds an unfinished run: pass --resume to continue it, or remove it")
+
+    trainer = nnUNetTrainerOrthoDiffCls(vds, targets, fold, out, resolve_device(device))
+    trainer.mode = mode
+    trainer.encoder_paths = enc if mode != "scratch" else {}
+    trainer.noise_timesteps = timesteps
+    trainer.film = film
+    trainer.fusion = fusion
+    trainer.feature_stages = feature_stages
+    trainer.dropout = dropout
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations_per_epoch
+    trainer.batch_size = batch_size
+    trainer.initial_lr = learning_rate
+    trainer.encoder_lr_factor = encoder_lr_factor
+    trainer.weight_decay = weight_decay
+    trainer.label_fraction = label_fraction
+    trainer.test_fold = test_fold
+    trainer.precision = precision
+    trainer.mirror_axes = mirror_axes
+    trainer.augment = augment
+    trainer.threshold_method = threshold_method
+    trainer.n_boot = n_boot
+    trainer.seed = seed
+    trainer.initialize()
+    if resume:
+        if not latest.is_file():
+            raise ClassificationUsageError(f"--resume: no checkpoint in {out}; start without --resume")
+        trainer.load_checkpoint(latest)
+        log.info("resuming %s at epoch %d", out, trainer.current_epoch)
+    trainer.run_training()
+    done = trainer.finish()
+    hist = trainer.history
+    return ClassificationTrainResult(
+        output_folder=out, views=view_names, label_names=list(trainer.label_names), mode=mode,
+        best_epoch=trainer.best_epoch, best_val_mean_auroc=trainer.best_metric, history=hist,
+        thresholds=done["thresholds"], validation=done["validation"], test=done.get("test"),
+        precision=trainer.precision, precision_timings=dict(trainer.precision_timings),
+        load_reports=dict(trainer.load_reports),
+        num_exams={"train": len(trainer.exams_train), "val": len(trainer.exams_val), "test": len(trainer.exams_test)},
+        train_exams_per_s=float(sum(h["train_exams_per_s"] for h in hist[1:]) / max(1, len(hist) - 1)
+                                if len(hist) > 1 else hist[-1]["train_exams_per_s"]),
+        test_exams_per_s=done.get("test_exams_per_s"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ClassificationPredictResult:
+    """What a prediction run wrote and measured."""
+
+    csv: Path
+    num_exams: int
+    num_with_missing_views: int
+    label_names: list[str]
+    exams_per_s: float
+    metrics: object | None = None  # ClassificationMetrics when targets are known
+
+    def summary(self) -> str:
+        lines = [f"predicted {self.num_exams} exams ({self.num_with_missing_views} with a missing view) at "
+                 f"{self.exams_per_s:.1f} exams/s -> {self.csv}"]
+        if self.metrics is not None:
+            lines.append(self.metrics.to_markdown())
+        return "\n".join(lines)
+
+
+def predict_classification(
+    model_folder: Path,
+    dataset: int | str | Sequence[int | str],
+    output: Path,
+    *,
+    checkpoint: Literal["best", "final", "latest"] = "best",
+    device: str = "auto",
+    batch_size: int | None = None,
+    exams: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> ClassificationPredictResult:
+    """Predict every exam of preprocessed datasets with a trained classifier.
+
+    Args:
+        model_folder: a training run's fold folder (holds ``classifier.json``).
+        dataset: the datasets to predict (a group id, or one per view); they must be preprocessed
+            with the model's plans (``plan_and_preprocess --plans-from <training dataset>``).
+        output: the CSV to write (per exam: ``p_<label>``, ``pred_<label>`` at the validation
+            thresholds, ``target_<label>`` when known, views present/missing).
+        checkpoint: which weights.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        batch_size: exams per forward pass.
+        exams: only these exam ids (e.g. one fold's validation exams); default every exam.
+        n_boot, seed: bootstrap of the metrics written when targets are known.
+    """
+    import numpy as np
+    import torch
+
+    from orthodiff_nnunet.data.targets import TargetsError, TargetsFile, load_dataset_targets, match_exams
+    from orthodiff_nnunet.evaluation.classification import classification_metrics
+    from orthodiff_nnunet.plans import preprocessing_hash
+    from orthodiff_nnunet.pretraining import resolve_device
+    from orthodiff_nnunet.trainers.classification import (
+        ViewData,
+        nnUNetTrainerOrthoDiffCls,
+        write_predictions_csv,
+    )
+    from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
+
+    model_folder = Path(model_folder)
+    if not (model_folder / "classifier.json").is_file():
+        raise ClassificationUsageError(f"{model_folder} is not a trained classifier (no classifier.json): give a "
+                                       "training run's fold folder")
+    cfg = load_json(model_folder / "classifier.json")
+    ckpt_path = model_folder / f"checkpoint_{checkpoint}.pth"
+    if not ckpt_path.is_file():
+        raise ClassificationUsageError(f"{ckpt_path} not found (the run did not finish?)")
+    order = list(cfg["views"])
+    view_names = resolve_views(dataset, order)
+    config_name = cfg["configuration"]
+    vds, targets = {}, {}
+    for v, name in view_names.items():
+        model_plans = load_json(model_folder / f"plans_{v}.json")
+        folder = paths.preprocessed_dir() / name
+        own = folder / f"{cfg['plans_identifiers'][v]}.json"
+        if not own.is_file() or preprocessing_hash(load_json(own), config_name) != preprocessing_hash(model_plans, config_name):
+            raise ClassificationUsageError(
+                f"{name} is not preprocessed with the model's {v} plans ({cfg['plans_identifiers'][v]} of "
+                f"{cfg['datasets'][v]}): run `orthodiff plan_and_preprocess -d {name} --plans-from {cfg['datasets'][v]}`")
+        vds[v] = ViewData(v, name, cfg["plans_identifiers"][v], model_plans, config_name,
+                          load_json(folder / "dataset.json"), folder)
+        try:
+            targets[v] = load_dataset_targets(name)
+            if list(targets[v].label_names) != list(cfg["label_names"]):
+                log.warning("%s declares labels %s, the model predicts %s: targets ignored", name,
+                            list(targets[v].label_names), cfg["label_names"])
+                raise TargetsError("other labels")
+        except TargetsError:
+            from orthodiff_nnunet.data.targets import CaseTargets
+
+            cases = vds[v].available_cases()
+            targets[v] = TargetsFile(tuple(cfg["label_names"]),
+                                     {c: CaseTargets(c, c, {n: None for n in cfg["label_names"]}) for c in cases})
+    trainer = nnUNetTrainerOrthoDiffCls(vds, targets, "all", model_folder, resolve_device(device))
+    trainer.restore_config(cfg)
+    trainer.network = trainer.build_network().to(trainer.device)
+    trainer.load_checkpoint(ckpt_path, weights_only=True)
+    if trainer.device.type == "cuda" and trainer.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    trainer.batch_size = batch_size or max(2, min(int(d.configuration_manager.batch_size) for d in vds.values()))
+    all_exams = match_exams(targets, {v: d.available_cases() for v, d in vds.items()})
+    if exams is not None:
+        wanted = set(exams)
+        unknown = wanted - {e.exam for e in all_exams}
+        if unknown:
+            raise ClassificationUsageError(f"{len(unknown)} requested exam(s) are not in {list(view_names.values())}: "
+                                           f"{sorted(unknown)[:3]}")
+        all_exams = [e for e in all_exams if e.exam in wanted]
+    exams = all_exams
+    thr_file = model_folder / "thresholds.json"
+    thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in cfg["label_names"]}
+    start = time.perf_counter()
+    probs = trainer.predict_exams(exams)
+    seconds = time.perf_counter() - start
+    output = Path(output)
+    write_predictions_csv(output, exams, probs, cfg["label_names"], thresholds, order)
+    y = np.stack([e.targets for e in exams]) if exams else np.zeros((0, len(cfg["label_names"])))
+    metrics = None
+    if exams and np.isfinite(y).any():
+        metrics = classification_metrics(y, probs, cfg["label_names"], thresholds, n_boot, seed)
+        atomic_write_json(output.with_name(output.stem + "_metrics.json"), metrics.to_dict())
+        atomic_write_text(output.with_name(output.stem + "_metrics.md"), metrics.to_markdown() + "\n")
+    return ClassificationPredictResult(
+        csv=output, num_exams=len(exams), num_with_missing_views=sum(bool(e.missing_views(order)) for e in exams),
+        label_names=list(cfg["label_names"]), exams_per_s=len(exams) / max(seconds, 1e-9), metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+def _fold(text: str) -> int | str:
+    return "all" if text == "all" else int(text)
+
+
+def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``cls`` to ``orthodiff train``'s subcommands; ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "cls", help="train the multi-view abnormality classifier on the diffusion encoders",
+        description=("Multi-label abnormality classification: each view's (sag/cor/ax) diffusion-pretrained encoder, "
+                     "attention + average pooling, fusion of the views of one exam, masked BCE with per-label "
+                     "positive weights, nnU-Net's augmentation, best checkpoint by validation mean AUROC, "
+                     "thresholds chosen on validation. Labels come from the datasets' targets file."))
+    p.add_argument("-d", "--dataset", nargs="+", required=True,
+                   help="a dataset id/name standing for its sag/cor/ax group, or one dataset per view")
+    p.add_argument("--views", nargs="+", default=None, help="views to fuse, in order (default: all found)")
+    p.add_argument("-p", "--plans", default=None, help="plans identifier (default orthodiffResEncMPlans)")
+    p.add_argument("-c", "--configuration", default=CONFIGURATION, help=f"default {CONFIGURATION}")
+    p.add_argument("-f", "--fold", type=_fold, default=0, help="fold of splits_final.json, or 'all' (default 0)")
+    p.add_argument("--mode", choices=["finetune", "probe", "scratch"], default="finetune",
+                   help="finetune (encoder at a lower lr, default), probe (frozen encoder) or scratch")
+    p.add_argument("--encoder", nargs="+", default=None, metavar="VIEW=PATH",
+                   help="encoder checkpoints per view (default: each view's `orthodiff pretrain` output)")
+    p.add_argument("--encoders-from", default=None,
+                   help="take the encoders from this dataset group's pretraining (transfer, e.g. knee -> ankle)")
+    p.add_argument("--noise-timestep", nargs="+", default=["0"], metavar="T|VIEW=T",
+                   help="noise the input to timestep T (0 = clean, default); the method: 100, or sag=200 cor=150 ax=50")
+    p.add_argument("--no-film", action="store_true",
+                   help="with noised input, do not use the pretraining's timestep FiLM layers")
+    p.add_argument("--fusion", choices=["concat", "gated"], default="concat", help="view fusion (default concat)")
+    p.add_argument("--feature-stages", type=int, default=1, help="last encoder stages pooled (default 1: bottleneck)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout before the fusion layer")
+    p.add_argument("--epochs", type=int, default=50, help="epochs (default 50)")
+    p.add_argument("--iterations-per-epoch", type=int, default=50, help="steps per epoch (default 50)")
+    p.add_argument("--batch-size", type=int, default=None, help="exams per step (default: the plans' batch size)")
+    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate, AdamW (default 1e-3)")
+    p.add_argument("--encoder-lr-factor", type=float, default=0.05, help="fine-tune encoder lr factor (default 0.05)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--label-fraction", type=float, default=1.0, help="fraction of training exams used (default 1)")
+    p.add_argument("--test-fold", type=int, default=None, help="hold out this fold's validation exams as a test set")
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp16"], default="auto",
+                   help="CUDA precision; auto = the fastest measured at start (CPU: fp32)")
+    p.add_argument("--mirror-axes", choices=["lr", "all", "none"], default="lr",
+                   help="mirroring augmentation: left-right only (default), all axes (nnU-Net), none")
+    p.add_argument("--no-augment", action="store_true", help="no augmentation (centre crop only)")
+    p.add_argument("--threshold-method", choices=["youden", "f1", "fixed"], default="youden",
+                   help="decision threshold per label, chosen on validation (default youden)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("-o", "--output-folder", type=Path, default=None, help="explicit output folder")
+    p.add_argument("--run-name", default=None, help="run folder name (default from views, mode, fraction, timestep)")
+    p.add_argument("--resume", action="store_true", help="continue the run from checkpoint_latest.pth")
+    p.set_defaults(func=_run_train)
+    return p
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    result = train_classification(
+        args.dataset if len(args.dataset) > 1 else args.dataset[0], views=args.views, plans=args.plans,
+        configuration=args.configuration, fold=args.fold, mode=args.mode, encoders=args.encoder,
+        encoders_from=args.encoders_from, noise_timestep=args.noise_timestep, film=not args.no_film,
+        fusion=args.fusion, feature_stages=args.feature_stages, dropout=args.dropout, epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, learning_rate=args.lr,
+        encoder_lr_factor=args.encoder_lr_factor, weight_decay=args.weight_decay, label_fraction=args.label_fraction,
+        test_fold=args.test_fold, precision=args.precision, mirror_axes=args.mirror_axes, augment=not args.no_augment,
+        threshold_method=args.threshold_method, n_boot=args.n_boot, seed=args.seed, device=args.device,
+        output_folder=args.output_folder, run_name=args.run_name, resume=args.resume)
+    print(result.summary())
+    return 0
+
+
+def add_predict_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``cls`` to ``orthodiff predict``'s subcommands; ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "cls", help="per-exam abnormality probabilities with a trained classifier",
+        description=("Predict every exam of preprocessed datasets (preprocessed with the model's plans: "
+                     "plan_and_preprocess --plans-from). Writes a CSV: per-label probabilities, decisions at the "
+                     "thresholds chosen on validation, views present/missing, targets when known; with known targets "
+                     "also metrics with bootstrap CIs (<csv>_metrics.json/.md)."))
+    p.add_argument("-m", "--model", type=Path, required=True, help="the training run's fold folder")
+    p.add_argument("-d", "--dataset", nargs="+", required=True, help="a dataset group id, or one dataset per view")
+    p.add_argument("-o", "--output", type=Path, required=True, help="CSV to write")
+    p.add_argument("--checkpoint", choices=["best", "final", "latest"], default="best")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.set_defaults(func=_run_predict)
+    return p
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    result = predict_classification(args.model, args.dataset if len(args.dataset) > 1 else args.dataset[0],
+                                    args.output, checkpoint=args.checkpoint, device=args.device,
+                                    batch_size=args.batch_size, n_boot=args.n_boot)
+    print(result.summary())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m orthodiff_nnunet.classification {train,predict} ...`` (same as ``orthodiff train/predict cls``)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m orthodiff_nnunet.classification")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train").add_subparsers(dest="what", required=True)
+    add_train_cls_parser(train)
+    predict = sub.add_parser("predict").add_subparsers(dest="what", required=True)
+    add_predict_cls_parser(predict)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except OrthodiffError as exc:
+        print(f"orthodiff {args.command} cls: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
