@@ -23,26 +23,12 @@ from orthodiff_nnunet.data.phantom import write_site
 from orthodiff_nnunet.data.sites import SITE_3T
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network, write_shrunk_plans
 from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, export_encoder, read_encoder_checkpoint
-from orthodiff_nnunet.utils import atomic_write_json, load_json
+from orthodiff_nnunet.utils import load_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 541
 DATASET = "Dataset541_SegTestSag"
 PLANS = "microPlans"
-
-
-def _micro_plans(folder: Path, source: str, name: str) -> str:
-    """Tiny-network plans (3 stages, 8 features, one block per stage, batch 2) beside the real ones."""
-    shrunk = write_shrunk_plans(folder, source, name)
-    plans = load_json(folder / f"{shrunk}.json")
-    for cfg in plans["configurations"].values():
-        if "batch_size" in cfg:
-            cfg["batch_size"] = 2
-        kw = cfg.get("architecture", {}).get("arch_kwargs", {})
-        if "n_blocks_per_stage" in kw:
-            kw["n_blocks_per_stage"] = [1] * len(kw["n_blocks_per_stage"])
-    atomic_write_json(folder / f"{shrunk}.json", plans)
-    return shrunk
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +55,8 @@ def planned(tmp_path_factory):
         writer.writerows(rows)
     convert(labeled, DATASET_ID, "SegTest", num_processes=1)
     result = plan_and_preprocess([DATASET_ID], num_processes=1, show_progress=False)
-    plans_id = _micro_plans(root / "pre" / DATASET, result.datasets[0].plans_identifier, PLANS)
+    # tiny network: 3 stages, 8 features, one residual block per stage, batch 2
+    plans_id = write_shrunk_plans(root / "pre" / DATASET, result.datasets[0].plans_identifier, PLANS)
     os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
