@@ -65,7 +65,8 @@ def convert(
 
 
 def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: int = 0,
-         pretrain_iterations: int = 30, device: str = "auto") -> str:
+         pretrain_iterations: int = 30, seg_iterations: int = 20, cls_epochs: int = 3,
+         device: str = "auto") -> str:
     """End-to-end demo on two phantom sites; returns a text summary of what was produced.
 
     From nothing: a 3 T training site and a 1.5 T external site are generated (procedural knee
@@ -84,7 +85,18 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
     from orthodiff_nnunet.planning import plan_and_preprocess
     from orthodiff_nnunet.pretraining import pretrain
 
+    import shutil
+
+    from orthodiff_nnunet.errors import OrthodiffError
+
     output = Path(output).resolve()
+    marker = output / ".orthodiff_demo"
+    if output.exists() and any(output.iterdir()):
+        if not marker.exists():
+            raise OrthodiffError(f"{output} exists and is not an orthodiff demo folder: choose another -o")
+        shutil.rmtree(output)  # a previous demo run: start from nothing again
+    output.mkdir(parents=True, exist_ok=True)
+    marker.write_text("created by orthodiff demo; removed and rebuilt by the next demo run\n")
     raw, pre, res = output / "nnUNet_raw", output / "nnUNet_preprocessed", output / "nnUNet_results"
     paths.set_nnunet_paths(raw, pre, res)
     lines = [f"OrthoDiff-nnU-Net demo in {output} (synthetic phantom data)"]
@@ -116,6 +128,30 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
                           checkpoint_every=max(1, pretrain_iterations // 3), learning_rate=1e-3, device=device,
                           sample_steps=5)
         lines.append(result.summary())
+    from orthodiff_nnunet.segmentation import train_segmentation
+
+    seg_models = {}
+    for dataset in planning.datasets:
+        step(f"train segmentation {dataset.dataset_name} (encoder from the pretraining, {seg_iterations} iterations)")
+        trained = train_segmentation(dataset.dataset_name, fold="all", init="diffusion", plans=plans_id,
+                                     epochs=2, iterations_per_epoch=max(1, seg_iterations // 2),
+                                     val_iterations_per_epoch=2, device=device, validate=False)
+        seg_models[dataset.orientation] = trained.model_folder
+        lines.append(trained.summary())
+
+    from orthodiff_nnunet.classification import train_classification
+
+    step(f"train the three-view abnormality classifier (fine-tuned diffusion encoders, {cls_epochs} epochs)")
+    cls = train_classification(501, plans=plans_id, fold=0, mode="finetune", epochs=cls_epochs,
+                               iterations_per_epoch=5, batch_size=2, n_boot=100, device=device)
+    lines.append(cls.summary())
+
+    from orthodiff_nnunet.evaluation.external import evaluate
+
+    step("evaluate on the external 1.5 T site (SiteB)")
+    evaluation = evaluate([511], output / "report", seg_models=seg_models, cls_model=cls.output_folder, n_boot=200,
+                          device=device, num_processes=1)
+    lines.append(evaluation.summary())
     step("done")
-    lines.append("next steps (train seg/cls, evaluate on the external site) are not implemented yet")
+    lines.append(f"\nOpen the report: {evaluation.report_html}")
     return "\n".join(lines)

@@ -90,6 +90,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", type=int, default=6, help="exams per site (default 6)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantom (default 0)")
     p.add_argument("--pretrain-iterations", type=int, default=30, help="diffusion iterations per orientation (default 30)")
+    p.add_argument("--seg-iterations", type=int, default=20, help="segmentation iterations per orientation (default 20)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
     p.set_defaults(func=_run_demo)
 
@@ -98,7 +99,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from orthodiff_nnunet.api import demo
 
     report = demo(output=args.output, cases_per_site=args.cases, seed=args.seed,
-                  pretrain_iterations=args.pretrain_iterations, device=args.device)
+                  pretrain_iterations=args.pretrain_iterations, seg_iterations=args.seg_iterations,
+                  device=args.device)
     print(report)
     return 0
 

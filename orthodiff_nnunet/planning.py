@@ -370,13 +370,14 @@ def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
 
 
 def list_training_cases(info: DatasetInfo) -> dict[str, dict[str, Any]]:
-    """The raw training cases ``{case: {"images": [...], "label": ...}}``, as nnU-Net lists them.
+    """The raw cases ``{case: {"images": [...], "label": ...}}``, as nnU-Net lists them.
 
     Listed once per dataset and passed around. For the standard ``imagesTr/<case>_<XXXX><ending>``
     layout the files are grouped in one pass (nnU-Net's own listing matches every file against
     every case, O(n^2), in a pool of 12 forked processes per call); datasets that list their
-    files in ``dataset.json["dataset"]`` go through nnU-Net's function. Empty for an external
-    site (``imagesTs`` only).
+    files in ``dataset.json["dataset"]`` go through nnU-Net's function. An external site has
+    ``imagesTs``/``labelsTs`` only: those are listed, so that it can be preprocessed with transferred
+    plans (classification and evaluation read preprocessed exams).
     """
     import re
 
@@ -385,8 +386,11 @@ def list_training_cases(info: DatasetInfo) -> dict[str, dict[str, Any]]:
     dataset_json = info.dataset_json
     if "dataset" in dataset_json:
         return get_filenames_of_train_images_and_targets(str(info.folder), copy.deepcopy(dataset_json))
-    images = info.folder / "imagesTr"
-    if not images.is_dir():
+    for images_sub, labels_sub in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+        images = info.folder / images_sub
+        if images.is_dir():
+            break
+    else:
         return {}
     ending = dataset_json["file_ending"]
     pattern = re.compile(r"(.+)_\d{4}" + re.escape(ending))
@@ -395,7 +399,7 @@ def list_training_cases(info: DatasetInfo) -> dict[str, dict[str, Any]]:
         m = pattern.fullmatch(name)
         if m:
             grouped.setdefault(m.group(1), []).append(str(images / name))
-    labels = info.folder / "labelsTr"
+    labels = info.folder / labels_sub
     return {k: {"images": grouped[k], "label": str(labels / f"{k}{ending}")} for k in sorted(grouped)}
 
 

@@ -386,7 +386,8 @@ def test_plans_transfer_to_an_unlabeled_corpus_and_an_external_site(planned):
         assert not (pre / folder.name / "dataset_fingerprint.json").exists()  # never fingerprinted
     d = result.dataset(corpus[0].name)
     assert (d.num_cases, d.num_preprocessed, d.transferred_from) == (3, 3, folders[0].name)
-    assert result.dataset(external.name).num_cases == 0  # imagesTs only: predicted from raw
+    ext = result.dataset(external.name)  # imagesTs/labelsTs preprocessed with the training site's plans
+    assert (ext.num_cases, ext.num_preprocessed) == (2, 2)
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
     data_dir = pre / corpus[0].name / "orthodiffResEncMPlans_3d_fullres"

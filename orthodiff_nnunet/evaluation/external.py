@@ -149,12 +149,41 @@ def evaluate(
 
 
 def _evaluate_classification(datasets, cls_model: Path, output: Path, device: str):
-    """Fused three-view predictions of the external exams with their targets (see orthodiff_nnunet.classification)."""
-    from orthodiff_nnunet.classification import predict_classification
+    """Fused three-view predictions of the external exams, with their targets and the model's thresholds.
 
-    result = predict_classification(cls_model, {o: info.name for o, info in datasets.items()},
-                                    output / "classification", device=device)
-    return result.exams, list(result.label_names), dict(result.thresholds)
+    The external datasets are first preprocessed with the model's plans of each view (plans transfer;
+    cases already preprocessed are skipped), then ``predict_classification`` writes the per-exam CSV
+    that is read back here.
+    """
+    import csv
+
+    from orthodiff_nnunet.classification import predict_classification
+    from orthodiff_nnunet.planning import plan_and_preprocess
+
+    cfg = load_json(cls_model / "classifier.json")
+    views = [v for v in cfg["views"] if v in datasets]
+    if not views:
+        raise EvaluationError(f"the classifier reads {cfg['views']} but the external site has {', '.join(datasets)}")
+    for v in views:
+        plan_and_preprocess([datasets[v].name], plans_from=cfg["datasets"][v], plans_name=cfg["plans_identifiers"][v],
+                            configurations=[cfg["configuration"]], num_processes=1, show_progress=False)
+    csv_path = output / "classification" / "predictions.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    result = predict_classification(cls_model, [datasets[v].name for v in views], csv_path, device=device, n_boot=0)
+    thr_file = cls_model / "thresholds.json"
+    labels = list(result.label_names)
+    thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in labels}
+    exams = []
+    with open(result.csv, newline="") as f:
+        for row in csv.DictReader(f):
+            exams.append({
+                "exam": row["exam"], "site": row["site"] or None,
+                "field_strength_t": float(row["field_strength_t"]) if row["field_strength_t"] else None,
+                "vendor": row["vendor"] or None, "views": row["views_present"].split(),
+                "targets": {n: (int(row[f"target_{n}"]) if row[f"target_{n}"] != "" else None) for n in labels},
+                "probabilities": {n: float(row[f"p_{n}"]) for n in labels},
+            })
+    return exams, labels, thresholds
 
 
 def _model_pairs(values: Sequence[str]) -> dict[str, Path]:
