@@ -129,6 +129,13 @@ def test_metrics_match_sklearn_and_bootstrap_is_seeded() -> None:
     assert choose_threshold([1, 1], [0.2, 0.9]) == 0.5
     assert 0.3 < choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9], "f1") <= 0.6
 
+    # decisions made elsewhere (pooled out-of-fold, each fold at its own threshold)
+    d = (s >= 0.5).astype(float)
+    d[0, 0] = 1  # a false positive decided at another fold's threshold
+    md = classification_metrics(y, s, ["a", "b", "c"], n_boot=50, seed=3, decisions=d)
+    assert md.labels[0].specificity == pytest.approx(2 / 3) and md.labels[0].auroc == a.auroc
+    assert "per-fold" in md.to_markdown()
+
 
 def test_targets_reader_and_exam_matching(tmp_path: Path) -> None:
     def write(name: str, cases: dict, labels=("ACL", "EFFU")) -> Path:
@@ -380,21 +387,26 @@ def test_real_mrnet_three_views_out_of_fold(shared_data: Path, tmp_path: Path) -
         os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
         rows = []
         for fold in range(3):
-            res = train_classification(731, plans=PLANS, mode="scratch", fold=fold, epochs=1, iterations_per_epoch=3,
+            res = train_classification(731, plans=PLANS, mode="scratch", fold=fold, epochs=1, iterations_per_epoch=2,
                                        batch_size=2, device="cpu", n_boot=0, seed=fold)
             assert res.label_names == ["abnormal", "ACL", "meniscus"] and list(res.views) == ["sag", "cor", "ax"]
-            val = [r["exam"] for r in csv.DictReader(open(res.output_folder / "validation_predictions.csv"))]
-            pred = predict_classification(res.output_folder, 731, tmp_path / f"oof_{fold}.csv", device="cpu",
-                                          exams=val, n_boot=0)
-            assert pred.num_exams == len(val)
-            rows += list(csv.DictReader(open(pred.csv)))
+            with open(res.output_folder / "validation_predictions.csv", newline="") as f:
+                fold_rows = list(csv.DictReader(f))  # the fold's held-out exams, best checkpoint, its own thresholds
+            rows += fold_rows
+            if fold == 0:  # `predict cls` on real data gives the same numbers
+                pred = predict_classification(res.output_folder, 731, tmp_path / "fold0.csv", device="cpu",
+                                              exams=[r["exam"] for r in fold_rows], n_boot=0)
+                with open(pred.csv, newline="") as f:
+                    again = {r["exam"]: float(r["p_ACL"]) for r in csv.DictReader(f)}
+                assert again == pytest.approx({r["exam"]: float(r["p_ACL"]) for r in fold_rows}, abs=1e-5)
         assert sorted(r["exam"] for r in rows) == sorted({r["exam"] for r in rows}) and len(rows) == 6
         labels = ["abnormal", "ACL", "meniscus"]
         y = np.array([[float(r[f"target_{n}"]) for n in labels] for r in rows])
         p = np.array([[float(r[f"p_{n}"]) for n in labels] for r in rows])
-        metrics = classification_metrics(y, p, labels, n_boot=1000, seed=0)
-        print("\nMRNet, 6 real exams, 3-fold out-of-fold predictions (smoke test, no accuracy claim):\n"
-              + metrics.to_markdown())
+        d = np.array([[float(r[f"pred_{n}"]) for n in labels] for r in rows])
+        metrics = classification_metrics(y, p, labels, n_boot=1000, seed=0, decisions=d)
+        print("\nMRNet, 6 real exams, three views fused, 3-fold out-of-fold predictions "
+              "(smoke test, no accuracy claim):\n" + metrics.to_markdown())
         assert metrics.n_exams == 6 and set(metrics.macro_ci) == {"auroc", "auprc", "sensitivity", "specificity"}
     finally:
         _restore(old)

@@ -102,8 +102,8 @@ def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(average_precision_score(y, s))
 
 
-def _sens_spec(y: np.ndarray, s: np.ndarray, threshold: float) -> tuple[float, float]:
-    pred = s >= threshold
+def _sens_spec(y: np.ndarray, s: np.ndarray, threshold: float, decided: np.ndarray | None = None) -> tuple[float, float]:
+    pred = s >= threshold if decided is None else decided.astype(bool)
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     sens = float(np.sum(pred & (y == 1)) / n_pos) if n_pos else math.nan
@@ -266,7 +266,8 @@ class ClassificationMetrics:
             return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
 
         for m in self.labels:
-            rows.append("| " + " | ".join([m.name, f"{m.n} ({m.n_pos})", _fmt(m.threshold)]
+            threshold = "per-fold" if isinstance(m.threshold, float) and math.isnan(m.threshold) else _fmt(m.threshold)
+            rows.append("| " + " | ".join([m.name, f"{m.n} ({m.n_pos})", threshold]
                                            + [cell(getattr(m, k), m.ci.get(k)) for k in METRICS]) + " |")
         rows.append("| " + " | ".join(["**macro**", f"{self.n_exams} exams", ""]
                                        + [cell(self.macro[k], self.macro_ci.get(k)) for k in METRICS]) + " |")
@@ -282,6 +283,7 @@ def classification_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    decisions: np.ndarray | None = None,
 ) -> ClassificationMetrics:
     """Per-label AUROC, AUPRC, sensitivity and specificity at the thresholds, macro averages, bootstrap CIs.
 
@@ -293,6 +295,9 @@ def classification_metrics(
         n_boot: bootstrap resamples (0: no intervals).
         seed: bootstrap seed.
         alpha: 1 - confidence level.
+        decisions: optional ``(N, L)`` 0/1 decisions made elsewhere (e.g. pooled out-of-fold
+            predictions, each fold at its own validation threshold); sensitivity and specificity
+            then come from them instead of ``y_score >= threshold``.
     """
     y_true = np.atleast_2d(np.asarray(y_true, dtype=np.float64))
     y_score = np.atleast_2d(np.asarray(y_score, dtype=np.float64))
@@ -300,10 +305,19 @@ def classification_metrics(
         raise ValueError(f"y_true {y_true.shape}, y_score {y_score.shape} and {len(label_names)} label names disagree")
     thr = {n: float((thresholds or {}).get(n, DEFAULT_THRESHOLD)) for n in label_names}
     n = y_true.shape[0]
+    if decisions is not None:
+        decisions = np.atleast_2d(np.asarray(decisions, dtype=np.float64))
+        if decisions.shape != y_true.shape:
+            raise ValueError(f"decisions {decisions.shape} and y_true {y_true.shape} differ")
+        thr = {name: math.nan for name in label_names}  # per-exam decisions: no single threshold
 
     labels = []
     for j, name in enumerate(label_names):
         m = binary_metrics(y_true[:, j], y_score[:, j], thr[name])
+        if decisions is not None:
+            keep = np.isfinite(y_true[:, j])
+            m["sensitivity"], m["specificity"] = _sens_spec(y_true[keep, j].astype(np.int64), y_score[keep, j], 0.0,
+                                                            decisions[keep, j])
         labels.append(LabelMetrics(name=name, n=m["n"], n_pos=m["n_pos"], threshold=thr[name], auroc=m["auroc"],
                                    auprc=m["auprc"], sensitivity=m["sensitivity"], specificity=m["specificity"]))
 
@@ -326,7 +340,7 @@ def classification_metrics(
                     continue
                 y = y_true[sel, j].astype(np.int64)
                 s = y_score[sel, j]
-                sens, spec = _sens_spec(y, s, thr[name])
+                sens, spec = _sens_spec(y, s, thr[name], None if decisions is None else decisions[sel, j])
                 values[b, j] = (_rank_auroc(y, s), _step_average_precision(y, s), sens, spec)
 
         def interval(v: np.ndarray) -> tuple[float, float]:
