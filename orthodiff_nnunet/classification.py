@@ -421,11 +421,26 @@ def predict_classification(
     if not ckpt_path.is_file():
         raise ClassificationUsageError(f"{ckpt_path} not found (the run did not finish?)")
     order = list(cfg["views"])
-    view_names = resolve_views(dataset, order)
+    given = resolve_views(dataset)
+    view_names = {v: given[v] for v in order if v in given}
+    if not view_names:
+        raise ClassificationUsageError(f"the model reads {order}; the given datasets hold {list(given)}")
+    for v in given:
+        if v not in order:
+            log.warning("%s (%s) is not a view of this model: ignored", given[v], v)
+    for v in order:
+        if v not in view_names:
+            log.warning("no %s dataset given: every exam is predicted without its %s view", v, v)
     config_name = cfg["configuration"]
     vds, targets = {}, {}
-    for v, name in view_names.items():
+    for v in order:
         model_plans = load_json(model_folder / f"plans_{v}.json")
+        if v not in view_names:  # the view is absent for every exam: only its shape is needed
+            channels = int(cfg["num_input_channels"][v])
+            vds[v] = ViewData(v, f"(no {v} dataset)", cfg["plans_identifiers"][v], model_plans, config_name,
+                              {"channel_names": {str(i): "MRI" for i in range(channels)}}, Path("/nonexistent"))
+            continue
+        name = view_names[v]
         folder = paths.preprocessed_dir() / name
         own = folder / f"{cfg['plans_identifiers'][v]}.json"
         if not own.is_file() or preprocessing_hash(load_json(own), config_name) != preprocessing_hash(model_plans, config_name):
@@ -453,7 +468,7 @@ def predict_classification(
     if trainer.device.type == "cuda" and trainer.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     trainer.batch_size = batch_size or max(2, min(int(d.configuration_manager.batch_size) for d in vds.values()))
-    all_exams = match_exams(targets, {v: d.available_cases() for v, d in vds.items()})
+    all_exams = match_exams(targets, {v: vds[v].available_cases() for v in targets})
     if exams is not None:
         wanted = set(exams)
         unknown = wanted - {e.exam for e in all_exams}

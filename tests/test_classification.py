@@ -292,6 +292,17 @@ def test_three_view_training_detects_effusion_on_held_out_exams(knee, tmp_path: 
         assert int(r["pred_EFFU"]) == int(float(r["p_EFFU"]) >= thresholds["EFFU"])
     assert (tmp_path / "pred_metrics.json").is_file() and "EFFU" in (tmp_path / "pred_metrics.md").read_text()
 
+    # a site without any axial series: the datasets of the other views only
+    from orthodiff_nnunet.classification import predict_classification
+
+    two = predict_classification(out, [knee.names["sag"], knee.names["cor"]], tmp_path / "no_ax.csv", device="cpu",
+                                 n_boot=0)
+    with open(two.csv, newline="") as f:
+        no_ax = list(csv.DictReader(f))
+    assert two.num_exams == 20 and two.num_with_missing_views == 20
+    assert {r["views_missing"] for r in no_ax} == {"ax"}
+    assert all(0 <= float(r["p_EFFU"]) <= 1 for r in no_ax)
+
     # the held-out predictions are reproduced by predict on the same exams
     with open(out / "test_predictions.csv", newline="") as f:
         held_out = {r["exam"]: float(r["p_EFFU"]) for r in csv.DictReader(f)}

@@ -192,29 +192,36 @@ class ExamCaseLoader(nnUNetDataLoader):
 class MultiViewExamLoader(DataLoader):
     """Samples exams and loads each present view through that view's :class:`ExamCaseLoader`.
 
-    ``infinite=True``: batches of exams drawn at random with replacement (training, run inside
-    nnU-Net's augmenters). ``infinite=False``: one ordered pass (use :meth:`collate` directly).
+    Args:
+        exams: the exams to draw from.
+        loaders: view -> loader; a view no exam has may be left out.
+        shapes: view -> ``(C, *patch)`` of every view of the model, in fusion order (zeros are
+            returned for exams without that view).
+        batch_size: exams per batch.
+        infinite: True: batches drawn at random with replacement (training, run inside nnU-Net's
+            augmenters); False: one ordered pass (use :meth:`collate` directly).
     """
 
-    def __init__(self, exams: Sequence[Exam], loaders: Mapping[str, ExamCaseLoader], channels: Mapping[str, int],
-                 batch_size: int, infinite: bool = True) -> None:
+    def __init__(self, exams: Sequence[Exam], loaders: Mapping[str, ExamCaseLoader],
+                 shapes: Mapping[str, Sequence[int]], batch_size: int, infinite: bool = True) -> None:
         super().__init__(list(exams), batch_size, 1, None, return_incomplete=True, shuffle=False, infinite=infinite)
         self.indices = list(range(len(exams)))
         self.loaders = dict(loaders)
-        self.channels = dict(channels)
-        self.views = tuple(loaders)
+        self.shapes = {v: tuple(int(x) for x in s) for v, s in shapes.items()}
+        self.views = tuple(self.shapes)
 
     def collate(self, exams: Sequence[Exam]) -> dict:
         present = torch.tensor([[e.has(v) for v in self.views] for e in exams], dtype=torch.bool).reshape(len(exams), -1)
         data = {}
         for j, v in enumerate(self.views):
             rows = [i for i, e in enumerate(exams) if e.has(v)]
+            if rows and v not in self.loaders:
+                raise ValueError(f"exams have a {v} series but no {v} loader was given")
             loaded = self.loaders[v].load([exams[i].cases[v] for i in rows]) if rows else None
             if loaded is not None and len(rows) == len(exams):
                 data[v] = loaded
                 continue
-            shape = (self.channels[v], *self.loaders[v].final_patch_size) if loaded is None else tuple(loaded.shape[1:])
-            out = torch.zeros((len(exams), *shape), dtype=torch.float32)
+            out = torch.zeros((len(exams), *self.shapes[v]), dtype=torch.float32)
             if loaded is not None:
                 out[rows] = loaded
             data[v] = out
@@ -454,7 +461,9 @@ class nnUNetTrainerOrthoDiffCls:
     def _loaders(self, exams: Sequence[Exam], training: bool) -> dict[str, ExamCaseLoader]:
         out = {}
         for v, d in self.views.items():
-            ids = sorted({e.cases[v] for e in exams if e.has(v)}) or d.available_cases()[:1]
+            ids = sorted({e.cases[v] for e in exams if e.has(v)})
+            if not ids:
+                continue  # no exam has this view: the sampler returns zeros for it
             patch, tr, va = self._transforms(d)
             out[v] = ExamCaseLoader(d, ids, patch if training else d.patch_size, tr if training else va,
                                     center_crop=not training)
@@ -462,6 +471,9 @@ class nnUNetTrainerOrthoDiffCls:
 
     def _channels(self) -> dict[str, int]:
         return {v: d.num_input_channels for v, d in self.views.items()}
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {v: (d.num_input_channels, *d.patch_size) for v, d in self.views.items()}
 
     def build_network(self) -> MultiViewClassifier:
         """The classifier of these views and settings (weights freshly initialised)."""
@@ -615,7 +627,7 @@ class nnUNetTrainerOrthoDiffCls:
     def predict_exams(self, exams: Sequence[Exam], batch_size: int | None = None) -> np.ndarray:
         """``(N, L)`` probabilities of ``exams`` (centre crop, no augmentation, deterministic noise)."""
         self.network.eval()
-        loader = MultiViewExamLoader(exams, self._loaders(exams, training=False), self._channels(),
+        loader = MultiViewExamLoader(exams, self._loaders(exams, training=False), self._shapes(),
                                      batch_size or self.batch_size, False)
         out = []
         bs = batch_size or self.batch_size
@@ -628,7 +640,7 @@ class nnUNetTrainerOrthoDiffCls:
 
     # -- training loop ---------------------------------------------------------------------------
     def _start_augmenter(self):
-        dl = MultiViewExamLoader(self.exams_train, self._loaders(self.exams_train, training=True), self._channels(),
+        dl = MultiViewExamLoader(self.exams_train, self._loaders(self.exams_train, training=True), self._shapes(),
                                  self.batch_size)
         n = get_allowed_n_proc_DA()
         if n == 0:
