@@ -1,0 +1,193 @@
+"""Helpers shared by the pretraining benchmarks: machine description, folders, trainers, Markdown output.
+
+Imported as ``common`` by the scripts in this folder (Python puts the script's folder on
+``sys.path``); it is not part of the installed package.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# machine and command
+def cpu_model() -> str:
+    """The CPU model as the kernel names it (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine(device: "torch.device | None" = None) -> str:  # noqa: F821
+    """One line: GPU name (on CUDA) or CPU model, cores, torch/nnunetv2 versions."""
+    import nnunetv2  # noqa: F401  (version below)
+    import torch
+    from importlib.metadata import version
+
+    cpu = f"{cpu_model()}, {usable_cores()} usable cores, torch threads {torch.get_num_threads()}"
+    soft = f"torch {torch.__version__}, nnunetv2 {version('nnunetv2')}, Python {platform.python_version()}"
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}); host {cpu}; {soft}")
+    return f"CPU only: {cpu}; {soft}"
+
+
+def command_line() -> str:
+    """How this script was started, relative to the repository when possible."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(REPO)
+    except ValueError:
+        pass
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ)
+    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
+
+
+# ----------------------------------------------------------------------------------------------
+# nnU-Net folders and data
+def use_work_folder(work: Path) -> dict[str, Path]:
+    """Point nnUNet_raw/_preprocessed/_results at ``work``'s subfolders (created)."""
+    from orthodiff_nnunet.paths import set_nnunet_paths
+
+    folders = {"raw": work / "raw", "preprocessed": work / "preprocessed", "results": work / "results"}
+    set_nnunet_paths(**folders)
+    return folders
+
+
+def plans_identifier_of(result, default: str = "orthodiffResEncMPlans") -> str:
+    """The plans identifier plan_and_preprocess used (its result object, when it carries one)."""
+    datasets = getattr(result, "datasets", None)
+    if datasets:
+        return datasets[0].plans_identifier
+    return default
+
+
+def make_phantom_dataset(work: Path, dataset_id: int, name: str, *, n_cases: int, seed: int,
+                         in_plane_mm: float | None = None, scale: float | None = None) -> tuple[str, str]:
+    """Procedural sagittal knee phantoms (3 T site) -> ``convert`` -> ``plan_and_preprocess``.
+
+    Returns (dataset name, plans identifier). Reuses what ``work`` already holds.
+    """
+    import dataclasses
+
+    from orthodiff_nnunet.api import convert
+    from orthodiff_nnunet.data.phantom import write_site
+    from orthodiff_nnunet.data.sites import SITE_3T
+    from orthodiff_nnunet.planning import plan_and_preprocess
+
+    folders = use_work_folder(work)
+    existing = sorted(folders["raw"].glob(f"Dataset{dataset_id:03d}_*"))
+    if not existing:
+        site = SITE_3T if in_plane_mm is None else dataclasses.replace(SITE_3T, in_plane_spacing_mm=in_plane_mm)
+        kw = {} if scale is None else {"scale": scale}
+        manifest = write_site(work / "site", site, n_cases=n_cases, seed=seed, orientations=("sag",), **kw)
+        convert(manifest, dataset_id, name, raw=folders["raw"], num_processes=min(2, usable_cores()))
+        existing = sorted(folders["raw"].glob(f"Dataset{dataset_id:03d}_*"))
+    with with_planning_env():
+        result = plan_and_preprocess([dataset_id], num_processes=min(2, usable_cores()), show_progress=False)
+    return existing[0].name, plans_identifier_of(result)
+
+
+class with_planning_env:
+    """nnUNet_n_proc_DA=0 breaks planning (torch.set_num_threads(0)): unset it around planning."""
+
+    def __enter__(self):
+        self.saved = os.environ.pop("nnUNet_n_proc_DA", None)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = self.saved
+
+
+def load_plans_and_dataset_json(dataset_name: str, plans_identifier: str) -> tuple[dict, dict]:
+    from orthodiff_nnunet.paths import preprocessed_dir
+
+    folder = preprocessed_dir() / dataset_name
+    plans = json.loads((folder / f"{plans_identifier}.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    return plans, dataset_json
+
+
+def make_trainer(cls, plans: dict, configuration: str, dataset_json: dict, device, *, compile_: bool = False,
+                 fold="all", **attributes):
+    """An initialised nnU-Net trainer (``attributes`` set before ``initialize``), as nnU-Net builds it.
+
+    ``compile_`` sets ``nnUNet_compile`` for this initialisation only (nnU-Net reads it there).
+    """
+    p = copy.deepcopy(plans)
+    p["continue_training"] = False
+    trainer = cls(plans=p, configuration=configuration, fold=fold, dataset_json=copy.deepcopy(dataset_json),
+                  device=device)
+    for k, v in attributes.items():
+        if not hasattr(trainer, k):
+            raise AttributeError(f"{cls.__name__} has no attribute {k!r}")
+        setattr(trainer, k, v)
+    saved = os.environ.get("nnUNet_compile")
+    os.environ["nnUNet_compile"] = "1" if compile_ else "0"
+    try:
+        trainer.initialize()
+    finally:
+        if saved is None:
+            os.environ.pop("nnUNet_compile", None)
+        else:
+            os.environ["nnUNet_compile"] = saved
+    return trainer
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def append_markdown(path: Path, text: str, title: str = "# Pretraining benchmarks") -> None:
+    """Append a section to ``path`` (created with ``title`` when new)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = path.read_text() if path.is_file() else f"{title}\n"
+    path.write_text(before.rstrip("\n") + "\n\n" + text.strip("\n") + "\n")
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
