@@ -1,0 +1,284 @@
+"""Diffusion pretraining on the real unlabeled knees of ../shared/data, on CPU, with a loss curve.
+
+The corpus (all sagittal, no label maps):
+
+* pyKNEEr's 3D DESS, echo 1 (GE 3 T, 80 slices of 512 x 512, 0.3125 x 0.3125 x 1.5 mm), DICOM;
+* pymskt's multi-echo spin-echo T2 series (GE 3 T, 24 slices of 256 x 256, 0.625 mm, 4 mm
+  slices, 8 echoes), DICOM with ``echo=all``: one case per echo (8 cases of one knee);
+* the sagittal volumes of the 6 MRNet exams, converted by
+  :func:`orthodiff_nnunet.dataset_conversion.mrnet.convert_mrnet` with a **user-supplied
+  spacing** (default 0.6 x 0.6 x 3.0 mm in-plane x in-plane x slice). MRNet publishes no spacing:
+  that value is an assumption of this script, not a property of the data.
+
+``convert_mrnet`` writes MRNet's three planes as three datasets; the pretraining run needs one
+dataset, so the sagittal MRNet images it wrote (canonical NIfTI carrying the assumed spacing)
+and the two DICOM series go through one more ``orthodiff_nnunet.api.convert`` into one sagittal
+corpus (15 cases). Every label map is background.
+
+Planning: the orthodiff planner plans this all-background corpus directly (its fingerprint
+extractor takes the intensity statistics from the nonzero image voxels when no case has
+foreground; the plans record ``intensity_statistics: nonzero image``), with a small GPU memory
+target (default 1 GB) so that the self-configured patch and batch are affordable on CPU, and the
+network shrunk with ``write_shrunk_plans`` (default 16 features, 5 stages). Then
+``orthodiff_nnunet.pretraining.pretrain`` runs for as many iterations as fit in ``--minutes``
+(estimated from a few timed steps first), on CPU.
+
+Writes ``bench/results/pretraining_real_knees_loss.{csv,png}`` (loss values only: no image
+data) and appends a section to ``bench/results/pretraining.md``. Nothing of ../shared/data is
+copied into the repository; the converted and preprocessed data stay in ``--work`` (default: a
+new folder under the system's temporary folder, kept so the run can be inspected).
+
+Usage::
+
+    python bench/pretrain_real_knees.py --minutes 18
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+DICOM_DATASET_ID = 751  # the combined sagittal corpus
+MRNET_DATASET_ID = 744  # convert_mrnet: 744 sag, 745 cor, 746 ax
+RESULTS = common.REPO / "bench" / "results"
+
+
+def shared_data_folder(given: Path | None) -> Path | None:
+    env = os.environ.get("ORTHODIFF_SHARED_DATA")
+    for cand in [given, Path(env) if env else None, common.REPO.parent / "shared" / "data"]:
+        if cand is not None and cand.is_dir():
+            return cand
+    return None
+
+
+def convert_corpus(shared: Path, raw: Path, spacing: tuple[float, float, float], work: Path) -> tuple[Path, dict]:
+    """The sagittal corpus (raw dataset folder) and how many cases came from where."""
+    from orthodiff_nnunet.api import convert
+    from orthodiff_nnunet.dataset_conversion.mrnet import convert_mrnet
+
+    mrnet = convert_mrnet(shared / "mrnet", MRNET_DATASET_ID, "MRNet", spacing=spacing, raw=raw, split="train",
+                          num_processes=min(2, common.usable_cores()), work_dir=work)
+    mrnet_sag = mrnet.datasets["sag"]
+    rows = [
+        {"case_id": "pyKNEEr-DESS", "patient_id": "pyKNEEr-01", "site": "pyKNEEr", "field_strength": "3",
+         "vendor": "GE", "image": str(shared / "dicom" / "pykneer_dess_sag_3t" / "echo1"), "orientation": "",
+         "echo": ""},
+        {"case_id": "pymskt-MESE", "patient_id": "pymskt-01", "site": "pymskt", "field_strength": "3",
+         "vendor": "GE", "image": str(shared / "dicom" / "pymskt_mese_t2_sag_3t"), "orientation": "", "echo": "all"},
+    ]
+    mrnet_images = sorted((mrnet_sag / "imagesTr").glob("*_0000.nii.gz"))
+    for img in mrnet_images:
+        case = img.name[: -len("_0000.nii.gz")]  # already a pseudonym
+        rows.append({"case_id": f"mrnet-{case}", "patient_id": f"mrnet-{case}", "site": "MRNet",
+                     "field_strength": "3", "vendor": "GE", "image": str(img), "orientation": "sag", "echo": ""})
+    manifest = work / "real_knees_manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    s = " x ".join(f"{v:g}" for v in spacing)
+    result = convert(manifest, DICOM_DATASET_ID, "RealKnees", raw=raw, num_processes=min(2, common.usable_cores()),
+                     spacing_source=f"image header (DICOM); user-supplied {s} mm, assumed (MRNet)")
+    if set(result.datasets) != {"sag"}:
+        raise SystemExit(f"expected one sagittal dataset, got {sorted(result.datasets)}")
+    counts = {"DESS": 1, "MESE echoes": result.num_cases["sag"] - 1 - len(mrnet_images), "MRNet sag": len(mrnet_images)}
+    return result.datasets["sag"], counts
+
+
+def time_per_iteration(dataset: str, plans_id: str, steps: int = 3) -> float:
+    """Seconds per training iteration (batch from the dataloader + train_step), measured on a throwaway trainer."""
+    import torch
+
+    from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+
+    plans, dataset_json = common.load_plans_and_dataset_json(dataset, plans_id)
+    trainer = common.make_trainer(nnUNetTrainerOrthoDiffPretrain, plans, "3d_diffusion", dataset_json,
+                                  torch.device("cpu"))
+    dl, dl_val = trainer.get_dataloaders()
+    trainer.train_step(next(dl))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(dl))
+    seconds = (time.perf_counter() - t0) / steps
+    shutil.rmtree(trainer.output_folder, ignore_errors=True)  # the throwaway trainer's log only
+    return seconds
+
+
+def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, every: int) -> list[dict]:
+    """Loss values per checkpoint interval from the final checkpoint's log: CSV and a small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+    start = log["epoch_start_timestamps"][0]
+    rows = []
+    for i, (tr, va, end) in enumerate(zip(log["train_losses"], log["val_losses"], log["epoch_end_timestamps"])):
+        rows.append({"iteration": (i + 1) * every, "train_loss": float(tr), "val_loss_ema": float(va),
+                     "elapsed_min": (end - start) / 60})
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"iteration": r["iteration"], "train_loss": f"{r['train_loss']:.6f}",
+                             "val_loss_ema": f"{r['val_loss_ema']:.6f}", "elapsed_min": f"{r['elapsed_min']:.2f}"})
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    its = [r["iteration"] for r in rows]
+    ax.plot(its, [r["train_loss"] for r in rows], marker=".", label=f"train (mean of {every} iterations)")
+    ax.plot(its, [r["val_loss_ema"] for r in rows], marker=".", label="validation, EMA weights, fixed noise")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shared", type=Path, default=None,
+                        help="the shared data folder (default: $ORTHODIFF_SHARED_DATA, else ../shared/data)")
+    parser.add_argument("--mrnet-spacing", type=float, nargs=3, default=(0.6, 0.6, 3.0), metavar=("X", "Y", "SLICE"),
+                        help="ASSUMED MRNet voxel spacing in mm, in-plane x, in-plane y, slice (default 0.6 0.6 3.0)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=1.0,
+                        help="planner memory target: sets patch and batch (default 1 GB: CPU-sized)")
+    parser.add_argument("--features", type=int, default=16, help="max features per stage (default 16)")
+    parser.add_argument("--stages", type=int, default=5, help="max stages (default 5)")
+    parser.add_argument("--minutes", type=float, default=18.0, help="training time budget (default 18)")
+    parser.add_argument("--iterations", type=int, default=None, help="fixed iteration count instead of --minutes")
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="iterations per loss-curve point (default 10)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3,
+                        help="default 1e-3 for this short run (the method's recipe is 1e-4 for 21,500 iterations)")
+    parser.add_argument("--val-iterations", type=int, default=2, help="EMA validation batches per point (default 2)")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: new temporary folder, kept)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "pretraining.md")
+    parser.add_argument("--no-write", action="store_true", help="do not touch bench/results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    shared = shared_data_folder(args.shared)
+    if shared is None:
+        print("skipped: the shared real-data folder (../shared/data) is absent; set ORTHODIFF_SHARED_DATA or --shared")
+        return 0
+    os.environ.setdefault("OMP_NUM_THREADS", str(common.usable_cores()))
+    import torch
+
+    from orthodiff_nnunet.networks.build import write_shrunk_plans
+    from orthodiff_nnunet.paths import preprocessed_dir
+    from orthodiff_nnunet.planning import plan_and_preprocess
+    from orthodiff_nnunet.plans import read_orthodiff_block, resolve_configuration
+    from orthodiff_nnunet.pretraining import pretrain
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_real_knees_"))
+    folders = common.use_work_folder(work)
+    t0 = time.perf_counter()
+    raw_folder, counts = convert_corpus(shared, folders["raw"], tuple(args.mrnet_spacing), work)
+    dataset = raw_folder.name
+    t_convert = time.perf_counter() - t0
+
+    with common.with_planning_env():
+        planned = plan_and_preprocess([DICOM_DATASET_ID], num_processes=min(2, common.usable_cores()),
+                                      gpu_memory_gb=args.gpu_memory_gb, show_progress=False)
+    plans_id = common.plans_identifier_of(planned)
+    t_plan = time.perf_counter() - t0 - t_convert
+    print(planned.summary())
+    small = write_shrunk_plans(preprocessed_dir() / dataset, plans_id, f"{plans_id}_cpu{args.features}f{args.stages}s",
+                               max_features=args.features, max_stages=args.stages, max_batch_size=None)
+    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
+    plans, _ = common.load_plans_and_dataset_json(dataset, small)
+    block = read_orthodiff_block(plans)
+    diff = resolve_configuration(plans, "3d_diffusion")
+    kw = diff["architecture"]["arch_kwargs"]
+
+    every = args.checkpoint_every
+    if args.iterations:
+        iterations = args.iterations
+        est = None
+    else:
+        est = time_per_iteration(dataset, small)
+        budget = args.minutes * 60
+        # validation: val_iterations forward passes (about a third of a step each) per checkpoint
+        per_it = est * (1 + args.val_iterations / (3 * every))
+        iterations = max(every, int(budget / per_it) // every * every)
+        print(f"{est:.2f} s per training iteration -> {iterations} iterations in {args.minutes:g} min")
+
+    torch.manual_seed(0)
+    t_train = time.perf_counter()
+    result = pretrain(dataset, plans=small, iterations=iterations, checkpoint_every=every,
+                      learning_rate=args.learning_rate, device="cpu", val_iterations=args.val_iterations,
+                      sample_steps=10)
+    minutes = (time.perf_counter() - t_train) / 60
+    print(result.summary())
+
+    patch = " x ".join(map(str, diff["patch_size"]))
+    spacing = " x ".join(f"{v:.3g}" for v in diff["spacing"])
+    s = " x ".join(f"{v:g}" for v in args.mrnet_spacing)
+    n_cases = sum(counts.values())
+    title = (f"Diffusion pretraining, {n_cases} real unlabeled sagittal knee series (CPU)\n"
+             f"DESS 1 + MESE {counts['MESE echoes']} echoes + MRNet {counts['MRNet sag']} (assumed {s} mm)\n"
+             f"patch {patch} @ {spacing} mm, batch {diff['batch_size']}, {kw['n_stages']} stages x "
+             f"{max(kw['features_per_stage'])} features")
+    csv_path = RESULTS / "pretraining_real_knees_loss.csv" if not args.no_write else work / "loss.csv"
+    png_path = RESULTS / "pretraining_real_knees_loss.png" if not args.no_write else work / "loss.png"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = write_curve(result.output_folder / "checkpoint_final.pth", csv_path, png_path, title, every)
+
+    params = sum(p.numel() for p in torch.load(result.encoder_path, map_location="cpu",
+                                              weights_only=False)["state_dict"].values())
+    lines = [
+        f"## {common.now()}: pretraining on the real unlabeled knees (CPU)",
+        "",
+        f"- machine: {common.machine(torch.device('cpu'))}; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (the 2 cores are shared)",
+        f"- command: `{common.command_line()}`",
+        f"- corpus: {n_cases} sagittal series, all unlabeled: pyKNEEr DESS echo 1 (DICOM, 1 case), pymskt MESE T2 "
+        f"(DICOM, echo=all: {counts['MESE echoes']} cases of one knee), MRNet train exams' sagittal volumes "
+        f"({counts['MRNet sag']} cases) via convert_mrnet with spacing {s} mm (in-plane x, in-plane y, slice): "
+        "**an assumption**, MRNet publishes none; MRNet's sag output and the DICOM series then converted together "
+        f"into {dataset}. Conversion {t_convert:.0f} s.",
+        f"- plans: planned directly on the all-background corpus (intensity statistics: "
+        f"`{block.intensity_statistics}`, the planner's no-foreground fallback; no plans transfer needed), GPU memory "
+        f"target {args.gpu_memory_gb:g} GB to get a CPU-sized patch -> `{plans_id}` ({t_plan:.0f} s incl. "
+        f"preprocessing); `3d_diffusion`: spacing {spacing} mm, patch {patch}, batch {diff['batch_size']}; network "
+        f"shrunk with write_shrunk_plans to {kw['n_stages']} stages, features {kw['features_per_stage']}, "
+        f"blocks per stage {kw.get('n_blocks_per_stage', 'n/a')}, planned batch kept "
+        f"(`{small}`)",
+        f"- run: pretrain(iterations={iterations}, checkpoint_every={every}, learning_rate={args.learning_rate:g}, "
+        f"val_iterations={args.val_iterations}, device='cpu'), cosine schedule, epsilon prediction, EMA 0.995, fp32"
+        + (f"; {est:.2f} s/iteration measured beforehand for a {args.minutes:g}-minute budget" if est else ""),
+        f"- result: **{result.iterations} iterations in {minutes:.1f} min** ({60 * minutes / result.iterations:.2f} "
+        f"s/iteration incl. augmentation and validation); train loss (mean of {every} iterations) "
+        f"**{rows[0]['train_loss']:.4f} -> {rows[-1]['train_loss']:.4f}**; EMA validation loss "
+        f"{rows[0]['val_loss_ema']:.4f} -> {rows[-1]['val_loss_ema']:.4f} (EMA 0.995 lags on a run this short); "
+        f"encoder exported ({params / 1e6:.2f} M parameters) and loaded strictly by the 3d_fullres network: "
+        f"{result.load_report.splitlines()[0] if result.load_report else 'n/a'}",
+        f"- curve: `bench/results/{png_path.name}`, values `bench/results/{csv_path.name}` (loss values only)",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        common.append_markdown(args.out, text)
+    print(f"work folder (converted data, run, sanity picture): {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
