@@ -1,0 +1,32 @@
+"""Rebuild BENCHMARKS.md from the dated sections in bench/results/*.md (run by bench/run_all.sh)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["planning", "pretraining", "segmentation", "classification"]
+HEADER = """# Benchmarks
+
+Measured by the scripts in `bench/` (never by tests). Each section names the figure, the machine, the command
+and the date; ratios are measured side by side in one run. Absolute times are only meaningful from the GPU
+machine; CPU figures here come from a shared 2-core machine at reduced size. `bash bench/run_all.sh` reruns
+everything on a GPU machine and rebuilds this file.
+"""
+
+
+def main() -> None:
+    results = ROOT / "bench" / "results"
+    files = sorted(results.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    parts = [HEADER]
+    for f in files:
+        parts.append(f"\n## {f.stem.replace('_', ' ').capitalize()} (`bench/results/{f.name}`)\n")
+        text = f.read_text().strip()
+        # demote the file's own headings below this section's
+        parts.append("\n".join(("#" + line) if line.startswith("#") else line for line in text.splitlines()))
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts) + "\n")
+    print(f"wrote {ROOT / 'BENCHMARKS.md'} from {len(files)} result file(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every benchmark of the project, on the GPU machine, within ~25 minutes; then BENCHMARKS.md is rebuilt.
+#
+#   bash bench/run_all.sh            # GPU machine: full-size figures
+#   SIZE=reduced DEVICE=cpu bash bench/run_all.sh   # a CPU smoke run at reduced size (slow; figures not comparable)
+#
+# Each script appends a dated Markdown section (figure, machine, command) to bench/results/<name>.md;
+# bench/collect.py then writes BENCHMARKS.md from those files. Budgets (minutes, approximate on an H100):
+#   preprocessing throughput 3, planners 2, pretraining speed + precision sweep 6, segmentation trainer 3,
+#   classification throughput + probe/finetune/scratch 5, real-knee pretraining curve 4, label efficiency: CPU study,
+#   run separately (bench/label_efficiency.py, ~30 min).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+SIZE=${SIZE:-full}
+DEVICE=${DEVICE:-cuda}
+R=bench/results
+mkdir -p "$R"
+stamp() { printf '\n[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+stamp "preprocessing throughput vs nnUNetv2_plan_and_preprocess"
+$PY bench/bench_preprocess.py --cases 16 -np 8 --repeats 2 | tee -a "$R/planning.md"
+stamp "plans vs nnU-Net's planners"
+$PY bench/compare_planners.py | tee -a "$R/planning.md"
+stamp "pretraining vs vanilla nnU-Net training, precision sweep"
+$PY bench/bench_pretraining.py --device "$DEVICE" --size "$SIZE" --out "$R/pretraining.md"
+stamp "segmentation trainer vs nnUNetTrainer"
+$PY bench/bench_seg_trainer.py --device "$DEVICE" --size "$SIZE" --out "$R/segmentation.md"
+stamp "classification throughput and probe / fine-tune / scratch"
+$PY bench/bench_classification.py --part both --device "$DEVICE" --size "$SIZE" --out "$R/classification.md"
+stamp "pretraining loss curve on the real knees of ../shared/data"
+if [ -d ../shared/data ]; then
+  $PY bench/pretrain_real_knees.py --minutes 4 --out "$R/pretraining.md"
+else
+  echo "skipped: ../shared/data is absent"
+fi
+stamp "rebuilding BENCHMARKS.md"
+$PY bench/collect.py
+stamp "done"
