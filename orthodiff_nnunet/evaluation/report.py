@@ -327,6 +327,15 @@ def build_report(
                     "provenance": {**(provenance or {}), "packages": package_versions()},
                     "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "percentile 95%"}}
     plots: dict[str, Path] = {}
+    # nnU-Net's progress plot calls seaborn's set(font_scale=2.5), which changes matplotlib globally
+    # for the rest of the process: draw with matplotlib's defaults whatever ran before
+    with _plt().style.context("default"):
+        _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, n_boot, seed)
+    atomic_write_json(out_dir / "report.json", _nan_to_none(report))
+    return _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, title)
+
+
+def _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, n_boot, seed) -> None:
     if seg_rows:
         report["segmentation"] = summarize_segmentation(seg_rows, n_boot, seed)
         report["segmentation"]["cases"] = list(seg_rows)
@@ -338,7 +347,9 @@ def build_report(
         plots["ROC curves"] = plot_roc(cls_exams, label_names, out_dir / "roc_curves.png")
         plots["Reliability diagram"] = plot_reliability(report["classification"]["calibration_pooled"],
                                                         out_dir / "reliability_diagram.png")
-    atomic_write_json(out_dir / "report.json", _nan_to_none(report))
+
+
+def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, title) -> Path:
 
     md = [f"# {title}", "", f"Created {report['created']}. Intervals: percentile bootstrap ({n_boot} resamples, seed {seed}).", ""]
     parts_html = []
