@@ -25,7 +25,8 @@ def test_two_phantom_sites_three_orientations_pass_nnunet_plan_and_preprocess(tm
         result = convert(manifest, base, f"Phantom{site.name}", raw=raw, num_processes=1)
         assert set(result.datasets) == {"sag", "cor", "ax"}
         ids += [base, base + 1, base + 2]
-    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"))
+    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"),
+               nnUNet_def_n_proc="1")  # nnU-Net otherwise spawns a pool of 8+ workers on this 2-core machine
     exe = shutil.which("nnUNetv2_plan_and_preprocess", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
         [exe, "-d", *map(str, ids), "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
