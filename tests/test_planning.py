@@ -564,6 +564,7 @@ def test_phantom_convert_plan_and_preprocess_three_orientations(tmp_path: Path):
         assert d.num_preprocessed == 3
         assert (pre / d.dataset_name / "splits_final.json").is_file()
         ext = transferred.dataset(orientation)
-        assert ext.transferred_from == d.dataset_name and ext.num_cases == 0
+        # the external site is preprocessed with the 3 T plans (classification and evaluation read it)
+        assert ext.transferred_from == d.dataset_name and (ext.num_cases, ext.num_preprocessed) == (2, 2)
         ext_plans = json.loads(ext.plans_file.read_text())
         assert resolve_configuration(ext_plans, SEGMENTATION_CONFIGURATION) == fullres
