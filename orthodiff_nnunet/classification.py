@@ -27,7 +27,6 @@ predicted), and the targets when known (then also metrics with bootstrap CIs).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -279,6 +278,8 @@ def train_classification(
     vds = {v: _view_data(v, name, plans, configuration) for v, name in view_names.items()}
     targets = {v: load_dataset_targets(name) for v, name in view_names.items()}
     order = list(view_names)
+    if isinstance(encoders, (list, tuple)) and len(encoders) == 1 and "=" not in str(encoders[0]):
+        encoders = encoders[0]  # one bare path
     enc = _per_view(encoders, order, "--encoder", Path) if not isinstance(encoders, (str, Path)) else (
         {order[0]: Path(encoders)} if len(order) == 1 else None)
     if enc is None:

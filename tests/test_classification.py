@@ -311,8 +311,16 @@ def test_three_view_training_detects_effusion_on_held_out_exams(knee, tmp_path: 
 
 
 def test_gated_fusion_label_fraction_and_usage_errors(knee) -> None:
-    from orthodiff_nnunet.classification import ClassificationUsageError, train_classification
+    from orthodiff_nnunet.classification import ClassificationUsageError, _per_view, resolve_views, train_classification
     from orthodiff_nnunet.trainers.classification import ClassificationError
+
+    assert resolve_views(KNEE) == {"sag": knee.names["sag"], "cor": knee.names["cor"], "ax": knee.names["ax"]}
+    assert list(resolve_views([knee.names["ax"], knee.names["sag"]], ["ax", "sag"])) == ["ax", "sag"]
+    assert resolve_views(KNEE + 2, ["cor"]) == {"cor": knee.names["cor"]}  # any member stands for its group
+    assert _per_view(["sag=200", "cor=150", "ax=50"], ["sag", "cor", "ax"], "t", int) == {"sag": 200, "cor": 150, "ax": 50}
+    assert _per_view(["100"], ["sag", "ax"], "t", int) == {"sag": 100, "ax": 100}
+    with pytest.raises(ClassificationUsageError, match="one encoder path for several views"):
+        train_classification(KNEE, plans=PLANS, encoders=["x.pt"], device="cpu")
 
     result = train_classification(KNEE, views=["sag", "ax"], plans=PLANS, mode="scratch", fusion="gated",
                                   label_fraction=0.5, epochs=1, iterations_per_epoch=2, batch_size=2, device="cpu",
@@ -373,7 +381,7 @@ MRNET_SPACING = {"sag": (0.6, 0.6, 3.0), "cor": (0.6, 0.6, 3.0), "ax": (0.6, 0.6
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_mrnet_three_views_out_of_fold(shared_data: Path, tmp_path: Path) -> None:
-    """The 6 real MRNet exams, three views fused, 3-fold out-of-fold predictions: the run completes and
+    """The 6 real MRNet exams, three views fused, held-out predictions of 3 runs pooled: the run completes and
     reports metrics with bootstrap CIs. Six exams are a smoke test: no accuracy is claimed or asserted."""
     from orthodiff_nnunet.classification import predict_classification, train_classification
     from orthodiff_nnunet.dataset_conversion.mrnet import convert_mrnet
@@ -397,12 +405,12 @@ def test_real_mrnet_three_views_out_of_fold(shared_data: Path, tmp_path: Path) -
             write_shrunk_plans(folder, "orthodiffPlans", PLANS, max_features=4, max_stages=3)
         os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
         rows = []
-        for fold in range(3):
-            res = train_classification(731, plans=PLANS, mode="scratch", fold=fold, epochs=1, iterations_per_epoch=2,
-                                       batch_size=2, device="cpu", n_boot=0, seed=fold)
+        for fold in range(3):  # train on fold k minus fold k+1, select on fold k, predict the unseen fold k+1
+            res = train_classification(731, plans=PLANS, mode="scratch", fold=fold, test_fold=(fold + 1) % 3, epochs=1,
+                                       iterations_per_epoch=2, batch_size=2, device="cpu", n_boot=0, seed=fold)
             assert res.label_names == ["abnormal", "ACL", "meniscus"] and list(res.views) == ["sag", "cor", "ax"]
-            with open(res.output_folder / "validation_predictions.csv", newline="") as f:
-                fold_rows = list(csv.DictReader(f))  # the fold's held-out exams, best checkpoint, its own thresholds
+            with open(res.output_folder / "test_predictions.csv", newline="") as f:
+                fold_rows = list(csv.DictReader(f))  # held out: not trained on, not used for selection/thresholds
             rows += fold_rows
             if fold == 0:  # `predict cls` on real data gives the same numbers
                 pred = predict_classification(res.output_folder, 731, tmp_path / "fold0.csv", device="cpu",
@@ -416,7 +424,7 @@ def test_real_mrnet_three_views_out_of_fold(shared_data: Path, tmp_path: Path) -
         p = np.array([[float(r[f"p_{n}"]) for n in labels] for r in rows])
         d = np.array([[float(r[f"pred_{n}"]) for n in labels] for r in rows])
         metrics = classification_metrics(y, p, labels, n_boot=1000, seed=0, decisions=d)
-        print("\nMRNet, 6 real exams, three views fused, 3-fold out-of-fold predictions "
+        print("\nMRNet, 6 real exams, three views fused, pooled held-out predictions of 3 runs "
               "(smoke test, no accuracy claim):\n" + metrics.to_markdown())
         assert metrics.n_exams == 6 and set(metrics.macro_ci) == {"auroc", "auprc", "sensitivity", "specificity"}
     finally:

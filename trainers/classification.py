@@ -73,7 +73,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from orthodiff_nnunet.data.splits import label_fraction_subset
-from orthodiff_nnunet.data.targets import Exam, TargetsFile, load_dataset_targets, match_exams
+from orthodiff_nnunet.data.targets import Exam, TargetsFile, match_exams
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.evaluation.classification import choose_thresholds, classification_metrics, mean_auroc
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of

@@ -27,7 +27,7 @@ pretraining saw at that ``t``). ``t = 0`` (clean input) needs neither.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
