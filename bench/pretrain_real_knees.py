@@ -114,6 +114,56 @@ def time_per_iteration(dataset: str, plans_id: str, steps: int = 3) -> float:
     return seconds
 
 
+class deadline_training:
+    """Within this block, the pretraining trainer stops after the first checkpoint interval that ends
+    later than ``seconds`` after training started (None: no limit).
+
+    nnU-Net's ``run_training`` loops over a fixed range of epochs; this replaces it, for this
+    process only, by the same loop with a time check after each epoch (``on_train_end`` still
+    writes the final checkpoint, so the encoder export and the loss curve follow as usual). The
+    learning-rate schedule keeps the planned length: a run cut short ends before the LR has decayed.
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import torch
+
+        from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain as cls
+
+        self.cls, self.original = cls, cls.run_training
+        if self.seconds is None:
+            return self
+        limit = self.seconds
+
+        def run_training(trainer):
+            start = time.perf_counter()
+            trainer.on_train_start()
+            for _ in range(trainer.current_epoch, trainer.num_epochs):
+                trainer.on_epoch_start()
+                trainer.on_train_epoch_start()
+                outputs = [trainer.train_step(next(trainer.dataloader_train))
+                           for _ in range(trainer.num_iterations_per_epoch)]
+                trainer.on_train_epoch_end(outputs)
+                with torch.no_grad():
+                    trainer.on_validation_epoch_start()
+                    val = [trainer.validation_step(next(trainer.dataloader_val))
+                           for _ in range(trainer.num_val_iterations_per_epoch)]
+                    trainer.on_validation_epoch_end(val)
+                trainer.on_epoch_end()
+                if time.perf_counter() - start > limit:
+                    trainer.print_to_log_file(f"time budget of {limit / 60:.1f} min reached: stopping")
+                    break
+            trainer.on_train_end()
+
+        cls.run_training = run_training
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.run_training = self.original
+
+
 def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, every: int) -> list[dict]:
     """Loss values per checkpoint interval from the final checkpoint's log: CSV and a small PNG."""
     import matplotlib
@@ -210,21 +260,24 @@ def main(argv=None) -> int:
 
     every = args.checkpoint_every
     if args.iterations:
-        iterations = args.iterations
-        est = None
+        iterations, est, deadline = args.iterations, None, None
     else:
-        est = time_per_iteration(dataset, small)
-        budget = args.minutes * 60
-        # validation: val_iterations forward passes (about a third of a step each) per checkpoint
-        per_it = est * (1 + args.val_iterations / (3 * every))
-        iterations = max(every, int(budget / per_it) // every * every)
-        print(f"{est:.2f} s per training iteration -> {iterations} iterations in {args.minutes:g} min")
+        # The shared cores make the speed swing by 10x within minutes (other jobs, OpenMP threads
+        # waiting on each other), so the run is planned from a measurement with some headroom and
+        # stopped at the deadline after a whole checkpoint interval (see deadline_training).
+        est = time_per_iteration(dataset, small, steps=5)
+        per_it = est * (1 + args.val_iterations / (3 * every))  # validation: forward passes, ~1/3 of a step each
+        iterations = max(every, int(1.5 * args.minutes * 60 / per_it) // every * every)
+        deadline = args.minutes * 60
+        print(f"{est:.2f} s per training iteration -> planning {iterations} iterations, stopping after "
+              f"{args.minutes:g} min")
 
     torch.manual_seed(0)
     t_train = time.perf_counter()
-    result = pretrain(dataset, plans=small, iterations=iterations, checkpoint_every=every,
-                      learning_rate=args.learning_rate, device="cpu", val_iterations=args.val_iterations,
-                      sample_steps=10)
+    with deadline_training(deadline):
+        result = pretrain(dataset, plans=small, iterations=iterations, checkpoint_every=every,
+                          learning_rate=args.learning_rate, device="cpu", val_iterations=args.val_iterations,
+                          sample_steps=10)
     minutes = (time.perf_counter() - t_train) / 60
     print(result.summary())
 
@@ -263,9 +316,12 @@ def main(argv=None) -> int:
         f"(`{small}`)",
         f"- run: pretrain(iterations={iterations}, checkpoint_every={every}, learning_rate={args.learning_rate:g}, "
         f"val_iterations={args.val_iterations}, device='cpu'), cosine schedule, epsilon prediction, EMA 0.995, fp32"
-        + (f"; {est:.2f} s/iteration measured beforehand for a {args.minutes:g}-minute budget" if est else ""),
-        f"- result: **{result.iterations} iterations in {minutes:.1f} min** ({60 * minutes / result.iterations:.2f} "
-        f"s/iteration incl. augmentation and validation); train loss (mean of {every} iterations) "
+        + (f"; {est:.2f} s/iteration measured beforehand -> {iterations} iterations planned (LR schedule length), "
+           f"stopped at the first checkpoint after {args.minutes:g} min" if est else ""),
+        f"- result: **{result.iterations} iterations in {rows[-1]['elapsed_min']:.1f} min of training** "
+        f"({60 * rows[-1]['elapsed_min'] / result.iterations:.2f} s/iteration incl. augmentation and validation; "
+        f"{minutes:.1f} min for the whole pretrain() call with start-up, encoder export and the DDIM sanity "
+        f"picture); train loss (mean of {every} iterations) "
         f"**{rows[0]['train_loss']:.4f} -> {rows[-1]['train_loss']:.4f}**; EMA validation loss "
         f"{rows[0]['val_loss_ema']:.4f} -> {rows[-1]['val_loss_ema']:.4f} (EMA 0.995 lags on a run this short); "
         f"encoder exported ({params / 1e6:.2f} M parameters) and loaded strictly by the 3d_fullres network: "
