@@ -126,7 +126,8 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             raise ValueError(f"precision {self.precision!r}: use one of {PRECISIONS}")
         if self.device.type != "cuda" and self.precision in ("fp16", "bf16", "tf32"):
             self.precision = "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
+        if self.precision == "tf32":  # opt in only: never switch off a process-wide default others rely on
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self._apply_run_length()
         self._schedule = make_schedule(self.schedule_name, self.num_timesteps)
         ddp, self.is_ddp = self.is_ddp, False  # wrap in DDP ourselves: nnU-Net's wrapper assumes CUDA
