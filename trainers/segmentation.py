@@ -16,8 +16,11 @@ supervision, checkpoints, validation, predictor) with four small changes, each a
 * ``on_train_epoch_start``: optionally the first ``freeze_encoder_epochs`` epochs with the encoder
   frozen (no gradients, no updates), then nnU-Net's epoch start.
 
-``on_train_start`` additionally writes ``orthodiff_seg_run.json`` (init, encoder and its provenance,
-label fraction, seed, the chosen training cases, schedule) beside the checkpoints.
+Two more hooks only add to nnU-Net's: ``on_train_start`` writes ``orthodiff_seg_run.json`` (init,
+encoder and its provenance, label fraction, seed, the chosen training cases, schedule) beside the
+checkpoints, and ``perform_actual_validation`` can switch off mirroring (``validation_mirroring``,
+for short CPU runs). ``train_step``, the loss, the network builder and the data pipeline are
+nnU-Net's, untouched, so a trained model folder is an ordinary nnU-Net model.
 
 ``nnUNetTrainerOrthoDiffSegScratch`` is the same class with ``init = "scratch"``: identical plans,
 data, case subset, schedule and iterations; only the encoder's starting weights differ. The two
