@@ -78,7 +78,7 @@ from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.evaluation.classification import choose_thresholds, classification_metrics, mean_auroc
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.classifier import MultiViewClassifier, build_classifier, load_timestep_film
-from orthodiff_nnunet.networks.encoder_io import load_encoder, read_encoder_checkpoint
+from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, load_encoder, read_encoder_checkpoint
 from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class nnUNetTrainerOrthoDiffCls:
         self.mode: Mode = "finetune"
         self.encoder_paths: dict[str, Path | None] = {}
         self.noise_timesteps: dict[str, int] = {}
-        self.film = True  # use the pretraining's FiLM layers when the input is noised
+        self.film = True  # the pretraining's timestep FiLM layers on the pretrained encoders (at t = noise timestep)
         self.fusion = "concat"
         self.feature_stages = 1
         self.dropout = 0.0
@@ -349,10 +349,10 @@ class nnUNetTrainerOrthoDiffCls:
         return self._schedule_cfg
 
     def film_views(self) -> dict[str, bool]:
-        """Per view, whether the encoder carries the pretraining's timestep FiLM (noised input, pretrained encoder)."""
+        """Per view, whether the encoder carries the pretraining's timestep FiLM (pretrained encoders only)."""
         if self._film_cfg is None:
-            self._film_cfg = {v: bool(self.film and self.mode != "scratch" and self.noise_timesteps.get(v, 0) > 0
-                                      and self.encoder_paths.get(v)) for v in self.views}
+            self._film_cfg = {v: bool(self.film and self.mode != "scratch" and self.encoder_paths.get(v))
+                              for v in self.views}
         return self._film_cfg
 
     def restore_config(self, cfg: Mapping) -> None:
@@ -492,10 +492,15 @@ class nnUNetTrainerOrthoDiffCls:
                                           f"on {self.views[v].dataset_name}")
             report = load_encoder(branch.body, path, self.views[v].architecture_hash)
             text = report.summary()
+            t = self.noise_timesteps.get(v, 0)
             if branch.film:
-                text += "; " + load_timestep_film(branch, path)
-            elif self.noise_timesteps.get(v, 0) > 0:
-                text += f"; input noised to t={self.noise_timesteps[v]} without timestep conditioning"
+                try:
+                    text += "; " + load_timestep_film(branch, path) + f", applied at t={t}"
+                except EncoderMismatchError as exc:  # FiLM hooks stay the identity: the plain encoder
+                    log.warning("%s: %s", v, exc)
+                    text += f"; no timestep FiLM found beside the encoder: unconditioned encoder at t={t}"
+            else:
+                text += f"; unconditioned encoder (no timestep FiLM), input at t={t}"
             self.load_reports[v] = text
             log.info("%s: %s", v, text)
 

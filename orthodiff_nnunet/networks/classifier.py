@@ -16,13 +16,17 @@ method's head). A fusion module maps the views' features to one logit per label:
 Noised input (the method reads features of the clean scan noised to a timestep ``t``): each
 branch may noise its input with the pretraining schedule (``q_sample``) at a fixed timestep.
 Noise is random in training and, in evaluation, the same seeded noise field for every exam
-(deterministic and independent of batch composition). The exported encoder is the plain
-``network.encoder``; the pretraining's timestep FiLM layers are not part of it. With
-``film=True`` a branch carries the same FiLM hooks (:class:`TimestepConditionedNetwork` on the
-encoder only) so that :func:`load_timestep_film` can copy the pretrained time MLP and encoder-stage
-FiLM layers from the pretraining checkpoint beside ``encoder.pt``; without it a noised input goes
-through the unconditioned encoder (still a valid feature extractor, just not the exact network the
-pretraining saw at that ``t``). ``t = 0`` (clean input) needs neither.
+(deterministic and independent of batch composition).
+
+Timestep conditioning: the exported encoder is the plain ``network.encoder``; the pretraining's
+timestep FiLM layers (a scale and shift per stage, functions of ``t``) are not part of it, yet the
+pretrained network applied them at *every* timestep, ``t = 0`` included. With ``film=True`` a
+branch carries the same FiLM hooks (:class:`TimestepConditionedNetwork` on the encoder only), and
+:func:`load_timestep_film` copies the pretrained time MLP and encoder-stage FiLM layers from the
+pretraining checkpoint beside ``encoder.pt``: the encoder then computes exactly what the pretrained
+network's encoder computed at that ``t`` (clean or noised input). The hooks start as the identity
+(zero-initialised), so a branch whose FiLM could not be loaded is the plain encoder. Without FiLM
+(``film=False``, or training from scratch) the encoder is used unconditioned.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ FusionName = Literal["concat", "gated"]
 FUSIONS: tuple[str, ...] = ("concat", "gated")
 EVAL_NOISE_SEED = 20240531
 
-__all__ = ["FUSIONS", "FusionName", "AttentionPooling", "ViewBranch", "ConcatFusion", "GatedFusion",
+__all__ = ["FUSIONS", "FusionName", "AttentionPooling", "FeatureStandardizer", "ViewBranch", "ConcatFusion", "GatedFusion",
            "MultiViewClassifier", "build_classifier", "load_timestep_film"]
 
 
@@ -64,6 +68,24 @@ class AttentionPooling(nn.Module):
         weights = torch.softmax(self.score(tokens).float(), dim=1).to(tokens.dtype)  # (B, N, 1)
         attended = (weights * tokens).sum(dim=1)
         return torch.cat([attended, tokens.mean(dim=1)], dim=1)
+
+
+class FeatureStandardizer(nn.BatchNorm1d):
+    """Per-feature standardisation across exams (BatchNorm1d without affine parameters).
+
+    Pooled features of a frozen pretrained encoder can differ between exams by tiny amounts on very
+    different scales; standardising each feature over the batch (running statistics at evaluation),
+    as linear probes of self-supervised encoders do (e.g. MAE), lets a linear head use them. A
+    training batch with a single exam of this view is normalised with the running statistics.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(x)
 
 
 class _EncoderOnly(nn.Module):
@@ -111,7 +133,7 @@ class ViewBranch(nn.Module):
         channels = [_stage_channels(s) for s in encoder.stages][-self.feature_stages:]
         self.pools = nn.ModuleList(AttentionPooling(c) for c in channels)
         self.out_features = sum(p.out_features for p in self.pools)
-        self.norm = nn.LayerNorm(self.out_features)
+        self.norm = FeatureStandardizer(self.out_features)
 
     @property
     def encoder(self) -> nn.Module:
@@ -250,8 +272,7 @@ def build_classifier(
         feature_stages: last stages pooled per view.
         noise_timesteps: view -> timestep of the input noise (default 0, clean).
         schedules: view -> pretraining schedule dict (default cosine, 1000 steps).
-        film: timestep FiLM hooks on the encoders of noised views (one flag, or per view; see the
-            module docstring).
+        film: timestep FiLM hooks on the encoders (one flag, or per view; see the module docstring).
         dropout: before the fusion's linear layers.
     """
     from orthodiff_nnunet.networks.build import build_network
@@ -261,7 +282,7 @@ def build_classifier(
         c = num_input_channels if isinstance(num_input_channels, int) else num_input_channels[view]
         net = build_network(dict(p), configuration, c, 1)
         t = int((noise_timesteps or {}).get(view, 0))
-        use_film = bool(film.get(view, False) if isinstance(film, Mapping) else film) and t > 0
+        use_film = bool(film.get(view, False) if isinstance(film, Mapping) else film)
         branches[view] = ViewBranch(net.encoder, feature_stages, t, (schedules or {}).get(view), use_film)
     return MultiViewClassifier(branches, num_labels, fusion, dropout)
 
@@ -279,13 +300,13 @@ def load_timestep_film(branch: ViewBranch, encoder_path: Path) -> str:
         EncoderMismatchError: no checkpoint, or its FiLM layers do not fit this encoder.
     """
     if not branch.film:
-        raise ValueError("this branch has no FiLM hooks (build it with film=True and a noise timestep > 0)")
+        raise ValueError("this branch has no FiLM hooks (build it with film=True)")
     folder = Path(encoder_path).parent
     ckpt = next((folder / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth") if (folder / n).is_file()), None)
     if ckpt is None:
         raise EncoderMismatchError(
             f"no pretraining checkpoint beside {encoder_path}: the timestep FiLM layers live there; keep the "
-            "pretraining folder, or use clean input (--noise-timestep 0) or --no-film")
+            "pretraining folder, or pass --no-film")
     weights = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
     n = len(branch.body.film)
     wanted = {f"time_mlp.{k}": f"ema.time_mlp.{k}" for k in branch.body.time_mlp.state_dict()}
