@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,4 @@ def test_evaluate_classification_on_external_site(two_sites):
     html = (out / "report.html").read_text()
     assert "ROC curves" in html and "Reliability" in html and html.count("data:image/png;base64,") >= 2
     assert any(str(classifier.output_folder.resolve()) in m for m in rep["provenance"]["models"])
+    assert {Path(f).name for f in rep["provenance"]["plans"]} == {"plans_sag.json"}

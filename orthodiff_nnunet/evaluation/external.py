@@ -141,7 +141,8 @@ def evaluate(
         "external_datasets": {o: info.name for o, info in datasets.items()},
         "input_data_sha256": hash_inputs([info.folder for info in datasets.values()]),
         "models": used,
-        "plans": sorted({str(p) for m in used for p in Path(m).glob("plans.json")}),
+        # segmentation model folders hold plans.json; a classifier holds plans_<view>.json per view
+        "plans": sorted({str(p) for m in used for pat in ("plans.json", "plans_*.json") for p in Path(m).glob(pat)}),
         "checkpoints": sorted({str(p) for m in used for p in Path(m).rglob("checkpoint_*.pth")}),
     }
     html = build_report(output, seg_rows, cls_exams, label_names, thresholds, provenance, n_boot, seed)
