@@ -1,0 +1,531 @@
+"""Classification benchmarks: throughput (exams/s) and linear probe vs fine-tune vs scratch AUROC.
+
+Two parts, each optional (``--part throughput``, ``--part study``, default both):
+
+**Throughput** of ``nnUNetTrainerOrthoDiffCls`` with the three views fused (sag + cor + ax, concat
+fusion, fine-tune-shaped optimizer, scratch weights: the speed does not depend on the weights):
+
+* training, model only: ``train_step`` on batches drawn beforehand from the trainer's own nnU-Net
+  loader/augmentation (so loading is not timed), median over repetitions, exams/s = batch / time;
+* training, end to end: the trainer's epochs (loading and augmentation in ``nnUNet_n_proc_DA``
+  workers, or in-process with 0), exams/s from its progress log;
+* inference: ``predict_exams`` (centre crop, loading in the main process) over every exam, and the
+  forward pass alone on pre-collated batches;
+* on CUDA: ms per training step in fp32/tf32/bf16/fp16 as measured by the trainer's
+  ``precision="auto"`` (the choice it makes), and peak GPU memory.
+
+``--size reduced`` (CPU): small phantoms (scale 0.3, 0.8 mm pixels) and a tiny network
+(``write_shrunk_plans``, 8 features, 3 stages). ``--size full`` (GPU): adult-size phantoms
+(scale 1.0, 0.4 mm pixels, 3 mm slices) and the planned ResEnc-M network unchanged.
+Without a GPU the script says what it would measure there and marks those rows pending.
+
+**Study** (runs on CPU in ~15 min on 2 cores with the defaults): phantom exams with visible
+abnormalities, three views. An *unlabeled* corpus of other phantom exams (another seed; plans
+transferred from the labeled set, ``--plans-from``) pretrains one diffusion model per view
+(``orthodiff pretrain``); the labeled set (patient-grouped 5 folds, fixed pseudonym key) trains the
+classifier in three modes -- ``probe`` (frozen pretrained encoder), ``finetune`` (encoder at 0.05x
+the head's learning rate) and ``scratch`` (same network, random encoder) -- with identical data,
+seed and steps. Run k (k = 0..4) trains on fold k's training exams minus fold k+1, selects the
+checkpoint and thresholds on fold k's validation exams, and predicts fold k+1, which it never saw;
+the held-out predictions of the five runs cover every exam once and are pooled. Reported: pooled
+held-out per-label and macro AUROC with bootstrap 95% CIs (sensitivity/specificity at each run's
+own thresholds in the details), each run's macro AUROC, wall time. A small synthetic study: it
+compares the modes on this data; it is no evidence of clinical accuracy.
+
+**MRNet** (``--part mrnet``; needs ``../shared/data/mrnet``): the 6 real MRNet exams converted into
+three datasets, one diffusion model per view pretrained on them *without labels*, then the three-view
+classifier (3 labels: abnormal, ACL, meniscus) in each mode, 3 out-of-fold runs (validation fold k,
+held-out fold k+1) whose held-out predictions are pooled: per-label metrics with bootstrap 95% CIs. Six
+exams: the run shows the pipeline on real data; no accuracy is claimed.
+
+Usage::
+
+    OMP_NUM_THREADS=2 python bench/bench_classification.py                       # CPU: both parts, reduced
+    python bench/bench_classification.py --part throughput --size full --device cuda   # the GPU figures
+
+Appends a Markdown section to ``--out`` (default ``bench/results/classification.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "3c" * 32  # fixed pseudonym key: fixed exam names and folds
+THROUGHPUT_ID, STUDY_ID, CORPUS_ID, MRNET_ID = 941, 961, 971, 981  # +100 for --size full
+MRNET_CASES = ["0001", "0003", "1123", "1127", "1128", "1129"]
+# MRNet's .npy volumes carry no spacing: user-supplied, as in tests/test_classification.py
+MRNET_SPACING = {"sag": (0.6, 0.6, 3.0), "cor": (0.6, 0.6, 3.0), "ax": (0.6, 0.6, 3.5)}
+PLANS = "benchPlans"
+
+
+# ----------------------------------------------------------------------------------------------
+# machine and output
+def machine(device) -> str:
+    import torch
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.lower().startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    host = f"{cpu}, {cores} usable cores, torch threads {torch.get_num_threads()}"
+    soft = f"torch {torch.__version__}, nnunetv2 {version('nnunetv2')}, Python {platform.python_version()}"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB); host {host}; {soft}"
+    return f"CPU only: {host}; {soft}"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def command_line() -> str:
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "nnUNet_n_proc_DA") if k in os.environ)
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+def phantom_group(work: Path, dataset_id: int, name: str, n_cases: int, seed: int, scale: float,
+                  in_plane_mm: float, planner: str, plans_from: int | None = None) -> dict[str, str]:
+    """sag/cor/ax phantom datasets, converted and preprocessed (reused when present); view -> name."""
+    import dataclasses
+
+    from orthodiff_nnunet.api import convert
+    from orthodiff_nnunet.data.phantom import write_site
+    from orthodiff_nnunet.data.sites import SITE_3T
+    from orthodiff_nnunet.planning import plan_and_preprocess
+
+    raw, pre = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
+    key = work / "pseudonym.key"
+    if not key.is_file():
+        key.write_text(KEY + "\n")
+    if not list(raw.glob(f"Dataset{dataset_id:03d}_*")):
+        site = dataclasses.replace(SITE_3T, in_plane_spacing_mm=in_plane_mm)
+        manifest = write_site(work / f"site_{name}", site, n_cases=n_cases, seed=seed, prevalence=0.5, scale=scale)
+        convert(manifest, dataset_id, name, num_processes=1, pseudonym_key=key)
+    saved = os.environ.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planning breaks with 0
+    try:
+        plan_and_preprocess([dataset_id, dataset_id + 1, dataset_id + 2], num_processes=2, show_progress=False,
+                            planner=planner, plans_from=plans_from)
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved
+    out = {}
+    for folder in sorted(pre.glob(f"Dataset{dataset_id:03d}_*")) + sorted(pre.glob(f"Dataset{dataset_id + 1:03d}_*")) \
+            + sorted(pre.glob(f"Dataset{dataset_id + 2:03d}_*")):
+        out[json.loads((folder / "dataset.json").read_text())["orthodiff"]["orientation"]] = folder.name
+    return out
+
+
+def shrink(names: dict[str, str], source: str, features: int, diffusion_batch: int | None = None) -> None:
+    """Tiny-network copy of the plans (same data); optionally a smaller diffusion batch for CPU."""
+    from orthodiff_nnunet.networks.build import write_shrunk_plans
+    from orthodiff_nnunet.utils import atomic_write_json
+
+    pre = Path(os.environ["nnUNet_preprocessed"])
+    for name in names.values():
+        write_shrunk_plans(pre / name, source, PLANS, max_features=features, max_stages=3)
+        if diffusion_batch:
+            f = pre / name / f"{PLANS}.json"
+            plans = json.loads(f.read_text())
+            plans["configurations"]["3d_diffusion"]["batch_size"] = diffusion_batch
+            atomic_write_json(f, plans)
+
+
+# ----------------------------------------------------------------------------------------------
+# throughput
+def throughput(args, device) -> str:
+    import torch
+
+    from orthodiff_nnunet.classification import _view_data, resolve_views
+    from orthodiff_nnunet.data.targets import load_dataset_targets
+    from orthodiff_nnunet.trainers.classification import MultiViewExamLoader, nnUNetTrainerOrthoDiffCls
+
+    full = args.size == "full"
+    names = phantom_group(args.work, THROUGHPUT_ID + (100 if full else 0), "ClsBenchFull" if full else "ClsBench",
+                          args.cases, args.seed, 1.0 if full else 0.3, 0.4 if full else 0.8,
+                          "resenc_m" if full else "plain")
+    plans = "orthodiffResEncMPlans" if full else PLANS
+    if not full:
+        shrink(names, "orthodiffPlans", args.features)
+    views = resolve_views(list(names.values()))
+    vds = {v: _view_data(v, n, plans, "3d_classification") for v, n in views.items()}
+    targets = {v: load_dataset_targets(n) for v, n in views.items()}
+    trainer = nnUNetTrainerOrthoDiffCls(vds, targets, 0, args.work / "throughput_run", device)
+    trainer.mode, trainer.batch_size = "scratch", args.batch_size
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 1, args.iterations
+    trainer.precision = "auto" if device.type == "cuda" else "fp32"
+    trainer.initialize()
+    gen = trainer._start_augmenter()
+    batches = [next(gen) for _ in range(args.iterations)]
+    if hasattr(gen, "_finish"):
+        gen._finish()
+    trainer.choose_precision(batches[0])
+    if trainer.precision == "fp16":
+        trainer.grad_scaler = torch.amp.GradScaler("cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for b in batches[:2]:  # warm-up
+        trainer.train_step(b)
+    step_s = []
+    for _ in range(args.repeats):
+        sync()
+        t = time.perf_counter()
+        for b in batches:
+            trainer.train_step(b)
+        sync()
+        step_s.append((time.perf_counter() - t) / len(batches))
+    train_model = args.batch_size / statistics.median(step_s)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+    # end to end: the trainer's own epoch (loading + augmentation included)
+    trainer.current_epoch = 0
+    trainer.history = []
+    trainer.run_training()
+    train_e2e = trainer.history[-1]["train_exams_per_s"]
+
+    exams = trainer.exams_train + trainer.exams_val
+    t = time.perf_counter()
+    trainer.predict_exams(exams)
+    infer_e2e = len(exams) / (time.perf_counter() - t)
+    loader = MultiViewExamLoader(exams, trainer._loaders(exams, training=False), trainer._shapes(), args.batch_size, False)
+    collated = [loader.collate(exams[i:i + args.batch_size]) for i in range(0, len(exams), args.batch_size)]
+    trainer.network.eval()
+    with torch.no_grad():
+        for b in collated[:1]:
+            d, p, _ = trainer._to_device(b)
+            with trainer._autocast():
+                trainer.network(d, p)
+        sync()
+        t = time.perf_counter()
+        for b in collated:
+            d, p, _ = trainer._to_device(b)
+            with trainer._autocast():
+                trainer.network(d, p)
+        sync()
+    infer_model = len(exams) / (time.perf_counter() - t)
+    patches = ", ".join(f"{v} {'x'.join(map(str, d.patch_size))}" for v, d in vds.items())
+    n_params = sum(p.numel() for p in trainer.network.parameters())
+    lines = [f"### Throughput, {args.size} size, {device.type}",
+             f"Views sag+cor+ax fused (concat); patches (through-plane first) {patches}; batch {args.batch_size} exams; "
+             f"network {n_params / 1e6:.3f} M parameters ({plans}); precision {trainer.precision}; "
+             f"{args.iterations} steps x {args.repeats} repetitions; `nnUNet_n_proc_DA`={os.environ.get('nnUNet_n_proc_DA', 'default')}.",
+             "",
+             table(["what", "exams/s", "notes"], [
+                 ["training, model step only", f"{train_model:.2f}",
+                  f"median {1000 * statistics.median(step_s):.0f} ms/step (min {1000 * min(step_s):.0f}, max {1000 * max(step_s):.0f})"],
+                 ["training, end to end (epoch incl. loading + augmentation)", f"{train_e2e:.2f}", ""],
+                 ["inference, forward only", f"{infer_model:.2f}", f"{len(exams)} exams"],
+                 ["inference, `predict_exams` incl. loading", f"{infer_e2e:.2f}", f"{len(exams)} exams"],
+             ])]
+    if device.type == "cuda":
+        lines += ["", "Precision measured by `precision=\"auto\"` (ms per training step): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in trainer.precision_timings.items())
+                  + f" -> **{trainer.precision}**; peak GPU memory {peak:.2f} GiB."]
+    return "\n".join(lines)
+
+
+def pending_gpu_section() -> str:
+    return "\n".join([
+        "### Throughput on GPU: pending",
+        "No CUDA device in this session. On a GPU machine run "
+        "`python bench/bench_classification.py --part throughput --size full --device cuda`: it measures, with "
+        "adult-size phantoms (0.4 mm pixels, 3 mm slices) and the planned ResEnc-M network on the three views, "
+        "training exams/s (model step; end to end with nnU-Net's augmentation workers), inference exams/s "
+        "(forward; with loading), ms/step in fp32/tf32/bf16/fp16 and the precision the trainer picks, and peak "
+        "GPU memory.",
+        "",
+        table(["what", "exams/s"], [["training, model step only", "pending"], ["training, end to end", "pending"],
+                                    ["inference, forward only", "pending"], ["inference, incl. loading", "pending"]]),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# probe vs fine-tune vs scratch
+def study(args, device) -> str:
+    from orthodiff_nnunet.pretraining import pretrain
+
+    t0 = time.perf_counter()
+    labeled = phantom_group(args.work, STUDY_ID, "ClsStudy", args.study_cases, args.seed, 0.3, 0.8, "plain")
+    corpus = phantom_group(args.work, CORPUS_ID, "ClsCorpus", args.corpus_cases, args.seed + 1000, 0.3, 0.8, "plain",
+                           plans_from=STUDY_ID)
+    shrink(labeled, "orthodiffPlans", args.features)
+    shrink(corpus, "orthodiffPlans", args.features, diffusion_batch=args.diffusion_batch)
+    pre = Path(os.environ["nnUNet_preprocessed"])
+    for view, name in corpus.items():
+        # Workaround: plans transfer writes no dataset_fingerprint.json, but nnUNetTrainer.on_train_start
+        # (used by `orthodiff pretrain`) copies it into the results as a record. Give the corpus the
+        # fingerprint of the dataset its plans come from; nothing else reads it.
+        if not (pre / name / "dataset_fingerprint.json").is_file():
+            shutil.copyfile(pre / labeled[view] / "dataset_fingerprint.json", pre / name / "dataset_fingerprint.json")
+    data_s = time.perf_counter() - t0
+    pre_s, pre_loss = {}, {}
+    for view, name in corpus.items():
+        t = time.perf_counter()
+        out = Path(os.environ["nnUNet_results"]) / name / f"nnUNetTrainerOrthoDiffPretrain__{PLANS}__3d_diffusion" / "fold_all"
+        if not (out / "encoder.pt").is_file():
+            r = pretrain(name, plans=PLANS, iterations=args.pretrain_iterations,
+                         checkpoint_every=max(1, args.pretrain_iterations // 4), learning_rate=args.pretrain_lr,
+                         device=str(device.type), sample_steps=0, val_iterations=2)
+            pre_loss[view] = f"{r.train_losses[0]:.3f} -> {r.train_losses[-1]:.3f}"
+            print(f"pretrained {view}: loss {pre_loss[view]}", flush=True)
+        pre_s[view] = time.perf_counter() - t
+    rows, details, n_test = [], [], 0
+    for mode in args.modes:
+        pooled, label_names, per_pair, seconds = pooled_runs(STUDY_ID, mode, 5, args, device, encoders_from=CORPUS_ID,
+                                                             runs=args.folds)
+        m = pooled_metrics(pooled, label_names)
+        n_test = m.n_exams
+        lo, hi = m.macro_ci["auroc"]
+        rows.append([mode, f"{m.macro['auroc']:.3f} [{lo:.3f}, {hi:.3f}]",
+                     *[f"{x.auroc:.2f}" if x.auroc == x.auroc else "n/a" for x in m.labels],
+                     " / ".join(f"{a:.2f}" for a in per_pair), f"{seconds / 60:.1f}"])
+        details.append(f"<details><summary>{mode}: pooled held-out metrics</summary>\n\n{m.to_markdown()}\n\n</details>")
+        print(f"{mode}: pooled held-out macro AUROC {m.macro['auroc']:.3f} [{lo:.3f}, {hi:.3f}] ({seconds:.0f} s)",
+              flush=True)
+    lines = [
+        "### Linear probe vs fine-tune vs scratch (phantom, three views fused)",
+        f"Labeled: {args.study_cases} phantom exams x sag/cor/ax (scale 0.3, 0.8 mm pixels, 3 mm slices, every "
+        f"abnormality with probability 0.5), patient-grouped 5 folds. {args.folds} runs per mode: run k trains on "
+        f"fold k's training exams minus fold k+1, selects the checkpoint and thresholds on fold k's validation "
+        f"exams and predicts fold k+1, never seen: the {n_test} held-out predictions (every exam once) are pooled. "
+        f"Pretraining corpus: {args.corpus_cases} other phantom exams (used without labels, plans transferred), "
+        f"{args.pretrain_iterations} diffusion iterations per view (batch {args.diffusion_batch}, lr {args.pretrain_lr}"
+        + (f"; epsilon-MSE {', '.join(f'{v} {x}' for v, x in pre_loss.items())}" if pre_loss else "")
+        + f"). Network: plain plans shrunk to {args.features} features, 3 stages. Classifier: {args.epochs} epochs x "
+        f"{args.iterations_per_epoch} steps, batch {args.batch_size}, head lr {args.lr} (fine-tune: encoder 0.05x), "
+        f"nnU-Net augmentation (left-right mirroring), clean input (t = 0), seed {args.seed}.",
+        f"Times: data {data_s / 60:.1f} min, pretraining "
+        + ", ".join(f"{v} {x / 60:.1f} min" for v, x in pre_s.items()) + ".",
+        "",
+        table(["mode", "pooled held-out macro AUROC [95% CI]", *label_names, "macro AUROC per run", "train min"], rows),
+        "",
+        f"Per-label AUROC on the {n_test} pooled held-out exams. Bootstrap: 1000 resamples of exams, seed 0. "
+        "Synthetic phantoms, one data seed: differences inside the CIs are not evidence of anything.",
+        "",
+        *details,
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# the real MRNet exams
+def pooled_runs(dataset_id: int, mode: str, n_folds: int, args, device, encoders_from=None, runs: int | None = None):
+    """Out-of-fold runs k = 0..runs-1 (validation fold k, held-out fold k+1 mod n_folds): the pooled held-out
+    prediction rows, label names, each run's held-out macro AUROC, and seconds."""
+    import csv
+
+    from orthodiff_nnunet.classification import train_classification
+
+    t = time.perf_counter()
+    pooled, per_run, labels = [], [], None
+    for k in range(n_folds if runs is None else runs):
+        res = train_classification(
+            dataset_id, plans=PLANS, mode=mode, encoders_from=None if mode == "scratch" else encoders_from, fold=k,
+            test_fold=(k + 1) % n_folds, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+            batch_size=args.batch_size, learning_rate=args.lr, device=str(device.type), seed=args.seed, n_boot=0,
+            run_name=f"bench_{mode}_{int(time.time())}")
+        labels = res.label_names
+        per_run.append(res.test.macro["auroc"])
+        with open(res.output_folder / "test_predictions.csv", newline="") as f:
+            pooled += list(csv.DictReader(f))
+    return pooled, labels, per_run, time.perf_counter() - t
+
+
+def pooled_metrics(rows: list[dict], labels: list[str]):
+    import numpy as np
+
+    from orthodiff_nnunet.evaluation.classification import classification_metrics
+
+    cell = lambda r, k: float(r[k]) if r[k] != "" else np.nan  # noqa: E731
+    y = np.array([[cell(r, f"target_{n}") for n in labels] for r in rows])
+    p = np.array([[cell(r, f"p_{n}") for n in labels] for r in rows])
+    d = np.array([[cell(r, f"pred_{n}") for n in labels] for r in rows])
+    return classification_metrics(y, p, labels, n_boot=1000, seed=0, decisions=d)
+
+
+def mrnet(args, device) -> str:
+    from orthodiff_nnunet.dataset_conversion.mrnet import convert_mrnet
+    from orthodiff_nnunet.planning import plan_and_preprocess
+    from orthodiff_nnunet.pretraining import pretrain
+
+    root = REPO.parent / "shared" / "data" / "mrnet"
+    if not (root / "train").is_dir():
+        return f"### MRNet: skipped\n{root} is absent on this machine."
+    t0 = time.perf_counter()
+    raw, pre = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
+    key = args.work / "pseudonym.key"
+    if not key.is_file():
+        key.write_text(KEY + "\n")
+    if not list(raw.glob(f"Dataset{MRNET_ID:03d}_*")):
+        convert_mrnet(root, MRNET_ID, spacing=MRNET_SPACING, cases=MRNET_CASES, num_processes=1, num_folds=3,
+                      pseudonym_key=key)
+    saved = os.environ.pop("nnUNet_n_proc_DA", None)
+    try:
+        plan_and_preprocess([MRNET_ID, MRNET_ID + 1, MRNET_ID + 2], num_processes=1, show_progress=False,
+                            planner="plain")
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved
+    names = {}
+    for i in range(3):
+        folder = next(pre.glob(f"Dataset{MRNET_ID + i:03d}_*"))
+        names[json.loads((folder / "dataset.json").read_text())["orthodiff"]["orientation"]] = folder.name
+    shrink(names, "orthodiffPlans", args.features, diffusion_batch=2)
+    patches = {v: json.loads((pre / n / f"{PLANS}.json").read_text())["configurations"]["3d_classification"]["patch_size"]
+               for v, n in names.items()}
+    pre_loss = {}
+    for view, name in names.items():
+        out = Path(os.environ["nnUNet_results"]) / name / f"nnUNetTrainerOrthoDiffPretrain__{PLANS}__3d_diffusion" / "fold_all"
+        if not (out / "encoder.pt").is_file():
+            r = pretrain(name, plans=PLANS, iterations=args.mrnet_pretrain_iterations,
+                         checkpoint_every=max(1, args.mrnet_pretrain_iterations // 4), learning_rate=args.pretrain_lr,
+                         device=str(device.type), sample_steps=0, val_iterations=1)
+            pre_loss[view] = f"{r.train_losses[0]:.3f} -> {r.train_losses[-1]:.3f}"
+            print(f"MRNet pretrained {view}: loss {pre_loss[view]}", flush=True)
+    prep_s = time.perf_counter() - t0
+    rows, details, n = [], [], 0
+    for mode in args.modes:
+        pooled, labels, per_run, seconds = pooled_runs(MRNET_ID, mode, 3, args, device, encoders_from=MRNET_ID)
+        m = pooled_metrics(pooled, labels)
+        n = m.n_exams
+        fmt = lambda v, ci: "n/a" if v != v else f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"  # noqa: E731
+        rows.append([mode, *[fmt(x.auroc, x.ci["auroc"]) for x in m.labels],
+                     fmt(m.macro["auroc"], m.macro_ci["auroc"]),
+                     " / ".join("n/a" if a != a else f"{a:.2f}" for a in per_run), f"{seconds / 60:.1f}"])
+        details.append(f"<details><summary>MRNet {mode}: pooled held-out metrics</summary>\n\n{m.to_markdown()}"
+                       "\n\n</details>")
+        print(f"MRNet {mode}: pooled held-out macro AUROC {m.macro['auroc']:.3f} ({seconds:.0f} s)", flush=True)
+    return "\n".join([
+        "### MRNet: the 6 real exams, three views fused (no accuracy claim)",
+        f"Cases {', '.join(MRNET_CASES)} of `../shared/data/mrnet` (Stanford MRNet v1.0, research use), converted into "
+        f"sag/cor/ax datasets with user-supplied spacing {MRNET_SPACING} (MRNet stores none), patient-grouped 3 folds; "
+        f"plain plans shrunk to {args.features} features, 3 stages; classification patches (through-plane first) "
+        + ", ".join(f"{v} {'x'.join(map(str, ps))}" for v, ps in patches.items()) + ". "
+        f"Per view a diffusion model pretrained on the same 6 exams without labels ({args.mrnet_pretrain_iterations} "
+        "iterations" + (f"; epsilon-MSE {', '.join(f'{v} {x}' for v, x in pre_loss.items())}" if pre_loss else "")
+        + f"). Classifier: {args.epochs} epochs x {args.iterations_per_epoch} steps, batch {args.batch_size}, head lr "
+        f"{args.lr}; 3 runs per mode (validation fold k, held-out fold k+1): the {n} held-out predictions (every exam "
+        f"once) are pooled. Data, planning and pretraining {prep_s / 60:.1f} min.",
+        "",
+        table(["mode", "abnormal AUROC [95% CI]", "ACL AUROC [95% CI]", "meniscus AUROC [95% CI]",
+               "macro AUROC [95% CI]", "macro AUROC per run", "train min"], rows),
+        "",
+        f"{n} exams pooled over 3 differently trained runs: nothing is known about accuracy from this run (values "
+        "below chance, and intervals that collapse to a point, are what so few exams give); it shows that "
+        "conversion, planning, pretraining, three-view training and held-out prediction complete on real MRNet "
+        "volumes. Bootstrap: 1000 resamples of exams, seed 0; n/a where a label has one class only.",
+        "",
+        *details,
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["throughput", "study", "mrnet", "both", "all"], default="both",
+                   help="both = throughput + study; all = both + mrnet")
+    p.add_argument("--size", choices=["reduced", "full"], default="reduced")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "classification.md")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", type=int, default=8, help="reduced size: max features of the shrunk network")
+    # throughput
+    p.add_argument("--cases", type=int, default=12, help="throughput: phantom exams")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=6, help="throughput: steps per repetition")
+    p.add_argument("--repeats", type=int, default=3)
+    # study
+    p.add_argument("--study-cases", type=int, default=60)
+    p.add_argument("--corpus-cases", type=int, default=40)
+    p.add_argument("--pretrain-iterations", type=int, default=1000)
+    p.add_argument("--folds", type=int, default=5, help="study: runs per mode (validation fold k, test fold k+1)")
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--diffusion-batch", type=int, default=8)
+    p.add_argument("--modes", nargs="+", default=["probe", "finetune", "scratch"])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--iterations-per-epoch", type=int, default=20)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--mrnet-pretrain-iterations", type=int, default=150)
+    args = p.parse_args(argv)
+
+    import logging
+
+    import torch
+
+    from orthodiff_nnunet.pretraining import resolve_device
+
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_cls_")
+        args.work = Path(tmp.name)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for env, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        os.environ[env] = str((args.work / sub).resolve())
+        (args.work / sub).mkdir(exist_ok=True)
+    os.environ.setdefault("nnUNet_compile", "0")
+    if device.type == "cpu":
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    load_start = load_average()
+    sections = []
+    if args.part in ("throughput", "both", "all"):
+        sections.append(throughput(args, device))
+        if device.type != "cuda":
+            sections.append(pending_gpu_section())
+    if args.part in ("study", "both", "all"):
+        sections.append(study(args, device))
+    if args.part in ("mrnet", "all"):
+        sections.append(mrnet(args, device))
+    header = (f"## Run of {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}\n\n"
+              f"- machine: {machine(device)}\n- command: `{command_line()}`\n"
+              f"- load average (1/5/15 min) at the start {load_start}, at the end {load_average()} "
+              "(a shared 2-core machine: other jobs inflate wall times)\n"
+              f"- total wall time: {(time.perf_counter() - start) / 60:.1f} min\n")
+    text = header + "\n" + "\n\n".join(sections) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = args.out.read_text() if args.out.is_file() else "# Classification benchmarks\n"
+    args.out.write_text(old.rstrip("\n") + "\n\n" + text)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
