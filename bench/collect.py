@@ -15,8 +15,14 @@ everything on a GPU machine and rebuilds this file.
 """
 
 
-def main() -> None:
-    results = ROOT / "bench" / "results"
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="folder of result files")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="file to write (default BENCHMARKS.md)")
+    args = ap.parse_args(argv)
+    results = args.results
     files = sorted(results.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
     parts = [HEADER]
     for f in files:
@@ -24,8 +30,8 @@ def main() -> None:
         text = f.read_text().strip()
         # demote the file's own headings below this section's
         parts.append("\n".join(("#" + line) if line.startswith("#") else line for line in text.splitlines()))
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts) + "\n")
-    print(f"wrote {ROOT / 'BENCHMARKS.md'} from {len(files)} result file(s)")
+    args.out.write_text("\n".join(parts) + "\n")
+    print(f"wrote {args.out} from {len(files)} result file(s)")
 
 
 if __name__ == "__main__":

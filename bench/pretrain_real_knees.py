@@ -289,8 +289,8 @@ def main(argv=None) -> int:
              f"DESS 1 + MESE {counts['MESE echoes']} echoes + MRNet {counts['MRNet sag']} (assumed {s} mm)\n"
              f"patch {patch} @ {spacing} mm, batch {diff['batch_size']}, {kw['n_stages']} stages x "
              f"{max(kw['features_per_stage'])} features")
-    csv_path = RESULTS / "pretraining_real_knees_loss.csv" if not args.no_write else work / "loss.csv"
-    png_path = RESULTS / "pretraining_real_knees_loss.png" if not args.no_write else work / "loss.png"
+    csv_path = args.out.parent / "pretraining_real_knees_loss.csv" if not args.no_write else work / "loss.csv"
+    png_path = args.out.parent / "pretraining_real_knees_loss.png" if not args.no_write else work / "loss.png"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     rows = write_curve(result.output_folder / "checkpoint_final.pth", csv_path, png_path, title, every)
 

@@ -2,7 +2,8 @@
 # Every benchmark of the project, on the GPU machine, within ~25 minutes; then BENCHMARKS.md is rebuilt.
 #
 #   bash bench/run_all.sh            # GPU machine: full-size figures
-#   SIZE=reduced DEVICE=cpu bash bench/run_all.sh   # a CPU smoke run at reduced size (slow; figures not comparable)
+#   SIZE=reduced DEVICE=cpu RESULTS=/tmp/smoke bash bench/run_all.sh
+#                                    # a CPU smoke run at reduced size into another folder (figures not comparable)
 #
 # Each script appends a dated Markdown section (figure, machine, command) to bench/results/<name>.md;
 # bench/collect.py then writes BENCHMARKS.md from those files. Budgets (minutes, approximate on an H100):
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 SIZE=${SIZE:-full}
 DEVICE=${DEVICE:-cuda}
-R=bench/results
+R=${RESULTS:-bench/results}
 mkdir -p "$R"
 stamp() { printf '\n[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -35,5 +36,5 @@ else
   echo "skipped: ../shared/data is absent"
 fi
 stamp "rebuilding BENCHMARKS.md"
-$PY bench/collect.py
+$PY bench/collect.py --results "$R" --out "$( [ "$R" = bench/results ] && echo BENCHMARKS.md || echo "$R/BENCHMARKS.md" )"
 stamp "done"
