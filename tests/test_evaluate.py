@@ -60,6 +60,10 @@ def test_evaluate_segmentation_on_external_site(two_sites):
     assert dice and all(0.0 <= d <= 1.0 for d in dice)
     femur = rep["segmentation"]["overall"]["femur"]["dice"]
     assert femur["n"] == 6
+    mean_dice = sum(v["dice"]["mean"] for v in rep["segmentation"]["overall"].values()
+                    if v["dice"]["mean"] is not None)
+    n_defined = sum(v["dice"]["mean"] is not None for v in rep["segmentation"]["overall"].values())
+    assert f"mean Dice over {n_defined} structures {mean_dice / n_defined:.3f}" in result.summary()
     assert list(rep["segmentation"]["strata"]["site"]) == ["SiteB"]
     assert rep["provenance"]["external_datasets"] == {"sag": "Dataset551_EvalBSag"}
     assert len(rep["provenance"]["input_data_sha256"]) == 64
@@ -84,6 +88,7 @@ def test_evaluate_classification_on_external_site(two_sites):
     out = root / "report_cls"
     result = evaluate([551], out, cls_model=classifier.output_folder, n_boot=200, device="cpu", num_processes=0)
     assert result.num_cls_exams == 6 and result.num_seg_cases == 0
+    assert "classification: macro AUROC" in result.summary() and "segmentation:" not in result.summary()
     # the external dataset was preprocessed with the classifier's plans (transferred, same name)
     assert (root / "pre" / "Dataset551_EvalBSag" / "tinyPlans.json").is_file()
     rep = json.loads((out / "report.json").read_text())

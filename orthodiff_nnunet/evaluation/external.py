@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orthodiff_nnunet import paths
@@ -32,10 +33,29 @@ class EvaluationResult:
     report_html: Path
     num_seg_cases: int
     num_cls_exams: int
+    headline: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"evaluated {self.num_seg_cases} segmentation case(s) and {self.num_cls_exams} exam(s); "
-                f"report: {self.report_html}")
+        return "\n".join([f"evaluated {self.num_seg_cases} segmentation case(s) and {self.num_cls_exams} exam(s); "
+                          f"report: {self.report_html}", *self.headline])
+
+
+def _headline(report: Mapping) -> list[str]:
+    """One line per task with the report's overall figures (the full tables are in the report)."""
+    lines = []
+    seg = report.get("segmentation", {}).get("overall", {})
+    dice = {k: v["dice"]["mean"] for k, v in seg.items() if v.get("dice", {}).get("mean") is not None}
+    if dice:
+        best = max(dice, key=dice.get)
+        lines.append(f"  segmentation: mean Dice over {len(dice)} structures {sum(dice.values()) / len(dice):.3f} "
+                     f"(highest: {best} {dice[best]:.3f})")
+    cls = report.get("classification", {})
+    if cls.get("overall"):
+        m, ci = cls["overall"]["macro"]["auroc"], cls["overall"]["macro_ci"].get("auroc") or (math.nan, math.nan)
+        ece = cls.get("calibration_pooled", {}).get("ece", math.nan)
+        lines.append(f"  classification: macro AUROC {m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over "
+                     f"{cls['overall']['n_exams']} exams; expected calibration error {ece:.3f}")
+    return lines
 
 
 def _external_datasets(external: Sequence[int | str], raw: Path | None):
@@ -146,7 +166,9 @@ def evaluate(
         "checkpoints": sorted({str(p) for m in used for p in Path(m).rglob("checkpoint_*.pth")}),
     }
     html = build_report(output, seg_rows, cls_exams, label_names, thresholds, provenance, n_boot, seed)
-    return EvaluationResult(output, html, len({(r["case"], r["orientation"]) for r in seg_rows}), len(cls_exams))
+    headline = _headline(load_json(output / "report.json"))
+    return EvaluationResult(output, html, len({(r["case"], r["orientation"]) for r in seg_rows}), len(cls_exams),
+                            headline)
 
 
 def _evaluate_classification(datasets, cls_model: Path, output: Path, device: str):
