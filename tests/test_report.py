@@ -75,5 +75,12 @@ def test_report_files_and_classification_against_sklearn(tmp_path):
     assert rep["provenance"]["packages"]["nnunetv2"].startswith("2.8")
     text = html.read_text()
     assert text.count("data:image/png;base64,") == 3 and "http" not in text.split("<body>")[1]
-    assert "SiteB" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "SiteB" in md
+    # two segmentation sites get a table each; the exams come from one site, one field strength, one vendor:
+    # their stratum tables would repeat the overall one, so a note replaces them (report.json keeps them)
+    assert "### Segmentation, site = SiteA" in md and "### Segmentation, site = SiteB" in md
+    assert "### Classification, site = SiteB" not in md
+    assert "overall table holds: site SiteB; field strength (T) 1.5; vendor V" in md
+    assert list(rep["classification"]["strata"]["site"]) == ["SiteB"]
     assert not math.isnan(rep["classification"]["calibration_pooled"]["ece"])

@@ -349,6 +349,17 @@ def _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, 
                                                         out_dir / "reliability_diagram.png")
 
 
+def _single_strata(strata: Mapping) -> dict[str, object]:
+    """Strata with a single value (one site, one field strength, ...): their table is the overall one."""
+    return {key: next(iter(groups)) for key, groups in strata.items() if len(groups) == 1}
+
+
+def _same_note(same: Mapping[str, object]) -> str:
+    return ("One value only, so the overall table holds: "
+            + "; ".join(f"{STRATUM_TITLES[k]} {v}" for k, v in same.items())
+            + " (per-stratum figures are in report.json).")
+
+
 def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, title) -> Path:
 
     md = [f"# {title}", "", f"Created {report['created']}. Intervals: percentile bootstrap ({n_boot} resamples, seed {seed}).", ""]
@@ -357,11 +368,17 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
         seg = report["segmentation"]
         md += ["## Segmentation (overall)", "", _md(_seg_table(seg["overall"])), ""]
         parts_html.append("<h2>Segmentation (overall)</h2>" + _html_table(_seg_table(seg["overall"])))
+        same = _single_strata(seg["strata"])
         for key, groups in seg["strata"].items():
+            if key in same:
+                continue
             for value, block in groups.items():
                 t = f"Segmentation, {STRATUM_TITLES[key]} = {value}"
                 md += [f"### {t}", "", _md(_seg_table(block)), ""]
                 parts_html.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_seg_table(block)))
+        if same:
+            md += [_same_note(same), ""]
+            parts_html.append(f"<p class='note'>{html.escape(_same_note(same))}</p>")
     if cls_exams:
         cls = report["classification"]
         md += ["## Classification (overall)", "", _md(_cls_table(cls["overall"])), "",
@@ -372,11 +389,17 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
             gaps = ", ".join(f"{e}: {'/'.join(v)}" for e, v in cls["missing_views"].items())
             md += [f"Exams predicted with missing views: {gaps}", ""]
             parts_html.append(f"<p>Exams predicted with missing views: {html.escape(gaps)}</p>")
+        same = _single_strata(cls["strata"])
         for key, groups in cls["strata"].items():
+            if key in same:
+                continue
             for value, block in groups.items():
                 t = f"Classification, {STRATUM_TITLES[key]} = {value}"
                 md += [f"### {t}", "", _md(_cls_table(block)), ""]
                 parts_html.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block)))
+        if same:
+            md += [_same_note(same), ""]
+            parts_html.append(f"<p class='note'>{html.escape(_same_note(same))}</p>")
     md += ["## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots.items()] + [""]
     md += ["## Provenance", "", "```json", json.dumps(_nan_to_none(report["provenance"]), indent=2), "```", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
