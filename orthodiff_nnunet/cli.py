@@ -153,19 +153,39 @@ def _init_distributed(device: str) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo")
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _finish_distributed() -> None:
+    """Leave the process group before the interpreter exits: a rank that exits with a live gloo/NCCL group
+    can abort at shutdown ("terminate called without an active exception") and fail the whole torchrun job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _run_pretrain(args: argparse.Namespace) -> int:
     from orthodiff_nnunet.pretraining import check_orientation, pretrain
 
     if args.orientation:
         check_orientation(args.dataset, args.orientation)
     _init_distributed(args.device)
-    result = pretrain(
-        args.dataset, plans=args.plans, configuration=args.configuration, iterations=args.iterations,
-        checkpoint_every=args.checkpoint_every, schedule=args.schedule, prediction=args.prediction,
-        min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
-        precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
-        sample_steps=args.sample_steps,
-    )
+    try:
+        result = pretrain(
+            args.dataset, plans=args.plans, configuration=args.configuration, iterations=args.iterations,
+            checkpoint_every=args.checkpoint_every, schedule=args.schedule, prediction=args.prediction,
+            min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
+            precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
+            sample_steps=args.sample_steps,
+        )
+        _barrier()  # rank 0 exports the encoder after training: the other ranks wait for it
+    finally:
+        _finish_distributed()
     if result.load_report:
         print(result.summary())
     return 0
