@@ -49,68 +49,22 @@ Appends a Markdown section to ``--out`` (default ``bench/results/classification.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, append_markdown, command_line, load_average, machine, now
+from common import markdown_table as table
 KEY = "3c" * 32  # fixed pseudonym key: fixed exam names and folds
 THROUGHPUT_ID, STUDY_ID, CORPUS_ID, MRNET_ID = 941, 961, 971, 981  # +100 for --size full
 MRNET_CASES = ["0001", "0003", "1123", "1127", "1128", "1129"]
 # MRNet's .npy volumes carry no spacing: user-supplied, as in tests/test_classification.py
 MRNET_SPACING = {"sag": (0.6, 0.6, 3.0), "cor": (0.6, 0.6, 3.0), "ax": (0.6, 0.6, 3.5)}
 PLANS = "benchPlans"
-
-
-# ----------------------------------------------------------------------------------------------
-# machine and output
-def machine(device) -> str:
-    import torch
-    from importlib.metadata import version
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    host = f"{cpu}, {cores} usable cores, torch threads {torch.get_num_threads()}"
-    soft = f"torch {torch.__version__}, nnunetv2 {version('nnunetv2')}, Python {platform.python_version()}"
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB); host {host}; {soft}"
-    return f"CPU only: {host}; {soft}"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def command_line() -> str:
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "nnUNet_n_proc_DA") if k in os.environ)
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(REPO)
-    except ValueError:
-        pass
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,16 +466,14 @@ def main(argv=None) -> int:
         sections.append(study(args, device))
     if args.part in ("mrnet", "all"):
         sections.append(mrnet(args, device))
-    header = (f"## Run of {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}\n\n"
+    header = (f"## Run of {now()}\n\n"
               f"- machine: {machine(device)}\n- command: `{command_line()}`\n"
               f"- load average (1/5/15 min) at the start {load_start}, at the end {load_average()} "
               "(a shared 2-core machine: other jobs inflate wall times)\n"
               f"- total wall time: {(time.perf_counter() - start) / 60:.1f} min\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    old = args.out.read_text() if args.out.is_file() else "# Classification benchmarks\n"
-    args.out.write_text(old.rstrip("\n") + "\n\n" + text)
+    append_markdown(args.out, text, title="# Classification benchmarks")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -42,38 +42,14 @@ import copy
 import dataclasses
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import command_line, machine
 DATASET_ID = 561
-
-
-def machine(device) -> str:
-    import torch
-    from importlib.metadata import version
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    soft = f"torch {torch.__version__}, nnunetv2 {version('nnunetv2')}"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}; host {cpu}, {cores} cores; {soft}"
-    return f"CPU only: {cpu}, {cores} usable cores, torch threads {torch.get_num_threads()}; {soft}"
-
-
-def command_line() -> str:
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in ["bench/bench_seg_trainer.py", *sys.argv[1:]])
 
 
 def make_dataset(work: Path, size: str) -> tuple[str, str]:

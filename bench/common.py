@@ -59,7 +59,7 @@ def command_line() -> str:
         script = script.resolve().relative_to(REPO)
     except ValueError:
         pass
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ)
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "nnUNet_n_proc_DA", "CUDA_VISIBLE_DEVICES") if k in os.environ)
     return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
 
 

@@ -40,13 +40,14 @@ import argparse
 import csv
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, command_line, machine
+
+from orthodiff_nnunet.pretraining import resolve_device
+
 TRAIN_ID, TEST_ID = 601, 611
 TRAIN_NAME, TEST_NAME = "OAIRender", "OAIRenderTest"
 STRUCTURES = {1: "femur", 2: "tibia", 3: "patella", 5: "femoral cartilage", 6: "tibial cartilage",
@@ -166,22 +167,6 @@ def dice_table(metrics: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
-def machine() -> str:
-    import torch
-    from importlib.metadata import version
-
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return (f"{dev}: {cpu}, {cores} usable cores, torch threads {torch.get_num_threads()}; torch {torch.__version__}, "
-            f"nnunetv2 {version('nnunetv2')}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/orthodiff_label_efficiency"))
@@ -260,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "note": "images rendered from real label maps (OAI bone/cartilage expert segmentations); not real MR images",
-        "command": "python " + " ".join(shlex.quote(a) for a in ["bench/label_efficiency.py", *sys.argv[1:]]),
-        "machine": machine(),
+        "command": command_line(),
+        "machine": machine(resolve_device(args.device)),
         "split": {k: [p.name for p in v] for k, v in split.items()},
         "counts": {k: len(v) for k, v in split.items()},
         "plans": plans, "dataset": dataset,
