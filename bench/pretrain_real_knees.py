@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import shutil
@@ -47,6 +46,8 @@ import time
 from pathlib import Path
 
 import common
+
+from orthodiff_nnunet.utils import save_figure
 
 DICOM_DATASET_ID = 751  # the combined sagittal corpus
 MRNET_DATASET_ID = 744  # convert_mrnet: 744 sag, 745 cor, 746 ax
@@ -195,10 +196,7 @@ def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, ev
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
     return rows
 
 

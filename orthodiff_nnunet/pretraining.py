@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,7 @@ import numpy as np
 
 from orthodiff_nnunet import paths
 from orthodiff_nnunet.errors import OrthodiffError
+from orthodiff_nnunet.utils import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -232,11 +232,7 @@ def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
         ax.axis("off")
     fig.suptitle(f"{trainer.plans_manager.dataset_name}: {trainer.iterations_done()} iterations (EMA weights)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def check_orientation(dataset: int | str, orientation: str) -> None:

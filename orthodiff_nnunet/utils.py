@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and JSON."""
+"""Small shared helpers: atomic writes (text, JSON, figures) and JSON."""
 
 from __future__ import annotations
 
@@ -10,16 +10,37 @@ from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place (0666 & ~umask:
+    plans and reports are shared files, while mkstemp alone would create 0600)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> Path:
+    """Save a matplotlib figure as PNG under a temporary name, rename it into place, close the figure."""
+    import io
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Bytes written to a temporary file beside ``path`` and renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; plans and reports are shared files
+    os.chmod(tmp, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

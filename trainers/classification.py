@@ -79,7 +79,7 @@ from orthodiff_nnunet.evaluation.classification import choose_thresholds, classi
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.classifier import MultiViewClassifier, build_classifier, load_timestep_film
 from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, load_encoder, read_encoder_checkpoint
-from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -724,10 +724,7 @@ class nnUNetTrainerOrthoDiffCls:
             ax2.set_ylabel("mean AUROC")
             fig.legend(loc="lower left", fontsize=8)
             fig.tight_layout()
-            tmp = self.output_folder / "progress.tmp.png"
-            fig.savefig(tmp, dpi=90)
-            plt.close(fig)
-            os.replace(tmp, self.output_folder / "progress.png")
+            save_figure(fig, self.output_folder / "progress.png")
         except Exception as exc:  # a plot must never stop training
             log.debug("progress plot failed: %s", exc)
 

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
+from orthodiff_nnunet.utils import save_figure
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
@@ -250,8 +251,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(self.output_folder, "loss_curve.png"), dpi=100)
-        plt.close(fig)
+        save_figure(fig, Path(self.output_folder) / "loss_curve.png", dpi=100)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import platform
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from orthodiff_nnunet.evaluation.classification import bootstrap_ci, classification_metrics
-from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 STRATA_SEG = ("site", "field_strength_t", "vendor", "orientation")
 STRATA_CLS = ("site", "field_strength_t", "vendor")
@@ -182,9 +181,7 @@ def plot_roc(exams: Sequence[Mapping], labels: Sequence[str], path: Path) -> Pat
     else:
         ax.text(0.5, 0.5, "no label with both classes", ha="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_dice_boxes(rows: Sequence[Mapping], path: Path) -> Path:
@@ -209,9 +206,7 @@ def plot_dice_boxes(rows: Sequence[Mapping], path: Path) -> Path:
     ax.set_title("Dice per structure and site")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_reliability(cal: Mapping, path: Path) -> Path:
@@ -229,9 +224,7 @@ def plot_reliability(cal: Mapping, path: Path) -> Path:
     ax.set_title(f"Reliability (all labels pooled), ECE {_fmt(cal['ece'])}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,8 +370,9 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
                 md += [f"### {t}", "", _md(_seg_table(block)), ""]
                 parts_html.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_seg_table(block)))
         if same:
-            md += [_same_note(same), ""]
-            parts_html.append(f"<p class='note'>{html.escape(_same_note(same))}</p>")
+            note = _same_note(same)
+            md += [note, ""]
+            parts_html.append(f"<p class='note'>{html.escape(note)}</p>")
     if cls_exams:
         cls = report["classification"]
         md += ["## Classification (overall)", "", _md(_cls_table(cls["overall"])), "",
@@ -398,8 +392,9 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
                 md += [f"### {t}", "", _md(_cls_table(block)), ""]
                 parts_html.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block)))
         if same:
-            md += [_same_note(same), ""]
-            parts_html.append(f"<p class='note'>{html.escape(_same_note(same))}</p>")
+            note = _same_note(same)
+            md += [note, ""]
+            parts_html.append(f"<p class='note'>{html.escape(note)}</p>")
     md += ["## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots.items()] + [""]
     md += ["## Provenance", "", "```json", json.dumps(_nan_to_none(report["provenance"]), indent=2), "```", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
