@@ -55,6 +55,7 @@ __all__ = [
     "TRANSFER_SYNTAXES",
     "ACCEPTED_IMAGES",
     "DamagedFile",
+    "looks_like_dicom_file",
 ]
 
 # DICOM tags read from each file (SimpleITK metadata keys)
@@ -281,6 +282,22 @@ def _file_label(path: Path) -> str:
 def _dicom_like_name(path: Path) -> bool:
     suffix = path.suffix.lower()
     return suffix in _DICOM_SUFFIXES or suffix[1:].isdigit()
+
+
+def looks_like_dicom_file(path: Path) -> bool:
+    """Whether a file is to be read as DICOM: the DICM marker of a Part 10 file, or a DICOM-style name.
+
+    DICOM-style names: ``.dcm``, ``.dicom``, ``.dic``, ``.ima``, ``.dc3``, no suffix, or a numeric one
+    (files named after their UID). Anything else (``.png``, ``.jpg``, ``.npy`` ...) is not DICOM.
+    """
+    path = Path(path)
+    if _dicom_like_name(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _classify_left_out(path: Path) -> DamagedFile | None:
