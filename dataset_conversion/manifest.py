@@ -175,10 +175,16 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
 
 
 def _inside(path_text: str, site_dir: Path) -> bool:
-    """Whether the written path stays in the site folder (lexically: '..' and absolute paths count)."""
+    """Whether the written path stays in the site folder (lexically: '..' and absolute paths count).
+
+    A Windows path is judged with its backslashes read as separators too (see :func:`_resolve`).
+    """
     root = os.path.normpath(os.path.abspath(site_dir))
-    full = os.path.normpath(os.path.join(root, os.path.expanduser(path_text)))
-    return os.path.commonpath([root, full]) == root
+    for text in {path_text, path_text.replace("\\", "/")}:
+        full = os.path.normpath(os.path.join(root, os.path.expanduser(text)))
+        if os.path.commonpath([root, full]) != root:
+            return False
+    return True
 
 
 def _parse_field_strength(text: str) -> float:

@@ -420,3 +420,10 @@ def test_mrnet_messages_print_plain_numbers(tmp_path: Path) -> None:
     assert "field strength 40 T is not plausible" in str(err.value)
     for e in (err,):
         assert "np.float64" not in str(e.value)
+
+
+def test_windows_path_leading_out_of_the_site_folder_is_refused(tmp_path: Path) -> None:
+    site, row = _nifti_site(tmp_path)
+    _nifti_site(tmp_path, "b", folder="other_site")
+    with pytest.raises(ConversionError, match=r"image \.\.\\other_site\\b\.nii\.gz lies outside the site folder"):
+        read_manifest(write_manifest(site / "m.csv", [dict(row, image="..\\other_site\\b.nii.gz", label="")]))

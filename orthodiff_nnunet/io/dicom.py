@@ -756,7 +756,9 @@ def read_series(
 
     Raises:
         DicomError: no DICOM, several series without ``series``, an unknown series or echo,
-            missing or repeated slices, mixed image sizes or orientations, undecodable pixels.
+            a damaged file in the folder (named), fewer slices than the headers say the series
+            holds (see :func:`_check_complete`), missing or repeated slices, mixed image sizes or
+            orientations, undecodable pixels.
     """
     path = Path(path)
     wanted: str | int | None = series
