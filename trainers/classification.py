@@ -941,7 +941,8 @@ class nnUNetTrainerOrthoDiffCls:
                 "selection_loss": float((bce * known).sum() / max(known.sum(), 1))}
 
     def run_training(self) -> None:
-        """Epochs of ``num_iterations_per_epoch`` steps, validation after each, best/latest/final checkpoints."""
+        """Epochs of ``num_iterations_per_epoch`` steps, the selection exams predicted after each (best checkpoint
+        by their mean AUROC), best/latest/final checkpoints; ``classifier.json`` once the precision is resolved."""
         if self.network is None:
             raise RuntimeError("call initialize() first")
         self._train_gen = self._start_augmenter()
@@ -1101,7 +1102,8 @@ class nnUNetTrainerOrthoDiffCls:
             self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
         self.current_epoch = ckpt["current_epoch"]
         self.best_metric, self.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
-        self.history = list(ckpt["history"])
+        renamed = {"val_mean_auroc": "selection_mean_auroc", "val_loss": "selection_loss"}  # runs before the rename
+        self.history = [{renamed.get(k, k): v for k, v in row.items()} for row in ckpt["history"]]
 
 
 def write_predictions_csv(path: Path, exams: Sequence[Exam], probs: np.ndarray, label_names: Sequence[str],
