@@ -89,6 +89,20 @@ def test_three_way_split_known_answers() -> None:
     assert (sp.train, sp.selection, sp.test) == (("h1",), ("g1", "g2"), ())
 
 
+def test_test_fold_option_parses_auto_none_and_a_fold() -> None:
+    import argparse
+
+    from orthodiff_nnunet.classification import add_train_cls_parser
+
+    parser = argparse.ArgumentParser(prog="orthodiff train")
+    add_train_cls_parser(parser.add_subparsers(dest="what", required=True))
+    assert parser.parse_args(["cls", "-d", "501"]).test_fold == "auto"  # held out by default
+    assert parser.parse_args(["cls", "-d", "501", "--test-fold", "none"]).test_fold is None
+    assert parser.parse_args(["cls", "-d", "501", "--test-fold", "2"]).test_fold == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cls", "-d", "501", "--test-fold", "next"])
+
+
 # ----------------------------------------------------------------------------------------------
 # precision, by its inputs
 def test_precision_resolution_by_device_and_capability() -> None:
