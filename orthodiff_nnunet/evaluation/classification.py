@@ -49,7 +49,8 @@ DEFAULT_THRESHOLD = 0.5
 
 __all__ = [
     "METRICS", "ThresholdMethod", "LabelMetrics", "ClassificationMetrics", "auroc", "average_precision",
-    "binary_metrics", "bootstrap_ci", "choose_threshold", "cluster_ids", "cluster_members", "resample_clusters", "choose_thresholds", "classification_metrics", "mean_auroc",
+    "binary_metrics", "bootstrap_ci", "choose_threshold", "choose_thresholds", "classification_metrics",
+    "cluster_ids", "cluster_members", "mean_auroc", "resample_clusters",
 ]
 
 
@@ -365,8 +366,8 @@ def _undefined_reasons(n: int, n_pos: int) -> dict[str, str]:
         return {k: "no exam with a known target" for k in METRICS}
     out: dict[str, str] = {}
     if n_pos == 0:
-        out.update(auroc="no positive exam (every known target is 0)", auprc="no positive exam (every known target is 0)",
-                   sensitivity="no positive exam (every known target is 0)")
+        why = "no positive exam (every known target is 0)"
+        out.update(auroc=why, auprc=why, sensitivity=why)
     if n_pos == n:
         out.update(auroc="no negative exam (every known target is 1)",
                    specificity="no negative exam (every known target is 1)")
