@@ -382,6 +382,8 @@ class ClassificationPredictResult:
     exams_per_s: float
     metrics: object | None = None  # ClassificationMetrics when targets are known
     precision: str = "fp32"  # the precision computed in: the model's recorded one (fp32 where the device lacks it)
+    labels_evaluated: list[str] = field(default_factory=list)  # model labels the dataset annotates
+    labels_not_evaluated: dict[str, str] = field(default_factory=dict)  # label -> why not
 
     def summary(self) -> str:
         lines = [f"predicted {self.num_exams} exams ({self.num_with_missing_views} with a missing view) at "
@@ -451,6 +453,7 @@ def predict_classification(
             log.warning("no %s dataset given: every exam is predicted without its %s view", v, v)
     config_name = cfg["configuration"]
     vds, targets = {}, {}
+    declared: set[str] = set()  # labels the datasets' targets files declare
     for v in order:
         model_plans = load_json(model_folder / f"plans_{v}.json")
         if v not in view_names:  # the view is absent for every exam: only its shape is needed
@@ -468,11 +471,15 @@ def predict_classification(
         vds[v] = ViewData(v, name, cfg["plans_identifiers"][v], model_plans, config_name,
                           load_json(folder / "dataset.json"), folder)
         try:
-            targets[v] = load_dataset_targets(name)
-            if list(targets[v].label_names) != list(cfg["label_names"]):
-                log.warning("%s declares labels %s, the model predicts %s: targets ignored", name,
-                            list(targets[v].label_names), cfg["label_names"])
-                raise TargetsError("other labels")
+            own_targets = load_dataset_targets(name)
+            declared.update(own_targets.label_names)
+            if list(own_targets.label_names) != list(cfg["label_names"]):
+                shared = [n for n in cfg["label_names"] if n in own_targets.label_names]
+                log.warning("%s declares labels %s, the model predicts %s: evaluating the shared labels %s",
+                            name, list(own_targets.label_names), cfg["label_names"], shared)
+            # the model's label order; a label the dataset does not declare is unknown (None). The
+            # exam, patient, site, field strength and vendor of every case are kept (the strata).
+            targets[v] = _on_labels(own_targets, cfg["label_names"])
         except TargetsError:
             from orthodiff_nnunet.data.targets import CaseTargets
 
@@ -503,15 +510,46 @@ def predict_classification(
     output = Path(output)
     write_predictions_csv(output, exams, probs, cfg["label_names"], thresholds, order)
     y = np.stack([e.targets for e in exams]) if exams else np.zeros((0, len(cfg["label_names"])))
+    evaluated = [j for j, n in enumerate(cfg["label_names"]) if n in declared]
+    not_evaluated = {n: "the model predicts it but the dataset does not annotate it"
+                     for n in cfg["label_names"] if n not in declared}
+    not_evaluated.update({n: "the dataset annotates it but the model does not predict it"
+                          for n in sorted(declared - set(cfg["label_names"]))})
+    if declared and not_evaluated:
+        log.warning("labels not evaluated: %s", "; ".join(f"{k} ({w})" for k, w in not_evaluated.items()))
     metrics = None
-    if exams and np.isfinite(y).any():
-        metrics = classification_metrics(y, probs, cfg["label_names"], thresholds, n_boot, seed)
-        atomic_write_json(output.with_name(output.stem + "_metrics.json"), metrics.to_dict())
-        atomic_write_text(output.with_name(output.stem + "_metrics.md"), metrics.to_markdown() + "\n")
+    if exams and evaluated and np.isfinite(y[:, evaluated]).any():
+        from orthodiff_nnunet.evaluation.classification import cluster_ids
+
+        clusters, missing = cluster_ids([e.patient for e in exams], [e.exam for e in exams])
+        metrics = classification_metrics(y[:, evaluated], probs[:, evaluated],
+                                         [cfg["label_names"][j] for j in evaluated], thresholds, n_boot, seed,
+                                         clusters=clusters, n_without_patient=missing)
+        atomic_write_json(output.with_name(output.stem + "_metrics.json"),
+                          {**metrics.to_dict(), "labels_not_evaluated": not_evaluated})
+        notes = "".join(f"\n- not evaluated: {k} ({w})" for k, w in not_evaluated.items())
+        atomic_write_text(output.with_name(output.stem + "_metrics.md"), metrics.to_markdown() + "\n" + notes
+                          + ("\n" if notes else ""))
     return ClassificationPredictResult(
         csv=output, num_exams=len(exams), num_with_missing_views=sum(bool(e.missing_views(order)) for e in exams),
         label_names=list(cfg["label_names"]), exams_per_s=len(exams) / max(seconds, 1e-9), metrics=metrics,
-        precision=trainer.precision)
+        precision=trainer.precision,
+        labels_evaluated=[cfg["label_names"][j] for j in evaluated] if declared else [],
+        labels_not_evaluated=not_evaluated if declared else {})
+
+
+def _on_labels(tf, label_names: Sequence[str]):
+    """``tf`` with its targets re-keyed to ``label_names`` (None where ``tf`` does not declare a label).
+
+    Everything else of each case (exam, patient, site, field strength, vendor, echo) is kept, so a
+    dataset annotated with another label set keeps its exams and strata.
+    """
+    from dataclasses import replace
+
+    from orthodiff_nnunet.data.targets import TargetsFile
+
+    return TargetsFile(tuple(label_names), {c: replace(ct, targets={n: ct.targets.get(n) for n in label_names})
+                                            for c, ct in tf.cases.items()}, tf.path)
 
 
 # ----------------------------------------------------------------------------------------------
