@@ -154,8 +154,10 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
     from orthodiff_nnunet.evaluation.external import evaluate
 
     step("evaluate on the external 1.5 T site (SiteB)")
+    # Without mirroring (8 flips per patch) to keep the demo short on a CPU; the report records the choice.
+    # `orthodiff evaluate` mirrors by default, like `predict seg` and nnU-Net.
     evaluation = evaluate([511], output / "report", seg_models=seg_models, cls_model=cls.output_folder, n_boot=200,
-                          device=device, num_processes=1)
+                          device=device, num_processes=1, mirroring=False)
     lines.append(evaluation.summary())
     step("done")
     lines.append(f"\nOpen the report: {evaluation.report_html}")

@@ -477,6 +477,14 @@ def three_way_split(folds: Sequence[Mapping[str, Sequence[str]]], fold: int, tes
 
 
 # ----------------------------------------------------------------------------------------------
+def _patient_clusters(exams) -> dict:
+    """``classification_metrics`` keywords that make its bootstrap resample patients, not exams."""
+    from orthodiff_nnunet.evaluation.classification import cluster_ids
+
+    clusters, missing = cluster_ids([e.patient for e in exams], [e.exam for e in exams])
+    return {"clusters": clusters, "n_without_patient": missing}
+
+
 class nnUNetTrainerOrthoDiffCls:
     """Trains a multi-view classifier on the ``3d_classification`` configuration of each view's plans.
 
@@ -1033,7 +1041,8 @@ class nnUNetTrainerOrthoDiffCls:
                           {"method": self.threshold_method, "chosen_on": "selection",
                            "selection_source": source, "num_exams": len(self.exams_selection),
                            "checkpoint": "checkpoint_best.pth", "thresholds": thresholds})
-        selection = classification_metrics(y_sel, p_sel, self.label_names, thresholds, self.n_boot, self.seed)
+        selection = classification_metrics(y_sel, p_sel, self.label_names, thresholds, self.n_boot, self.seed,
+                                           **_patient_clusters(self.exams_selection))
         out = {"thresholds": thresholds, "selection": selection}
         record = {"selection": {"note": "the checkpoint and the thresholds were chosen on these exams: optimistic, "
                                         "not an estimate of performance on new exams",
@@ -1045,7 +1054,8 @@ class nnUNetTrainerOrthoDiffCls:
             start = time.perf_counter()
             p_t = self.predict_exams(self.exams_test)
             out["test_exams_per_s"] = len(self.exams_test) / max(time.perf_counter() - start, 1e-9)
-            out["test"] = classification_metrics(y_t, p_t, self.label_names, thresholds, self.n_boot, self.seed)
+            out["test"] = classification_metrics(y_t, p_t, self.label_names, thresholds, self.n_boot, self.seed,
+                                                 **_patient_clusters(self.exams_test))
             record["test"] = {"note": "held out: never trained on, never used to choose the checkpoint or the "
                                       "thresholds (applied unchanged from the selection exams)",
                               "source": self.split.test_source if self.split else "", **out["test"].to_dict()}
