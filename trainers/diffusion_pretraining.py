@@ -157,6 +157,47 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
     def _build_loss(self):
         return diffusion_loss
 
+    # -- data: what the denoiser learns from ------------------------------------------------------
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's mirror axes; the loader crops the patch itself (no enlarged crop for rotations)."""
+        rotation_for_DA, do_dummy_2d_data_aug, _, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        return rotation_for_DA, do_dummy_2d_data_aug, tuple(self.configuration_manager.patch_size), mirror_axes
+
+    @staticmethod
+    def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        """Random patch location (the loader's crop) and mirroring only: x0 is the preprocessed image.
+
+        nnU-Net's pipeline adds Gaussian noise, blur, simulated low resolution and brightness,
+        contrast and gamma changes; applied to x0 *before* noising, they put synthetic noise and
+        blur into the "clean" target the denoiser learns to recover, against the objective. They
+        are left out (as ``nnUNetTrainerNoDA`` leaves out everything), and so are rotations and
+        scaling: both resample the patch by interpolation, a low-pass filter, i.e. the same kind of
+        blur in the target; the unlabeled scans are plentiful (augmentation matters less than for
+        the few labeled ones), and the segmentation fine-tuning adds nnU-Net's full spatial
+        augmentation itself. What remains moves or flips voxels without changing a value: the crop
+        location chosen by nnU-Net's loader (zero padding where the patch exceeds the scan, as in
+        nnU-Net), mirroring along nnU-Net's axes, nnU-Net's masking for ``use_mask_for_norm``
+        channels (zero outside the mask, as preprocessing already did), and the label clean-up.
+        """
+        from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+        from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+        from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
+        from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
+
+        transforms = []
+        if mirror_axes is not None and len(mirror_axes) > 0:
+            transforms.append(MirrorTransform(allowed_axes=mirror_axes))
+        if use_mask_for_norm is not None and any(use_mask_for_norm):
+            transforms.append(MaskImageTransform(
+                apply_to_channels=[i for i in range(len(use_mask_for_norm)) if use_mask_for_norm[i]],
+                channel_idx_in_seg=0, set_outside_to=0))
+        transforms.append(RemoveLabelTansform(-1, 0))
+        return ComposeTransforms(transforms)
+
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """The denoiser is built without deep supervision; nothing to switch."""
 

@@ -1,0 +1,113 @@
+"""Pretraining faithful to the method: what the denoiser learns from, the exported conditioning,
+held-out validation, bit-identical resume, exact iteration counts (tiny phantom, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orthodiff_nnunet.api import convert
+from orthodiff_nnunet.data.phantom import write_site
+from orthodiff_nnunet.data.sites import SITE_3T
+from orthodiff_nnunet.networks.build import write_shrunk_plans
+
+DATASET_ID = 523
+DATASET = "Dataset523_FaithfulSag"
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A sagittal phantom dataset (5 scans), planned and preprocessed, with tiny-network plans."""
+    from orthodiff_nnunet.planning import plan_and_preprocess
+
+    root = tmp_path_factory.mktemp("faithful")
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "res")}
+    old = {k: os.environ.get(k) for k in [*env, "nnUNet_n_proc_DA", "nnUNet_compile"]}
+    os.environ.update(env)
+    manifest = write_site(root / "site", SITE_3T, n_cases=5, seed=7, orientations=("sag",))
+    convert(manifest, DATASET_ID, "Faithful", num_processes=1)
+    result = plan_and_preprocess([DATASET_ID], num_processes=1, show_progress=False)
+    ident = result.datasets[0].plans_identifier if hasattr(result, "datasets") else None
+    plans_id = write_shrunk_plans(root / "pre" / DATASET, ident or "orthodiffResEncMPlans", "tinyPlans",
+                                  max_features=4, max_stages=3)
+    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
+    yield root, plans_id
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _trainer(root: Path, plans_id: str):
+    from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+
+    plans = json.loads((root / "pre" / DATASET / f"{plans_id}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((root / "pre" / DATASET / "dataset.json").read_text())
+    return nnUNetTrainerOrthoDiffPretrain(copy.deepcopy(plans), "3d_diffusion", "all", dataset_json,
+                                          torch.device("cpu"))
+
+
+def _find_block(volume: np.ndarray, patch: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(offset, flipped axes) such that ``patch`` is ``volume``'s block at offset, flipped; None if none is."""
+    import itertools
+
+    dims = patch.ndim
+    for k in range(dims + 1):
+        for axes in itertools.combinations(range(dims), k):
+            p = np.flip(patch, axes) if axes else patch
+            anchor = np.unravel_index(np.argmax(np.abs(p)), p.shape)
+            for pos in np.argwhere(volume == p[anchor]):
+                off = tuple(int(a - b) for a, b in zip(pos, anchor))
+                if all(o >= 0 and o + s <= v for o, s, v in zip(off, p.shape, volume.shape)):
+                    if np.array_equal(volume[tuple(slice(o, o + s) for o, s in zip(off, p.shape))], p):
+                        return off, axes
+    return None
+
+
+# -- 1. what the denoiser learns from ------------------------------------------------------------
+
+def test_denoiser_sees_the_preprocessed_voxels_cropped_and_mirrored_only(planned):
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
+
+    root, plans_id = planned
+    trainer = _trainer(root, plans_id)
+    trainer.initialize()
+    names = [type(t).__name__ for t in trainer.get_training_transforms(
+        trainer.configuration_manager.patch_size, None, None, (0, 1, 2), False).transforms]
+    assert names == [MirrorTransform.__name__, RemoveLabelTansform.__name__]
+    assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2] == \
+        tuple(trainer.configuration_manager.patch_size)  # no enlarged crop for rotations
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    dl_tr, _ = trainer.get_dataloaders()
+    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder, trainer.get_tr_and_val_datasets()[0].identifiers)
+    patch = tuple(trainer.configuration_manager.patch_size)
+    flips = set()
+    for _ in range(3):
+        batch = next(dl_tr)
+        for x, key in zip(batch["data"].numpy(), batch["keys"]):
+            data = np.asarray(ds.load_case(key)[0][:], dtype=np.float32)
+            # nnU-Net's loader pads with zeros where the patch reaches past the scan
+            padded = np.pad(data, [(0, 0)] + [(p, p) for p in patch])
+            found = _find_block(padded[0], x[0])
+            assert found is not None, f"{key}: the patch is not a crop/mirror of the preprocessed scan"
+            flips.add(found[1])
+    assert len(flips) > 1  # mirroring is on: flipped and unflipped patches occur
+
+    # the check can fail: nnU-Net's own pipeline changes intensities (noise, blur, gamma ...)
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    full = nnUNetTrainer.get_training_transforms(patch, trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[0],
+                                                 None, (0, 1, 2), False)
+    assert "GaussianNoiseTransform" in [type(getattr(t, "transform", t)).__name__ for t in full.transforms]
