@@ -257,8 +257,9 @@ def train_classification(
         encoders_from: take each view's encoder from this dataset group's pretraining instead
             (transfer, e.g. knee encoders for ankle data with transferred plans).
         noise_timestep: timestep the input is noised to (0 = clean), one for all views or per view.
-        film: give the pretrained encoders the pretraining's timestep FiLM layers at the noise timestep
-            (the pretrained network applied them at every t, 0 included); False: unconditioned encoder.
+        film: the pretrained encoders apply the pretraining's timestep conditioning at the noise timestep
+            (encoder.pt's contract; the pretrained network applied it at every t, 0 included); False:
+            the identity (an ablation: a state the pretraining never saw).
         fusion: ``concat`` (default) or ``gated`` (per label).
         feature_stages: last encoder stages pooled (1 = bottleneck).
         dropout: before the fusion layer.
@@ -594,8 +595,8 @@ def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--noise-timestep", nargs="+", default=["0"], metavar="T|VIEW=T",
                    help="noise the input to timestep T (0 = clean, default); the method: 100, or sag=200 cor=150 ax=50")
     p.add_argument("--no-film", action="store_true",
-                   help="do not give the pretrained encoders the pretraining's timestep FiLM layers (default: "
-                        "loaded from the pretraining checkpoint and applied at the noise timestep, 0 included)")
+                   help="ablation: run the pretrained encoders without the pretraining's timestep conditioning "
+                        "(default: encoder.pt's conditioning at the noise timestep, 0 included)")
     p.add_argument("--fusion", choices=["concat", "gated"], default="concat", help="view fusion (default concat)")
     p.add_argument("--feature-stages", type=int, default=1, help="last encoder stages pooled (default 1: bottleneck)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before the fusion layer")

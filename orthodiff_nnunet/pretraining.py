@@ -90,6 +90,7 @@ def pretrain(
     device: str = "auto",
     val_iterations: int = 5,
     sample_steps: int = 10,
+    reference_timestep: int = 0,
 ) -> PretrainResult:
     """Pretrain the plans' network as a timestep-conditioned denoiser on a preprocessed dataset.
 
@@ -111,6 +112,8 @@ def pretrain(
         device: ``auto``, ``cuda`` or ``cpu``.
         val_iterations: validation batches per checkpoint (fixed noise, EMA weights).
         sample_steps: DDIM steps of the sanity picture (0: no picture).
+        reference_timestep: the timestep whose FiLM conditioning the exported encoder carries
+            (0: clean input, what segmentation feeds it; docs/CONTRACTS.md).
     """
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -183,7 +186,7 @@ def pretrain(
             "iterations": trainer.iterations_done(),
             "scans": len(trainer.get_tr_and_val_datasets()[0].identifiers),
         }
-        export_encoder(model.ema.network, encoder_path, provenance)
+        export_encoder(model.ema, encoder_path, provenance, reference_timestep)
         seg_net = build_network(plans_dict, seg_cfg, trainer.num_input_channels, len(dataset_json["labels"]))
         seg_hash = architecture_hash(architecture_of(plans_dict, seg_cfg))
         report = load_encoder(seg_net, encoder_path, seg_hash).summary()

@@ -202,12 +202,12 @@ def test_fusion_handles_missing_views_and_loss_masks_unknowns(knee) -> None:
 
 
 def test_noised_input_uses_pretrained_film(knee, tmp_path: Path) -> None:
-    """The encoder contract has no FiLM layers: they come from the pretraining checkpoint beside encoder.pt."""
+    """The timestep conditioning travels in encoder.pt (format 2) and is set at the noise timestep."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from orthodiff_nnunet.networks.build import build_network
     from orthodiff_nnunet.networks.classifier import ViewBranch, load_timestep_film
-    from orthodiff_nnunet.networks.encoder_io import export_encoder, load_encoder
+    from orthodiff_nnunet.networks.encoder_io import export_encoder
     from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
 
     plans = _plans(knee, "sag")
@@ -217,30 +217,24 @@ def test_noised_input_uses_pretrained_film(knee, tmp_path: Path) -> None:
     with torch.no_grad():
         for p in model.ema.film.parameters():
             p.normal_(0, 0.1)  # as if trained (they start at zero)
-    export_encoder(model.ema.network, tmp_path / "encoder.pt", {"schedule": {"name": "cosine", "num_steps": 1000}})
-    torch.save({"network_weights": model.state_dict()}, tmp_path / "checkpoint_final.pth")
+    export_encoder(model.ema, tmp_path / "encoder.pt", {"schedule": {"name": "cosine", "num_steps": 1000}})
 
     def branch(film: bool) -> ViewBranch:
         b = ViewBranch(build_network(plans, "3d_classification", 1, 1).encoder, noise_timestep=100, film=film)
-        load_encoder(b.body, tmp_path / "encoder.pt")
+        load_timestep_film(b, tmp_path / "encoder.pt")
         return b.eval()
 
     with_film, without = branch(True), branch(False)
-    report = load_timestep_film(with_film, tmp_path / "encoder.pt")
-    assert "encoder stages" in report
-    n = len(with_film.body.film)
-    for i in range(n):
-        torch.testing.assert_close(with_film.body.film[i].weight, model.ema.film[i].weight)
+    expected = model.ema.encoder_conditioning().affine(100)
+    for stage, (scale, shift) in zip(with_film.encoder.stages, expected):
+        torch.testing.assert_close(stage.film_scale, scale)
+        torch.testing.assert_close(stage.film_shift, shift)
+    assert all(float(s.film_scale.abs().max()) == 0 for s in without.encoder.stages)
     x = torch.randn(2, 1, *plans["configurations"]["3d_fullres"]["patch_size"])
     with torch.no_grad():
         a, b, a2 = with_film(x), without(x), with_film(x)
     torch.testing.assert_close(a, a2)  # evaluation noise is seeded: deterministic
     assert not torch.allclose(a, b)
-    (tmp_path / "checkpoint_final.pth").unlink()
-    from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError
-
-    with pytest.raises(EncoderMismatchError, match="--no-film"):
-        load_timestep_film(branch(True), tmp_path / "encoder.pt")
 
 
 # ----------------------------------------------------------------------------------------------

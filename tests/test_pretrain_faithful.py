@@ -111,3 +111,85 @@ def test_denoiser_sees_the_preprocessed_voxels_cropped_and_mirrored_only(planned
     full = nnUNetTrainer.get_training_transforms(patch, trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[0],
                                                  None, (0, 1, 2), False)
     assert "GaussianNoiseTransform" in [type(getattr(t, "transform", t)).__name__ for t in full.transforms]
+
+
+# -- 2. features the encoder was trained to produce ------------------------------------------------
+
+def _denoiser_encoder_outputs(ema, x: torch.Tensor, t: int) -> list[torch.Tensor]:
+    """The pretrained denoiser's encoder stage outputs at timestep ``t`` (its FiLM hooks active)."""
+    from orthodiff_nnunet.networks.conditioning import sinusoidal_embedding
+
+    ema._emb = ema.time_mlp(sinusoidal_embedding(torch.full((x.shape[0],), t), ema.embed_dim))
+    try:
+        return ema.network.encoder(x)
+    finally:
+        ema._emb = None
+
+
+@torch.no_grad()
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.allclose(u, v, rtol=1e-5, atol=1e-6) for u, v in zip(a, b))
+
+
+def test_downstream_encoders_compute_the_pretrained_encoder_at_its_timestep(planned, tmp_path):
+    from orthodiff_nnunet.networks.build import build_network
+    from orthodiff_nnunet.networks.classifier import ViewBranch, load_timestep_film
+    from orthodiff_nnunet.networks.conditioning import set_stage_affine
+    from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, load_encoder, read_encoder_checkpoint
+    from orthodiff_nnunet.pretraining import pretrain
+    from orthodiff_nnunet.trainers.segmentation import nnUNetTrainerOrthoDiffSeg
+
+    root, plans_id = planned
+    pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, "condPlans", max_features=4, max_stages=3)
+    torch.manual_seed(0)
+    res = pretrain(DATASET_ID, plans=pid, iterations=4, checkpoint_every=2, learning_rate=1e-2, device="cpu",
+                   sample_steps=0, val_iterations=1)
+    payload = read_encoder_checkpoint(res.encoder_path)
+    assert payload["format"] == "orthodiff-encoder/2" and payload["provenance"]["reference_timestep"] == 0
+    scales = [v for k, v in payload["state_dict"].items() if k.endswith("film_scale") or k.endswith("film_shift")]
+    assert len(scales) == 6 and max(float(v.abs().max()) for v in scales) > 1e-3  # trained, not the identity
+
+    den = _trainer(root, pid)
+    den.initialize()
+    den.load_checkpoint(str(res.output_folder / "checkpoint_final.pth"))
+    ema = den._model().ema.eval()
+
+    plans = json.loads((root / "pre" / DATASET / f"{pid}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((root / "pre" / DATASET / "dataset.json").read_text())
+    seg = nnUNetTrainerOrthoDiffSeg(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    seg.encoder_path = str(res.encoder_path)
+    seg.initialize()
+    assert "t=0" in seg.encoder_report.summary()
+    seg_encoder = seg.network.encoder.eval()
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, *seg.configuration_manager.patch_size)
+    with torch.no_grad():
+        ref0 = _denoiser_encoder_outputs(ema, x, 0)
+        assert _same(seg_encoder(x), ref0)
+        plain = copy.deepcopy(seg_encoder)
+        set_stage_affine(plain, None)  # what `train seg` ran before: scale = shift = 0
+        assert not _same(plain(x), ref0)
+
+        # the classifier's --noise-timestep: the same contract at another timestep
+        branch = ViewBranch(build_network(plans, "3d_fullres", 1, 1).encoder, noise_timestep=100, film=True).eval()
+        assert "t=100" in load_timestep_film(branch, res.encoder_path)
+        assert _same(branch.encoder(x), _denoiser_encoder_outputs(ema, x, 100))
+        assert not _same(branch.encoder(x), ref0)
+        ablation = ViewBranch(build_network(plans, "3d_fullres", 1, 1).encoder, noise_timestep=100, film=False).eval()
+        load_timestep_film(ablation, res.encoder_path)
+        assert _same(ablation.encoder(x), plain(x))
+
+    # an nnU-Net checkpoint of a network trained without the buffers loads with the identity
+    net = build_network(plans, "3d_fullres", 1, 12)
+    state = {k: v for k, v in net.state_dict().items() if "film_" not in k}
+    load_encoder(net, res.encoder_path)
+    net.load_state_dict(state, strict=True)
+    assert all(float(v.abs().max()) == 0 for k, v in net.state_dict().items() if "film_" in k)
+
+    # an old weights-only encoder is refused, saying why and what to do
+    old = {**payload, "format": "orthodiff-encoder/1", "conditioning": None}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(EncoderMismatchError, match=r"scale = shift = 0.*--resume"):
+        load_encoder(build_network(plans, "3d_fullres", 1, 12), tmp_path / "old.pt")

@@ -89,7 +89,7 @@ from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.evaluation.classification import choose_thresholds, classification_metrics, mean_auroc
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.classifier import MultiViewClassifier, build_classifier, load_timestep_film
-from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, load_encoder, read_encoder_checkpoint
+from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
 from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
@@ -744,17 +744,7 @@ class nnUNetTrainerOrthoDiffCls:
                 raise ClassificationError(f"mode {self.mode!r} needs a pretrained encoder for view {v}: pass "
                                           f"--encoder {v}=PATH, --encoders-from DATASET, or run `orthodiff pretrain` "
                                           f"on {self.views[v].dataset_name}")
-            report = load_encoder(branch.body, path, self.views[v].architecture_hash)
-            text = report.summary()
-            t = self.noise_timesteps.get(v, 0)
-            if branch.film:
-                try:
-                    text += "; " + load_timestep_film(branch, path) + f", applied at t={t}"
-                except EncoderMismatchError as exc:  # FiLM hooks stay the identity: the plain encoder
-                    log.warning("%s: %s", v, exc)
-                    text += f"; no timestep FiLM found beside the encoder: unconditioned encoder at t={t}"
-            else:
-                text += f"; unconditioned encoder (no timestep FiLM), input at t={t}"
+            text = load_timestep_film(branch, path, self.views[v].architecture_hash)
             self.load_reports[v] = text
             log.info("%s: %s", v, text)
 

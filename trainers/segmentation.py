@@ -201,6 +201,22 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         self.print_to_log_file(f"encoder warm start from {path}: {self.encoder_report.summary()}; "
                                "decoder and segmentation heads keep nnU-Net's initialisation")
 
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        """nnU-Net's network with the encoder contract's per-stage affine buffers (identity until loaded).
+
+        The pretrained encoder ran with the pretraining's timestep conditioning; the buffers carry it
+        (``orthodiff_nnunet.networks.conditioning``). Built here, they are in every checkpoint of
+        both twins, and nnU-Net's predictor, which rebuilds the network through this method, applies them.
+        """
+        from orthodiff_nnunet.networks.conditioning import install_stage_affine
+
+        net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_output_channels, enable_deep_supervision)
+        install_stage_affine(net.encoder)
+        return net
+
     def configure_optimizers(self):
         """nnU-Net's SGD; its poly schedule preceded by a linear warm-up."""
         optimizer, _ = super().configure_optimizers()

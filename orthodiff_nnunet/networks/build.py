@@ -31,14 +31,19 @@ def build_network(
     output_channels: int,
     deep_supervision: bool = False,
 ) -> nn.Module:
-    """The configuration's network, through nnU-Net's own builder."""
+    """The configuration's network, through nnU-Net's own builder, with the encoder contract's stage
+    affine (identity until an encoder is loaded; :mod:`orthodiff_nnunet.networks.conditioning`)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+    from orthodiff_nnunet.networks.conditioning import install_stage_affine
+
     arch = architecture_of(plans, configuration)
-    return get_network_from_plans(
+    net = get_network_from_plans(
         arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], input_channels,
         output_channels, allow_init=True, deep_supervision=deep_supervision,
     )
+    install_stage_affine(net.encoder)
+    return net
 
 
 def shrink_architecture(plans: dict, configurations: list[str], max_features: int = 8, max_stages: int = 3,

@@ -18,15 +18,14 @@ branch may noise its input with the pretraining schedule (``q_sample``) at a fix
 Noise is random in training and, in evaluation, the same seeded noise field for every exam
 (deterministic and independent of batch composition).
 
-Timestep conditioning: the exported encoder is the plain ``network.encoder``; the pretraining's
-timestep FiLM layers (a scale and shift per stage, functions of ``t``) are not part of it, yet the
-pretrained network applied them at *every* timestep, ``t = 0`` included. With ``film=True`` a
-branch carries the same FiLM hooks (:class:`TimestepConditionedNetwork` on the encoder only), and
-:func:`load_timestep_film` copies the pretrained time MLP and encoder-stage FiLM layers from the
-pretraining checkpoint beside ``encoder.pt``: the encoder then computes exactly what the pretrained
-network's encoder computed at that ``t`` (clean or noised input). The hooks start as the identity
-(zero-initialised), so a branch whose FiLM could not be loaded is the plain encoder. Without FiLM
-(``film=False``, or training from scratch) the encoder is used unconditioned.
+Timestep conditioning: the pretrained network applied its timestep FiLM after every encoder stage
+at every ``t``, ``t = 0`` included. The encoder contract (``encoder.pt`` format 2, see
+:mod:`orthodiff_nnunet.networks.conditioning`) carries it as a constant per-stage affine, and
+:func:`~orthodiff_nnunet.networks.encoder_io.load_encoder` sets it for the branch's noise timestep
+(``film=True``, :func:`load_timestep_film`): the encoder computes exactly what the pretrained
+network's encoder computed at that ``t``, the same contract the segmentation network uses at
+``t = 0``. ``film=False`` is an ablation: the identity affine (scale = shift = 0), a state the
+pretraining never saw; training from scratch has the identity too.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ import torch
 from torch import nn
 
 from orthodiff_nnunet.diffusion import make_schedule, q_sample
-from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork, _stage_channels
-from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError
+from orthodiff_nnunet.networks.conditioning import _stage_channels, install_stage_affine
+from orthodiff_nnunet.networks.encoder_io import load_encoder
 
 FusionName = Literal["concat", "gated"]
 FUSIONS: tuple[str, ...] = ("concat", "gated")
@@ -89,7 +88,7 @@ class FeatureStandardizer(nn.BatchNorm1d):
 
 
 class _EncoderOnly(nn.Module):
-    """Holds ``encoder`` under the attribute name the encoder contract and the FiLM hooks expect."""
+    """Holds ``encoder`` under the attribute name the encoder contract expects."""
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
@@ -107,9 +106,9 @@ class ViewBranch(nn.Module):
         feature_stages: how many of the last stages are pooled and concatenated (1 = bottleneck).
         noise_timestep: 0 (clean input) or the timestep ``t`` the input is noised to.
         schedule: ``{"name": ..., "num_steps": ...}`` of the pretraining (for ``q_sample``).
-        film: add the pretraining's timestep FiLM hooks on the encoder stages (load them with
-            :func:`load_timestep_film`).
-        film_embed_dim: width of the timestep embedding of those hooks.
+        film: the encoder applies the pretraining's timestep conditioning at ``noise_timestep``
+            (set when the encoder is loaded, :func:`load_timestep_film`); False: the identity.
+        film_embed_dim: unused (kept for callers of the earlier signature).
     """
 
     def __init__(self, encoder: nn.Module, feature_stages: int = 1, noise_timestep: int = 0,
@@ -123,8 +122,7 @@ class ViewBranch(nn.Module):
         schedule = dict(schedule or {"name": "cosine", "num_steps": 1000})
         if not 0 <= int(noise_timestep) < int(schedule["num_steps"]):
             raise ValueError(f"noise timestep {noise_timestep} outside 0..{int(schedule['num_steps']) - 1}")
-        body = _EncoderOnly(encoder)
-        self.body: nn.Module = TimestepConditionedNetwork(body, film_embed_dim, condition_decoder=False) if film else body
+        self.body = _EncoderOnly(install_stage_affine(encoder))
         self.film = bool(film)
         self.feature_stages = int(feature_stages)
         self.noise_timestep = int(noise_timestep)
@@ -137,13 +135,11 @@ class ViewBranch(nn.Module):
 
     @property
     def encoder(self) -> nn.Module:
-        return self.body.network.encoder if self.film else self.body.encoder
+        return self.body.encoder
 
     def conditioning_parameters(self) -> list[nn.Parameter]:
-        """The FiLM time MLP and layers (empty without FiLM)."""
-        if not self.film:
-            return []
-        return list(self.body.time_mlp.parameters()) + list(self.body.film.parameters())
+        """None: the conditioning is a constant of the encoder contract (buffers, not parameters)."""
+        return []
 
     def _noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((x.shape[0],), self.noise_timestep, device=x.device, dtype=torch.long)
@@ -158,7 +154,7 @@ class ViewBranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, t = self._noised(x)
-        skips = self.body(x, t) if self.film else self.body(x)
+        skips = self.body(x)
         feats = [pool(s) for pool, s in zip(self.pools, skips[-self.feature_stages:])]
         return self.norm(torch.cat(feats, dim=1).float())
 
@@ -287,40 +283,23 @@ def build_classifier(
     return MultiViewClassifier(branches, num_labels, fusion, dropout)
 
 
-def load_timestep_film(branch: ViewBranch, encoder_path: Path) -> str:
-    """Copy the pretrained timestep MLP and encoder-stage FiLM layers into ``branch``.
+def load_timestep_film(branch: ViewBranch, encoder_path: Path, architecture_hash: str | None = None) -> str:
+    """Load ``encoder.pt`` into ``branch`` with its conditioning at the branch's noise timestep.
 
-    They are read from the pretraining's nnU-Net checkpoint (``checkpoint_final.pth``, else
-    ``checkpoint_latest.pth``) beside ``encoder_path``, EMA weights, strictly.
+    With ``film=False`` the identity affine is kept instead (the ablation). The conditioning comes
+    from ``encoder.pt`` itself (format 2), the same contract every consumer uses.
 
     Returns:
         A one-line report.
 
     Raises:
-        EncoderMismatchError: no checkpoint, or its FiLM layers do not fit this encoder.
+        EncoderMismatchError: the checkpoint does not fit this encoder, or is an old format.
     """
+    from orthodiff_nnunet.networks.conditioning import set_stage_affine
+
+    report = load_encoder(branch.body, encoder_path, architecture_hash, timestep=branch.noise_timestep)
     if not branch.film:
-        raise ValueError("this branch has no FiLM hooks (build it with film=True)")
-    folder = Path(encoder_path).parent
-    ckpt = next((folder / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth") if (folder / n).is_file()), None)
-    if ckpt is None:
-        raise EncoderMismatchError(
-            f"no pretraining checkpoint beside {encoder_path}: the timestep FiLM layers live there; keep the "
-            "pretraining folder, or pass --no-film")
-    weights = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
-    n = len(branch.body.film)
-    wanted = {f"time_mlp.{k}": f"ema.time_mlp.{k}" for k in branch.body.time_mlp.state_dict()}
-    wanted.update({f"film.{i}.{k}": f"ema.film.{i}.{k}" for i in range(n) for k in ("weight", "bias")})
-    missing = [src for src in wanted.values() if src not in weights]
-    if missing:
-        raise EncoderMismatchError(f"{ckpt} lacks {len(missing)} FiLM tensors (e.g. {missing[0]}): not an orthodiff "
-                                   "pretraining checkpoint of this encoder")
-    own = {**{f"time_mlp.{k}": v for k, v in branch.body.time_mlp.state_dict().items()},
-           **{f"film.{k}": v for k, v in branch.body.film.state_dict().items()}}
-    bad = [k for k, src in wanted.items() if own[k].shape != weights[src].shape]
-    if bad:
-        raise EncoderMismatchError(f"{ckpt}: FiLM tensor {bad[0]} has shape {tuple(weights[wanted[bad[0]]].shape)}, "
-                                   f"this encoder needs {tuple(own[bad[0]].shape)}")
-    branch.body.time_mlp.load_state_dict({k[len('time_mlp.'):]: weights[s] for k, s in wanted.items() if k.startswith("time_mlp.")})
-    branch.body.film.load_state_dict({k[len('film.'):]: weights[s] for k, s in wanted.items() if k.startswith("film.")})
-    return f"timestep FiLM (time MLP + {n} encoder stages) from {ckpt.name}"
+        set_stage_affine(branch.encoder, None)
+        return report.summary().rsplit(", timestep conditioning", 1)[0] + \
+            f"; no timestep conditioning (identity, --no-film), input at t={branch.noise_timestep}"
+    return report.summary()
