@@ -137,6 +137,13 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
     p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the sanity picture (0: none)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the scans (whole patients, seeded) held out for the EMA validation loss "
+                        "(default 0.1, at least 1 scan when there are 2 or more; 0: validate on training scans)")
+    p.add_argument("--exclude-cases", nargs="+", default=[], metavar="CASE|@FILE",
+                   help="cases never used for pretraining, e.g. a downstream test set (@FILE: one case a line)")
+    p.add_argument("--reference-timestep", type=int, default=0,
+                   help="timestep whose conditioning the exported encoder carries (default 0: clean input)")
     p.set_defaults(func=_run_pretrain)
 
 
@@ -173,6 +180,19 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _case_list(items: list[str]) -> list[str]:
+    """Case identifiers given on the command line, ``@FILE`` entries read one a line."""
+    from pathlib import Path
+
+    out: list[str] = []
+    for item in items:
+        if item.startswith("@"):
+            out += [ln.strip() for ln in Path(item[1:]).read_text().splitlines() if ln.strip()]
+        else:
+            out.append(item)
+    return out
+
+
 def _run_pretrain(args: argparse.Namespace) -> int:
     from orthodiff_nnunet.pretraining import check_orientation, pretrain
 
@@ -185,7 +205,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every, schedule=args.schedule, prediction=args.prediction,
             min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
             precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
-            sample_steps=args.sample_steps,
+            sample_steps=args.sample_steps, val_fraction=args.val_fraction,
+            exclude_cases=_case_list(args.exclude_cases), reference_timestep=args.reference_timestep,
         )
         _barrier()  # rank 0 exports the encoder after training: the other ranks wait for it
     finally:

@@ -13,18 +13,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
 from orthodiff_nnunet import paths
 from orthodiff_nnunet.errors import OrthodiffError
-from orthodiff_nnunet.utils import save_figure
+from orthodiff_nnunet.utils import atomic_write_json, save_figure
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_FOLD = "all"  # unlabeled pretraining uses every scan
+PRETRAIN_FOLD = "all"  # unlabeled pretraining uses every scan (less a held-out fraction for validation)
 ENCODER_FILE = "encoder.pt"
+RUN_RECORD = "orthodiff_pretrain_run.json"
 DEFAULT_PLANS_ORDER = ("orthodiffResEncMPlans", "orthodiffPlans")
 
 
@@ -91,6 +92,9 @@ def pretrain(
     val_iterations: int = 5,
     sample_steps: int = 10,
     reference_timestep: int = 0,
+    val_fraction: float = 0.1,
+    split_seed: int = 12345,
+    exclude_cases: Sequence[str] | None = None,
 ) -> PretrainResult:
     """Pretrain the plans' network as a timestep-conditioned denoiser on a preprocessed dataset.
 
@@ -114,6 +118,12 @@ def pretrain(
         sample_steps: DDIM steps of the sanity picture (0: no picture).
         reference_timestep: the timestep whose FiLM conditioning the exported encoder carries
             (0: clean input, what segmentation feeds it; docs/CONTRACTS.md).
+        val_fraction: share of the scans (whole patients, seeded by ``split_seed``) held out for the
+            EMA validation loss; at least one when there are two or more scans; 0: validate on the
+            training scans. The record (``orthodiff_pretrain_run.json``) and the encoder's provenance
+            list the scans the encoder saw and the held-out ones.
+        split_seed: seed of the held-out choice (fixed on --resume: the run's record is checked).
+        exclude_cases: cases never used (e.g. a downstream test set or external cases in this dataset).
     """
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -141,6 +151,11 @@ def pretrain(
     trainer.ema_decay = ema_decay
     trainer.num_val_iterations_per_epoch = val_iterations
     trainer.channels_last = channels_last
+    trainer.val_fraction = val_fraction
+    trainer.split_seed = split_seed
+    trainer.exclude_cases = list(exclude_cases or [])
+    if not 0 <= reference_timestep < trainer.num_timesteps:
+        raise OrthodiffError(f"--reference-timestep {reference_timestep} outside 0..{trainer.num_timesteps - 1}")
     if precision is not None:
         trainer.precision = precision
     out = Path(trainer.output_folder)
@@ -159,6 +174,17 @@ def pretrain(
             raise OrthodiffError(f"--resume with other diffusion settings than the run's: {differs}")
         trainer.load_checkpoint(str(latest[0]))
         log.info("resuming %s at iteration %d", out, trainer.iterations_done())
+        if (out / RUN_RECORD).is_file():
+            before = json.loads((out / RUN_RECORD).read_text())
+            now_split = trainer.split_record()
+            if before.get("train_cases") != now_split["train_cases"]:
+                raise OrthodiffError(f"--resume with other training scans than the run's ({out / RUN_RECORD}): "
+                                     "use the run's --val-fraction, split seed and exclusions")
+    record = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
+              **trainer.split_record(), "iterations_requested": int(iterations),
+              "checkpoint_every": int(checkpoint_every), "diffusion": trainer.diffusion_config()}
+    if trainer.local_rank == 0:
+        atomic_write_json(out / RUN_RECORD, {**record, "status": "running"})
     trainer.run_training()
 
     rank0 = trainer.local_rank == 0
@@ -184,7 +210,9 @@ def pretrain(
             "ema_decay": ema_decay,
             "weights": "ema",
             "iterations": trainer.iterations_done(),
-            "scans": len(trainer.get_tr_and_val_datasets()[0].identifiers),
+            "scans": len(trainer.split_record()["train_cases"]),
+            "train_cases": trainer.split_record()["train_cases"],
+            "held_out_cases": trainer.split_record()["held_out_cases"],
         }
         export_encoder(model.ema, encoder_path, provenance, reference_timestep)
         seg_net = build_network(plans_dict, seg_cfg, trainer.num_input_channels, len(dataset_json["labels"]))
@@ -193,11 +221,15 @@ def pretrain(
         log.info("%s; the %s network of these plans loads it strictly", report, seg_cfg)
         if sample_steps > 0:
             sample_png = write_sanity_picture(trainer, out / "denoising_sanity.png", sample_steps)
+        atomic_write_json(out / RUN_RECORD, {**record, "status": "done", "iterations_done": trainer.iterations_done(),
+                                             "train_losses": train_losses, "val_losses": val_losses,
+                                             "encoder": str(encoder_path)})
     return PretrainResult(out, encoder_path, trainer.iterations_done(), train_losses, val_losses, sample_png, report)
 
 
 def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
-    """Middle slices: a clean patch, noised to t = T/2, denoised back from there, and a sample from noise."""
+    """Middle slices of a held-out scan (a training scan if none): clean, noised to t = T/2, denoised back
+    from there, and a sample from noise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +239,8 @@ def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
     from orthodiff_nnunet.diffusion import q_sample
     from orthodiff_nnunet.diffusion.sampling import ddim_sample
 
-    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder, trainer.get_tr_and_val_datasets()[0].identifiers[:1])
+    split = trainer.split_record()
+    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder, (split["held_out_cases"] or split["train_cases"])[:1])
     data, *_ = ds.load_case(ds.identifiers[0])
     data = np.asarray(data[:])
     patch = trainer.configuration_manager.patch_size

@@ -193,3 +193,39 @@ def test_downstream_encoders_compute_the_pretrained_encoder_at_its_timestep(plan
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(EncoderMismatchError, match=r"scale = shift = 0.*--resume"):
         load_encoder(build_network(plans, "3d_fullres", 1, 12), tmp_path / "old.pt")
+
+
+# -- 3. honest validation --------------------------------------------------------------------------
+
+def test_validation_loss_is_measured_on_held_out_scans(planned):
+    from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
+    from orthodiff_nnunet.pretraining import RUN_RECORD, pretrain
+
+    root, plans_id = planned
+    pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, "splitPlans", max_features=4, max_stages=3)
+    all_cases = sorted(json.loads((root / "raw" / DATASET / "orthodiff_targets.json").read_text())["cases"])
+    assert len(all_cases) == 5
+    res = pretrain(DATASET_ID, plans=pid, iterations=2, checkpoint_every=2, device="cpu", sample_steps=0,
+                   val_iterations=1, val_fraction=0.2, exclude_cases=[all_cases[0]])
+    record = json.loads((res.output_folder / RUN_RECORD).read_text())
+    train, held = record["train_cases"], record["held_out_cases"]
+    assert record["excluded_cases"] == [all_cases[0]] and all_cases[0] not in train + held
+    assert len(held) == 1 and len(train) == 3 and not set(train) & set(held)  # round(0.2 * 4) = 1
+    assert sorted(train + held) == all_cases[1:]
+    prov = read_encoder_checkpoint(res.encoder_path)["provenance"]
+    assert prov["train_cases"] == train and prov["held_out_cases"] == held and prov["scans"] == 3
+
+    # what the trainer validates on: exactly the held-out scans; the training loader never sees them
+    trainer = _trainer(root, pid)
+    trainer.val_fraction, trainer.exclude_cases = 0.2, [all_cases[0]]
+    ds_tr, ds_val = trainer.get_tr_and_val_datasets()
+    assert list(ds_val.identifiers) == held and sorted(ds_tr.identifiers) == sorted(train)
+    # the same seed gives the same split; a tiny fraction still holds out one scan
+    trainer = _trainer(root, pid)
+    trainer.val_fraction = 0.01
+    tr, val = trainer.do_split()
+    assert len(val) == 1 and len(tr) == 4 and not set(tr) & set(val)
+    trainer = _trainer(root, pid)
+    trainer.val_fraction = 0.0
+    tr, val = trainer.do_split()
+    assert tr == val == all_cases and trainer.split_record()["held_out_cases"] == []

@@ -90,7 +90,13 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         self.precision = "fp16" if self.device.type == "cuda" else "fp32"
         self.channels_last = False
         self.oversample_foreground_percent = 0.0  # labels play no role here
+        # held-out scans for the EMA validation loss (fold 'all' would validate on training scans)
+        self.val_fraction = 0.1
+        self.split_seed = 12345
+        self.exclude_cases: list[str] = []
+        self.seed: int | None = None
         self._schedule = None
+        self._pretrain_split: tuple[list[str], list[str], list[str]] | None = None
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -156,6 +162,68 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
 
     def _build_loss(self):
         return diffusion_loss
+
+    # -- data: which scans, held-out validation ----------------------------------------------------
+
+    def _patients(self) -> dict[str, str]:
+        """case -> patient pseudonym from the converter's ``orthodiff_targets.json`` ({} if not found)."""
+        from nnunetv2.paths import nnUNet_raw
+
+        name = (self.dataset_json.get("orthodiff") or {}).get("targets_file", "orthodiff_targets.json")
+        candidates = [Path(self.preprocessed_dataset_folder_base) / name]
+        if nnUNet_raw.is_set():
+            candidates.insert(0, Path(nnUNet_raw.get()) / self.plans_manager.dataset_name / name)
+        for f in candidates:
+            if f.is_file():
+                cases = json.loads(f.read_text()).get("cases", {})
+                return {c: str(v.get("patient") or c) for c, v in cases.items()}
+        return {}
+
+    def do_split(self):
+        """Every scan except ``exclude_cases``; a seeded ``val_fraction`` of patients held out for validation.
+
+        Returns (training cases, held-out cases). With ``val_fraction = 0``, or a single scan, nothing is
+        held out and the validation loss is measured on training scans (then it is a training loss).
+        Scans of one patient stay on one side.
+        """
+        if self._pretrain_split is None:
+            if not 0 <= float(self.val_fraction) < 1:
+                raise ValueError(f"val_fraction {self.val_fraction} must be in [0, 1)")
+            all_cases, _ = super().do_split()
+            excluded = sorted(set(self.exclude_cases) & set(all_cases))
+            unknown = sorted(set(self.exclude_cases) - set(all_cases))
+            if unknown:
+                self.print_to_log_file(f"{len(unknown)} excluded cases are not in this dataset (e.g. {unknown[0]})")
+            cases = sorted(set(all_cases) - set(excluded))
+            if not cases:
+                raise ValueError("no scan left for pretraining after the exclusions")
+            held: list[str] = []
+            if self.val_fraction > 0 and len(cases) >= 2:
+                patients = self._patients()
+                groups: dict[str, list[str]] = {}
+                for c in cases:
+                    groups.setdefault(patients.get(c, c), []).append(c)
+                wanted = max(1, int(round(self.val_fraction * len(cases))))
+                order = np.random.RandomState(int(self.split_seed)).permutation(sorted(groups))
+                for g in order:
+                    if len(held) >= wanted or len(held) + len(groups[g]) >= len(cases):
+                        continue
+                    held += groups[g]
+            train = [c for c in cases if c not in set(held)]
+            self._pretrain_split = (train, sorted(held), excluded)
+            self.print_to_log_file(f"pretraining split: {len(train)} training scans, {len(held)} held out for the EMA "
+                                   f"validation loss (fraction {self.val_fraction:g}, seed {self.split_seed}), "
+                                   f"{len(excluded)} excluded")
+        train, held, _ = self._pretrain_split
+        return list(train), list(held or train)
+
+    def split_record(self) -> dict:
+        """Which scans the encoder saw and which were held out (for the run record and provenance)."""
+        self.do_split()
+        train, held, excluded = self._pretrain_split
+        return {"train_cases": list(train), "held_out_cases": list(held), "excluded_cases": list(excluded),
+                "val_fraction": float(self.val_fraction), "split_seed": int(self.split_seed),
+                "validation_on": "held-out scans" if held else "training scans (nothing held out)"}
 
     # -- data: what the denoiser learns from ------------------------------------------------------
 
