@@ -142,6 +142,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                         "(default 0.1, at least 1 scan when there are 2 or more; 0: validate on training scans)")
     p.add_argument("--exclude-cases", nargs="+", default=[], metavar="CASE|@FILE",
                    help="cases never used for pretraining, e.g. a downstream test set (@FILE: one case a line)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed torch/numpy/random; with nnUNet_n_proc_DA=0 a resumed run is bit-identical (CPU)")
     p.add_argument("--reference-timestep", type=int, default=0,
                    help="timestep whose conditioning the exported encoder carries (default 0: clean input)")
     p.set_defaults(func=_run_pretrain)
@@ -206,7 +208,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
             min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
             precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
             sample_steps=args.sample_steps, val_fraction=args.val_fraction,
-            exclude_cases=_case_list(args.exclude_cases), reference_timestep=args.reference_timestep,
+            exclude_cases=_case_list(args.exclude_cases), reference_timestep=args.reference_timestep, seed=args.seed,
         )
         _barrier()  # rank 0 exports the encoder after training: the other ranks wait for it
     finally:

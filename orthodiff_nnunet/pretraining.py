@@ -95,6 +95,7 @@ def pretrain(
     val_fraction: float = 0.1,
     split_seed: int = 12345,
     exclude_cases: Sequence[str] | None = None,
+    seed: int | None = None,
 ) -> PretrainResult:
     """Pretrain the plans' network as a timestep-conditioned denoiser on a preprocessed dataset.
 
@@ -124,9 +125,15 @@ def pretrain(
             list the scans the encoder saw and the held-out ones.
         split_seed: seed of the held-out choice (fixed on --resume: the run's record is checked).
         exclude_cases: cases never used (e.g. a downstream test set or external cases in this dataset).
+        seed: seeds torch, numpy and Python's ``random`` before the network is built. Checkpoints carry
+            the RNG states, so with nnU-Net's single-threaded loader (``nnUNet_n_proc_DA=0``) a run
+            killed and resumed ends bit-identical to an uninterrupted one on CPU. Background loader
+            workers (``nnUNet_n_proc_DA > 0``) draw from their own streams: reproducible only in
+            distribution.
     """
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
     from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network
     from orthodiff_nnunet.networks.encoder_io import export_encoder, load_encoder
@@ -139,6 +146,12 @@ def pretrain(
                              f"(they have {', '.join(plans_dict['configurations'])}): re-run plan_and_preprocess")
     dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
     dev = resolve_device(device)
+    if seed is not None:
+        import random
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # CUDA generators too
     trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
     trainer_plans["continue_training"] = resume
     trainer = nnUNetTrainerOrthoDiffPretrain(trainer_plans, configuration, PRETRAIN_FOLD, dataset_json, dev)
@@ -182,7 +195,8 @@ def pretrain(
                                      "use the run's --val-fraction, split seed and exclusions")
     record = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
               **trainer.split_record(), "iterations_requested": int(iterations),
-              "checkpoint_every": int(checkpoint_every), "diffusion": trainer.diffusion_config()}
+              "checkpoint_every": int(checkpoint_every), "seed": seed, "diffusion": trainer.diffusion_config(),
+              "data_loader_workers": get_allowed_n_proc_DA()}
     if trainer.local_rank == 0:
         atomic_write_json(out / RUN_RECORD, {**record, "status": "running"})
     trainer.run_training()

@@ -229,3 +229,51 @@ def test_validation_loss_is_measured_on_held_out_scans(planned):
     trainer.val_fraction = 0.0
     tr, val = trainer.do_split()
     assert tr == val == all_cases and trainer.split_record()["held_out_cases"] == []
+
+
+# -- 4. reproducible runs --------------------------------------------------------------------------
+
+class _Killed(Exception):
+    pass
+
+
+def test_seeded_run_killed_and_resumed_is_bit_identical(planned, monkeypatch):
+    from orthodiff_nnunet.pretraining import pretrain
+    from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+
+    root, plans_id = planned
+    kw = dict(iterations=6, checkpoint_every=2, learning_rate=1e-3, device="cpu", sample_steps=0,
+              val_iterations=1, seed=11)
+    whole = write_shrunk_plans(root / "pre" / DATASET, plans_id, "wholePlans", max_features=4, max_stages=3)
+    parts = write_shrunk_plans(root / "pre" / DATASET, plans_id, "partsPlans", max_features=4, max_stages=3)
+    a = pretrain(DATASET_ID, plans=whole, **kw)
+
+    original = nnUNetTrainerOrthoDiffPretrain.on_epoch_end
+
+    def killed_after_second_checkpoint(self):
+        original(self)
+        if self.current_epoch == 2:  # checkpoint_latest holds iteration 4 of 6
+            raise _Killed
+
+    monkeypatch.setattr(nnUNetTrainerOrthoDiffPretrain, "on_epoch_end", killed_after_second_checkpoint)
+    with pytest.raises(_Killed):
+        pretrain(DATASET_ID, plans=parts, **kw)
+    monkeypatch.setattr(nnUNetTrainerOrthoDiffPretrain, "on_epoch_end", original)
+    torch.manual_seed(999)  # the resumed process starts from other random streams
+    np.random.seed(999)
+    b = pretrain(DATASET_ID, plans=parts, resume=True, **kw)
+
+    wa = torch.load(a.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    wb = torch.load(b.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert wa["current_epoch"] == wb["current_epoch"] == 3
+    assert wa["network_weights"].keys() == wb["network_weights"].keys()
+    for k, v in wa["network_weights"].items():
+        assert torch.equal(v, wb["network_weights"][k]), k  # denoiser and EMA, every tensor
+    for s, t in zip(wa["optimizer_state"]["state"].values(), wb["optimizer_state"]["state"].values()):
+        assert all(torch.equal(s[k], t[k]) for k in s)
+    assert a.train_losses == b.train_losses and a.val_losses == b.val_losses
+    # and the seed matters: another seed gives other weights
+    other = write_shrunk_plans(root / "pre" / DATASET, plans_id, "otherSeedPlans", max_features=4, max_stages=3)
+    c = pretrain(DATASET_ID, plans=other, **{**kw, "seed": 12})
+    wc = torch.load(c.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert any(not torch.equal(v, wc["network_weights"][k]) for k, v in wa["network_weights"].items())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from time import time
 
@@ -97,6 +98,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         self.seed: int | None = None
         self._schedule = None
         self._pretrain_split: tuple[list[str], list[str], list[str]] | None = None
+        self._rng_to_restore: dict | None = None
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -364,15 +366,63 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    @staticmethod
+    def rng_states() -> dict:
+        """Every random stream the training step and nnU-Net's single-threaded loader draw from.
+
+        The loader (crop location, case choice) draws from numpy's global generator, the mirroring and
+        the diffusion noise and timesteps from torch's; Python's ``random`` is kept for completeness.
+        """
+        states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        return states
+
+    @staticmethod
+    def set_rng_states(states: dict) -> None:
+        torch.set_rng_state(states["torch"])
+        np.random.set_state(states["numpy"])
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written to a temporary name and renamed: never half-written."""
+        """nnU-Net's checkpoint plus the RNG states, written to a temporary name and renamed: never half-written.
+
+        The RNG states are those at the end of the epoch, i.e. at the start of the next one, where
+        :meth:`on_train_epoch_start` restores them after a resume (nnU-Net's ``on_train_start`` draws a
+        first batch from each new loader, which would otherwise shift every random stream).
+        """
         if self.local_rank != 0:
             return
         tmp = f"{filename}.tmp"
+        states = self.rng_states()
         super().save_checkpoint(tmp)
         if os.path.exists(tmp):
-            os.replace(tmp, filename)
+            ckpt = torch.load(tmp, map_location="cpu", weights_only=False, mmap=True)
+            ckpt["orthodiff_rng_states"] = states
+            torch.save(ckpt, f"{tmp}.rng")
+            del ckpt
+            os.replace(f"{tmp}.rng", filename)
+            os.remove(tmp)
             Path(self.output_folder, "diffusion_config.json").write_text(json.dumps(self.diffusion_config(), indent=2))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's load; the checkpoint's RNG states are restored when the next epoch starts."""
+        super().load_checkpoint(filename_or_checkpoint)
+        ckpt = filename_or_checkpoint
+        if isinstance(ckpt, (str, os.PathLike)):
+            ckpt = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        self._rng_to_restore = ckpt.get("orthodiff_rng_states")
+        if self._rng_to_restore is None:
+            self.print_to_log_file("this checkpoint has no RNG states (older run): the resumed run draws other "
+                                   "patches and noise than an uninterrupted one would")
+
+    def on_train_epoch_start(self) -> None:
+        if self._rng_to_restore is not None:
+            self.set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+        super().on_train_epoch_start()
 
     def iterations_done(self) -> int:
         return self.current_epoch * self.num_iterations_per_epoch
