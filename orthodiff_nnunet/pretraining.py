@@ -104,7 +104,8 @@ def pretrain(
         plans: plans identifier (default: orthodiff's ResEnc-M plans, else orthodiff's plain plans).
         configuration: the diffusion configuration of the plans.
         iterations: total training iterations.
-        checkpoint_every: iterations between atomic checkpoints (one nnU-Net "epoch").
+        checkpoint_every: iterations between atomic checkpoints (one nnU-Net "epoch"; the last one is
+            shorter when ``iterations`` is not a multiple: the run takes exactly ``iterations`` steps).
         schedule: noise schedule (T = 1000 steps).
         prediction: ``epsilon`` (the method's) or ``v``.
         min_snr_gamma: min-SNR loss weighting γ (None: unweighted MSE).
@@ -185,6 +186,10 @@ def pretrain(
         differs = {k: (saved[k], now[k]) for k in saved if k != "precision" and saved.get(k) != now.get(k)}
         if differs:
             raise OrthodiffError(f"--resume with other diffusion settings than the run's: {differs}")
+        if not (out / RUN_RECORD).is_file():  # a run from before held-out validation trained on every scan
+            log.warning("%s has no %s: the run trained on every scan; resuming it so (nothing held out)",
+                        out, RUN_RECORD)
+            trainer.val_fraction = 0.0
         trainer.load_checkpoint(str(latest[0]))
         log.info("resuming %s at iteration %d", out, trainer.iterations_done())
         if (out / RUN_RECORD).is_file():

@@ -277,3 +277,29 @@ def test_seeded_run_killed_and_resumed_is_bit_identical(planned, monkeypatch):
     c = pretrain(DATASET_ID, plans=other, **{**kw, "seed": 12})
     wc = torch.load(c.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert any(not torch.equal(v, wc["network_weights"][k]) for k, v in wa["network_weights"].items())
+
+
+# -- 5. exact iterations and progress ----------------------------------------------------------------
+
+@pytest.mark.parametrize("iterations,every,epochs", [(5, 2, 3), (3, 250, 1)])
+def test_iterations_are_exact_and_progress_is_shown(planned, capfd, iterations, every, epochs):
+    from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
+    from orthodiff_nnunet.pretraining import RUN_RECORD, pretrain
+
+    root, plans_id = planned
+    pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, f"exact{iterations}Plans", max_features=4, max_stages=3)
+    res = pretrain(DATASET_ID, plans=pid, iterations=iterations, checkpoint_every=every, device="cpu",
+                   sample_steps=0, val_iterations=1)
+    assert res.iterations == iterations
+    record = json.loads((res.output_folder / RUN_RECORD).read_text())
+    assert record["status"] == "done" and record["iterations_done"] == iterations
+    final = torch.load(res.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == epochs
+    assert {int(s["step"]) for s in final["optimizer_state"]["state"].values()} == {iterations}  # optimizer steps
+    assert read_encoder_checkpoint(res.encoder_path)["provenance"]["iterations"] == iterations
+    curve = (res.output_folder / "loss_curve.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in curve] == [min((i + 1) * every, iterations) for i in range(epochs)]
+    log = "\n".join(p.read_text() for p in res.output_folder.glob("training_log_*.txt"))
+    assert f"iteration {iterations}: train loss" in log
+    err = capfd.readouterr().err
+    assert "pretraining: 100%" in err and f"{iterations}/{iterations}" in err and ("it/s" in err or "s/it" in err)

@@ -99,13 +99,23 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         self._schedule = None
         self._pretrain_split: tuple[list[str], list[str], list[str]] | None = None
         self._rng_to_restore: dict | None = None
+        self._progress = None  # tqdm bar (rank 0)
 
     # -- configuration --------------------------------------------------------------------------
 
     def _apply_run_length(self) -> None:
+        """One nnU-Net epoch = ``checkpoint_every`` iterations; the last one is shorter if need be, so
+        the run takes exactly ``total_iterations`` steps (see :meth:`on_train_epoch_start`)."""
+        if int(self.total_iterations) < 1 or int(self.checkpoint_every) < 1:
+            raise ValueError(f"iterations ({self.total_iterations}) and checkpoint_every ({self.checkpoint_every}) "
+                             "must be at least 1")
         self.num_iterations_per_epoch = int(self.checkpoint_every)
         self.num_epochs = int(np.ceil(self.total_iterations / self.checkpoint_every))
         self.save_every = 1
+
+    def iterations_in_epoch(self, epoch: int) -> int:
+        """Training iterations of nnU-Net epoch ``epoch`` (the last may be shorter)."""
+        return max(0, min(int(self.checkpoint_every), int(self.total_iterations) - epoch * int(self.checkpoint_every)))
 
     def diffusion_config(self) -> dict:
         return {"schedule": self.schedule_name, "num_timesteps": self.num_timesteps, "prediction": self.prediction,
@@ -309,7 +319,11 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
             self.optimizer.step()
         self._model().update_ema()
-        return {"loss": loss.detach().cpu().numpy()}
+        out = {"loss": loss.detach().cpu().numpy()}
+        if self._progress is not None:
+            self._progress.update(1)
+            self._progress.set_postfix(loss=f"{float(out['loss']):.4f}", refresh=False)
+        return out
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
@@ -334,7 +348,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         tr = float(self.logger.get_value("train_losses", step=-1))
         va = float(self.logger.get_value("val_losses", step=-1))
         seconds = self.logger.get_value("epoch_end_timestamps", -1) - self.logger.get_value("epoch_start_timestamps", -1)
-        iteration = (self.current_epoch + 1) * self.num_iterations_per_epoch
+        iteration = min((self.current_epoch + 1) * int(self.checkpoint_every), int(self.total_iterations))
         self.print_to_log_file(f"iteration {iteration}: train loss {tr:.4f}, EMA val loss {va:.4f}, "
                                f"{1000 * seconds / self.num_iterations_per_epoch:.0f} ms/iteration")
         if self.current_epoch != self.num_epochs - 1:
@@ -351,7 +365,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
 
         tr = self.logger.get_value("train_losses", None)
         va = self.logger.get_value("val_losses", None)
-        its = [(i + 1) * self.num_iterations_per_epoch for i in range(len(tr))]
+        its = [min((i + 1) * int(self.checkpoint_every), int(self.total_iterations)) for i in range(len(tr))]
         rows = ["iteration,train_loss,val_loss_ema"] + [f"{i},{a:.6f},{b:.6f}" for i, a, b in zip(its, tr, va)]
         Path(self.output_folder, "loss_curve.csv").write_text("\n".join(rows) + "\n")
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -419,10 +433,24 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
                                    "patches and noise than an uninterrupted one would")
 
     def on_train_epoch_start(self) -> None:
+        """Restore a resumed run's RNG states, size this epoch (exact total), show progress."""
         if self._rng_to_restore is not None:
             self.set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+        self.num_iterations_per_epoch = self.iterations_in_epoch(self.current_epoch)
+        if self._progress is None and self.local_rank == 0:
+            from tqdm import tqdm
+
+            self._progress = tqdm(total=int(self.total_iterations), initial=self.iterations_done(), unit="it",
+                                  desc="pretraining", mininterval=1.0, dynamic_ncols=True)
         super().on_train_epoch_start()
 
+    def on_train_end(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        super().on_train_end()
+
     def iterations_done(self) -> int:
-        return self.current_epoch * self.num_iterations_per_epoch
+        """Training iterations taken so far (epochs done, the last one possibly shorter)."""
+        return min(self.current_epoch * int(self.checkpoint_every), int(self.total_iterations))
