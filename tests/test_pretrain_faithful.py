@@ -303,3 +303,26 @@ def test_iterations_are_exact_and_progress_is_shown(planned, capfd, iterations, 
     assert f"iteration {iterations}: train loss" in log
     err = capfd.readouterr().err
     assert "pretraining: 100%" in err and f"{iterations}/{iterations}" in err and ("it/s" in err or "s/it" in err)
+
+
+def test_old_encoder_is_re_exported_by_resuming_the_finished_run(planned):
+    """The refusal message of a format-1 encoder says: rerun with --resume. That works, and trains nothing more."""
+    from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
+    from orthodiff_nnunet.pretraining import RUN_RECORD, pretrain
+
+    root, plans_id = planned
+    pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, "oldRunPlans", max_features=4, max_stages=3)
+    kw = dict(iterations=2, checkpoint_every=2, device="cpu", sample_steps=0, val_iterations=1)
+    res = pretrain(DATASET_ID, plans=pid, **kw)
+    payload = read_encoder_checkpoint(res.encoder_path)
+    (res.output_folder / RUN_RECORD).unlink()  # a run from before the run record: it trained on every scan
+    torch.save({"format": "orthodiff-encoder/1", "provenance": payload["provenance"],
+                "state_dict": {k: v for k, v in payload["state_dict"].items() if "film_" not in k}}, res.encoder_path)
+    again = pretrain(DATASET_ID, plans=pid, resume=True, **kw)
+    new = read_encoder_checkpoint(again.encoder_path)
+    assert new["format"] == "orthodiff-encoder/2" and new["provenance"]["iterations"] == 2
+    assert new["provenance"]["held_out_cases"] == [] and new["provenance"]["scans"] == 5
+    for k, v in payload["state_dict"].items():
+        assert torch.equal(v, new["state_dict"][k]), k  # the same EMA weights and conditioning
+    final = torch.load(again.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert {int(s["step"]) for s in final["optimizer_state"]["state"].values()} == {2}
