@@ -148,11 +148,14 @@ def pretrain(
     dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
     dev = resolve_device(device)
     if seed is not None:
+        import os
         import random
 
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)  # CUDA generators too
+        # DDP ranks must draw different patches and noise; the weights are rank 0's (DDP broadcasts them)
+        rank_seed = int(seed) + 1000 * int(os.environ.get("RANK", "0"))
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
+        torch.manual_seed(rank_seed)  # CUDA generators too
     trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
     trainer_plans["continue_training"] = resume
     trainer = nnUNetTrainerOrthoDiffPretrain(trainer_plans, configuration, PRETRAIN_FOLD, dataset_json, dev)
@@ -168,6 +171,7 @@ def pretrain(
     trainer.val_fraction = val_fraction
     trainer.split_seed = split_seed
     trainer.exclude_cases = list(exclude_cases or [])
+    trainer.seed = seed
     if not 0 <= reference_timestep < trainer.num_timesteps:
         raise OrthodiffError(f"--reference-timestep {reference_timestep} outside 0..{trainer.num_timesteps - 1}")
     if precision is not None:

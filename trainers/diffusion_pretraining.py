@@ -433,9 +433,21 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
                                    "patches and noise than an uninterrupted one would")
 
     def on_train_epoch_start(self) -> None:
-        """Restore a resumed run's RNG states, size this epoch (exact total), show progress."""
+        """Restore a resumed run's RNG states, size this epoch (exact total), show progress.
+
+        The checkpoint holds rank 0's states. Under DDP the other ranks re-seed from (seed, rank,
+        iteration) instead: deterministic, distinct per rank, but not the streams an uninterrupted run
+        would have drawn.
+        """
         if self._rng_to_restore is not None:
-            self.set_rng_states(self._rng_to_restore)
+            if self.local_rank == 0 or not self.is_ddp:
+                self.set_rng_states(self._rng_to_restore)
+            else:
+                ss = np.random.SeedSequence([int(self.seed or 0), int(self.local_rank), self.iterations_done()])
+                a, b, c = (int(x) for x in ss.generate_state(3))
+                torch.manual_seed(a)
+                np.random.seed(b)
+                random.seed(c)
             self._rng_to_restore = None
         self.num_iterations_per_epoch = self.iterations_in_epoch(self.current_epoch)
         if self._progress is None and self.local_rank == 0:
