@@ -1,11 +1,14 @@
 """Diffusion pretraining with the plans' own network as the denoiser.
 
 ``nnUNetTrainerOrthoDiffPretrain`` is an nnUNetTrainer that keeps nnU-Net's data loading,
-augmentation, logging and checkpoint format, and changes only what a denoising diffusion model
-needs: the network is the plans' U-Net wrapped with timestep conditioning and as many outputs as
-inputs, the step noises a clean patch to a random timestep and regresses the noise (or v), an EMA
-copy of the weights is kept, checkpoints are written atomically every epoch (one epoch =
-``checkpoint_every`` iterations), and DDP also runs on CPU (gloo) for testing.
+logging and checkpoint format, and changes only what a denoising diffusion model needs: the
+network is the plans' U-Net wrapped with timestep conditioning and as many outputs as inputs, the
+step noises a clean patch to a random timestep and regresses the noise (or v), an EMA copy of the
+weights is kept, and DDP also runs on CPU (gloo) for testing. The clean patch is the preprocessed
+scan cropped and mirrored, nothing else (:meth:`get_training_transforms`); a seeded fraction of
+the scans is held out for the validation loss (:meth:`do_split`); one epoch is ``checkpoint_every``
+iterations, the last one shorter so that the run takes exactly ``total_iterations``; checkpoints
+are written atomically with the RNG states, so a resumed run continues the same random streams.
 
 This module is imported by nnU-Net by bare module name through ``nnUNet_extTrainer``: absolute
 imports only.
