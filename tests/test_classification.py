@@ -359,14 +359,22 @@ def test_knee_encoder_transfers_to_ankle_label_set(knee) -> None:
                                   noise_timestep=100, run_name="transfer")
     assert result.label_names == list(ANKLE_LABELS)
     assert "loaded" in result.load_reports["sag"] and knee.names["sag"] in result.load_reports["sag"]
-    assert "timestep FiLM" in result.load_reports["sag"]
+    assert "timestep conditioning of t=100" in result.load_reports["sag"]
     ckpt = torch.load(result.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     weights = ckpt["network_weights"]
     assert weights["fusion.linear.weight"].shape[0] == 4
-    # linear probe: the encoder is the knee encoder, bit for bit, after training
-    prefix = "branches.sag.body.network.encoder."
-    for k, v in read_encoder_checkpoint(knee_encoder)["state_dict"].items():
-        assert torch.equal(weights[prefix + k], v), k
+    # linear probe: the encoder is the knee encoder, bit for bit, after training; its conditioning is the
+    # pretraining's at the noise timestep (encoder.pt holds it at t = 0)
+    from orthodiff_nnunet.networks.encoder_io import conditioning_of
+
+    prefix = "branches.sag.body.encoder."
+    payload = read_encoder_checkpoint(knee_encoder)
+    for k, v in payload["state_dict"].items():
+        if "film_" not in k:
+            assert torch.equal(weights[prefix + k], v), k
+    for i, (scale, shift) in enumerate(conditioning_of(payload).affine(100)):
+        assert torch.equal(weights[f"{prefix}stages.{i}.film_scale"], scale)
+        assert torch.equal(weights[f"{prefix}stages.{i}.film_shift"], shift)
 
 
 # ----------------------------------------------------------------------------------------------
