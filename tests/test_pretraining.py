@@ -65,7 +65,9 @@ def test_loss_falls_and_encoder_loads_strictly(planned):
 
     payload = read_encoder_checkpoint(result.encoder_path)
     prov = payload["provenance"]
-    assert prov["iterations"] == 40 and prov["scans"] == 4 and prov["orientation"] == "sag"
+    # 4 scans: one held out for the validation loss (--val-fraction 0.1), the encoder saw 3
+    assert prov["iterations"] == 40 and prov["scans"] == 3 and prov["orientation"] == "sag"
+    assert len(prov["held_out_cases"]) == 1 and not set(prov["held_out_cases"]) & set(prov["train_cases"])
     assert prov["schedule"] == {"name": "cosine", "num_steps": 1000} and prov["weights"] == "ema"
     assert prov["nnunetv2_version"].startswith("2.8")
 
