@@ -386,11 +386,15 @@ def _html_cell(c) -> str:
     return f"<td{attrs}>{body}</td>"
 
 
-def _html_table(rows: list[list], sortable: bool = False, table_id: str | None = None) -> str:
+def _html_table(rows: list[list], sortable: bool = False, table_id: str | None = None, foot: int = 0) -> str:
+    """An HTML table; the last ``foot`` rows (e.g. the macro average) go to a footer that sorting leaves alone."""
     head = "".join(f"<th>{html.escape(_text(c))}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(_html_cell(c) for c in r) + "</tr>" for r in rows[1:])
+    end = len(rows) - foot
+    body = "".join("<tr>" + "".join(_html_cell(c) for c in r) + "</tr>" for r in rows[1:end])
+    tail = "".join("<tr>" + "".join(_html_cell(c) for c in r) + "</tr>" for r in rows[end:])
     attrs = (f" id='{html.escape(table_id)}'" if table_id else "") + (" class='sortable'" if sortable else "")
-    return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            + (f"<tfoot>{tail}</tfoot>" if tail else "") + "</table>")
 
 
 STRATUM_TITLES = {"site": "site", "field_strength_t": "field strength (T)", "vendor": "vendor", "orientation": "orientation"}
@@ -734,7 +738,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f0f3f7; } table.sortable th { cursor: pointer; }
+th { background: #f0f3f7; } tfoot td { font-weight: 600; } table.sortable th { cursor: pointer; }
 table.sortable th[data-dir=asc]::after { content: " \\25B2"; } table.sortable th[data-dir=desc]::after { content: " \\25BC"; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; } img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #444; max-width: 1100px; }
@@ -811,7 +815,7 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
         ece = _fmt(_finite(cls["calibration_pooled"].get("ece")))
         md += ["## Classification (overall)", "", _md(_cls_table(cls["overall"])), "",
                f"Expected calibration error (all labels pooled): {ece}", ""]
-        parts.append("<h2>Classification (overall)</h2>" + _html_table(_cls_table(cls["overall"]), True, "cls-overall")
+        parts.append("<h2>Classification (overall)</h2>" + _html_table(_cls_table(cls["overall"]), True, "cls-overall", foot=1)
                      + f"<p>Expected calibration error (all labels pooled): {ece}</p>")
         if cls["missing_views"]:
             gaps = ", ".join(f"{e}: {'/'.join(v)}" for e, v in cls["missing_views"].items())
@@ -824,7 +828,7 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
             for value, block in groups.items():
                 t = f"Classification, {STRATUM_TITLES.get(key, key)} = {value}"
                 md += [f"### {t}", "", _md(_cls_table(block)), ""]
-                parts.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block), True))
+                parts.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block), True, foot=1))
         if same:
             note = _same_note(same)
             md += [note, ""]
