@@ -380,7 +380,11 @@ def _html_cell(c) -> str:
         attrs += f" data-v='{'' if c['v'] is None else repr(float(c['v']))}'"
     if c.get("cls"):
         attrs += f" class='{html.escape(c['cls'])}'"
-    body = html.escape(c["text"])
+    text = c["text"]
+    if c.get("v", 0) is None and text.startswith("n/a (") and text.endswith(")"):  # the reason on its own line
+        body = f"n/a <small class='why'>{html.escape(text[4:])}</small>"
+    else:
+        body = html.escape(text)
     if c.get("href"):
         body = f"<a href='{html.escape(c['href'])}'>{body}</a>"
     return f"<td{attrs}>{body}</td>"
@@ -592,13 +596,15 @@ def headline(report: Mapping, seg_rows: Sequence[Mapping], cls_exams: Sequence[M
                 out["not_evaluated"].append(f"{s}: Dice undefined (absent from every reference and prediction)")
                 continue
             n_cases = e.get("n_cases")
-            for m in ("hd95_mm", "surface_dice"):
+            missing: dict[int, list[str]] = {}
+            for m, name in (("hd95_mm", "HD95"), ("surface_dice", "surface Dice")):
                 x = e.get(m) or {}
                 if isinstance(x, Mapping) and isinstance(x.get("n"), int) and isinstance(n_cases, int) \
                         and x["n"] < n_cases:
-                    out["not_evaluated"].append(
-                        f"{s}: {'HD95' if m == 'hd95_mm' else 'surface Dice'} undefined in {n_cases - x['n']} of "
-                        f"{n_cases} cases (structure missing from the reference or the prediction)")
+                    missing.setdefault(n_cases - x["n"], []).append(name)
+            for k, names in missing.items():
+                out["not_evaluated"].append(f"{s}: {' and '.join(names)} undefined in {k} of {n_cases} cases "
+                                            "(structure missing from the reference or the prediction)")
         out["not_evaluated"] += seg.get("pictures_missing", [])
     cls = report.get("classification")
     if cls:
@@ -735,9 +741,11 @@ window.addEventListener('load', function () {
 """
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.2em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.82em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
+small.why { display: block; white-space: normal; max-width: 18em; color: #666; }
+.strata { display: flex; flex-wrap: wrap; column-gap: 2em; } .strata h3 { margin-bottom: 0.2em; }
 th { background: #f0f3f7; } tfoot td { font-weight: 600; } table.sortable th { cursor: pointer; }
 table.sortable th[data-dir=asc]::after { content: " \\25B2"; } table.sortable th[data-dir=desc]::after { content: " \\25BC"; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; } img { max-width: 100%; border: 1px solid #ddd; }
@@ -773,10 +781,12 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
         for key, groups in seg["strata"].items():
             if key in same:
                 continue
+            parts.append("<div class='strata'>")  # a stratum's tables side by side where they fit
             for value, block in groups.items():
                 t = f"Segmentation, {STRATUM_TITLES.get(key, key)} = {value}"
                 md += [f"### {t}", "", _md(_seg_table(block)), ""]
-                parts.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_seg_table(block), True))
+                parts.append(f"<div><h3>{html.escape(t)}</h3>" + _html_table(_seg_table(block), True) + "</div>")
+            parts.append("</div>")
         if same:
             note = _same_note(same)
             md += [note, ""]
@@ -825,10 +835,12 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
         for key, groups in cls["strata"].items():
             if key in same:
                 continue
+            parts.append("<div class='strata'>")  # a stratum's tables side by side where they fit
             for value, block in groups.items():
                 t = f"Classification, {STRATUM_TITLES.get(key, key)} = {value}"
                 md += [f"### {t}", "", _md(_cls_table(block)), ""]
-                parts.append(f"<h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block), True, foot=1))
+                parts.append(f"<div><h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block), True, foot=1) + "</div>")
+            parts.append("</div>")
         if same:
             note = _same_note(same)
             md += [note, ""]
@@ -849,8 +861,8 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
                    + [[n, _fmt(c["threshold"]), *(str(c[k]) for k in ("tp", "fn", "fp", "tn", "unknown"))]
                       for n, c in cls["confusion"].items()]), ""]
         for t, p in plots["classification"].items():
-            md += [f"![{t}]({p.name})", "", captions.get(t, t), ""]
-            parts.append(_figure(p, captions.get(t, t)))
+            md += [f"### {t}", "", f"![{t}]({p.name})", "", captions.get(t, t), ""]
+            parts.append(f"<h3>{html.escape(t)}</h3>" + _figure(p, captions.get(t, t)))
     md += ["## Provenance", "", "```json", json.dumps(_nan_to_none(report["provenance"]), indent=2), "```", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
