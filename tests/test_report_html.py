@@ -402,3 +402,24 @@ def test_tables_sort_in_the_browser(built_report, tmp_path):
     assert dom.tables["cls-overall"][-1][0][0] == "macro"  # the footer stays below the sorted rows
     defined = [float(v.split()[0]) for v in auroc if not v.startswith("n/a")]
     assert defined == sorted(defined) and auroc[-1].startswith("n/a")
+
+
+def test_headline_lists_what_could_not_be_evaluated():
+    from orthodiff_nnunet.evaluation.report import headline
+
+    report = {"classification": {
+        "overall": {"labels": [{"name": "MCL", "n": 5, "n_pos": 5, "threshold": 0.5, "auroc": None, "auprc": 1.0,
+                                "sensitivity": 0.8, "specificity": None, "ci": {}}],
+                    "macro": {"auroc": None, "sensitivity": 0.8, "specificity": None}, "macro_ci": {}, "n_exams": 5},
+        "calibration_pooled": {"ece": 0.1, "n": 5}, "missing_views": {"e1": ["ax"]},
+        "roc_band": {"resampled": "patients"}, "label_mismatch": {"LCL": "in the targets, not in the model"}}}
+    exams = [{"exam": f"e{i}", "patient": f"p{i % 2}", "site": "SiteB", "field_strength_t": 1.5, "vendor": "V"}
+             for i in range(5)]
+    h = headline(report, [], exams, n_boot=10, seed=0)
+    assert (h["sites"], h["field_strengths_t"], h["vendors"], h["n_patients"], h["n_exams"]) == \
+        (["SiteB"], ["1.5"], ["V"], 2, 5)
+    assert h["not_evaluated"] == ["MCL: AUROC, specificity undefined (no negative exam; n = 5, positives = 5)",
+                                  "1 exam(s) predicted without all three views",
+                                  "classification: LCL: in the targets, not in the model"]
+    macro = next(f for f in h["figures"] if f["name"] == "macro AUROC")
+    assert macro["value"] is None and macro["ci"] == [None, None]

@@ -629,7 +629,23 @@ def headline(report: Mapping, seg_rows: Sequence[Mapping], cls_exams: Sequence[M
         band = cls.get("roc_band", {})
         if band.get("resampled") == "exams":
             out["not_evaluated"].append("ROC bands resample exams, not patients (the exams name no patient)")
+    for task in ("segmentation", "classification"):  # notes the statistics may add (e.g. label-set mismatches)
+        out["not_evaluated"] += _notes((report.get(task) or {}), task)
     return out
+
+
+def _notes(section: Mapping, task: str) -> list[str]:
+    """Free-text notes a summary carries under ``not_evaluated``, ``notes``, ``warnings`` or ``label_mismatch``."""
+    lines = []
+    for key in ("not_evaluated", "notes", "warnings", "label_mismatch"):
+        x = section.get(key)
+        if isinstance(x, str) and x:
+            lines.append(f"{task}: {x}")
+        elif isinstance(x, Sequence) and not isinstance(x, str):
+            lines += [f"{task}: {v}" for v in x if isinstance(v, str) and v]
+        elif isinstance(x, Mapping):
+            lines += [f"{task}: {k}: {v}" for k, v in x.items() if v]
+    return lines
 
 
 def _single_strata(strata: Mapping) -> dict[str, object]:
