@@ -211,6 +211,14 @@ def pick_slices(masks: Sequence[np.ndarray], axis: int, n: int = 3) -> list[int]
     return sorted(dict.fromkeys(min(p, size - 1) for p in picks))
 
 
+def _colours(n: int) -> list:
+    """``n`` distinct colours: tab10's, then tab20's lighter shades (one per structure, up to 20, then again)."""
+    plt = _plt()
+    tab20 = plt.get_cmap("tab20")
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # the strong shades first
+    return [tab20(order[k % 20]) for k in range(n)]
+
+
 def _read(path: Path):
     import SimpleITK as sitk
 
@@ -256,9 +264,10 @@ def plot_case_overlay(
     slices = pick_slices([reference, prediction], view.axis, n_slices)
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
     plt = _plt()
-    colours = plt.get_cmap("tab10")
     names = [s for s, v in structures.items() if v != 0]
-    fig, axes = plt.subplots(1, len(slices), figsize=(3.6 * len(slices), 4.0), squeeze=False)
+    colours = _colours(len(names))
+    legend_in = 0.6 + 0.075 * max([len(n) for n in names] + [10])  # inches for the legend at font size 7
+    fig, axes = plt.subplots(1, len(slices), figsize=(3.4 * len(slices) + legend_in, 4.0), squeeze=False)
     present: set[str] = set()
     for ax, index in zip(axes[0], slices):
         sl = view.cut(image, index)
@@ -270,10 +279,12 @@ def plot_case_overlay(
         ref2, pred2 = view.cut(reference, index), view.cut(prediction, index)
         for k, name in enumerate(names):
             value = structures[name]
-            for arr, style in ((ref2, "solid"), (pred2, "dashed")):
+            # the reference on top and thicker, so that a noisy prediction does not hide it
+            for arr, style, lw, z in ((pred2, "dashed", 0.8, 2), (ref2, "solid", 1.6, 3)):
                 m = (arr == value).astype(float)
                 if m.any() and not m.all():
-                    ax.contour(xc, yc, m, levels=[0.5], colors=[colours(k % 10)], linestyles=style, linewidths=1.2)
+                    ax.contour(xc, yc, m, levels=[0.5], colors=[colours[k]], linestyles=style, linewidths=lw,
+                               zorder=z)
                     present.add(name)
         ax.set_xlim(ext[0], ext[1])
         ax.set_ylim(ext[2], ext[3])
@@ -283,20 +294,21 @@ def plot_case_overlay(
         for where, (x, y, ha, va) in {"top": (0.5, 0.98, "center", "top"), "bottom": (0.5, 0.02, "center", "bottom"),
                                       "left": (0.02, 0.5, "left", "center"),
                                       "right": (0.98, 0.5, "right", "center")}.items():
-            ax.text(x, y, view.letters[where], transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=8)
+            ax.text(x, y, view.letters[where], transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=8,
+                    fontweight="bold", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
         ax.set_title(f"{view.plane} slice {index} of {image.shape[view.axis]}\n(array axis {view.axis})", fontsize=8)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colours(k % 10), lw=2, label=n) for k, n in enumerate(names) if n in present]
-    handles += [Line2D([], [], color="k", ls="solid", label="reference"),
-                Line2D([], [], color="k", ls="dashed", label="prediction")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
+    handles = [Line2D([], [], color=colours[k], lw=2, label=n) for k, n in enumerate(names) if n in present]
+    handles += [Line2D([], [], color="k", ls="solid", lw=1.6, label="reference"),
+                Line2D([], [], color="k", ls="dashed", lw=0.8, label="prediction")]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_size_inches()[0], 0.95))
     save_figure(fig, path)
     return {"file": Path(path).name, "plane": view.plane, "axis": view.axis, "slices": slices,
             "n": int(image.shape[view.axis]),
-            "spacing_mm": [view.spacing_zyx[view.rows_axis], view.spacing_zyx[view.cols_axis]]}
+            "spacing_mm": [round(view.spacing_zyx[view.rows_axis], 4), round(view.spacing_zyx[view.cols_axis], 4)]}
 
 
 # ----------------------------------------------------------------------------------------------

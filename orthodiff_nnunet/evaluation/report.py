@@ -690,7 +690,7 @@ def _case_tables(report: Mapping) -> tuple[list[list], list[list]]:
     """The per-case table (one row per case and orientation) and the per-structure table."""
     seg = report["segmentation"]
     pics = {(p["case"], p["orientation"]): p for p in seg.get("pictures", [])}
-    per_case = [["case", "site", "orientation", "field strength (T)", "vendor", "structures", "mean Dice",
+    per_case = [["case", "site", "orientation", "field (T)", "vendor", "structures", "mean Dice",
                  "lowest Dice", "lowest structure", "mean HD95 mm", "mean surface Dice", "picture"]]
     for c in sorted(seg["per_case"], key=lambda c: (c["mean_dice"] is None, c["mean_dice"] or 0.0, c["case"])):
         pic = pics.get((c["case"], c["orientation"]))
@@ -760,6 +760,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.2em; max-width: 1400px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.82em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
+th { white-space: normal; } .scroll { overflow-x: auto; }
 small.why { display: block; white-space: normal; max-width: 18em; color: #666; }
 .strata { display: flex; flex-wrap: wrap; column-gap: 2em; } .strata h3 { margin-bottom: 0.2em; }
 th { background: #f0f3f7; } tfoot td { font-weight: 600; } table.sortable th { cursor: pointer; }
@@ -815,7 +816,7 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
         parts.append("<h2>Segmentation per case</h2><p class='note'>One row per case and orientation, worst mean "
                      "Dice first (mean over the structures where Dice is defined); click a column header to sort. "
                      "The picture links lead to the case's contours below.</p>"
-                     + _html_table(per_case, True, "seg-cases")
+                     + "<div class='scroll'>" + _html_table(per_case, True, "seg-cases") + "</div>"
                      + "<details><summary>Every case and structure</summary>"
                      + _html_table(per_structure, True, "seg-structures") + "</details>")
         parts.append("<h2>Segmentation pictures</h2>")
