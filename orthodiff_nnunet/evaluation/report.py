@@ -875,7 +875,8 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
         parts.append("<h3>Confusion matrices at the decision thresholds</h3>" + _confusion_html(cls["confusion"]))
         md += ["### Confusion matrices at the decision thresholds", "",
                _md([["label", "threshold", "TP", "FN", "FP", "TN", "unknown"]]
-                   + [[n, _fmt(c["threshold"]), *(str(c[k]) for k in ("tp", "fn", "fp", "tn", "unknown"))]
+                   + [[n, _fmt(c["threshold"]), *("n/a" if c[k] is None else str(c[k])
+                                                   for k in ("tp", "fn", "fp", "tn", "unknown"))]
                       for n, c in cls["confusion"].items()]), ""]
         for t, p in plots["classification"].items():
             md += [f"### {t}", "", f"![{t}]({p.name})", "", captions.get(t, t), ""]
