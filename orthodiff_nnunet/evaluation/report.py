@@ -531,13 +531,15 @@ def _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, 
         unit = "patients" if all(x is not None for x in patients) else "exams"
         groups = patients if unit == "patients" else [e["exam"] for e in cls_exams]
         overall = {m["name"]: m for m in report["classification"]["overall"].get("labels", [])}
+        # the operating points are the table's thresholds (a label without one there has no single threshold)
+        used = {n: overall[n].get("threshold") if n in overall else thresholds.get(n) for n in label_names}
         band_boot = min(int(n_boot), 500)  # a pointwise band: 500 resamples are plenty, and it stays quick
-        bands = plot_roc_bands(y, p, label_names, thresholds, groups, overall, out_dir / "roc_curves.png",
+        bands = plot_roc_bands(y, p, label_names, used, groups, overall, out_dir / "roc_curves.png",
                                band_boot, seed)
         plots["classification"]["ROC curves"] = out_dir / "roc_curves.png"
         report["classification"]["roc_band"] = {"resampled": unit, "n_clusters": len(set(groups)),
                                                 "resamples": band_boot, "seed": seed, "labels": bands}
-        report["classification"]["confusion"] = confusion_counts(y, p, label_names, thresholds)
+        report["classification"]["confusion"] = confusion_counts(y, p, label_names, used)
         plots["classification"]["Reliability diagram"] = plot_reliability(
             report["classification"]["calibration_pooled"], out_dir / "reliability_diagram.png")
 
