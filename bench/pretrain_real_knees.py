@@ -89,7 +89,8 @@ def convert_corpus(shared: Path, raw: Path, spacing: tuple[float, float, float],
         writer.writerows(rows)
     s = " x ".join(f"{v:g}" for v in spacing)
     result = convert(manifest, DICOM_DATASET_ID, "RealKnees", raw=raw, num_processes=min(2, common.usable_cores()),
-                     spacing_source=f"image header (DICOM); user-supplied {s} mm, assumed (MRNet)")
+                     spacing_source=f"image header (DICOM); user-supplied {s} mm, assumed (MRNet)",
+                     allow_outside_site=True)  # the shared data and the MRNet staging lie outside work/
     if set(result.datasets) != {"sag"}:
         raise SystemExit(f"expected one sagittal dataset, got {sorted(result.datasets)}")
     counts = {"DESS": 1, "MESE echoes": result.num_cases["sag"] - 1 - len(mrnet_images), "MRNet sag": len(mrnet_images)}

@@ -2,23 +2,53 @@
 
 The columns are documented in the README and in ``docs/CONTRACTS.md``. Every problem in the
 manifest is collected (not only the first) so that a data team can fix them in one pass.
+
+Manifests come from spreadsheet programs, so the reader accepts what they write: UTF-8 (with or
+without BOM), UTF-16/UTF-32 with a BOM ("Unicode text"), UTF-16 without BOM, Windows-1252/Latin-1
+("CSV" on Windows), comma, semicolon or tab separated, blank trailing rows, decimal commas in
+``field_strength``. Anything else is refused with the line and column of the first bad byte.
+
+Paths (``image``, ``label``, a ``label_remap`` JSON file) are relative to the site folder (default:
+the manifest's folder). ``image`` and ``label`` must stay inside it: a ``../`` or an absolute path
+leading out of it is refused unless ``allow_outside_site`` is given, so that one site's conversion
+cannot silently pick up another site's images. The check is on the written path (symbolic links
+inside the site folder are followed without complaint: linking storage into the site folder is a
+deliberate act). Remap tables are not patient data and may lie anywhere.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import logging
 import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orthodiff_nnunet.errors import ConversionError
+from orthodiff_nnunet.io.dicom import ACCEPTED_IMAGES, looks_like_dicom_file
 from orthodiff_nnunet.schemes import KNEE_ABNORMALITIES, normalize_orientation
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("case_id", "patient_id", "site", "field_strength", "image")
 OPTIONAL_COLUMNS = ("vendor", "orientation", "label", "label_remap", "series", "echo")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_FIELD_T, MAX_FIELD_T = 0.05, 12.0
+#: Byte-order marks, longest first (the UTF-32-LE mark begins with the UTF-16-LE one).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+#: Separators spreadsheet programs write: comma, semicolon (locales with a decimal comma), tab ("Unicode text").
+_DELIMITERS = (",", ";", "\t")
 
 
 @dataclass
@@ -38,6 +68,7 @@ class ManifestRow:
     series: str | None
     echo: int | str | None
     targets: dict[str, int | None] = field(default_factory=dict)
+    image_text: str = ""  # the 'image' value as written in the manifest (for messages)
 
     def where(self) -> str:
         """How error messages name this row: manifest line and the user's case id."""
@@ -59,33 +90,154 @@ def _parse_target(value: str) -> int | None:
     raise ValueError(value)
 
 
+def _line_column(data: bytes, pos: int) -> tuple[int, int]:
+    """1-based line and column (in bytes) of byte ``pos``."""
+    return data.count(b"\n", 0, pos) + 1, pos - (data.rfind(b"\n", 0, pos) + 1) + 1
+
+
+def _decode(path: Path, data: bytes) -> tuple[str, str]:
+    """The manifest's text and the name of its encoding.
+
+    A BOM decides; without one, NUL bytes mean UTF-16 (byte order from where the NULs sit), else
+    UTF-8, then Windows-1252 (what spreadsheet programs on Windows write as "CSV"; it agrees with
+    Latin-1 on every letter). Raises ConversionError naming the line and column of the first
+    byte that fits none of them.
+    """
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            candidates = [(codec, name)]
+            break
+    else:
+        if b"\x00" in data[:4096]:
+            head = data[:4096]
+            odd_nuls = head[1::2].count(0) >= head[0::2].count(0)
+            candidates = [("utf-16-le", "UTF-16-LE") if odd_nuls else ("utf-16-be", "UTF-16-BE")]
+        else:
+            candidates = [("utf-8", "UTF-8"), ("cp1252", "Windows-1252 (Latin-1)")]
+    error: UnicodeDecodeError | None = None
+    for codec, name in candidates:
+        try:
+            return data.decode(codec), name
+        except UnicodeDecodeError as exc:
+            error = exc if error is None or exc.start > error.start else error
+    assert error is not None
+    line, column = _line_column(data, error.start)
+    tried = " nor ".join(name for _, name in candidates)
+    raise ConversionError([
+        f"manifest {path.name} is not readable as {tried} text: byte 0x{data[error.start]:02x} at line {line}, "
+        f"column {column} fits no encoding tried; save it from the spreadsheet as 'CSV UTF-8' (or check that "
+        "the file is the manifest)"
+    ])
+
+
+def _delimiter(header_line: str) -> str:
+    """The separator that splits the header into the most known column names (comma on a tie)."""
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+
+    def hits(d: str) -> int:
+        return sum(1 for c in header_line.split(d) if c.strip().strip('"') in known)
+
+    return max(_DELIMITERS, key=lambda d: (hits(d), d == ","))
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and ``(line number, row)`` pairs of the manifest; blank rows skipped."""
+    data = path.read_bytes()
+    text, encoding = _decode(path, data)
+    if not text.strip().lstrip("\ufeff").strip():
+        raise ConversionError([
+            f"manifest {path.name} is empty ({len(data)} bytes, no header row): it needs a header "
+            f"({','.join(REQUIRED_COLUMNS)}, ...) and one row per series (see the README's manifest section)"
+        ])
+    if encoding != "UTF-8":
+        log.info("manifest %s read as %s", path.name, encoding)
+    text = text.lstrip("\ufeff")
+    first = next(line for line in text.splitlines() if line.strip())
+    delimiter = _delimiter(first)
+    if delimiter != ",":
+        log.info("manifest %s is %s-separated", path.name, "tab" if delimiter == "\t" else "semicolon")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    for values in reader:
+        line = reader.line_num
+        if not any(v.strip() for v in values):
+            continue
+        if header is None:
+            header = [v.strip() for v in values]
+            continue
+        row = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header) if h}
+        extra = [v for v in values[len(header):] if v.strip()]
+        if extra:
+            row["\0extra"] = ",".join(extra)
+        rows.append((line, row))
+    return header or [], rows
+
+
+def _inside(path_text: str, site_dir: Path) -> bool:
+    """Whether the written path stays in the site folder (lexically: '..' and absolute paths count).
+
+    A Windows path is judged with its backslashes read as separators too (see :func:`_resolve`).
+    """
+    root = os.path.normpath(os.path.abspath(site_dir))
+    for text in {path_text, path_text.replace("\\", "/")}:
+        full = os.path.normpath(os.path.join(root, os.path.expanduser(text)))
+        if os.path.commonpath([root, full]) != root:
+            return False
+    return True
+
+
+def _parse_field_strength(text: str) -> float:
+    text = text.strip()
+    if re.fullmatch(r"\d+,\d+", text):  # a decimal comma from a spreadsheet locale
+        text = text.replace(",", ".")
+    try:
+        return float(text or "nan")
+    except ValueError:
+        return math.nan
+
+
+def _resolve(site_dir: Path, text: str) -> Path:
+    """``text`` under ``site_dir``; a Windows path (backslashes) is tried with slashes when needed."""
+    path = site_dir / os.path.expanduser(text)
+    if not path.exists() and "\\" in text and os.sep == "/":
+        alt = site_dir / text.replace("\\", "/")
+        if alt.exists():
+            return alt
+    return path
+
+
 def read_manifest(
     path: Path,
     site_dir: Path | None = None,
     abnormality_labels: Sequence[str] | None = None,
+    *,
+    allow_outside_site: bool = False,
 ) -> tuple[list[ManifestRow], list[str]]:
     """Parse and check the manifest.
 
     Args:
-        path: the CSV file (comma separated, header row, UTF-8).
+        path: the CSV file (header row; comma, semicolon or tab separated; UTF-8, UTF-16 or
+            Windows-1252/Latin-1, see the module docstring).
         site_dir: folder relative paths start from (default: the manifest's folder).
         abnormality_labels: label columns; default the 8 knee abnormalities present as columns.
+        allow_outside_site: accept ``image``/``label`` paths that lead out of the site folder
+            (``../``, absolute paths); refused by default.
 
     Returns:
         The rows and the abnormality label names in use.
 
     Raises:
-        ConversionError: listing every problem found (missing columns, unknown columns, bad values,
-            missing files, inconsistent rows of one case).
+        ConversionError: listing every problem found (an empty or undecodable file, missing
+            columns, unknown columns, bad values, missing files, unaccepted formats, paths outside
+            the site folder, unknown remap tables, inconsistent rows of one case).
     """
     path = Path(path)
     if not path.is_file():
         raise ConversionError([f"manifest {path} does not exist: pass the path of the site's manifest CSV"])
     site_dir = Path(site_dir) if site_dir is not None else path.parent
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        raw_rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    header, numbered_rows = _read_table(path)
+    raw_rows = [r for _, r in numbered_rows]
 
     problems: list[str] = []
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -111,17 +263,18 @@ def read_manifest(
     if not raw_rows:
         problems.append(f"manifest {path.name} has no rows")
 
+    from orthodiff_nnunet.remap import RemapError, builtin_remap_tables, load_remap_table
+
     rows: list[ManifestRow] = []
-    for i, r in enumerate(raw_rows, start=2):
+    for i, r in numbered_rows:
         case = r.get("case_id", "")
         where = f"manifest line {i} (case {case or '?'})"
+        if "\0extra" in r:
+            problems.append(f"{where}: more values than header columns; quote values that contain the separator")
         for c in REQUIRED_COLUMNS:
             if not r.get(c):
                 problems.append(f"{where}: empty {c}")
-        try:
-            fs = float(r.get("field_strength", "") or "nan")
-        except ValueError:
-            fs = math.nan
+        fs = _parse_field_strength(r.get("field_strength", ""))
         if r.get("field_strength") and not (MIN_FIELD_T <= fs <= MAX_FIELD_T):
             hint = " (it looks like millitesla: give tesla, e.g. 1.5)" if fs > 100 else ""
             problems.append(f"{where}: field_strength {r.get('field_strength')!r} is not a field strength in tesla{hint}")
@@ -146,18 +299,56 @@ def read_manifest(
                 targets[lab] = _parse_target(r.get(lab, ""))
             except ValueError:
                 problems.append(f"{where}: label {lab} = {r.get(lab)!r}; use 0, 1 or blank (unknown)")
-        image = (site_dir / r["image"]) if r.get("image") else site_dir
+        for column in ("image", "label"):
+            text = r.get(column, "")
+            if text and not allow_outside_site and not _inside(text, site_dir):
+                problems.append(
+                    f"{where}: {column} {text} lies outside the site folder {site_dir} ('../' or an absolute path); "
+                    "move it into the site folder, point --site-dir at a folder that holds it, or pass "
+                    "--allow-outside-site if this is intended"
+                )
+        image = _resolve(site_dir, r["image"]) if r.get("image") else site_dir
         if r.get("image") and not image.exists():
             problems.append(f"{where}: image {r['image']} not found under {site_dir}; fix the path or --site-dir")
-        label = (site_dir / r["label"]) if r.get("label") else None
+        elif r.get("image") and image.is_file() and not image.name.lower().endswith(IMAGE_SUFFIXES) \
+                and not looks_like_dicom_file(image):
+            fmt = "".join(image.suffixes[-1:]) or "this"
+            problems.append(
+                f"{where}: image {r['image']}: the {fmt} format is not accepted; {ACCEPTED_IMAGES} (convert it, "
+                "e.g. to .nii.gz, or give the DICOM series)"
+            )
+        label = _resolve(site_dir, r["label"]) if r.get("label") else None
         if label is not None and not label.exists():
             problems.append(f"{where}: label map {r['label']} not found under {site_dir}; fix the path")
+        elif label is not None and not (label.is_file() and label.name.lower().endswith(IMAGE_SUFFIXES)):
+            problems.append(
+                f"{where}: label map {r['label']} is not a {', '.join(IMAGE_SUFFIXES)} file; save the label map "
+                "in one of these formats on the image's grid"
+            )
+        label_remap: str | None = None
+        if r.get("label_remap"):
+            remap_text = r["label_remap"]
+            remap_path = _resolve(site_dir, remap_text)
+            if remap_path.is_file():
+                label_remap = str(remap_path)
+            elif remap_text in builtin_remap_tables():
+                label_remap = remap_text
+            else:
+                problems.append(
+                    f"{where}: label_remap {remap_text!r} is neither a built-in table ({', '.join(builtin_remap_tables())}) "
+                    f"nor a JSON file under {site_dir} (paths start from the site folder); fix the name or the path"
+                )
+            if label_remap is not None:
+                try:
+                    load_remap_table(label_remap)
+                except RemapError as exc:
+                    problems.append(f"{where}: {exc}")
         rows.append(
             ManifestRow(
                 row=i, case_id=case, patient_id=r.get("patient_id", ""), site=r.get("site", ""),
                 field_strength_t=fs, vendor=r.get("vendor", ""), image=image, orientation=orientation,
-                label=label, label_remap=r.get("label_remap") or None, series=r.get("series") or None,
-                echo=echo, targets=targets,
+                label=label, label_remap=label_remap, series=r.get("series") or None,
+                echo=echo, targets=targets, image_text=r.get("image", ""),
             )
         )
 

@@ -22,6 +22,13 @@ MRNet is published as ``{train,valid}/{axial,coronal,sagittal}/NNNN.npy`` volume
 MRNet publishes no patient ids (its 1,130 training exams come from 1,088 patients), so each exam
 is its own patient here: patient-grouped splits cannot keep a patient's repeat exams together.
 
+An exam missing a plane (no ``{split}/<plane>/NNNN.npy``) is converted with the planes it has,
+labeled or not. The missing view is represented as the classifier expects it
+(:mod:`orthodiff_nnunet.data.targets`): the exam has no case in that plane's dataset and targets
+file, and :func:`~orthodiff_nnunet.data.targets.match_exams` keeps it with that view missing.
+How many exams lack which plane is logged and added to the result's warnings. Spacing is needed
+only for the planes converted.
+
 Command line: ``python -m orthodiff_nnunet.dataset_conversion.mrnet --help``.
 """
 
@@ -86,8 +93,19 @@ class MRNetError(OrthodiffError):
 # options
 
 
-def _normalize_spacing(spacing: SpacingArg) -> dict[str, tuple[float, float, float]]:
-    """Per-plane spacing from a mapping or one triple; refuses anything missing or implausible."""
+def _plain(value: object) -> str:
+    """A spacing as the user would write it: ``(0.6, 0.6, 3)``, not numpy's ``np.float64(0.6)`` repr."""
+    try:
+        return "(" + ", ".join(f"{float(v):g}" for v in value) + ")"  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _normalize_spacing(spacing: SpacingArg, needed: Sequence[str] = ORIENTATIONS) -> dict[str, tuple[float, float, float]]:
+    """Per-plane spacing from a mapping or one triple; refuses anything missing or implausible.
+
+    ``needed``: the planes to convert; only they need a spacing.
+    """
     if spacing is None:
         raise MRNetError(f"no spacing given. {_SPACING_HELP}")
     if isinstance(spacing, Mapping):
@@ -99,23 +117,25 @@ def _normalize_spacing(spacing: SpacingArg) -> dict[str, tuple[float, float, flo
                 raise MRNetError(f"spacing for {key!r}: {exc}") from None
     else:
         per_plane = {o: spacing for o in ORIENTATIONS}
-    missing = [o for o in ORIENTATIONS if o not in per_plane or per_plane[o] is None]
+    missing = [o for o in ORIENTATIONS if o in needed and (o not in per_plane or per_plane[o] is None)]
     if missing:
         raise MRNetError(f"no spacing given for plane(s) {', '.join(missing)}. {_SPACING_HELP}")
     out: dict[str, tuple[float, float, float]] = {}
     for o in ORIENTATIONS:
+        if o not in needed or per_plane.get(o) is None:
+            continue
         try:
             values = tuple(float(v) for v in per_plane[o])
         except (TypeError, ValueError):
-            raise MRNetError(f"spacing for {o} must be three numbers (mm), got {per_plane[o]!r}") from None
+            raise MRNetError(f"spacing for {o} must be three numbers (mm), got {_plain(per_plane[o])}") from None
         if len(values) != 3 or not all(math.isfinite(v) and 0 < v <= MAX_SPACING_MM for v in values):
             raise MRNetError(
                 f"spacing for {o} must be three numbers in (0, {MAX_SPACING_MM:g}] mm "
-                f"(in-plane x, in-plane y, slice distance), got {per_plane[o]!r}"
+                f"(in-plane x, in-plane y, slice distance), got {_plain(per_plane[o])}"
             )
         if max(values[:2]) >= 1.25 * values[2]:
             raise MRNetError(
-                f"spacing for {o} {values} has in-plane pixels larger than the slice distance: the order is "
+                f"spacing for {o} {_plain(values)} has in-plane pixels larger than the slice distance: the order is "
                 "in-plane x, in-plane y, slice distance (MRNet's slices are thicker than their 256x256 pixels)"
             )
         out[o] = values  # type: ignore[assignment]
@@ -156,7 +176,8 @@ def _read_labels(root: Path, split: str) -> dict[str, dict[str, int]]:
     return labels
 
 
-def _find_cases(root: Path, split: str, cases: Sequence[str | int] | None) -> list[str]:
+def _find_cases(root: Path, split: str, cases: Sequence[str | int] | None) -> dict[str, list[str]]:
+    """Exam id -> the planes it has (in ``ORIENTATIONS`` order); every asked exam has at least one."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise MRNetError(
@@ -167,24 +188,44 @@ def _find_cases(root: Path, split: str, cases: Sequence[str | int] | None) -> li
     wanted = sorted({_case_key(c) for c in cases}) if cases else sorted(set().union(*present.values()))
     if not wanted:
         raise MRNetError(f"no .npy volumes under {split_dir}/{{axial,coronal,sagittal}}")
-    missing = [f"{PLANE_FOLDERS[o]}/{c}.npy" for c in wanted for o in ORIENTATIONS if c not in present[o]]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    nowhere = [c for c in wanted if not any(c in present[o] for o in ORIENTATIONS)]
+    if nowhere:
+        shown = ", ".join(nowhere[:10]) + (f" and {len(nowhere) - 10} more" if len(nowhere) > 10 else "")
         raise MRNetError(
-            f"{len(missing)} volume(s) missing under {split_dir}: {shown}; every exam needs all three planes "
-            "(restrict the exams with --cases)"
+            f"{len(nowhere)} exam(s) asked for with --cases have no volume in any plane under {split}/ "
+            f"({shown}); check the ids and --split"
         )
-    return wanted
+    return {c: [o for o in ORIENTATIONS if c in present[o]] for c in wanted}
 
 
-def _load_volume(path: Path) -> np.ndarray:
+def _missing_planes_note(planes_by_case: Mapping[str, Sequence[str]]) -> str | None:
+    """'MRNet: 2 of 5 exams lack a plane ...' or None when every exam has all three."""
+    lacking = {o: [c for c, planes in planes_by_case.items() if o not in planes] for o in ORIENTATIONS}
+    n_lacking = sum(1 for planes in planes_by_case.values() if len(planes) < len(ORIENTATIONS))
+    if not n_lacking:
+        return None
+    parts = []
+    for o in ORIENTATIONS:
+        ids = lacking[o]
+        if ids:
+            shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
+            parts.append(f"{len(ids)} without {PLANE_FOLDERS[o]} ({shown})")
+    return (
+        f"MRNet: {n_lacking} of {len(planes_by_case)} exams lack a plane and are converted with the planes they "
+        f"have: {'; '.join(parts)}; the missing view is absent from that plane's dataset and targets file, "
+        "which the classifier treats as a missing view"
+    )
+
+
+def _load_volume(root: Path, rel: str) -> np.ndarray:
+    """``root / rel`` as an array; messages name ``rel``, the path below the folder the user gave."""
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise MRNetError(f"{path.name} cannot be read as a numpy array ({exc}); re-download the file") from None
+        arr = np.load(root / rel, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise MRNetError(f"{rel} cannot be read as a numpy array ({exc}); re-download the file") from None
     if arr.ndim != 3 or min(arr.shape) < 2 or arr.dtype.kind not in "uif":
         raise MRNetError(
-            f"{path.parent.name}/{path.name} has shape {arr.shape} ({arr.dtype}); MRNet volumes are "
+            f"{rel} has shape {tuple(int(n) for n in arr.shape)} ({arr.dtype}); MRNet volumes are "
             "(slices, 256, 256) grey values"
         )
     return arr
@@ -260,26 +301,34 @@ def convert_mrnet(
 
     if split not in ("train", "valid"):
         raise MRNetError(f"split {split!r}: use train or valid")
-    spacing_by_plane = _normalize_spacing(spacing)
+    if spacing is None:
+        raise MRNetError(f"no spacing given. {_SPACING_HELP}")
     if not (0.05 <= float(field_strength_t) <= 12.0):
-        raise MRNetError(f"field strength {field_strength_t!r} T is not plausible; MRNet exams are 1.5 T or 3 T")
+        raise MRNetError(f"field strength {float(field_strength_t):g} T is not plausible; MRNet exams are 1.5 T or 3 T")
     root = Path(mrnet_root)
     if not root.is_dir():
         raise MRNetError(f"MRNet folder {root} does not exist")
-    case_ids = _find_cases(root, split, cases)
+    planes_by_case = _find_cases(root, split, cases)
+    case_ids = list(planes_by_case)
+    needed = [o for o in ORIENTATIONS if any(o in planes for planes in planes_by_case.values())]
+    spacing_by_plane = _normalize_spacing(spacing, needed)
     labels = _read_labels(root, split)
     unlabeled = [c for c in case_ids if any(c not in labels[col] for col in LABEL_FILES)]
     if unlabeled:
         shown = ", ".join(unlabeled[:10]) + (" ..." if len(unlabeled) > 10 else "")
         log.warning("%d exam(s) have no label in the %s CSVs (%s): their targets are left unknown", len(unlabeled), split, shown)
 
+    spacing_text = ", ".join(f"{o} {' x '.join(f'{v:g}' for v in spacing_by_plane[o])}" for o in needed)
     notes = [
-        f"MRNet: voxel spacing is user-supplied (sag {spacing_by_plane['sag']}, cor {spacing_by_plane['cor']}, "
-        f"ax {spacing_by_plane['ax']} mm); orientation is a convention (no header)",
+        f"MRNet: voxel spacing is user-supplied ({spacing_text} mm); orientation is a convention (no header)",
         f"MRNet: field strength per exam is unknown; every exam is recorded at {float(field_strength_t):g} T",
     ]
     for n in notes:
         log.info(n)
+    missing_note = _missing_planes_note(planes_by_case)
+    if missing_note:
+        log.warning(missing_note)
+        notes.append(missing_note)
 
     with tempfile.TemporaryDirectory(prefix="orthodiff_mrnet_", dir=work_dir) as tmp:
         staged = Path(tmp)
@@ -287,8 +336,8 @@ def convert_mrnet(
         rows: list[dict[str, str]] = []
         for case in case_ids:
             targets = {col: labels[col].get(case) for col in LABEL_FILES}
-            for o in ORIENTATIONS:
-                arr = _load_volume(root / split / PLANE_FOLDERS[o] / f"{case}.npy")
+            for o in planes_by_case[case]:
+                arr = _load_volume(root, f"{split}/{PLANE_FOLDERS[o]}/{case}.npy")
                 rel = f"images/{case}_{o}.nii.gz"
                 sitk.WriteImage(plane_image(arr, o, spacing_by_plane[o]), str(staged / rel), True)
                 rows.append({

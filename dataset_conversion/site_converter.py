@@ -190,16 +190,21 @@ def _check_image(image: sitk.Image) -> tuple[list[str], np.ndarray | None]:
     return problems, np.asarray(arr)
 
 
+def _plain(values, decimals: int) -> str:
+    """``(0.5, 0.6, 3.0)``: rounded plain numbers (a tuple of numpy scalars prints ``np.float64(...)``)."""
+    return "(" + ", ".join(repr(round(float(v), decimals)) for v in values) + ")"
+
+
 def _same_grid(a: sitk.Image, b: sitk.Image, tol: GeometryTolerance) -> list[str]:
     diffs: list[str] = []
     if a.GetSize() != b.GetSize():
         return [f"size {b.GetSize()} != image {a.GetSize()}"]
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
     if np.any(np.abs(sa - sb) > tol.spacing * np.abs(sa)):
-        diffs.append(f"spacing {tuple(np.round(sb, 4))} != image {tuple(np.round(sa, 4))} mm")
+        diffs.append(f"spacing {_plain(sb, 4)} != image {_plain(sa, 4)} mm")
     oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
     if np.any(np.abs(oa - ob) > tol.origin * sa.min()):
-        diffs.append(f"origin {tuple(np.round(ob, 3))} != image {tuple(np.round(oa, 3))} mm")
+        diffs.append(f"origin {_plain(ob, 3)} != image {_plain(oa, 3)} mm")
     da, db = np.array(a.GetDirection()), np.array(b.GetDirection())
     if np.any(np.abs(da - db) > tol.direction):
         diffs.append("direction differs from the image's")
@@ -239,7 +244,7 @@ def convert_series(task: dict) -> SeriesOutcome:
         # SimpleITK raises RuntimeError for unreadable/corrupt files
         msg = str(exc).strip().splitlines()
         detail = next((m for m in msg if m.strip()), type(exc).__name__)
-        out.problems.append(f"{row.where()}: cannot read {row.image.name}: {detail[:300]}; check the file is complete and readable")
+        out.problems.append(f"{row.where()}: cannot read {row.image_text or row.image.name}: {detail[:300]}; check the file is complete and readable")
     return out
 
 
@@ -403,6 +408,7 @@ def convert_site(
     num_processes: int = 2,
     spacing_source: str = "image header",
     tolerance: GeometryTolerance = GeometryTolerance(),
+    allow_outside_site: bool = False,
 ) -> ConversionResult:
     """Convert one site's manifest into nnU-Net raw datasets; see :func:`orthodiff_nnunet.api.convert`."""
     from tqdm import tqdm
@@ -411,7 +417,7 @@ def convert_site(
         raise ConversionError([f"dataset name {name!r}: use letters and digits only, starting with a letter (e.g. KneeSiteA)"])
     if not 1 <= dataset_id <= 997:
         raise ConversionError([f"dataset id {dataset_id}: use 1..997 (sagittal ID, coronal ID+1, axial ID+2)"])
-    rows, labels = read_manifest(manifest, site_dir, abnormality_labels)
+    rows, labels = read_manifest(manifest, site_dir, abnormality_labels, allow_outside_site=allow_outside_site)
     scheme = _load_label_scheme(label_scheme)
     raw = paths.raw_dir(raw)
     if key_file is not None:

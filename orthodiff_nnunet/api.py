@@ -30,6 +30,7 @@ def convert(
     max_obliquity_deg: float = 35.0,
     num_processes: int = 2,
     spacing_source: str = "image header",
+    allow_outside_site: bool = False,
 ) -> ConversionResult:
     """Convert a site's series into nnU-Net raw datasets, one per orientation.
 
@@ -49,6 +50,8 @@ def convert(
         max_obliquity_deg: largest accepted slice-normal obliquity; beyond it the plane must be given.
         num_processes: worker processes reading series.
         spacing_source: recorded in ``dataset.json`` (``"user-supplied"`` when the header has none).
+        allow_outside_site: accept ``image``/``label`` paths leading out of the site folder (``../``,
+            absolute paths); refused by default so that no other site's images slip in.
 
     Returns:
         What was written (or, for a dry run, what would be).
@@ -60,7 +63,7 @@ def convert(
         manifest, dataset_id, name, site_dir=site_dir, raw=raw, external=external,
         abnormality_labels=abnormality_labels, label_scheme=label_scheme, dry_run=dry_run, key_file=key_file,
         pseudonym_key=pseudonym_key, num_folds=num_folds, max_obliquity_deg=max_obliquity_deg,
-        num_processes=num_processes, spacing_source=spacing_source,
+        num_processes=num_processes, spacing_source=spacing_source, allow_outside_site=allow_outside_site,
     )
 
 
@@ -151,8 +154,10 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
     from orthodiff_nnunet.evaluation.external import evaluate
 
     step("evaluate on the external 1.5 T site (SiteB)")
+    # Without mirroring (8 flips per patch) to keep the demo short on a CPU; the report records the choice.
+    # `orthodiff evaluate` mirrors by default, like `predict seg` and nnU-Net.
     evaluation = evaluate([511], output / "report", seg_models=seg_models, cls_model=cls.output_folder, n_boot=200,
-                          device=device, num_processes=1)
+                          device=device, num_processes=1, mirroring=False)
     lines.append(evaluation.summary())
     step("done")
     lines.append(f"\nOpen the report: {evaluation.report_html}")

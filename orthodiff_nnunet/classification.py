@@ -15,13 +15,19 @@ encoders (``--encoders-from <knee dataset>`` or ``--encoder sag=PATH``).
 
 Outputs (``nnUNet_results/<first view's dataset>/nnUNetTrainerOrthoDiffCls__<plans>__<configuration>/<run>/fold_<k>/``):
 ``classifier.json`` (settings), ``plans_<view>.json``, ``checkpoint_{best,latest,final}.pth``,
-``progress.csv/png``, ``thresholds.json`` (chosen on validation), ``validation_predictions.csv``,
-``validation_metrics.json`` and, with a test fold, ``test_predictions.csv`` and
-``test_metrics.{json,md}``.
+``progress.csv/png``, ``split.json`` (the exams of each set), ``thresholds.json`` (chosen on the
+selection exams), ``predictions.csv`` (selection and test exams, column ``set``), ``metrics.json``
+(``selection`` and ``test`` metrics apart) and ``test_predictions.csv``/``test_metrics.{json,md}``.
+
+Three patient-disjoint sets by default: train on fold ``k``'s training exams, choose the checkpoint
+and the thresholds on fold ``k``'s validation exams (the *selection* set), report on the next
+fold's validation exams (the *test* set; with only two folds, half of fold ``k``'s validation
+patients). ``--test-fold none`` drops the test set (selection metrics only: optimistic).
 
 Prediction writes a CSV with one row per exam: per-label probabilities, decisions at the
-validation thresholds, which views were present (an exam with a missing view is still
-predicted), and the targets when known (then also metrics with bootstrap CIs).
+thresholds chosen on the selection exams, which views were present (an exam with a missing view
+is still predicted), and the targets when known (then also metrics with bootstrap CIs). It
+computes in the precision recorded in ``classifier.json`` (fp16/bf16 autocast, TF32 on CUDA).
 """
 
 from __future__ import annotations
@@ -175,11 +181,11 @@ class ClassificationTrainResult:
     label_names: list[str]
     mode: str
     best_epoch: int
-    best_val_mean_auroc: float
+    best_selection_mean_auroc: float
     history: list[dict]
     thresholds: dict[str, float]
-    validation: object  # ClassificationMetrics
-    test: object | None = None
+    selection: object  # ClassificationMetrics of the selection exams (optimistic: chosen on them)
+    test: object | None = None  # ClassificationMetrics of the held-out test exams
     precision: str = "fp32"
     precision_timings: dict[str, float] = field(default_factory=dict)
     load_reports: dict[str, str] = field(default_factory=dict)
@@ -190,11 +196,14 @@ class ClassificationTrainResult:
     def summary(self) -> str:
         lines = [f"classification ({self.mode}, views {'+'.join(self.views)}: {', '.join(self.views.values())}), "
                  f"{len(self.label_names)} labels; exams {self.num_exams}",
-                 f"best epoch {self.best_epoch}: validation mean AUROC {self.best_val_mean_auroc:.3f}; "
+                 f"best epoch {self.best_epoch}: selection-set mean AUROC {self.best_selection_mean_auroc:.3f} "
+                 "(checkpoint and thresholds chosen on it); "
                  f"precision {self.precision}; {self.train_exams_per_s:.1f} training exams/s"]
         lines += [f"  encoder {v}: {r}" for v, r in self.load_reports.items()]
         if self.test is not None:
-            lines.append("held-out test exams:\n" + self.test.to_markdown())
+            lines.append("held-out test exams (thresholds from the selection exams):\n" + self.test.to_markdown())
+        else:
+            lines.append("no held-out test set: the selection-set figures are optimistic")
         lines.append(f"outputs: {self.output_folder}")
         return "\n".join(lines)
 
@@ -221,7 +230,7 @@ def train_classification(
     encoder_lr_factor: float = 0.05,
     weight_decay: float = 1e-4,
     label_fraction: float = 1.0,
-    test_fold: int | None = None,
+    test_fold: int | Literal["auto"] | None = "auto",
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto",
     mirror_axes: Literal["lr", "all", "none"] = "lr",
     augment: bool = True,
@@ -240,7 +249,8 @@ def train_classification(
         views: views to fuse, in order (default: every orientation found).
         plans: plans identifier (default: orthodiff's ResEnc-M plans, else plain).
         configuration: the classification configuration.
-        fold: fold of ``splits_final.json`` (train/validation), or ``"all"``.
+        fold: fold of ``splits_final.json``: its training exams train, its validation exams are the
+            selection set (checkpoint, thresholds); or ``"all"`` (no held-out set at all).
         mode: ``finetune``, ``probe`` (frozen encoder) or ``scratch``.
         encoders: view -> encoder checkpoint (one path: for a single view); default: each view's
             own pretraining output (:func:`default_encoder_path`).
@@ -252,18 +262,21 @@ def train_classification(
         fusion: ``concat`` (default) or ``gated`` (per label).
         feature_stages: last encoder stages pooled (1 = bottleneck).
         dropout: before the fusion layer.
-        epochs, iterations_per_epoch: training length (validation after every epoch).
+        epochs, iterations_per_epoch: training length (the selection exams are predicted after every epoch).
         batch_size: exams per step (default: the configuration's batch size).
         learning_rate: AdamW learning rate of the head (polynomial decay).
         encoder_lr_factor: encoder learning rate = factor x ``learning_rate`` (fine-tune; the method: 0.05).
         weight_decay: AdamW weight decay.
         label_fraction: use this fraction of the training exams (per site, seeded; label efficiency).
-        test_fold: hold out this fold's validation exams as a test set (never trained on, never
-            used for selection or thresholds); metrics with bootstrap CIs are written.
-        precision: ``auto`` (CUDA: measured, the fastest), or fixed; CPU always fp32.
+        test_fold: the held-out test set (never trained on, never used for selection or thresholds;
+            its metrics with bootstrap CIs are reported apart): ``"auto"`` (default) the next fold
+            ``(fold + 1) mod n``, or with only two folds half of the selection fold's patients; a
+            fold index; or None (no test set). Needs 3 patients with targets (else an error says so).
+        precision: ``auto`` (CUDA: measured, the fastest), or fixed; CPU always fp32. The resolved
+            precision is recorded in ``classifier.json`` and used by prediction and resume.
         mirror_axes: ``lr`` (left-right only, default), ``all`` (nnU-Net's), ``none``.
         augment: nnU-Net's training augmentation (False: centre crop only).
-        threshold_method: per-label decision threshold on validation: ``youden``, ``f1``, ``fixed`` (0.5).
+        threshold_method: per-label decision threshold on the selection exams: ``youden``, ``f1``, ``fixed`` (0.5).
         n_boot: bootstrap resamples for the CIs.
         seed: seed of sampling, initialisation and bootstrap.
         device: ``auto``, ``cuda`` or ``cpu``.
@@ -298,6 +311,8 @@ def train_classification(
     timesteps = _per_view(noise_timestep, order, "--noise-timestep", int)
     if fold != "all":
         fold = int(fold)
+    if test_fold not in (None, "auto"):
+        test_fold = int(test_fold)
     run = run_name or "_".join([ "-".join(order), mode]
                                + ([f"lf{label_fraction:g}"] if label_fraction < 1 else [])
                                + ([f"t{'-'.join(str(timesteps.get(v, 0)) for v in order)}"] if any(timesteps.values()) else []))
@@ -343,11 +358,12 @@ def train_classification(
     hist = trainer.history
     return ClassificationTrainResult(
         output_folder=out, views=view_names, label_names=list(trainer.label_names), mode=mode,
-        best_epoch=trainer.best_epoch, best_val_mean_auroc=trainer.best_metric, history=hist,
-        thresholds=done["thresholds"], validation=done["validation"], test=done.get("test"),
+        best_epoch=trainer.best_epoch, best_selection_mean_auroc=trainer.best_metric, history=hist,
+        thresholds=done["thresholds"], selection=done["selection"], test=done.get("test"),
         precision=trainer.precision, precision_timings=dict(trainer.precision_timings),
         load_reports=dict(trainer.load_reports),
-        num_exams={"train": len(trainer.exams_train), "val": len(trainer.exams_val), "test": len(trainer.exams_test)},
+        num_exams={"train": len(trainer.exams_train), "selection": len(trainer.exams_selection),
+                   "test": len(trainer.exams_test)},
         train_exams_per_s=float(sum(h["train_exams_per_s"] for h in hist[1:]) / max(1, len(hist) - 1)
                                 if len(hist) > 1 else hist[-1]["train_exams_per_s"]),
         test_exams_per_s=done.get("test_exams_per_s"),
@@ -365,6 +381,9 @@ class ClassificationPredictResult:
     label_names: list[str]
     exams_per_s: float
     metrics: object | None = None  # ClassificationMetrics when targets are known
+    precision: str = "fp32"  # the precision computed in: the model's recorded one (fp32 where the device lacks it)
+    labels_evaluated: list[str] = field(default_factory=list)  # model labels the dataset annotates
+    labels_not_evaluated: dict[str, str] = field(default_factory=dict)  # label -> why not
 
     def summary(self) -> str:
         lines = [f"predicted {self.num_exams} exams ({self.num_with_missing_views} with a missing view) at "
@@ -401,7 +420,6 @@ def predict_classification(
         n_boot, seed: bootstrap of the metrics written when targets are known.
     """
     import numpy as np
-    import torch
 
     from orthodiff_nnunet.data.targets import TargetsError, TargetsFile, load_dataset_targets, match_exams
     from orthodiff_nnunet.evaluation.classification import classification_metrics
@@ -435,6 +453,7 @@ def predict_classification(
             log.warning("no %s dataset given: every exam is predicted without its %s view", v, v)
     config_name = cfg["configuration"]
     vds, targets = {}, {}
+    declared: set[str] = set()  # labels the datasets' targets files declare
     for v in order:
         model_plans = load_json(model_folder / f"plans_{v}.json")
         if v not in view_names:  # the view is absent for every exam: only its shape is needed
@@ -452,11 +471,15 @@ def predict_classification(
         vds[v] = ViewData(v, name, cfg["plans_identifiers"][v], model_plans, config_name,
                           load_json(folder / "dataset.json"), folder)
         try:
-            targets[v] = load_dataset_targets(name)
-            if list(targets[v].label_names) != list(cfg["label_names"]):
-                log.warning("%s declares labels %s, the model predicts %s: targets ignored", name,
-                            list(targets[v].label_names), cfg["label_names"])
-                raise TargetsError("other labels")
+            own_targets = load_dataset_targets(name)
+            declared.update(own_targets.label_names)
+            if list(own_targets.label_names) != list(cfg["label_names"]):
+                shared = [n for n in cfg["label_names"] if n in own_targets.label_names]
+                log.warning("%s declares labels %s, the model predicts %s: evaluating the shared labels %s",
+                            name, list(own_targets.label_names), cfg["label_names"], shared)
+            # the model's label order; a label the dataset does not declare is unknown (None). The
+            # exam, patient, site, field strength and vendor of every case are kept (the strata).
+            targets[v] = _on_labels(own_targets, cfg["label_names"])
         except TargetsError:
             from orthodiff_nnunet.data.targets import CaseTargets
 
@@ -467,8 +490,8 @@ def predict_classification(
     trainer.restore_config(cfg)
     trainer.network = trainer.build_network().to(trainer.device)
     trainer.load_checkpoint(ckpt_path, weights_only=True)
-    if trainer.device.type == "cuda" and trainer.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # the recorded precision (fp32 where this device lacks it); predict_exams applies its autocast/TF32 locally
+    trainer.precision = trainer.runtime_precision(trainer.precision)
     trainer.batch_size = batch_size or max(2, min(int(d.configuration_manager.batch_size) for d in vds.values()))
     all_exams = match_exams(targets, {v: vds[v].available_cases() for v in targets})
     if exams is not None:
@@ -487,14 +510,46 @@ def predict_classification(
     output = Path(output)
     write_predictions_csv(output, exams, probs, cfg["label_names"], thresholds, order)
     y = np.stack([e.targets for e in exams]) if exams else np.zeros((0, len(cfg["label_names"])))
+    evaluated = [j for j, n in enumerate(cfg["label_names"]) if n in declared]
+    not_evaluated = {n: "the model predicts it but the dataset does not annotate it"
+                     for n in cfg["label_names"] if n not in declared}
+    not_evaluated.update({n: "the dataset annotates it but the model does not predict it"
+                          for n in sorted(declared - set(cfg["label_names"]))})
+    if declared and not_evaluated:
+        log.warning("labels not evaluated: %s", "; ".join(f"{k} ({w})" for k, w in not_evaluated.items()))
     metrics = None
-    if exams and np.isfinite(y).any():
-        metrics = classification_metrics(y, probs, cfg["label_names"], thresholds, n_boot, seed)
-        atomic_write_json(output.with_name(output.stem + "_metrics.json"), metrics.to_dict())
-        atomic_write_text(output.with_name(output.stem + "_metrics.md"), metrics.to_markdown() + "\n")
+    if exams and evaluated and np.isfinite(y[:, evaluated]).any():
+        from orthodiff_nnunet.evaluation.classification import cluster_ids
+
+        clusters, missing = cluster_ids([e.patient for e in exams], [e.exam for e in exams])
+        metrics = classification_metrics(y[:, evaluated], probs[:, evaluated],
+                                         [cfg["label_names"][j] for j in evaluated], thresholds, n_boot, seed,
+                                         clusters=clusters, n_without_patient=missing)
+        atomic_write_json(output.with_name(output.stem + "_metrics.json"),
+                          {**metrics.to_dict(), "labels_not_evaluated": not_evaluated})
+        notes = "".join(f"\n- not evaluated: {k} ({w})" for k, w in not_evaluated.items())
+        atomic_write_text(output.with_name(output.stem + "_metrics.md"), metrics.to_markdown() + "\n" + notes
+                          + ("\n" if notes else ""))
     return ClassificationPredictResult(
         csv=output, num_exams=len(exams), num_with_missing_views=sum(bool(e.missing_views(order)) for e in exams),
-        label_names=list(cfg["label_names"]), exams_per_s=len(exams) / max(seconds, 1e-9), metrics=metrics)
+        label_names=list(cfg["label_names"]), exams_per_s=len(exams) / max(seconds, 1e-9), metrics=metrics,
+        precision=trainer.precision,
+        labels_evaluated=[cfg["label_names"][j] for j in evaluated] if declared else [],
+        labels_not_evaluated=not_evaluated if declared else {})
+
+
+def _on_labels(tf, label_names: Sequence[str]):
+    """``tf`` with its targets re-keyed to ``label_names`` (None where ``tf`` does not declare a label).
+
+    Everything else of each case (exam, patient, site, field strength, vendor, echo) is kept, so a
+    dataset annotated with another label set keeps its exams and strata.
+    """
+    from dataclasses import replace
+
+    from orthodiff_nnunet.data.targets import TargetsFile
+
+    return TargetsFile(tuple(label_names), {c: replace(ct, targets={n: ct.targets.get(n) for n in label_names})
+                                            for c, ct in tf.cases.items()}, tf.path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,20 +558,33 @@ def _fold(text: str) -> int | str:
     return "all" if text == "all" else int(text)
 
 
+def _test_fold(text: str) -> int | str | None:
+    text = text.strip().lower()
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, none or a fold number") from None
+
+
 def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``cls`` to ``orthodiff train``'s subcommands; ``func`` returns an exit code."""
     p = subparsers.add_parser(
         "cls", help="train the multi-view abnormality classifier on the diffusion encoders",
         description=("Multi-label abnormality classification: each view's (sag/cor/ax) diffusion-pretrained encoder, "
                      "attention + average pooling, fusion of the views of one exam, masked BCE with per-label "
-                     "positive weights, nnU-Net's augmentation, best checkpoint by validation mean AUROC, "
-                     "thresholds chosen on validation. Labels come from the datasets' targets file."))
+                     "positive weights, nnU-Net's augmentation. Three patient-disjoint sets: train, selection "
+                     "(best checkpoint by mean AUROC, decision thresholds) and a held-out test set whose metrics "
+                     "are reported apart. Labels come from the datasets' targets file."))
     p.add_argument("-d", "--dataset", nargs="+", required=True,
                    help="a dataset id/name standing for its sag/cor/ax group, or one dataset per view")
     p.add_argument("--views", nargs="+", default=None, help="views to fuse, in order (default: all found)")
     p.add_argument("-p", "--plans", default=None, help="plans identifier (default orthodiffResEncMPlans)")
     p.add_argument("-c", "--configuration", default=CONFIGURATION, help=f"default {CONFIGURATION}")
-    p.add_argument("-f", "--fold", type=_fold, default=0, help="fold of splits_final.json, or 'all' (default 0)")
+    p.add_argument("-f", "--fold", type=_fold, default=0,
+                   help="fold of splits_final.json: its validation exams select the checkpoint and thresholds; "
+                        "or 'all' (default 0)")
     p.add_argument("--mode", choices=["finetune", "probe", "scratch"], default="finetune",
                    help="finetune (encoder at a lower lr, default), probe (frozen encoder) or scratch")
     p.add_argument("--encoder", nargs="+", default=None, metavar="VIEW=PATH",
@@ -538,14 +606,16 @@ def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--encoder-lr-factor", type=float, default=0.05, help="fine-tune encoder lr factor (default 0.05)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="fraction of training exams used (default 1)")
-    p.add_argument("--test-fold", type=int, default=None, help="hold out this fold's validation exams as a test set")
+    p.add_argument("--test-fold", type=_test_fold, default="auto",
+                   help="held-out test set: auto (default: the next fold's validation exams; with 2 folds half of "
+                        "the selection fold's patients), a fold number, or none (no test set: optimistic figures)")
     p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp16"], default="auto",
                    help="CUDA precision; auto = the fastest measured at start (CPU: fp32)")
     p.add_argument("--mirror-axes", choices=["lr", "all", "none"], default="lr",
                    help="mirroring augmentation: left-right only (default), all axes (nnU-Net), none")
     p.add_argument("--no-augment", action="store_true", help="no augmentation (centre crop only)")
     p.add_argument("--threshold-method", choices=["youden", "f1", "fixed"], default="youden",
-                   help="decision threshold per label, chosen on validation (default youden)")
+                   help="decision threshold per label, chosen on the selection exams (default youden)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")

@@ -36,6 +36,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--name", required=True, help="dataset name, e.g. KneeSiteA (letters and digits)")
     p.add_argument("--site-dir", type=Path, default=None,
                    help="folder that relative paths in the manifest start from (default: the manifest's folder)")
+    p.add_argument("--allow-outside-site", action="store_true",
+                   help="accept image/label paths that lead out of the site folder ('../' or absolute paths); "
+                        "refused by default")
     p.add_argument("--raw", type=Path, default=None, help="nnUNet_raw folder (default: $nnUNet_raw)")
     p.add_argument("--external", action="store_true",
                    help="an external validation site: write imagesTs/labelsTs instead of imagesTr/labelsTr")
@@ -74,6 +77,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         num_folds=args.folds,
         max_obliquity_deg=args.max_obliquity,
         num_processes=args.num_processes,
+        allow_outside_site=args.allow_outside_site,
     )
     print(result.summary())
     return 0

@@ -265,8 +265,9 @@ def test_three_view_training_detects_effusion_on_held_out_exams(knee, tmp_path: 
     out = knee.root / "res" / knee.names["sag"] / f"nnUNetTrainerOrthoDiffCls__{PLANS}__3d_classification" / "effusion" / "fold_0"
     printed = capsys.readouterr().out
     assert "held-out test exams" in printed and "views sag+cor+ax" in printed
-    for name in ("checkpoint_best.pth", "checkpoint_final.pth", "thresholds.json", "validation_metrics.json",
-                 "test_metrics.json", "test_predictions.csv", "progress.csv", "classifier.json", "plans_ax.json"):
+    for name in ("checkpoint_best.pth", "checkpoint_final.pth", "thresholds.json", "metrics.json", "predictions.csv",
+                 "split.json", "test_metrics.json", "test_predictions.csv", "progress.csv", "classifier.json",
+                 "plans_ax.json"):
         assert (out / name).is_file(), name
     test = json.loads((out / "test_metrics.json").read_text())
     effu = next(m for m in test["labels"] if m["name"] == "EFFU")
@@ -325,7 +326,8 @@ def test_gated_fusion_label_fraction_and_usage_errors(knee) -> None:
     result = train_classification(KNEE, views=["sag", "ax"], plans=PLANS, mode="scratch", fusion="gated",
                                   label_fraction=0.5, epochs=1, iterations_per_epoch=2, batch_size=2, device="cpu",
                                   n_boot=20, run_name="gated")
-    assert list(result.views) == ["sag", "ax"] and result.num_exams["train"] == 12  # half of the 24 of fold 0
+    # fold 0 trains on its 24 training exams minus the held-out test fold 1's 6: half of those 18
+    assert list(result.views) == ["sag", "ax"] and result.num_exams == {"train": 9, "selection": 6, "test": 6}
     assert math.isfinite(result.train_exams_per_s) and result.precision == "fp32"
     with pytest.raises(ClassificationUsageError, match="no pretrained (sag|cor|ax) encoder.*orthodiff pretrain"):
         train_classification(KNEE, plans=PLANS, mode="finetune", device="cpu")

@@ -50,7 +50,8 @@ def test_evaluate_segmentation_on_external_site(two_sites):
 
     root, model, _ = two_sites
     out = root / "report"
-    result = evaluate([551], out, seg_models={"sag": model.model_folder}, n_boot=100, device="cpu", num_processes=0)
+    result = evaluate([551], out, seg_models={"sag": model.model_folder}, n_boot=100, device="cpu", num_processes=0,
+                      mirroring=False)
     assert result.num_seg_cases == 6 and result.report_html.is_file()
     rep = json.loads((out / "report.json").read_text())
     rows = rep["segmentation"]["cases"]
@@ -66,6 +67,8 @@ def test_evaluate_segmentation_on_external_site(two_sites):
     assert f"mean Dice over {n_defined} structures {mean_dice / n_defined:.3f}" in result.summary()
     assert list(rep["segmentation"]["strata"]["site"]) == ["SiteB"]
     assert rep["provenance"]["external_datasets"] == {"sag": "Dataset551_EvalBSag"}
+    assert rep["provenance"]["segmentation_mirroring"] is False  # the choice is recorded (default: mirroring)
+    assert all(r["patient"] and r["exam"] for r in rows) and rep["segmentation"]["resampling"]["n_clusters"] == 6
     assert len(rep["provenance"]["input_data_sha256"]) == 64
     # every prediction lies on its source image's grid
     preds = sorted((out / "segmentation" / "sag").glob("*.nii.gz"))

@@ -23,7 +23,7 @@ def test_real_dicom_knees_convert_with_right_orientation(shared_data, tmp_path):
     ]
     manifest = write_manifest(tmp_path / "manifest.csv", rows)
     raw = tmp_path / "raw"
-    result = convert(manifest, 701, "RealKnee", raw=raw, num_processes=2)
+    result = convert(manifest, 701, "RealKnee", raw=raw, num_processes=2, allow_outside_site=True)  # images in ../shared
     assert set(result.datasets) == {"sag"}  # both are sagittal; the MESE series is 8 degrees oblique
     folder = result.datasets["sag"]
     targets = json.loads((folder / "orthodiff_targets.json").read_text())["cases"]

@@ -22,7 +22,6 @@ from orthodiff_nnunet.evaluation.figures import (
     confusion_counts,
     pick_slices,
     plot_case_overlay,
-    resample_indices,
     roc_points,
     slice_view,
 )
@@ -113,17 +112,6 @@ def test_best_median_worst_known_answer():
     assert [(r, s.case) for r, s in best_median_worst(scores[:1])] == [("only", "a")]
 
 
-def test_resample_indices_keep_patients_together():
-    groups = ["p1", "p1", "p2", "p3", "p3", "p3"]
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        idx = resample_indices(groups, rng)
-        counts = np.bincount(idx, minlength=6)
-        # every exam of a drawn patient comes along, as often as the patient was drawn
-        assert counts[0] == counts[1] and counts[3] == counts[4] == counts[5]
-        assert counts[0] + counts[2] + counts[3] == 3  # three patients drawn
-
-
 def test_roc_points_equal_scikit_learn():
     from sklearn.metrics import roc_curve
 
@@ -157,12 +145,27 @@ def test_undefined_metrics_render_na_with_reason():
                            "0.900 [0.800, 0.970]"]
     assert rows[2][3] == "n/a (ties only)" and rows[2][4] == "0.500 [n/a, n/a]"
     assert rows[3][3] == "n/a (no label where it is defined)"
-    seg = {"ACL": {"n_cases": 4, "n_missed": 2, "dice": {"mean": 0.0, "ci": [0.0, 0.0], "n": 4},
-                   "hd95_mm": {"mean": None, "ci": [None, None], "n": 0},
-                   "surface_dice": {"mean": float("nan"), "ci": None, "n": 0, "reason": "never predicted"}}}
-    cells = [_text(c) for c in _seg_table(seg)[1]]
-    assert cells == ["ACL", "4 (missed 2)", "0.000 [0.000, 0.000]",
-                     "n/a (no case with the structure in both reference and prediction)", "n/a (never predicted)"]
+    # the statistics' own summary: one structure missed twice, found once, absent from both once
+    from orthodiff_nnunet.evaluation.report import summarize_segmentation
+
+    nan = float("nan")
+    rows = [{"case": f"c{i}", "patient": f"p{i}", "structure": "ACL", "status": st, "dice": d, "hd95_mm": h,
+             "hd95_capped_mm": hc, "cap_mm": 100.0, "surface_dice": sd}
+            for i, (st, d, h, hc, sd) in enumerate((("missed", 0.0, nan, 100.0, 0.0), ("missed", 0.0, nan, 100.0, 0.0),
+                                                    ("both_present", 0.8, 2.0, 2.0, 0.9),
+                                                    ("both_empty", nan, nan, nan, nan)))]
+    table = _seg_table(summarize_segmentation(rows, n_boot=0)["overall"])
+    assert [_text(c) for c in table[0]] == ["structure", "n", "missed", "false detections", "absent from both",
+                                            "Dice [95% CI]", "HD95 mm [95% CI]", "HD95 capped mm [95% CI]",
+                                            "surface Dice [95% CI]"]
+    assert [_text(c) for c in table[1]] == ["ACL", "4", "2", "0", "1", "0.267 [n/a, n/a]", "2.000 [n/a, n/a]",
+                                            "67.333 [n/a, n/a]", "0.300 [n/a, n/a]"]
+    seg = {"PCL": {"n_cases": 3, "dice": {"mean": None, "ci": [None, None], "n": 0},
+                   "hd95_mm": {"mean": None, "ci": None, "n": 0},
+                   "surface_dice": {"mean": nan, "ci": None, "n": 0, "reason": "never predicted"}}}
+    assert [_text(c) for c in _seg_table(seg)[1]] == [
+        "PCL", "3", "n/a (structure absent from every reference and prediction)",
+        "n/a (no case with the structure in both reference and prediction)", "n/a (never predicted)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,13 +338,13 @@ def test_html_renders_with_images_and_the_numbers_of_report_json(built_report, t
     for m, row in zip(rep["classification"]["overall"]["labels"], table[1:]):
         assert row[0][0] == m["name"]
         for k, col in (("auroc", 3), ("auprc", 4), ("sensitivity", 5), ("specificity", 6)):
-            if m[k] is None:
-                assert row[col][0].startswith("n/a (no positive exam)")
+            if m[k] is None:  # undefined: n/a with the statistics' reason
+                assert row[col][0] == f"n/a ({m['undefined'][k]})" and "no positive exam" in m["undefined"][k]
             else:
                 lo, hi = m["ci"][k]
                 assert row[col][0] == f"{m[k]:.3f} [{_f3(lo)}, {_f3(hi)}]"
     pd_row = next(r for r in table if r[0][0] == "PD")
-    assert pd_row[3][0] == "n/a (no positive exam)"
+    assert pd_row[3][0].startswith("n/a (no positive exam")
 
     # confusion matrices: the report's counts, and those counts are right
     for name, t in (("ACL", 0.5), ("EFFU", 0.45)):

@@ -32,15 +32,25 @@ superior-inferior or anterior-posterior makes anatomy no knee has, so by default
 left-right axis is mirrored (it maps a right knee onto a left one; medial/lateral labels keep
 their meaning). ``mirror_axes="all"`` restores nnU-Net's choice.
 
-Precision: on CUDA, ``precision="auto"`` times a few training steps in fp32, tf32, bf16 and fp16
-(autocast; fp16 with loss scaling) on the first real batch and keeps the fastest (the pretraining
-measurements showed bf16 can be slower than fp32 for these 3D networks, so it is measured, not
-assumed). CPU runs in fp32.
+Precision: on CUDA, ``precision="auto"`` times a few training steps of every precision the GPU
+supports (:func:`precision_candidates`: fp32 and fp16 everywhere, tf32 and bf16 from compute
+capability 8.0; autocast, fp16 with loss scaling) on the first real batch and keeps the fastest
+(:func:`resolve_precision`; the pretraining measurements showed bf16 can be slower than fp32 for
+these 3D networks, so it is measured, not assumed). CPU runs in fp32. The *resolved* precision is
+what ``classifier.json`` and the checkpoints record, so prediction and ``--resume`` compute in the
+precision the thresholds were chosen in. TF32 is switched on or off only inside the trainer's own
+forward/backward passes (:func:`tf32_context` restores the caller's settings): no process-wide
+default is changed.
 
-Model selection: after every epoch the validation exams (fold ``k``'s validation set, centre
-crop, no augmentation) are predicted; the checkpoint with the best mean AUROC over the labels
-(labels without both classes in validation are skipped) is kept as ``checkpoint_best.pth``.
-Decision thresholds are chosen per label on the validation predictions of that checkpoint.
+Three patient-disjoint sets (:func:`three_way_split`): the network is trained on the *training*
+exams, the checkpoint and the decision thresholds are chosen on the *selection* exams (fold ``k``'s
+validation set of ``splits_final.json``) and the reported metrics come from the *test* exams
+(by default the next fold's validation set, ``(k + 1) mod n``), never trained on, never used for
+a choice. With only two folds the selection fold's patients are halved instead (selection | test,
+patient-grouped). After every epoch the selection exams (centre crop, no augmentation) are
+predicted; the checkpoint with the best mean AUROC over the labels (labels without both classes
+among the selection exams are skipped) is kept as ``checkpoint_best.pth``, the per-label
+thresholds are chosen on its selection predictions and applied unchanged to the test exams.
 
 This module is imported by nnU-Net by bare module name through ``nnUNet_extTrainer``: absolute
 imports only.
@@ -48,6 +58,7 @@ imports only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -93,6 +104,116 @@ LR_NUMPY_AXIS = 2  # canonical LPS numpy array (z=S, y=P, x=L): left-right is ax
 
 class ClassificationError(OrthodiffError):
     """Classification training or prediction cannot go on; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# precision
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
+
+
+def precision_candidates(device_type: str, capability: tuple[int, int] | None = None) -> tuple[str, ...]:
+    """The precisions a device can train in, in measurement order.
+
+    Args:
+        device_type: ``"cuda"`` or ``"cpu"`` (anything but CUDA computes in fp32).
+        capability: CUDA compute capability ``(major, minor)``, e.g. ``(8, 0)`` for an A100;
+            TF32 and bfloat16 need 8.0 or newer (Ampere). None on CUDA: read from the current device.
+    """
+    if device_type != "cuda":
+        return ("fp32",)
+    if capability is None:
+        capability = tuple(torch.cuda.get_device_capability())
+    if tuple(capability) >= (8, 0):
+        return PRECISIONS
+    return ("fp32", "fp16")
+
+
+def resolve_precision(requested: str, device_type: str, capability: tuple[int, int] | None = None,
+                      timings_ms: Mapping[str, float] | None = None) -> str:
+    """The precision a run computes in: never ``"auto"``.
+
+    Args:
+        requested: ``auto`` or one of :data:`PRECISIONS`.
+        device_type: ``"cuda"`` or ``"cpu"``.
+        capability: CUDA compute capability (see :func:`precision_candidates`).
+        timings_ms: for ``auto`` on CUDA, measured milliseconds per training step of each
+            precision; the fastest supported one wins (none measured: fp32).
+
+    Raises:
+        ClassificationError: an unknown name, or a fixed precision this GPU does not support.
+    """
+    if requested != "auto" and requested not in PRECISIONS:
+        raise ClassificationError(f"precision {requested!r}: use auto or one of {', '.join(PRECISIONS)}")
+    if device_type != "cuda":
+        if requested not in ("auto", "fp32"):
+            log.warning("precision %s applies to CUDA only: this %s run computes in fp32", requested, device_type)
+        return "fp32"
+    candidates = precision_candidates(device_type, capability)
+    if requested != "auto":
+        if requested not in candidates:
+            raise ClassificationError(
+                f"precision {requested} needs CUDA compute capability 8.0 or newer (this GPU: "
+                f"{'.'.join(map(str, capability or torch.cuda.get_device_capability()))}): use "
+                f"{' or '.join(candidates)}, or auto")
+        return requested
+    measured = {p: t for p, t in (timings_ms or {}).items() if p in candidates and math.isfinite(t)}
+    return min(measured, key=measured.get) if measured else "fp32"
+
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of a precision on a device; None = no autocast (fp32/tf32, or not CUDA)."""
+    if device_type != "cuda":
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+
+def _tf32_api() -> tuple[bool, bool]:
+    """Whether the process uses the legacy TF32 switches (matmul, cuDNN); mixing them with the new
+    ``fp32_precision`` ones raises in PyTorch, so whichever the process uses is the one touched."""
+    try:
+        torch.get_float32_matmul_precision()
+        matmul_legacy = True
+    except RuntimeError:
+        matmul_legacy = False
+    try:
+        _ = torch.backends.cudnn.allow_tf32
+        cudnn_legacy = True
+    except RuntimeError:
+        cudnn_legacy = False
+    return matmul_legacy, cudnn_legacy
+
+
+@contextlib.contextmanager
+def tf32_context(enabled: bool):
+    """TF32 matmul and cuDNN convolutions on (``enabled``) or off inside the block only.
+
+    The caller's settings (``torch.set_float32_matmul_precision``, ``torch.backends.cudnn.allow_tf32``
+    or their ``fp32_precision`` successors) are read first and put back on exit, exceptions
+    included: training or predicting never changes a process-wide default.
+    """
+    matmul_legacy, cudnn_legacy = _tf32_api()
+    matmul_before = (torch.get_float32_matmul_precision() if matmul_legacy
+                     else torch.backends.cuda.matmul.fp32_precision)
+    cudnn_before = torch.backends.cudnn.allow_tf32 if cudnn_legacy else torch.backends.cudnn.conv.fp32_precision
+    try:
+        if matmul_legacy:
+            torch.set_float32_matmul_precision("high" if enabled else "highest")
+        else:
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+        if cudnn_legacy:
+            torch.backends.cudnn.allow_tf32 = enabled
+        else:
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+        yield
+    finally:
+        if matmul_legacy:
+            torch.set_float32_matmul_precision(matmul_before)
+        else:
+            torch.backends.cuda.matmul.fp32_precision = matmul_before
+        if cudnn_legacy:
+            torch.backends.cudnn.allow_tf32 = cudnn_before
+        else:
+            torch.backends.cudnn.conv.fp32_precision = cudnn_before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +361,130 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Ten
     return (loss * known).sum() / known.sum().clamp_min(1)
 
 
+TestFold = int | Literal["auto"] | None
+
+
+@dataclass(frozen=True)
+class ExamSplit:
+    """Train / selection / test exam ids of one run, patient-disjoint.
+
+    Attributes:
+        train: exams the network is trained on.
+        selection: exams the checkpoint and the decision thresholds are chosen on.
+        test: exams the reported metrics come from (empty: no held-out test set).
+        selection_source, test_source: where each set comes from, in words (recorded with the run).
+        dropped_train: training exams left out because their patient is in the selection or test set.
+    """
+
+    train: tuple[str, ...]
+    selection: tuple[str, ...]
+    test: tuple[str, ...]
+    selection_source: str
+    test_source: str
+    dropped_train: tuple[str, ...] = ()
+
+    def set_of(self) -> dict[str, str]:
+        """exam -> ``train``, ``selection`` or ``test``."""
+        return {**{e: "train" for e in self.train}, **{e: "selection" for e in self.selection},
+                **{e: "test" for e in self.test}}
+
+
+def _too_few(what: str) -> ClassificationError:
+    return ClassificationError(
+        f"{what}. A held-out test set needs three patient-disjoint sets (train, selection, test), so at least "
+        "3 patients with targets; with 3 or more folds in splits_final.json each set is a fold. Fix: convert more "
+        "patients (or with --folds 3 or more), or train without a test set: --test-fold none (checkpoint, "
+        "thresholds and the reported metrics then come from one fold and are optimistic) or --fold all")
+
+
+def three_way_split(folds: Sequence[Mapping[str, Sequence[str]]], fold: int, test_fold: TestFold,
+                    patients: Mapping[str, str | None], sites: Mapping[str, str | None] | None = None) -> ExamSplit:
+    """Train / selection / test exams from the patient-grouped folds of ``splits_final.json``.
+
+    * selection: fold ``fold``'s validation exams;
+    * test: ``test_fold``'s validation exams; ``"auto"`` (default of training): the next fold,
+      ``(fold + 1) mod n``, with 3 or more folds; with exactly 2 folds the selection fold's patients
+      are halved instead (:func:`~orthodiff_nnunet.data.splits.patient_grouped_splits`, seeded,
+      stratified by site where possible): one half selects, the other tests. ``None``: no test set;
+    * train: fold ``fold``'s training exams minus the test exams.
+
+    The patients (``patients``: exam -> patient pseudonym; None = the exam is its own patient)
+    of the three sets are disjoint: a training exam of a selection or test patient is dropped (the
+    converter's folds never hold one); a patient in both selection and test is an error.
+
+    Args:
+        folds: ``[{"train": [exam, ...], "val": [...]}, ...]``, exam ids, restricted to usable exams.
+        fold: the selection fold.
+        test_fold: ``"auto"``, another fold's index, or None.
+        patients: exam -> patient.
+        sites: exam -> site, for the two-fold halving (stratification only).
+
+    Raises:
+        ClassificationError: a fold that does not exist, a test fold equal to the selection fold, too
+            few patients for three sets (the message says what is needed), patients shared by the
+            selection and test sets.
+    """
+    from orthodiff_nnunet.data.splits import patient_grouped_splits
+
+    n = len(folds)
+    if n == 0:
+        raise _too_few("splits_final.json holds no fold (fewer than 2 patients)")
+    if not 0 <= fold < n:
+        raise ClassificationError(f"fold {fold} does not exist: splits_final.json has {n} folds")
+    pat = {e: patients.get(e) or f"exam:{e}" for f in folds for part in ("train", "val") for e in f[part]}
+    selection = set(folds[fold]["val"])
+    train = set(folds[fold]["train"])
+    test: set[str] = set()
+    selection_source = f"fold {fold} validation"
+    test_source = "none"
+    if test_fold == "auto" and n >= 3:
+        test_fold = (fold + 1) % n
+    if test_fold == "auto":  # two folds: halve the selection fold by patient
+        chosen = sorted(selection)
+        halves = patient_grouped_splits(chosen, {e: pat[e] for e in chosen},
+                                        {e: (sites or {}).get(e) or "?" for e in chosen}, num_folds=2)
+        if not halves:
+            raise _too_few(f"splits_final.json has {n} folds and fold {fold}'s validation exams belong to "
+                           f"{len({pat[e] for e in chosen})} patient(s); halving them into selection and test "
+                           "needs at least 2")
+        selection, test = set(halves[0]["train"]), set(halves[0]["val"])
+        selection_source = f"half of fold {fold} validation patients (splits_final.json has 2 folds)"
+        test_source = f"other half of fold {fold} validation patients"
+    elif test_fold is not None:
+        t = int(test_fold)
+        if not 0 <= t < n or t == fold:
+            raise ClassificationError(f"--test-fold {test_fold} must be another fold than {fold} (0..{n - 1})")
+        test = set(folds[t]["val"]) - selection
+        test_source = f"fold {t} validation"
+    train -= test | selection
+    shared = {pat[e] for e in selection} & {pat[e] for e in test}
+    if shared:
+        raise ClassificationError(
+            f"{len(shared)} patient(s) have exams in both the selection ({selection_source}) and the test "
+            f"({test_source}) set: splits_final.json is not grouped by patient; convert again with "
+            "`orthodiff convert` (its folds are patient-grouped) or fix the splits")
+    held = {pat[e] for e in selection | test}
+    dropped = sorted(e for e in train if pat[e] in held)
+    if dropped:
+        log.warning("%d training exam(s) belong to selection/test patients and are left out of training",
+                    len(dropped))
+    train -= set(dropped)
+    if test_fold is not None and (not train or not selection or not test):
+        raise _too_few(f"fold {fold} gives {len(train)} training, {len(selection)} selection and {len(test)} test "
+                       "exam(s); every set needs at least one")
+    return ExamSplit(tuple(sorted(train)), tuple(sorted(selection)), tuple(sorted(test)), selection_source,
+                     test_source, tuple(dropped))
+
+
 # ----------------------------------------------------------------------------------------------
+def _patient_clusters(exams) -> dict:
+    """``classification_metrics`` keywords that make its bootstrap resample patients, not exams."""
+    from orthodiff_nnunet.evaluation.classification import cluster_ids
+
+    clusters, missing = cluster_ids([e.patient for e in exams], [e.exam for e in exams])
+    return {"clusters": clusters, "n_without_patient": missing}
+
+
 class nnUNetTrainerOrthoDiffCls:
     """Trains a multi-view classifier on the ``3d_classification`` configuration of each view's plans.
 
@@ -250,7 +494,8 @@ class nnUNetTrainerOrthoDiffCls:
     Args:
         views: ordered view -> :class:`ViewData` (fusion order, e.g. sag, cor, ax).
         targets: view -> that dataset's targets file (exams are matched by their ``exam`` field).
-        fold: cross-validation fold of ``splits_final.json`` (or ``"all"``: train and validate on all).
+        fold: cross-validation fold of ``splits_final.json`` whose validation exams are the selection set
+            (or ``"all"``: train and select on all exams, no test set).
         output_folder: where checkpoints, thresholds, metrics and logs go.
         device: torch device.
     """
@@ -280,8 +525,9 @@ class nnUNetTrainerOrthoDiffCls:
         self.batch_size: int | None = None  # default: the classification configuration's batch size
         self.label_fraction = 1.0
         self.label_fraction_seed = 12345
-        self.test_fold: int | None = None
-        self.precision: Precision = "auto"
+        self.test_fold: TestFold = "auto"  # held-out test set: "auto" (next fold), a fold, or None
+        self.precision: Precision = "auto"  # what was asked for; resolved by choose_precision()
+        self.precision_requested: Precision = "auto"
         self.mirror_axes: MirrorAxes = "lr"
         self.augment = True
         self.threshold_method = "youden"
@@ -299,8 +545,9 @@ class nnUNetTrainerOrthoDiffCls:
         self.load_reports: dict[str, str] = {}
         self.precision_timings: dict[str, float] = {}
         self.exams_train: list[Exam] = []
-        self.exams_val: list[Exam] = []
+        self.exams_selection: list[Exam] = []
         self.exams_test: list[Exam] = []
+        self.split: ExamSplit | None = None
         self._train_gen = None
         self._schedule_cfg: dict[str, dict] | None = None
         self._film_cfg: dict[str, bool] | None = None
@@ -328,9 +575,12 @@ class nnUNetTrainerOrthoDiffCls:
             "dropout": self.dropout,
             "fold": self.fold,
             "test_fold": self.test_fold,
+            "sets": self._sets_record(),
             "label_fraction": self.label_fraction,
             "label_fraction_seed": self.label_fraction_seed,
             "precision": self.precision,
+            "precision_requested": self.precision_requested,
+            "precision_timings_ms": dict(self.precision_timings),
             "mirror_axes": self.mirror_axes,
             "threshold_method": self.threshold_method,
         }
@@ -365,14 +615,27 @@ class nnUNetTrainerOrthoDiffCls:
         self.dropout = float(cfg.get("dropout", 0.0))
         self.noise_timesteps = {v: int(t) for v, t in cfg["noise_timesteps"].items()}
         self.precision = cfg.get("precision", "fp32")
+        if self.precision not in PRECISIONS:  # written before the precision was resolved (older runs)
+            log.warning("classifier.json records precision %r, not the precision the model was trained in: "
+                        "predicting in fp32", self.precision)
+            self.precision = "fp32"
         self.threshold_method = cfg.get("threshold_method", "youden")
         self._schedule_cfg = {v: dict(s) for v, s in cfg["schedules"].items()}
         self._film_cfg = {v: bool(f) for v, f in cfg["film"].items()}
         self.encoder_paths = {v: (Path(p) if p else None) for v, p in cfg.get("encoders", {}).items()}
         self.label_names = tuple(cfg["label_names"])
 
+    def _sets_record(self) -> dict | None:
+        if self.split is None:
+            return None
+        sp = self.split
+        return {"selection_source": sp.selection_source, "test_source": sp.test_source,
+                "num_exams": {"train": len(self.exams_train), "selection": len(self.exams_selection),
+                              "test": len(self.exams_test)},
+                "dropped_train_exams": len(sp.dropped_train)}
+
     def _split(self) -> None:
-        """Train/validation(/test) exams from fold ``k`` of splits_final.json (identical across views)."""
+        """Train/selection/test exams (:func:`three_way_split` of splits_final.json, identical across views)."""
         available = {v: d.available_cases() for v, d in self.views.items()}
         exams = match_exams(self.targets, available)
         if not exams:
@@ -380,43 +643,34 @@ class nnUNetTrainerOrthoDiffCls:
                                       "targets: check the datasets' orthodiff_targets.json")
         by_exam = {e.exam: e for e in exams}
         if self.fold == "all":
-            log.warning("fold 'all': validation (model selection, thresholds) uses the training exams")
-            train, val = set(by_exam), set(by_exam)
-            test: set[str] = set()
-            if self.test_fold is not None:
+            if self.test_fold not in (None, "auto"):
                 raise ClassificationError("--test-fold needs a numbered fold, not 'all'")
+            log.warning("fold 'all': no held-out test set, and the checkpoint and thresholds are chosen on the "
+                        "training exams (optimistic)")
+            ids = tuple(sorted(by_exam))
+            self.split = ExamSplit(ids, ids, (), "all exams (fold 'all': the training exams)", "none")
         else:
-            splits = self._splits()
-            k = int(self.fold)
-            if not 0 <= k < len(splits):
-                raise ClassificationError(f"fold {k} does not exist: splits_final.json has {len(splits)} folds")
-
-            def exams_of(fold_index: int, part: str) -> set[str]:
-                return {e for e in splits[fold_index][part] if e in by_exam}
-
-            val = exams_of(k, "val")
-            train = exams_of(k, "train")
-            test = set()
-            if self.test_fold is not None:
-                if not 0 <= int(self.test_fold) < len(splits) or int(self.test_fold) == k:
-                    raise ClassificationError(f"--test-fold {self.test_fold} must be another fold than {k} "
-                                              f"(0..{len(splits) - 1})")
-                test = exams_of(int(self.test_fold), "val")
-                train -= test
-        usable = [by_exam[e] for e in sorted(train) if np.isfinite(by_exam[e].targets).any()]
+            folds = [{part: [e for e in f[part] if e in by_exam] for part in ("train", "val")}
+                     for f in self._splits()]
+            self.split = three_way_split(folds, int(self.fold), self.test_fold,
+                                         {e: x.patient for e, x in by_exam.items()},
+                                         {e: x.site for e, x in by_exam.items()})
+        usable = [by_exam[e] for e in self.split.train if np.isfinite(by_exam[e].targets).any()]
         if self.label_fraction < 1:
             sites = {e.exam: e.site or "?" for e in usable}
             keep = set(label_fraction_subset([e.exam for e in usable], sites, self.label_fraction, self.label_fraction_seed))
             usable = [e for e in usable if e.exam in keep]
         self.exams_train = usable
-        self.exams_val = [by_exam[e] for e in sorted(val)]
-        self.exams_test = [by_exam[e] for e in sorted(test)]
-        if not self.exams_train or not self.exams_val:
-            raise ClassificationError(f"fold {self.fold}: {len(self.exams_train)} training and {len(self.exams_val)} "
-                                      "validation exams with targets; need at least one of each")
+        self.exams_selection = [by_exam[e] for e in self.split.selection]
+        self.exams_test = [by_exam[e] for e in self.split.test]
+        if not self.exams_train or not self.exams_selection:
+            raise ClassificationError(f"fold {self.fold}: {len(self.exams_train)} training and "
+                                      f"{len(self.exams_selection)} selection exams with targets; need at least one "
+                                      "of each")
         missing = sum(len(e.missing_views(self.views)) > 0 for e in exams)
-        log.info("exams: %d train, %d validation, %d test (%d with a missing view)", len(self.exams_train),
-                 len(self.exams_val), len(self.exams_test), missing)
+        log.info("exams: %d train, %d selection (%s), %d test (%s); %d with a missing view", len(self.exams_train),
+                 len(self.exams_selection), self.split.selection_source, len(self.exams_test),
+                 self.split.test_source, missing)
 
     def _splits(self) -> list[dict]:
         """Fold list in exam ids; the views' splits must agree on every exam."""
@@ -537,6 +791,17 @@ class nnUNetTrainerOrthoDiffCls:
         self.output_folder.mkdir(parents=True, exist_ok=True)
         for v, d in self.views.items():
             atomic_write_json(self.output_folder / f"plans_{v}.json", d.plans)
+        atomic_write_json(self.output_folder / "split.json", {
+            "note": "exam ids (pseudonyms) of each set; the three sets share no patient",
+            "fold": self.fold, "test_fold": self.test_fold, **(self._sets_record() or {}),
+            "train": [e.exam for e in self.exams_train], "selection": [e.exam for e in self.exams_selection],
+            "test": [e.exam for e in self.exams_test]})
+        # classifier.json is written by run_training() once the precision is resolved (never "auto")
+
+    def write_config(self) -> None:
+        """``classifier.json``: the settings of this model, with the precision it computes in."""
+        if self.precision not in PRECISIONS:
+            raise RuntimeError("the precision is not resolved yet: call choose_precision() first")
         atomic_write_json(self.output_folder / "classifier.json", self.config())
 
     def _pos_weight(self) -> torch.Tensor:
@@ -549,40 +814,56 @@ class nnUNetTrainerOrthoDiffCls:
 
     # -- precision -------------------------------------------------------------------------------
     def _autocast(self, precision: str | None = None):
-        p = precision or self.precision
-        if self.device.type == "cuda" and p in ("fp16", "bf16"):
-            return torch.autocast("cuda", dtype=torch.float16 if p == "fp16" else torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        """Autocast of ``precision`` (default the run's) on this device; disabled for fp32/tf32 and off CUDA."""
+        dtype = autocast_dtype(precision or self.precision, self.device.type)
+        if dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=dtype)
 
-    def _set_tf32(self, precision: str) -> None:
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    def _tf32(self, precision: str | None = None):
+        """TF32 on (tf32) or off (the others) for this block only, on CUDA; nothing elsewhere."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return tf32_context((precision or self.precision) == "tf32")
+
+    def _capability(self) -> tuple[int, int] | None:
+        return tuple(torch.cuda.get_device_capability(self.device)) if self.device.type == "cuda" else None
+
+    def runtime_precision(self, recorded: str) -> str:
+        """The precision this device computes a model recorded in ``recorded`` in: the same where the device
+        supports it (prediction, resume), else fp32 with a warning (e.g. a bf16 model on a CPU)."""
+        if recorded in precision_candidates(self.device.type, self._capability()):
+            return recorded
+        log.warning("the model was trained in %s, which this %s does not run: computing in fp32 (probabilities "
+                    "may differ slightly from the training run's)", recorded, self.device.type)
+        return "fp32"
 
     def choose_precision(self, batch: dict, steps: int = 3) -> str:
-        """Fixed choice, fp32 on CPU, or (``auto`` on CUDA) the fastest of fp32/tf32/bf16/fp16 measured here."""
-        if self.device.type != "cuda":
-            self.precision = "fp32"
-            return self.precision
-        if self.precision != "auto":
-            self._set_tf32(self.precision)
+        """Resolve ``self.precision`` (:func:`resolve_precision`): fp32 off CUDA, a fixed choice as given,
+        ``auto`` on CUDA the fastest supported precision measured on ``batch`` (weights and optimizer
+        state are put back after the measurement)."""
+        self.precision_requested = self.precision
+        capability = self._capability()
+        if self.device.type != "cuda" or self.precision != "auto":
+            self.precision = resolve_precision(self.precision, self.device.type, capability)
             return self.precision
         saved = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
-        for p in ("fp32", "tf32", "bf16", "fp16"):
-            self._set_tf32(p)
+        saved_opt = copy.deepcopy(self.optimizer.state_dict())
+        for p in precision_candidates(self.device.type, capability):
             try:
                 for i in range(steps + 1):
                     if i == 1:
-                        torch.cuda.synchronize()
+                        torch.cuda.synchronize(self.device)
                         start = time.perf_counter()
                     self._forward_backward(batch, p, step=False)
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.device)
                 self.precision_timings[p] = 1000 * (time.perf_counter() - start) / steps
-            except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. bf16 unsupported on this GPU
+            except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. a kernel missing for this GPU
                 log.warning("precision %s failed in the measurement: %s", p, exc)
         self.network.load_state_dict(saved)
+        self.optimizer.load_state_dict(saved_opt)
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision = min(self.precision_timings, key=self.precision_timings.get)
-        self._set_tf32(self.precision)
+        self.precision = resolve_precision("auto", self.device.type, capability, self.precision_timings)
         log.info("precision by measurement (ms per step): %s -> %s",
                  ", ".join(f"{k} {v:.1f}" for k, v in self.precision_timings.items()), self.precision)
         return self.precision
@@ -594,6 +875,10 @@ class nnUNetTrainerOrthoDiffCls:
         return data, batch["present"].to(self.device), batch["target"].to(self.device, non_blocking=nb)
 
     def _forward_backward(self, batch: dict, precision: str, step: bool = True) -> torch.Tensor:
+        with self._tf32(precision):
+            return self._forward_backward_inner(batch, precision, step)
+
+    def _forward_backward_inner(self, batch: dict, precision: str, step: bool) -> torch.Tensor:
         data, present, target = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast(precision):
@@ -639,7 +924,7 @@ class nnUNetTrainerOrthoDiffCls:
         for i in range(0, len(exams), bs):
             batch = loader.collate(exams[i:i + bs])
             data, present, _ = self._to_device(batch)
-            with self._autocast():
+            with self._tf32(), self._autocast():
                 out.append(torch.sigmoid(self.network(data, present).float()).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
 
@@ -654,15 +939,18 @@ class nnUNetTrainerOrthoDiffCls:
                                             pin_memory=self.device.type == "cuda", wait_time=0.002)
 
     def validate(self) -> dict:
-        y = np.stack([e.targets for e in self.exams_val])
-        p = self.predict_exams(self.exams_val)
+        """Mean AUROC and BCE of the selection exams (the model-selection criterion)."""
+        y = np.stack([e.targets for e in self.exams_selection])
+        p = self.predict_exams(self.exams_selection)
         known = np.isfinite(y)
         eps = 1e-6
         bce = -(np.nan_to_num(y) * np.log(p + eps) + (1 - np.nan_to_num(y)) * np.log(1 - p + eps))
-        return {"val_mean_auroc": mean_auroc(y, p), "val_loss": float((bce * known).sum() / max(known.sum(), 1))}
+        return {"selection_mean_auroc": mean_auroc(y, p),
+                "selection_loss": float((bce * known).sum() / max(known.sum(), 1))}
 
     def run_training(self) -> None:
-        """Epochs of ``num_iterations_per_epoch`` steps, validation after each, best/latest/final checkpoints."""
+        """Epochs of ``num_iterations_per_epoch`` steps, the selection exams predicted after each (best checkpoint
+        by their mean AUROC), best/latest/final checkpoints; ``classifier.json`` once the precision is resolved."""
         if self.network is None:
             raise RuntimeError("call initialize() first")
         self._train_gen = self._start_augmenter()
@@ -671,6 +959,9 @@ class nnUNetTrainerOrthoDiffCls:
                 self.choose_precision(next(self._train_gen))
                 if self.precision == "fp16":
                     self.grad_scaler = torch.amp.GradScaler("cuda")
+            elif self.precision not in PRECISIONS:  # resumed from a checkpoint that did not record it
+                self.precision = resolve_precision(self.precision, self.device.type, self._capability())
+            self.write_config()
             while self.current_epoch < self.num_epochs:
                 start = time.perf_counter()
                 losses = [self.train_step(next(self._train_gen)) for _ in range(self.num_iterations_per_epoch)]
@@ -680,7 +971,7 @@ class nnUNetTrainerOrthoDiffCls:
                        "train_exams_per_s": self.num_iterations_per_epoch * self.batch_size / max(train_seconds, 1e-9),
                        "seconds": time.perf_counter() - start}
                 self.history.append(row)
-                metric = row["val_mean_auroc"]
+                metric = row["selection_mean_auroc"]
                 improved = not math.isnan(metric) and metric > self.best_metric
                 if improved:
                     self.best_metric, self.best_epoch = metric, self.current_epoch
@@ -689,12 +980,12 @@ class nnUNetTrainerOrthoDiffCls:
                     self.save_checkpoint(self.output_folder / "checkpoint_best.pth")
                 self.save_checkpoint(self.output_folder / "checkpoint_latest.pth")
                 self._write_progress()
-                log.info("epoch %d: train loss %.4f, val loss %.4f, val mean AUROC %.3f%s (%.1f s)", row["epoch"],
-                         row["train_loss"], row["val_loss"], metric, " (best)" if improved else "", row["seconds"])
+                log.info("epoch %d: train loss %.4f, selection loss %.4f, selection mean AUROC %.3f%s (%.1f s)",
+                         row["epoch"], row["train_loss"], row["selection_loss"], metric, " (best)" if improved else "", row["seconds"])
             self.save_checkpoint(self.output_folder / "checkpoint_final.pth")
             if self.best_epoch < 0:  # AUROC undefined on validation every epoch: keep the final weights
-                log.warning("validation AUROC was undefined in every epoch (one class only?): the final weights are "
-                            "used as the best checkpoint")
+                log.warning("the selection exams' AUROC was undefined in every epoch (one class only?): the final "
+                            "weights are used as the best checkpoint")
                 self.save_checkpoint(self.output_folder / "checkpoint_best.pth")
         finally:
             if isinstance(self._train_gen, NonDetMultiThreadedAugmenter):
@@ -715,11 +1006,11 @@ class nnUNetTrainerOrthoDiffCls:
             ep = [r["epoch"] for r in self.history]
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot(ep, [r["train_loss"] for r in self.history], label="train loss")
-            ax.plot(ep, [r["val_loss"] for r in self.history], label="validation loss")
+            ax.plot(ep, [r["selection_loss"] for r in self.history], label="selection loss")
             ax.set_xlabel("epoch")
             ax.set_ylabel("BCE")
             ax2 = ax.twinx()
-            ax2.plot(ep, [r["val_mean_auroc"] for r in self.history], "g--", label="validation mean AUROC")
+            ax2.plot(ep, [r["selection_mean_auroc"] for r in self.history], "g--", label="selection mean AUROC")
             ax2.set_ylim(0, 1)
             ax2.set_ylabel("mean AUROC")
             fig.legend(loc="lower left", fontsize=8)
@@ -730,31 +1021,54 @@ class nnUNetTrainerOrthoDiffCls:
 
     # -- after training --------------------------------------------------------------------------
     def finish(self) -> dict:
-        """Best weights -> validation predictions -> thresholds; metrics on validation (and test)."""
+        """Best weights -> selection predictions -> thresholds -> the same thresholds on the test exams.
+
+        Writes ``thresholds.json`` (chosen on the selection exams only), ``predictions.csv`` (selection
+        and test exams, column ``set``), ``metrics.json`` (``selection`` and ``test`` metrics apart)
+        and, with a test set, ``test_predictions.csv`` and ``test_metrics.{json,md}`` (test exams only).
+
+        Returns:
+            ``thresholds``, ``selection`` (metrics), and with a test set ``test`` (metrics) and
+            ``test_exams_per_s``.
+        """
         self.load_checkpoint(self.output_folder / "checkpoint_best.pth", weights_only=True)
-        y_val = np.stack([e.targets for e in self.exams_val])
-        p_val = self.predict_exams(self.exams_val)
-        thresholds = choose_thresholds(y_val, p_val, self.label_names, self.threshold_method)
+        views = list(self.views)
+        y_sel = np.stack([e.targets for e in self.exams_selection])
+        p_sel = self.predict_exams(self.exams_selection)
+        thresholds = choose_thresholds(y_sel, p_sel, self.label_names, self.threshold_method)
+        source = self.split.selection_source if self.split else f"fold {self.fold} validation"
         atomic_write_json(self.output_folder / "thresholds.json",
-                          {"method": self.threshold_method, "chosen_on": f"fold {self.fold} validation",
+                          {"method": self.threshold_method, "chosen_on": "selection",
+                           "selection_source": source, "num_exams": len(self.exams_selection),
                            "checkpoint": "checkpoint_best.pth", "thresholds": thresholds})
-        write_predictions_csv(self.output_folder / "validation_predictions.csv", self.exams_val, p_val,
-                              self.label_names, thresholds, list(self.views))
-        out = {"thresholds": thresholds,
-               "validation": classification_metrics(y_val, p_val, self.label_names, thresholds, self.n_boot, self.seed)}
-        atomic_write_json(self.output_folder / "validation_metrics.json",
-                          {"note": "thresholds were chosen on these exams: sensitivity/specificity are optimistic",
-                           **out["validation"].to_dict()})
+        selection = classification_metrics(y_sel, p_sel, self.label_names, thresholds, self.n_boot, self.seed,
+                                           **_patient_clusters(self.exams_selection))
+        out = {"thresholds": thresholds, "selection": selection}
+        record = {"selection": {"note": "the checkpoint and the thresholds were chosen on these exams: optimistic, "
+                                        "not an estimate of performance on new exams",
+                                "source": source, **selection.to_dict()},
+                  "test": None, "sets": self._sets_record()}
+        exams, probs = list(self.exams_selection), [p_sel]
         if self.exams_test:
             y_t = np.stack([e.targets for e in self.exams_test])
             start = time.perf_counter()
             p_t = self.predict_exams(self.exams_test)
             out["test_exams_per_s"] = len(self.exams_test) / max(time.perf_counter() - start, 1e-9)
+            out["test"] = classification_metrics(y_t, p_t, self.label_names, thresholds, self.n_boot, self.seed,
+                                                 **_patient_clusters(self.exams_test))
+            record["test"] = {"note": "held out: never trained on, never used to choose the checkpoint or the "
+                                      "thresholds (applied unchanged from the selection exams)",
+                              "source": self.split.test_source if self.split else "", **out["test"].to_dict()}
             write_predictions_csv(self.output_folder / "test_predictions.csv", self.exams_test, p_t,
-                                  self.label_names, thresholds, list(self.views))
-            out["test"] = classification_metrics(y_t, p_t, self.label_names, thresholds, self.n_boot, self.seed)
+                                  self.label_names, thresholds, views, sets={e.exam: "test" for e in self.exams_test})
             atomic_write_json(self.output_folder / "test_metrics.json", out["test"].to_dict())
             atomic_write_text(self.output_folder / "test_metrics.md", out["test"].to_markdown() + "\n")
+            exams += self.exams_test
+            probs.append(p_t)
+        sets = {**{e.exam: "selection" for e in self.exams_selection}, **{e.exam: "test" for e in self.exams_test}}
+        write_predictions_csv(self.output_folder / "predictions.csv", exams, np.concatenate(probs), self.label_names,
+                              thresholds, views, sets=sets)
+        atomic_write_json(self.output_folder / "metrics.json", record)
         return out
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -780,6 +1094,16 @@ class nnUNetTrainerOrthoDiffCls:
         self.network.load_state_dict(ckpt["network_weights"])
         if weights_only:
             return
+        recorded = (ckpt.get("config") or {}).get("precision")
+        if recorded in PRECISIONS:  # resume in the precision the run was trained (and measured) in
+            if self.precision not in ("auto", recorded):
+                log.warning("--precision %s ignored: %s was trained in %s and resumes in it", self.precision, path,
+                            recorded)
+            self.precision_requested = (ckpt.get("config") or {}).get("precision_requested", recorded)
+            self.precision = self.runtime_precision(recorded)
+            self.precision_timings = dict(ckpt.get("precision_timings") or {})
+        if self.precision == "fp16" and self.grad_scaler is None and self.device.type == "cuda":
+            self.grad_scaler = torch.amp.GradScaler("cuda")
         if ckpt.get("optimizer_state"):
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
         if ckpt.get("lr_scheduler_state"):
@@ -788,24 +1112,32 @@ class nnUNetTrainerOrthoDiffCls:
             self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
         self.current_epoch = ckpt["current_epoch"]
         self.best_metric, self.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
-        self.history = list(ckpt["history"])
+        renamed = {"val_mean_auroc": "selection_mean_auroc", "val_loss": "selection_loss"}  # runs before the rename
+        self.history = [{renamed.get(k, k): v for k, v in row.items()} for row in ckpt["history"]]
 
 
 def write_predictions_csv(path: Path, exams: Sequence[Exam], probs: np.ndarray, label_names: Sequence[str],
-                          thresholds: Mapping[str, float], views: Sequence[str]) -> Path:
-    """One row per exam: ids, site facts, views present/missing, ``p_<label>``, ``pred_<label>``, ``target_<label>``."""
+                          thresholds: Mapping[str, float], views: Sequence[str],
+                          sets: Mapping[str, str] | None = None) -> Path:
+    """One row per exam: ids, site facts, views present/missing, ``p_<label>``, ``pred_<label>``, ``target_<label>``.
+
+    With ``sets`` (exam -> ``selection``/``test``) a ``set`` column follows ``exam``: which set of the
+    training run the exam belongs to.
+    """
     import csv
     import io
 
     buf = io.StringIO()
-    cols = (["exam", "site", "field_strength_t", "vendor", "views_present", "views_missing"]
+    cols = (["exam"] + (["set"] if sets is not None else []) + ["site", "field_strength_t", "vendor", "views_present",
+                                                                "views_missing"]
             + [f"p_{n}" for n in label_names] + [f"pred_{n}" for n in label_names] + [f"target_{n}" for n in label_names])
     w = csv.writer(buf)
     w.writerow(cols)
     for e, p in zip(exams, probs):
         targets = ["" if not np.isfinite(t) else int(t) for t in e.targets]
-        w.writerow([e.exam, e.site or "", "" if e.field_strength_t is None else f"{e.field_strength_t:g}", e.vendor or "",
-                    " ".join(v for v in views if e.has(v)), " ".join(e.missing_views(views))]
+        w.writerow([e.exam] + ([sets[e.exam]] if sets is not None else [])
+                   + [e.site or "", "" if e.field_strength_t is None else f"{e.field_strength_t:g}", e.vendor or "",
+                      " ".join(v for v in views if e.has(v)), " ".join(e.missing_views(views))]
                    + [f"{x:.6f}" for x in p] + [int(x >= thresholds[n]) for x, n in zip(p, label_names)] + targets)
     atomic_write_text(Path(path), buf.getvalue())
     return Path(path)

@@ -11,14 +11,27 @@ Conventions (used by ``orthodiff train cls``/``predict cls`` and the evaluation 
   made-up 0.5; macro averages are the mean over the labels where the metric is defined.
 
 Point estimates come from scikit-learn (``roc_auc_score``, ``average_precision_score``,
-``roc_curve``, ``precision_recall_curve``). Bootstrap resamples exams with replacement (one index
-set per resample, shared by every label, so macro CIs keep the labels' correlation) with a
-seeded :func:`numpy.random.default_rng`; inside the resampling loop AUROC and AUPRC are computed by
-exact NumPy equivalents of scikit-learn's formulas (rank statistic with tie averaging; step-wise
-average precision over distinct thresholds), which are ~50x faster and checked against
-scikit-learn in the tests. The interval is the percentile interval; resamples where a metric is
-undefined are skipped and counted (``n_valid``): with a handful of exams the interval is wide or
-missing, which is the honest answer.
+``roc_curve``, ``precision_recall_curve``).
+
+Bootstrap (cluster bootstrap): the unit of resampling is the *patient*. The three views and the
+echoes of one exam, and a patient's several exams, are not independent observations, so each
+resample draws patients with replacement and takes every row of each drawn patient (one index set
+per resample, shared by every label, so macro CIs keep the labels' correlation). A row without a
+patient id is its own cluster (the caller says so in its report). With every row its own cluster
+this is the ordinary bootstrap. The generator is a seeded :func:`numpy.random.default_rng`;
+inside the resampling loop AUROC and AUPRC are computed by exact NumPy equivalents of
+scikit-learn's formulas (rank statistic with tie averaging; step-wise average precision over
+distinct thresholds), which are ~50x faster and checked against scikit-learn in the tests. The
+interval is the percentile interval; resamples where a metric is undefined are skipped and counted
+(``ci_valid``): with a handful of patients the interval is wide or missing, which is the honest
+answer.
+
+Macro averages (one definition for the estimate and its interval): the label set of a macro
+metric is fixed on the full data (the labels where that metric is defined, ``macro_labels``). A
+resample's macro value is the mean over exactly that label set; a resample where one of those
+labels is undefined (e.g. it drew no positive of a rare label) has no macro value and is skipped
+and counted (``macro_ci_valid``), so the interval is an interval of the same quantity as the
+estimate.
 """
 
 from __future__ import annotations
@@ -36,7 +49,8 @@ DEFAULT_THRESHOLD = 0.5
 
 __all__ = [
     "METRICS", "ThresholdMethod", "LabelMetrics", "ClassificationMetrics", "auroc", "average_precision",
-    "binary_metrics", "bootstrap_ci", "choose_threshold", "choose_thresholds", "classification_metrics", "mean_auroc",
+    "binary_metrics", "bootstrap_ci", "choose_threshold", "choose_thresholds", "classification_metrics",
+    "cluster_ids", "cluster_members", "mean_auroc", "resample_clusters",
 ]
 
 
@@ -176,24 +190,70 @@ def choose_thresholds(y_true: np.ndarray, y_score: np.ndarray, label_names: Sequ
 
 # ----------------------------------------------------------------------------------------------
 # bootstrap
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float, int]:
-    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` exams resampled with replacement.
+def cluster_members(clusters: Sequence[object] | None, n: int) -> list[np.ndarray]:
+    """Row indices of each cluster, clusters in order of first appearance.
 
     Args:
-        statistic: maps an index array (length ``n``, with repeats) to a number; NaN = undefined.
-        n: number of exams.
+        clusters: one hashable cluster id per row (e.g. the patient pseudonym); ``None`` = every
+            row is its own cluster.
+        n: number of rows.
+    """
+    if clusters is None:
+        return [np.array([i]) for i in range(n)]
+    if len(clusters) != n:
+        raise ValueError(f"{len(clusters)} cluster ids for {n} rows")
+    members: dict[object, list[int]] = {}
+    for i, c in enumerate(clusters):
+        members.setdefault(c, []).append(i)
+    return [np.asarray(v, dtype=np.int64) for v in members.values()]
+
+
+def cluster_ids(patients: Sequence[object | None], fallback: Sequence[object]) -> tuple[list[object], int]:
+    """Cluster id per row: the patient, or the row's own ``fallback`` id (exam or case) without one.
+
+    Returns:
+        ``(ids, n_without_patient)``; a missing patient is ``None`` or ``""``.
+    """
+    ids: list[object] = []
+    missing = 0
+    for p, f in zip(patients, fallback, strict=True):
+        if p is None or p == "":
+            ids.append(("own", f))
+            missing += 1
+        else:
+            ids.append(("patient", p))
+    return ids, missing
+
+
+def resample_clusters(rng: np.random.Generator, members: Sequence[np.ndarray]) -> np.ndarray:
+    """One bootstrap resample: draw ``len(members)`` clusters with replacement, return all their rows."""
+    drawn = rng.integers(0, len(members), len(members))
+    if not len(members):
+        return np.zeros(0, np.int64)
+    return np.concatenate([members[k] for k in drawn])
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05, clusters: Sequence[object] | None = None) -> tuple[float, float, int]:
+    """Percentile (cluster) bootstrap interval of ``statistic(indices)`` over ``n`` rows.
+
+    Args:
+        statistic: maps an index array (rows of the drawn clusters, with repeats) to a number;
+            NaN = undefined.
+        n: number of rows.
         n_boot: resamples.
         seed: seed of :func:`numpy.random.default_rng` (same seed, same interval).
         alpha: 0.05 gives a 95% interval.
+        clusters: one cluster id per row (the patient); ``None`` resamples rows.
 
     Returns:
         ``(low, high, n_valid)``; ``(nan, nan, n_valid)`` when fewer than half the resamples are defined.
     """
     rng = np.random.default_rng(seed)
+    members = cluster_members(clusters, n)
     values = []
     for _ in range(int(n_boot)):
-        v = statistic(rng.integers(0, n, n))
+        v = statistic(resample_clusters(rng, members))
         if not math.isnan(v):
             values.append(v)
     if n == 0 or len(values) < max(1, n_boot // 2):
@@ -210,7 +270,11 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 @dataclass
 class LabelMetrics:
-    """One label: counts, threshold, point estimates and ``ci[metric] = (low, high)``."""
+    """One label: counts, threshold, point estimates and ``ci[metric] = (low, high)``.
+
+    ``undefined[metric]`` gives the reason of every metric that is undefined (NaN) on these data,
+    e.g. ``"no positive exam"``; ``ci_valid[metric]`` the number of resamples where it was defined.
+    """
 
     name: str
     n: int
@@ -221,11 +285,19 @@ class LabelMetrics:
     sensitivity: float
     specificity: float
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    undefined: dict[str, str] = field(default_factory=dict)
+    ci_valid: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class ClassificationMetrics:
-    """Per-label and macro-averaged metrics with bootstrap CIs (see the module docstring)."""
+    """Per-label and macro-averaged metrics with (cluster) bootstrap CIs (see the module docstring).
+
+    ``macro_labels[metric]``: the labels the macro average of that metric runs over (those where it
+    is defined on the full data); ``macro_ci_valid[metric]``: resamples where every one of them was
+    defined. ``resampling``: the bootstrap unit (``patient``), the number of clusters and how many
+    exams had no patient id (each its own cluster).
+    """
 
     labels: list[LabelMetrics]
     macro: dict[str, float]
@@ -234,6 +306,9 @@ class ClassificationMetrics:
     n_boot: int
     seed: int
     alpha: float
+    macro_labels: dict[str, list[str]] = field(default_factory=dict)
+    macro_ci_valid: dict[str, int] = field(default_factory=dict)
+    resampling: dict[str, object] = field(default_factory=dict)
 
     def label(self, name: str) -> LabelMetrics:
         for m in self.labels:
@@ -271,8 +346,32 @@ class ClassificationMetrics:
                                            + [cell(getattr(m, k), m.ci.get(k)) for k in METRICS]) + " |")
         rows.append("| " + " | ".join(["**macro**", f"{self.n_exams} exams", ""]
                                        + [cell(self.macro[k], self.macro_ci.get(k)) for k in METRICS]) + " |")
-        return "\n".join(rows) + (f"\n\nBootstrap: {self.n_boot} resamples of exams, seed {self.seed}, "
-                                  "percentile intervals; n/a = undefined on these exams.")
+        notes = [f"{m.name} {k}: {why}" for m in self.labels for k, why in m.undefined.items()]
+        unit = self.resampling.get("unit", "exam")
+        text = "\n".join(rows) + (f"\n\nBootstrap: {self.n_boot} resamples of {unit}s "
+                                  f"({self.resampling.get('n_clusters', self.n_exams)} clusters), seed {self.seed}, "
+                                  "percentile intervals; macro = mean over the labels defined on all exams; "
+                                  "n/a = undefined on these exams.")
+        missing = int(self.resampling.get("n_without_patient", 0) or 0)
+        if missing:
+            text += f" {missing} exam(s) without a patient id were resampled as their own cluster."
+        if notes:
+            text += "\n\nUndefined: " + "; ".join(notes) + "."
+        return text
+
+
+def _undefined_reasons(n: int, n_pos: int) -> dict[str, str]:
+    """Why each metric of one label is undefined: no exam with a known target, no positive, no negative."""
+    if n == 0:
+        return {k: "no exam with a known target" for k in METRICS}
+    out: dict[str, str] = {}
+    if n_pos == 0:
+        why = "no positive exam (every known target is 0)"
+        out.update(auroc=why, auprc=why, sensitivity=why)
+    if n_pos == n:
+        out.update(auroc="no negative exam (every known target is 1)",
+                   specificity="no negative exam (every known target is 1)")
+    return out
 
 
 def classification_metrics(
@@ -284,6 +383,8 @@ def classification_metrics(
     seed: int = 0,
     alpha: float = 0.05,
     decisions: np.ndarray | None = None,
+    clusters: Sequence[object] | None = None,
+    n_without_patient: int | None = None,
 ) -> ClassificationMetrics:
     """Per-label AUROC, AUPRC, sensitivity and specificity at the thresholds, macro averages, bootstrap CIs.
 
@@ -298,9 +399,15 @@ def classification_metrics(
         decisions: optional ``(N, L)`` 0/1 decisions made elsewhere (e.g. pooled out-of-fold
             predictions, each fold at its own validation threshold); sensitivity and specificity
             then come from them instead of ``y_score >= threshold``.
+        clusters: one cluster id per exam, normally the patient pseudonym (see :func:`cluster_ids`);
+            ``None``: every exam is its own cluster (recorded as ``resampling.unit = "exam"``).
+        n_without_patient: how many exams had no patient id (recorded in ``resampling``).
     """
-    y_true = np.atleast_2d(np.asarray(y_true, dtype=np.float64))
-    y_score = np.atleast_2d(np.asarray(y_score, dtype=np.float64))
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim == 1 and y_true.size == 0:  # no exam at all
+        y_true = y_score = np.zeros((0, len(label_names)))
+    y_true, y_score = np.atleast_2d(y_true), np.atleast_2d(y_score)
     if y_true.shape != y_score.shape or y_true.shape[1] != len(label_names):
         raise ValueError(f"y_true {y_true.shape}, y_score {y_score.shape} and {len(label_names)} label names disagree")
     thr = {n: float((thresholds or {}).get(n, DEFAULT_THRESHOLD)) for n in label_names}
@@ -319,21 +426,25 @@ def classification_metrics(
             m["sensitivity"], m["specificity"] = _sens_spec(y_true[keep, j].astype(np.int64), y_score[keep, j], 0.0,
                                                             decisions[keep, j])
         labels.append(LabelMetrics(name=name, n=m["n"], n_pos=m["n_pos"], threshold=thr[name], auroc=m["auroc"],
-                                   auprc=m["auprc"], sensitivity=m["sensitivity"], specificity=m["specificity"]))
+                                   auprc=m["auprc"], sensitivity=m["sensitivity"], specificity=m["specificity"],
+                                   undefined=_undefined_reasons(m["n"], m["n_pos"])))
 
-    def macro_of(values: list[float]) -> float:
-        vals = [v for v in values if not math.isnan(v)]
-        return float(np.mean(vals)) if vals else math.nan
-
-    macro = {k: macro_of([getattr(m, k) for m in labels]) for k in METRICS}
+    # one definition of macro: the labels where the metric is defined on the full data
+    macro_idx = {k: [j for j, m in enumerate(labels) if not math.isnan(getattr(m, k))] for k in METRICS}
+    macro = {k: float(np.mean([getattr(labels[j], k) for j in idx])) if idx else math.nan
+             for k, idx in macro_idx.items()}
+    members = cluster_members(clusters, n)
+    resampling = {"unit": "exam" if clusters is None else "patient", "n_clusters": len(members),
+                  "n_without_patient": None if clusters is None else int(n_without_patient or 0)}
     macro_ci: dict[str, tuple[float, float]] = {}
+    macro_valid: dict[str, int] = {}
     if n_boot > 0 and n > 0:
         # one pass over the resamples computes every label's metrics on the same exam indices
         rng = np.random.default_rng(seed)
         values = np.full((int(n_boot), len(label_names), len(METRICS)), np.nan)
         known = [np.isfinite(y_true[:, j]) for j in range(len(label_names))]
         for b in range(int(n_boot)):
-            idx = rng.integers(0, n, n)
+            idx = resample_clusters(rng, members)
             for j, name in enumerate(label_names):
                 sel = idx[known[j][idx]]
                 if sel.size == 0:
@@ -343,21 +454,24 @@ def classification_metrics(
                 sens, spec = _sens_spec(y, s, thr[name], None if decisions is None else decisions[sel, j])
                 values[b, j] = (_rank_auroc(y, s), _step_average_precision(y, s), sens, spec)
 
-        def interval(v: np.ndarray) -> tuple[float, float]:
+        def interval(v: np.ndarray) -> tuple[tuple[float, float], int]:
             v = v[~np.isnan(v)]
             if v.size < max(1, n_boot // 2):
-                return math.nan, math.nan
+                return (math.nan, math.nan), int(v.size)
             lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-            return float(lo), float(hi)
+            return (float(lo), float(hi)), int(v.size)
 
         for j, m in enumerate(labels):
-            m.ci = {k: interval(values[:, j, i]) for i, k in enumerate(METRICS)}
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples give NaN, then skipped
-                macro_values = np.nanmean(values, axis=1)
-        macro_ci = {k: interval(macro_values[:, i]) for i, k in enumerate(METRICS)}
+            for i, k in enumerate(METRICS):
+                m.ci[k], m.ci_valid[k] = interval(values[:, j, i])
+        for i, k in enumerate(METRICS):
+            idx = macro_idx[k]
+            if not idx:
+                macro_ci[k], macro_valid[k] = (math.nan, math.nan), 0
+                continue
+            # the mean over the fixed label set; NaN (skipped, counted) where one of them is undefined
+            macro_ci[k], macro_valid[k] = interval(values[:, idx, i].mean(axis=1))
     return ClassificationMetrics(labels=labels, macro=macro, macro_ci=macro_ci, n_exams=n, n_boot=int(n_boot),
-                                 seed=int(seed), alpha=float(alpha))
+                                 seed=int(seed), alpha=float(alpha),
+                                 macro_labels={k: [labels[j].name for j in idx] for k, idx in macro_idx.items()},
+                                 macro_ci_valid=macro_valid, resampling=resampling)

@@ -3,8 +3,16 @@
 Segmentation: each orientation's model predicts that orientation's ``imagesTs`` (through
 nnU-Net's predictor), and every *labeled* case is scored per structure against ``labelsTs``.
 Classification: the fused three-view model predicts the site's exams; thresholds are the ones the
-model chose on its validation data. Site, field strength and vendor come from the converter's
-targets file, so every metric is stratified by them (and by orientation for segmentation).
+model chose on its validation data. Site, field strength, vendor and the patient pseudonym come from
+the converter's targets file, so every metric is stratified by them (and by orientation for
+segmentation) and every interval resamples patients.
+
+What a user runs is what is evaluated: segmentation predicts with mirroring test-time augmentation
+by default, as ``orthodiff predict seg`` and nnU-Net do (``--disable-tta`` turns it off; the choice
+is recorded in the report). When the site annotates other labels than the classifier predicts, the
+labels both share are evaluated and the others are named with the reason. A metric that is
+undefined on the site's data (e.g. AUROC when every exam is negative) is reported as undefined
+with its reason, never a crash.
 """
 
 from __future__ import annotations
@@ -40,6 +48,11 @@ class EvaluationResult:
                           f"report: {self.report_html}", *self.headline])
 
 
+def _num(v, digits: int = 3) -> str:
+    """A number for the headline; ``n/a`` for None/NaN (an undefined metric is not a crash)."""
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
 def _headline(report: Mapping) -> list[str]:
     """One line per task with the report's overall figures (the full tables are in the report)."""
     lines = []
@@ -47,14 +60,24 @@ def _headline(report: Mapping) -> list[str]:
     dice = {k: v["dice"]["mean"] for k, v in seg.items() if v.get("dice", {}).get("mean") is not None}
     if dice:
         best = max(dice, key=dice.get)
+        missed = sum(int(v.get("n_missed", 0) or 0) for v in seg.values())
+        false = sum(int(v.get("n_false_detection", 0) or 0) for v in seg.values())
         lines.append(f"  segmentation: mean Dice over {len(dice)} structures {sum(dice.values()) / len(dice):.3f} "
-                     f"(highest: {best} {dice[best]:.3f})")
+                     f"(highest: {best} {dice[best]:.3f}); {missed} missed structure(s), {false} false detection(s)")
     cls = report.get("classification", {})
     if cls.get("overall"):
-        m, ci = cls["overall"]["macro"]["auroc"], cls["overall"]["macro_ci"].get("auroc") or (math.nan, math.nan)
-        ece = cls.get("calibration_pooled", {}).get("ece", math.nan)
-        lines.append(f"  classification: macro AUROC {m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over "
-                     f"{cls['overall']['n_exams']} exams; expected calibration error {ece:.3f}")
+        m = cls["overall"]["macro"].get("auroc")
+        ci = cls["overall"].get("macro_ci", {}).get("auroc") or (None, None)
+        ece = cls.get("calibration_pooled", {}).get("ece")
+        auroc = (f"macro AUROC {_num(m)} [{_num(ci[0])}, {_num(ci[1])}]" if m is not None
+                 else "macro AUROC undefined (no label has both positive and negative exams)")
+        lines.append(f"  classification: {auroc} over {cls['overall']['n_exams']} exams; "
+                     f"expected calibration error {_num(ece)}")
+        undefined = {name: why["auroc"] for name, why in cls.get("undefined", {}).items() if "auroc" in why}
+        if undefined:
+            lines.append("  AUROC undefined for " + "; ".join(f"{k} ({v})" for k, v in undefined.items()))
+        if cls.get("labels_not_evaluated"):
+            lines.append("  not evaluated: " + "; ".join(f"{k} ({v})" for k, v in cls["labels_not_evaluated"].items()))
     return lines
 
 
@@ -80,11 +103,16 @@ def evaluate_segmentation(
     seg_models: Mapping[str, Path],
     output: Path,
     device: str = "auto",
-    mirroring: bool = False,
+    mirroring: bool = True,
     num_processes: int = 2,
     tolerance_mm: float = 1.0,
 ) -> tuple[list[dict], list[str]]:
-    """Predict each orientation with its model and score the labeled cases; returns (rows, model folders)."""
+    """Predict each orientation with its model and score the labeled cases; returns (rows, model folders).
+
+    Each row carries the case's exam and patient pseudonym (the bootstrap's cluster) from the
+    targets file. A prediction off its reference's grid raises
+    :class:`~orthodiff_nnunet.evaluation.segmentation.GridMismatchError` naming the case and both files.
+    """
     from orthodiff_nnunet.evaluation.segmentation import evaluate_case_files
     from orthodiff_nnunet.segmentation import predict_segmentation
 
@@ -108,13 +136,14 @@ def evaluate_segmentation(
             t = targets.get(case, {})
             if t.get("segmentation") != "labeled":
                 continue  # unlabeled cases have no reference
-            metrics = evaluate_case_files(ref_dir / mask.name, mask, labels, tolerance_mm)
+            metrics = evaluate_case_files(ref_dir / mask.name, mask, labels, tolerance_mm, case=case)
             # the files let the report draw the case's contours (they are not copied into report.json)
             files = {"image_file": str(image_dir / f"{case}_0000{info.dataset_json['file_ending']}"),
                      "reference_file": str(ref_dir / mask.name), "prediction_file": str(mask)}
             for structure, m in metrics.items():
                 rows.append({"case": case, "orientation": orientation, "site": t.get("site"),
                              "field_strength_t": t.get("field_strength_t"), "vendor": t.get("vendor"),
+                             "exam": t.get("exam") or case, "patient": t.get("patient"),
                              "structure": structure, **m, "label_value": labels[structure], **files})
     return rows, used
 
@@ -129,7 +158,7 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     device: str = "auto",
-    mirroring: bool = False,
+    mirroring: bool = True,
     num_processes: int = 2,
 ) -> EvaluationResult:
     """Validate trained models on an external site's converted datasets and write the report.
@@ -144,7 +173,8 @@ def evaluate(
         n_boot: bootstrap resamples for the 95% intervals.
         seed: bootstrap seed.
         device: ``auto``, ``cuda`` or ``cpu``.
-        mirroring: mirroring test-time augmentation for segmentation.
+        mirroring: mirroring test-time augmentation for segmentation (default on, as
+            ``orthodiff predict seg`` and nnU-Net predict; recorded in the report).
         num_processes: worker processes of nnU-Net's predictor.
     """
     from orthodiff_nnunet.evaluation.report import build_report, hash_inputs
@@ -158,8 +188,10 @@ def evaluate(
     cls_exams: list[dict] = []
     label_names: list[str] = []
     thresholds: dict[str, float] = {}
+    not_evaluated: dict[str, str] = {}
     if cls_model is not None:
-        cls_exams, label_names, thresholds = _evaluate_classification(datasets, Path(cls_model), output, device)
+        cls_exams, label_names, thresholds, not_evaluated = _evaluate_classification(datasets, Path(cls_model), output,
+                                                                                     device)
         used.append(str(Path(cls_model).resolve()))
     provenance = {
         "external_datasets": {o: info.name for o, info in datasets.items()},
@@ -169,10 +201,24 @@ def evaluate(
         "plans": sorted({str(p) for m in used for pat in ("plans.json", "plans_*.json") for p in Path(m).glob(pat)}),
         "checkpoints": sorted({str(p) for m in used for p in Path(m).rglob("checkpoint_*.pth")}),
     }
-    html = build_report(output, seg_rows, cls_exams, label_names, thresholds, provenance, n_boot, seed)
+    if seg_models:
+        provenance["segmentation_mirroring"] = bool(mirroring)
+    html = build_report(output, seg_rows, cls_exams, label_names, thresholds, provenance, n_boot, seed,
+                        labels_not_evaluated=not_evaluated)
     headline = _headline(load_json(output / "report.json"))
     return EvaluationResult(output, html, len({(r["case"], r["orientation"]) for r in seg_rows}), len(cls_exams),
                             headline)
+
+
+def shared_labels(model_labels: Sequence[str], site_labels: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The labels both the model and the site have (model order), and why each other label is not evaluated."""
+    site = set(site_labels)
+    shared = [n for n in model_labels if n in site]
+    reasons = {n: "the model predicts it but the external site does not annotate it" for n in model_labels
+               if n not in site}
+    reasons.update({n: "the external site annotates it but the model does not predict it" for n in site_labels
+                    if n not in set(model_labels)})
+    return shared, reasons
 
 
 def _evaluate_classification(datasets, cls_model: Path, output: Path, device: str):
@@ -180,11 +226,16 @@ def _evaluate_classification(datasets, cls_model: Path, output: Path, device: st
 
     The external datasets are first preprocessed with the model's plans of each view (plans transfer;
     cases already preprocessed are skipped), then ``predict_classification`` writes the per-exam CSV
-    that is read back here.
+    that is read back here. The site's targets files give each exam's patient pseudonym and the
+    labels the site annotates; only the labels shared with the model are evaluated.
+
+    Returns:
+        ``(exams, evaluated labels, thresholds, {label: reason not evaluated})``.
     """
     import csv
 
     from orthodiff_nnunet.classification import predict_classification
+    from orthodiff_nnunet.data.targets import TARGETS_FILE, read_targets
     from orthodiff_nnunet.planning import plan_and_preprocess
 
     cfg = load_json(cls_model / "classifier.json")
@@ -198,19 +249,33 @@ def _evaluate_classification(datasets, cls_model: Path, output: Path, device: st
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     result = predict_classification(cls_model, [datasets[v].name for v in views], csv_path, device=device, n_boot=0)
     thr_file = cls_model / "thresholds.json"
-    labels = list(result.label_names)
-    thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in labels}
+    model_labels = list(result.label_names)
+    thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in model_labels}
+    site_labels: list[str] = []
+    patient_of: dict[str, str | None] = {}
+    for v in views:
+        tf_path = datasets[v].folder / TARGETS_FILE
+        if not tf_path.is_file():
+            continue
+        tf = read_targets(tf_path)
+        site_labels += [n for n in tf.label_names if n not in site_labels]
+        for ct in tf.cases.values():
+            patient_of.setdefault(ct.exam, ct.patient)
+    labels, not_evaluated = shared_labels(model_labels, site_labels)
+    if not_evaluated:
+        log.warning("classification labels not evaluated: %s",
+                    "; ".join(f"{k} ({v})" for k, v in not_evaluated.items()))
     exams = []
     with open(result.csv, newline="") as f:
         for row in csv.DictReader(f):
             exams.append({
-                "exam": row["exam"], "site": row["site"] or None,
+                "exam": row["exam"], "patient": patient_of.get(row["exam"]), "site": row["site"] or None,
                 "field_strength_t": float(row["field_strength_t"]) if row["field_strength_t"] else None,
                 "vendor": row["vendor"] or None, "views": row["views_present"].split(),
                 "targets": {n: (int(row[f"target_{n}"]) if row[f"target_{n}"] != "" else None) for n in labels},
-                "probabilities": {n: float(row[f"p_{n}"]) for n in labels},
+                "probabilities": {n: float(row[f"p_{n}"]) for n in model_labels},
             })
-    return exams, labels, thresholds
+    return exams, labels, thresholds, not_evaluated
 
 
 def _model_pairs(values: Sequence[str]) -> dict[str, Path]:
@@ -241,7 +306,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--mirroring", action="store_true", help="mirroring test-time augmentation (slower)")
+    p.add_argument("--disable-tta", action="store_true",
+                   help="segmentation without mirroring test-time augmentation (faster; `predict seg` and nnU-Net "
+                        "mirror by default, and so does evaluate)")
+    p.add_argument("--mirroring", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.add_argument("-np", "--num-processes", type=int, default=2, help="predictor worker processes (default 2)")
     p.set_defaults(func=_run)
     return p
@@ -249,7 +317,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 def _run(args: argparse.Namespace) -> int:
     result = evaluate(args.datasets, args.output, seg_models=_model_pairs(args.seg), cls_model=args.cls,
-                      n_boot=args.bootstrap, seed=args.seed, device=args.device, mirroring=args.mirroring,
+                      n_boot=args.bootstrap, seed=args.seed, device=args.device, mirroring=not args.disable_tta,
                       num_processes=args.num_processes)
     print(result.summary())
     return 0

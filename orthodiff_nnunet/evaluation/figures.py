@@ -315,20 +315,6 @@ def plot_case_overlay(
 # ROC with bootstrap bands
 
 
-def resample_indices(groups: Sequence, rng: np.random.Generator) -> np.ndarray:
-    """Indices of one cluster-bootstrap resample: draw as many groups as there are, keep all their members.
-
-    ``groups[i]`` is item i's cluster (a patient); with every item its own cluster this is the
-    ordinary bootstrap of items.
-    """
-    keys = list(dict.fromkeys(groups))
-    members: dict = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    drawn = rng.integers(0, len(keys), len(keys))
-    return np.concatenate([np.asarray(members[keys[k]], dtype=int) for k in drawn]) if keys else np.zeros(0, int)
-
-
 def roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) at every distinct score, from (0, 0): the points of scikit-learn's ``roc_curve``
     with ``drop_intermediate=False``, by NumPy alone (the bootstrap calls it hundreds of times, where
@@ -345,14 +331,21 @@ def roc_band(y: np.ndarray, p: np.ndarray, groups: Sequence, n_boot: int, seed: 
              grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pointwise 95% percentile band of the ROC curve's TPR over a grid of FPR values.
 
+    Each resample draws the clusters (``groups[i]``: exam i's patient, or the exam itself) with
+    replacement and keeps all their exams, as the metrics' intervals do
+    (:func:`~orthodiff_nnunet.evaluation.classification.resample_clusters`).
+
     Returns ``(fpr_grid, low, high, n_valid)``; resamples without both classes are skipped
     (``n_valid`` counts the others); fewer than half valid gives NaN bands.
     """
+    from orthodiff_nnunet.evaluation.classification import cluster_members, resample_clusters
+
     grid = np.linspace(0, 1, 101) if grid is None else grid
     rng = np.random.default_rng(seed)
+    members = cluster_members(list(groups), len(y))
     curves = []
     for _ in range(int(n_boot)):
-        idx = resample_indices(groups, rng)
+        idx = resample_clusters(rng, members)
         yy, pp = y[idx], p[idx]
         if yy.size == 0 or yy.min() == yy.max():
             continue

@@ -3,12 +3,15 @@
 Inputs are plain rows, so the report does not care how predictions were made:
 
 * segmentation rows, one per case and structure: ``case, orientation, site, field_strength_t, vendor,
-  structure, dice, hd95_mm, surface_dice``;
+  structure, dice, hd95_mm, surface_dice`` (optionally ``patient, exam, status, hd95_capped_mm,
+  cap_mm``: see :mod:`orthodiff_nnunet.evaluation.segmentation`);
 * classification exams: ``exam, site, field_strength_t, vendor, views (list), targets {label: 0/1/None},
-  probabilities {label: p}``, with decision thresholds chosen on validation data.
+  probabilities {label: p}`` (optionally ``patient``), with decision thresholds chosen on validation data.
 
 Every metric is given overall and stratified by site, field strength, vendor and (segmentation)
-orientation, with percentile-bootstrap 95% intervals (resampling cases or exams). Calibration:
+orientation, with percentile-bootstrap 95% intervals that resample *patients* (cluster bootstrap: all
+rows of a drawn patient, i.e. every view, echo and exam of that patient; a row without a patient id is
+its own cluster, by exam where known, and the report counts such rows). Calibration:
 expected calibration error and a reliability diagram. Plots are PNG files next to the report
 and embedded in the HTML (no external resources, nothing fetched when the page is opened).
 
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orthodiff_nnunet.evaluation.classification import bootstrap_ci, classification_metrics
+from orthodiff_nnunet.evaluation.classification import classification_metrics, cluster_ids, cluster_members
 from orthodiff_nnunet.evaluation.figures import (
     FILE_KEYS,
     PLANE_NAMES,
@@ -47,7 +50,6 @@ from orthodiff_nnunet.evaluation.figures import (
     confusion_counts,
     plot_case_overlay,
     plot_roc_bands,
-    resample_indices,
 )
 from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
@@ -56,6 +58,9 @@ log = logging.getLogger(__name__)
 STRATA_SEG = ("site", "field_strength_t", "vendor", "orientation")
 STRATA_CLS = ("site", "field_strength_t", "vendor")
 SEG_METRICS = ("dice", "hd95_mm", "surface_dice")
+#: HD95 with misses and false detections at the cap (the image diagonal): a mean that penalises a miss
+SEG_CAPPED = "hd95_capped_mm"
+SEG_STATUSES = ("both_present", "missed", "false_detection", "both_empty")
 
 
 def _nan_to_none(x):
@@ -108,31 +113,87 @@ def calibration(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> dict:
 # segmentation
 
 
-def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    v = values[np.isfinite(values)]
+def cluster_mean_ci(values: np.ndarray, clusters: Sequence[object] | None, n_boot: int, seed: int,
+                    alpha: float = 0.05) -> tuple[float, float, float, int]:
+    """Mean of the finite ``values`` and its percentile cluster-bootstrap interval.
+
+    Each resample draws the clusters (patients) of the finite values with replacement and averages
+    every value of the drawn clusters, i.e. the mean over the resample's rows, exactly as
+    :func:`~orthodiff_nnunet.evaluation.classification.bootstrap_ci` with ``clusters`` would, from
+    per-cluster sums (fast).
+
+    Returns:
+        ``(mean, low, high, n)``: NaN for what is undefined; ``n`` is the number of finite values.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(values)
+    v = values[keep]
     if v.size == 0:
-        return math.nan, math.nan, math.nan
-    lo, hi, _ = bootstrap_ci(lambda idx: float(np.mean(v[idx])), v.size, n_boot, seed) if n_boot else (math.nan, math.nan, 0)
-    return float(v.mean()), lo, hi
+        return math.nan, math.nan, math.nan, 0
+    cl = None if clusters is None else [c for c, k in zip(clusters, keep) if k]
+    members = cluster_members(cl, v.size)
+    sums = np.array([v[m].sum() for m in members])
+    counts = np.array([m.size for m in members], dtype=np.float64)
+    lo = hi = math.nan
+    if n_boot:
+        rng = np.random.default_rng(seed)
+        boot = np.empty(int(n_boot))
+        for b in range(int(n_boot)):
+            drawn = rng.integers(0, len(members), len(members))
+            boot[b] = sums[drawn].sum() / counts[drawn].sum()
+        lo, hi = (float(x) for x in np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
+    return float(v.mean()), lo, hi, int(v.size)
+
+
+def _row_status(r: Mapping) -> str | None:
+    """A row's empty-mask status; rows without one are classified from ``n_ref``/``n_pred`` when given."""
+    if r.get("status"):
+        return str(r["status"])
+    if r.get("n_ref") is None or r.get("n_pred") is None:
+        return None
+    return {(True, True): "both_present", (True, False): "missed", (False, True): "false_detection",
+            (False, False): "both_empty"}[(r["n_ref"] > 0, r["n_pred"] > 0)]
+
+
+def _seg_clusters(rows: Sequence[Mapping]) -> tuple[list[object], int]:
+    """Cluster id per segmentation row: the patient, else the exam (all views and echoes), else the case."""
+    return cluster_ids([r.get("patient") for r in rows], [r.get("exam") or r["case"] for r in rows])
 
 
 def summarize_segmentation(rows: Sequence[Mapping], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Per structure: mean Dice / HD95 / surface Dice with bootstrap CIs, overall and per stratum."""
+    """Per structure: mean Dice / HD95 / surface Dice with patient-cluster bootstrap CIs, overall and per stratum.
+
+    Per structure and block: ``n_cases``; ``dice``, ``hd95_mm``, ``surface_dice`` and
+    ``hd95_capped_mm`` as ``{"mean", "ci", "n"}`` (``n`` = rows where the metric is defined: Dice
+    and surface Dice count a missed structure or a false detection as 0; ``hd95_mm`` only cases
+    with both masks non-empty; ``hd95_capped_mm`` puts a miss or false detection at the image
+    diagonal, ``cap``); and the counts ``n_missed``, ``n_false_detection``, ``n_both_empty``
+    (not applicable: no metric) and ``n_both_present``.
+    """
     structures = list(dict.fromkeys(r["structure"] for r in rows))
 
     def block(subset: list[Mapping]) -> dict:
         out = {}
         for s in structures:
             rs = [r for r in subset if r["structure"] == s]
-            entry = {"n_cases": len(rs)}
-            for m in SEG_METRICS:
+            clusters, _ = _seg_clusters(rs)
+            statuses = [_row_status(r) for r in rs]
+            entry: dict = {"n_cases": len(rs), **{f"n_{k}": statuses.count(k) for k in SEG_STATUSES}}
+            for m in (*SEG_METRICS, SEG_CAPPED):
                 vals = np.array([np.nan if r.get(m) is None else float(r[m]) for r in rs], dtype=float)
-                mean, lo, hi = _mean_ci(vals, n_boot, seed)
-                entry[m] = {"mean": mean, "ci": [lo, hi], "n": int(np.isfinite(vals).sum())}
+                mean, lo, hi, n = cluster_mean_ci(vals, clusters, n_boot, seed)
+                entry[m] = {"mean": mean, "ci": [lo, hi], "n": n}
+            caps = [float(r["cap_mm"]) for r in rs if r.get("cap_mm") is not None]
+            entry[SEG_CAPPED]["cap"] = "diagonal of each case's image (mm)"
+            entry[SEG_CAPPED]["cap_mm_max"] = max(caps) if caps else math.nan
             out[s] = entry
         return out
 
-    summary = {"overall": block(list(rows)), "strata": {}}
+    clusters, missing = _seg_clusters(rows)
+    summary = {"overall": block(list(rows)), "strata": {},
+               "resampling": {"unit": "patient", "n_clusters": len(set(clusters)), "n_rows_without_patient": missing,
+                              "fallback": "a row without a patient id is resampled with its exam (else its case) "
+                                          "as its own cluster"}}
     for key in STRATA_SEG:
         values = sorted({r.get(key) for r in rows if r.get(key) is not None}, key=str)
         summary["strata"][key] = {str(v): block([r for r in rows if r.get(key) == v]) for v in values}
@@ -150,11 +211,36 @@ def _cls_arrays(exams: Sequence[Mapping], labels: Sequence[str]) -> tuple[np.nda
     return y, p
 
 
-def summarize_classification(exams: Sequence[Mapping], labels: Sequence[str], thresholds: Mapping[str, float],
-                             n_boot: int = 1000, seed: int = 0) -> dict:
-    """Per-label metrics with CIs (overall and per stratum), calibration, and the views each exam had."""
+def _cls_metrics(exams: Sequence[Mapping], labels: Sequence[str], thresholds: Mapping[str, float], n_boot: int,
+                 seed: int) -> dict:
     y, p = _cls_arrays(exams, labels)
-    out = {"overall": classification_metrics(y, p, labels, thresholds, n_boot, seed).to_dict(), "strata": {},
+    clusters, missing = cluster_ids([e.get("patient") for e in exams], [e["exam"] for e in exams])
+    return classification_metrics(y, p, labels, thresholds, n_boot, seed, clusters=clusters,
+                                  n_without_patient=missing).to_dict()
+
+
+def summarize_classification(exams: Sequence[Mapping], labels: Sequence[str], thresholds: Mapping[str, float],
+                             n_boot: int = 1000, seed: int = 0,
+                             labels_not_evaluated: Mapping[str, str] | None = None) -> dict:
+    """Per-label metrics with patient-cluster CIs (overall and per stratum), calibration, the views each exam had.
+
+    Args:
+        exams: see the module docstring; ``patient`` (pseudonym) is the bootstrap's cluster, an exam
+            without one is its own cluster.
+        labels: the labels to evaluate (those the model predicts *and* the site annotates).
+        thresholds: the model's decision thresholds.
+        n_boot, seed: bootstrap.
+        labels_not_evaluated: label -> why it cannot be evaluated (written as is).
+    """
+    y, p = _cls_arrays(exams, labels)
+    overall = _cls_metrics(exams, labels, thresholds, n_boot, seed)
+    out = {"overall": overall, "strata": {},
+           "resampling": {"unit": "patient", "n_clusters": overall["resampling"]["n_clusters"],
+                          "n_exams_without_patient": overall["resampling"]["n_without_patient"],
+                          "fallback": "an exam without a patient id is resampled as its own cluster"},
+           "labels_evaluated": list(labels),
+           "labels_not_evaluated": dict(labels_not_evaluated or {}),
+           "undefined": {m["name"]: m["undefined"] for m in overall["labels"] if m["undefined"]},
            "calibration": {n: calibration(y[:, j], p[:, j]) for j, n in enumerate(labels)},
            "calibration_pooled": calibration(y, p),
            "missing_views": {e["exam"]: sorted(set(("sag", "cor", "ax")) - set(e.get("views", ()))) for e in exams
@@ -164,8 +250,7 @@ def summarize_classification(exams: Sequence[Mapping], labels: Sequence[str], th
         out["strata"][key] = {}
         for v in values:
             sub = [e for e in exams if e.get(key) == v]
-            ys, ps = _cls_arrays(sub, labels)
-            out["strata"][key][str(v)] = classification_metrics(ys, ps, labels, thresholds, n_boot, seed).to_dict()
+            out["strata"][key][str(v)] = _cls_metrics(sub, labels, thresholds, n_boot, seed)
     return out
 
 
@@ -321,19 +406,29 @@ def _extra_counts(entry: Mapping, skip: Sequence[str] = ("n_cases", "n")) -> str
 
 
 def _seg_table(block: Mapping) -> list[list]:
-    rows: list[list] = [["structure", "n", "Dice [95% CI]", "HD95 mm [95% CI]", "surface Dice [95% CI]"]]
-    for s, e in block.items():
-        if not isinstance(e, Mapping):
-            continue
-        extra = _extra_counts(e)
+    """Per structure: n, the misses and false detections (when counted), Dice, HD95, capped HD95, surface Dice."""
+    entries = {s: e for s, e in block.items() if isinstance(e, Mapping)}
+    counted = any("n_missed" in e or "n_false_detection" in e for e in entries.values())
+    capped = any(isinstance(e.get(SEG_CAPPED), Mapping) for e in entries.values())
+    metrics = [("dice", "Dice [95% CI]"), ("hd95_mm", "HD95 mm [95% CI]")]
+    metrics += [(SEG_CAPPED, "HD95 capped mm [95% CI]")] if capped else []
+    metrics += [("surface_dice", "surface Dice [95% CI]")]
+    rows: list[list] = [["structure", "n"] + (["missed", "false detections", "absent from both"] if counted else [])
+                        + [title for _, title in metrics]]
+    for s, e in entries.items():
+        extra = _extra_counts(e, skip=("n_cases", "n", "n_missed", "n_false_detection", "n_both_empty",
+                                       "n_both_present"))
         n = e.get("n_cases", "")
         cells: list = [s, {"text": f"{n} ({extra})" if extra else str(n), "v": _finite(n)}]
-        for m in SEG_METRICS:
+        if counted:
+            cells += [{"text": str(e.get(k, "")), "v": _finite(e.get(k))}
+                      for k in ("n_missed", "n_false_detection", "n_both_empty")]
+        for m, _ in metrics:
             x = e.get(m)
             if isinstance(x, Mapping):
                 reason = _reason(x, e.get("reasons", {}).get(m) if isinstance(e.get("reasons"), Mapping) else None)
                 if reason is None and _finite(x.get("mean")) is None and x.get("n") == 0:
-                    reason = "structure absent from every reference and prediction" if m == "dice" \
+                    reason = "structure absent from every reference and prediction" if m != "hd95_mm" \
                         else "no case with the structure in both reference and prediction"
                 cell = _metric_cell(x.get("mean"), x.get("ci"), reason)
                 counts = _extra_counts(x)
@@ -414,23 +509,26 @@ def build_report(
     n_boot: int = 1000,
     seed: int = 0,
     title: str = "OrthoDiff-nnU-Net external validation",
+    labels_not_evaluated: Mapping[str, str] | None = None,
 ) -> Path:
     """Write report.json, report.md, report.html and the PNG plots into ``out_dir``; returns report.html.
 
     Segmentation rows that carry ``image_file``, ``reference_file`` and ``prediction_file`` (and the
     structure's ``label_value``) get case pictures: per site and orientation the best, median and
     worst case by mean Dice (PNG files under ``cases/``). The file paths are not copied into report.json.
+    ``labels_not_evaluated``: label -> reason (e.g. the model predicts it but the site does not annotate it).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"title": title, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "provenance": {**(provenance or {}), "packages": package_versions()},
-                    "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "percentile 95%"}}
+                    "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "percentile 95%", "unit": "patient"}}
     plots: dict[str, dict[str, Path]] = {"segmentation": {}, "classification": {}}
     # nnU-Net's progress plot calls seaborn's set(font_scale=2.5), which changes matplotlib globally
     # for the rest of the process: draw with matplotlib's defaults whatever ran before
     with _plt().style.context("default"):
-        _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, n_boot, seed)
+        _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, n_boot, seed,
+              labels_not_evaluated)
     report["headline"] = headline(report, seg_rows, cls_exams, n_boot, seed)
     atomic_write_json(out_dir / "report.json", _nan_to_none(report))
     return _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, title)
@@ -455,7 +553,8 @@ def _per_case(seg_rows: Sequence[Mapping]) -> list[dict]:
         first = s.rows[0]
         out.append({"case": s.case, "orientation": s.orientation, "site": s.site,
                     "field_strength_t": first.get("field_strength_t"), "vendor": first.get("vendor"),
-                    "patient": first.get("patient"), "n_structures": s.n_structures, "mean_dice": s.mean_dice,
+                    "patient": first.get("patient"), "exam": first.get("exam"), "n_structures": s.n_structures,
+                    "mean_dice": s.mean_dice,
                     "lowest_dice": defined.get(low) if low else None, "lowest_structure": low,
                     "mean_hd95_mm": mean_of("hd95_mm"), "mean_surface_dice": mean_of("surface_dice")})
     return out
@@ -512,7 +611,8 @@ def _draw_cases(out_dir: Path, seg_rows: Sequence[Mapping]) -> tuple[list[dict],
     return pictures, problems
 
 
-def _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, n_boot, seed) -> None:
+def _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, n_boot, seed,
+          labels_not_evaluated=None) -> None:
     if seg_rows:
         rows = [_clean_row(r) for r in seg_rows]
         report["segmentation"] = summarize_segmentation(rows, n_boot, seed)
@@ -524,12 +624,13 @@ def _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, 
         report["segmentation"]["pictures_missing"] = problems
     if cls_exams:
         thresholds = dict(thresholds or {})
-        report["classification"] = summarize_classification(cls_exams, label_names, thresholds, n_boot, seed)
+        report["classification"] = summarize_classification(cls_exams, label_names, thresholds, n_boot, seed,
+                                                            labels_not_evaluated)
         report["classification"]["exams"] = list(cls_exams)
         y, p = _cls_arrays(cls_exams, label_names)
-        patients = [e.get("patient") for e in cls_exams]
-        unit = "patients" if all(x is not None for x in patients) else "exams"
-        groups = patients if unit == "patients" else [e["exam"] for e in cls_exams]
+        # the metrics' clusters: the patient, an exam without one on its own
+        groups, without_patient = cluster_ids([e.get("patient") for e in cls_exams], [e["exam"] for e in cls_exams])
+        unit = "exams" if without_patient == len(cls_exams) else "patients"
         overall = {m["name"]: m for m in report["classification"]["overall"].get("labels", [])}
         # the operating points are the table's thresholds (a label without one there has no single threshold)
         used = {n: overall[n].get("threshold") if n in overall else thresholds.get(n) for n in label_names}
@@ -538,6 +639,7 @@ def _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, 
                                band_boot, seed)
         plots["classification"]["ROC curves"] = out_dir / "roc_curves.png"
         report["classification"]["roc_band"] = {"resampled": unit, "n_clusters": len(set(groups)),
+                                                "n_exams_without_patient": without_patient,
                                                 "resamples": band_boot, "seed": seed, "labels": bands}
         report["classification"]["confusion"] = confusion_counts(y, p, label_names, used)
         plots["classification"]["Reliability diagram"] = plot_reliability(
@@ -574,15 +676,12 @@ def headline(report: Mapping, seg_rows: Sequence[Mapping], cls_exams: Sequence[M
             if not cs:
                 out["not_evaluated"].append(f"segmentation {orientation}: no case with a defined Dice")
                 continue
-            v = np.array([c["mean_dice"] for c in cs])
-            have_patients = all(c.get("patient") is not None for c in cs)
-            groups = [c["patient"] if have_patients else c["case"] for c in cs]
-            rng = np.random.default_rng(seed)
-            boots = [float(v[idx].mean()) for idx in (resample_indices(groups, rng) for _ in range(int(n_boot)))]
-            lo, hi = (np.percentile(boots, [2.5, 97.5]).tolist() if boots else [None, None])
+            # clusters as the tables': the patient, else the exam, else the case
+            groups, without = cluster_ids([c.get("patient") for c in cs], [c.get("exam") or c["case"] for c in cs])
+            mean, lo, hi, _ = cluster_mean_ci(np.array([c["mean_dice"] for c in cs]), groups, n_boot, seed)
             out["figures"].append({"task": "segmentation", "name": f"mean Dice per case, {orientation}",
-                                   "value": float(v.mean()), "ci": [lo, hi], "n": len(cs), "n_of": "cases",
-                                   "unit": "patients" if have_patients else "cases"})
+                                   "value": mean, "ci": [lo, hi], "n": len(cs), "n_of": "cases",
+                                   "unit": "cases" if without == len(cs) else "patients"})
         overall = seg.get("overall", {})
         dice = {s: _finite((e.get("dice") or {}).get("mean")) for s, e in overall.items() if isinstance(e, Mapping)}
         defined = {s: d for s, d in dice.items() if d is not None}
@@ -598,6 +697,16 @@ def headline(report: Mapping, seg_rows: Sequence[Mapping], cls_exams: Sequence[M
                 out["not_evaluated"].append(f"{s}: Dice undefined (absent from every reference and prediction)")
                 continue
             n_cases = e.get("n_cases")
+            if "n_missed" in e or "n_false_detection" in e:  # the statistics count misses themselves
+                miss, false, empty = (int(e.get(k) or 0) for k in ("n_missed", "n_false_detection", "n_both_empty"))
+                if miss or false:
+                    out["not_evaluated"].append(
+                        f"{s}: HD95 undefined in {miss + false} of {n_cases} cases ({miss} missed, {false} false "
+                        "detection(s)): Dice and surface Dice count them as 0, the capped HD95 at the image diagonal")
+                if empty:
+                    out["not_evaluated"].append(f"{s}: absent from reference and prediction in {empty} of {n_cases} "
+                                                "cases (no metric there)")
+                continue
             missing: dict[int, list[str]] = {}
             for m, name in (("hd95_mm", "HD95"), ("surface_dice", "surface Dice")):
                 x = e.get(m) or {}
@@ -637,9 +746,9 @@ def headline(report: Mapping, seg_rows: Sequence[Mapping], cls_exams: Sequence[M
 
 
 def _notes(section: Mapping, task: str) -> list[str]:
-    """Free-text notes a summary carries under ``not_evaluated``, ``notes``, ``warnings`` or ``label_mismatch``."""
+    """Free-text notes a summary carries (``labels_not_evaluated``, ``not_evaluated``, ``notes``, ...)."""
     lines = []
-    for key in ("not_evaluated", "notes", "warnings", "label_mismatch"):
+    for key in ("not_evaluated", "notes", "warnings", "label_mismatch", "labels_not_evaluated"):
         x = section.get(key)
         if isinstance(x, str) and x:
             lines.append(f"{task}: {x}")
@@ -779,8 +888,15 @@ figure:target { outline: 3px solid #e08a00; }
 
 def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, title) -> Path:
     boot = report["bootstrap"]
+    unit = {"patient": "patients (all rows of a drawn patient)", "exam": "exams", "case": "cases"}.get(
+        str(boot.get("unit")), str(boot.get("unit") or "cases/exams"))
     boot_txt = (f"Intervals: {boot.get('interval', 'percentile 95%')} bootstrap ({boot.get('resamples', n_boot)} "
-                f"resamples{' of ' + str(boot['unit']) if boot.get('unit') else ''}, seed {boot.get('seed', seed)})")
+                f"resamples of {unit}, seed {boot.get('seed', seed)})")
+    own = [f"{n} {what}" for n, what in (
+        ((report.get("segmentation") or {}).get("resampling", {}).get("n_rows_without_patient"), "segmentation rows"),
+        ((report.get("classification") or {}).get("resampling", {}).get("n_exams_without_patient"), "exams")) if n]
+    if own:
+        boot_txt += f"; without a patient id, {' and '.join(own)} count as their own cluster"
     what, figs, missing = _headline_lines(report["headline"])
     md = [f"# {title}", "", f"Created {report['created']}. {boot_txt}.", "", "## Headline", "", what, ""]
     md += [f"- {f}" for f in figs] + [""]
@@ -865,7 +981,9 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
             md += [note, ""]
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
         band = cls["roc_band"]
-        unit = (f"{band['resamples']} resamples of the {band['n_clusters']} patients (all exams of a drawn patient)"
+        unit = (f"{band['resamples']} resamples of the {band['n_clusters']} patients (all exams of a drawn patient"
+                + (f"; {band['n_exams_without_patient']} exams without a patient id on their own"
+                   if band.get("n_exams_without_patient") else "") + ")"
                 if band["resampled"] == "patients" else
                 f"{band['resamples']} resamples of the {band['n_clusters']} exams: the exams name no patient, so "
                 "exams of one patient count as independent and the band may be too narrow")

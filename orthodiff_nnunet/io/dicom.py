@@ -11,18 +11,28 @@ Privacy rules of this module:
 * the images returned carry no metadata dictionary: each is rebuilt from its voxel array with
   origin, spacing and direction only;
 * file and folder names are not logged either (sites sometimes name folders after patients);
-  the caller names the case in its own messages.
+  the caller names the case in its own messages. The one exception: a damaged file is named in
+  the error that refuses it (its name only, never its folder; a run of digits and dots that looks
+  like a UID is shortened to its last 6 characters), since the site must find it to replace it.
 
 Multi-echo series (several EchoTime values in one SeriesInstanceUID) are split into one volume
 per echo, ordered by ascending EchoTime (SimpleITK's series reader alone would stack every
 file of the series into one volume). Each echo's slices are sorted along the slice normal and
 checked for missing or repeated slices.
+
+Every file of the folder is accounted for: GDCM's series listing silently leaves out files it
+cannot read (zero bytes, truncated, no pixel data), which at the first or last slice position
+would shorten the volume without a trace. Such files are classified with pydicom and refused by
+name (:func:`_damaged_files`). The slice count is then checked against what the headers say the
+series holds (:func:`_check_complete`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +53,9 @@ __all__ = [
     "read_series",
     "write_series",
     "TRANSFER_SYNTAXES",
+    "ACCEPTED_IMAGES",
+    "DamagedFile",
+    "looks_like_dicom_file",
 ]
 
 # DICOM tags read from each file (SimpleITK metadata keys)
@@ -51,6 +64,10 @@ _TAG_SERIES_NUMBER = "0020|0011"
 _TAG_ECHO_TIME = "0018|0081"
 _TAG_POSITION = "0020|0032"
 _TAG_ORIENTATION = "0020|0037"
+_TAG_INSTANCE_NUMBER = "0020|0013"
+_TAG_ACQUISITION_NUMBER = "0020|0012"
+_TAG_IMAGES_IN_ACQUISITION = "0020|1002"
+_TAG_NUMBER_OF_SLICES = "0054|0081"
 
 #: Largest accepted relative deviation of one slice gap from the median gap.
 SLICE_GAP_TOLERANCE = 0.10
@@ -87,6 +104,12 @@ TransferSyntax = Literal[
 
 _MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
+#: What the converter reads, for messages about anything else.
+ACCEPTED_IMAGES = (
+    "accepted images are a DICOM series (its folder, or one of its files) and .nii, .nii.gz, .nrrd, .nhdr, "
+    ".mha, .mhd files"
+)
+
 
 class DicomError(OrthodiffError):
     """A DICOM folder or series cannot be read as asked; the message says what to do.
@@ -114,6 +137,26 @@ class _FileHeader:
     spacing: tuple[float, float, float]  # what GDCM reports for the file (x, y, z)
     origin: tuple[float, float, float]
     direction: tuple[float, ...]  # 9 floats, SimpleITK order
+    instance_number: int | None = None
+    acquisition_number: int | None = None
+    images_in_acquisition: int | None = None
+    number_of_slices: int | None = None
+
+
+@dataclass(frozen=True)
+class DamagedFile:
+    """A file of a DICOM folder that GDCM's series listing left out although it looks like DICOM.
+
+    ``series_uid`` is the SeriesInstanceUID when pydicom could still read it (None: the file may
+    belong to any series of the folder); it is used for matching only and never shown.
+    """
+
+    path: Path
+    reason: str
+    series_uid: str | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        return f"{_file_label(self.path)} ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -131,6 +174,8 @@ class SeriesInfo:
     cols: int | None = None
     files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
     _headers: tuple[_FileHeader, ...] = field(default=(), repr=False, compare=False)
+    #: damaged files of the folder that belong to this series or to no known series
+    damaged: tuple[DamagedFile, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def num_echoes(self) -> int:
@@ -160,6 +205,13 @@ def _floats(text: str) -> tuple[float, ...] | None:
     except ValueError:
         return None
     return vals or None
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(float(text)) if text else None
+    except ValueError:
+        return None
 
 
 def _read_header(reader: sitk.ImageFileReader, path: Path) -> _FileHeader:
@@ -200,6 +252,10 @@ def _read_header(reader: sitk.ImageFileReader, path: Path) -> _FileHeader:
         spacing=spacing,  # type: ignore[arg-type]
         origin=origin,  # type: ignore[arg-type]
         direction=direction,
+        instance_number=_int_or_none(get(_TAG_INSTANCE_NUMBER)),
+        acquisition_number=_int_or_none(get(_TAG_ACQUISITION_NUMBER)),
+        images_in_acquisition=_int_or_none(get(_TAG_IMAGES_IN_ACQUISITION)),
+        number_of_slices=_int_or_none(get(_TAG_NUMBER_OF_SLICES)),
     )
 
 
@@ -210,6 +266,123 @@ def _new_reader() -> sitk.ImageFileReader:
     return reader
 
 
+#: Names DICOM files usually carry: these suffixes, none, or a number (``...113619.2.1.3``).
+_DICOM_SUFFIXES = frozenset({"", ".dcm", ".dicom", ".dic", ".ima", ".dc3"})
+#: DICOMDIR: a media directory, not an image.
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: A run of digits and dots as long as a UID (a file named after its SOPInstanceUID).
+_UID_LIKE = re.compile(r"\d+(?:\.\d+){3,}")
+
+
+def _file_label(path: Path) -> str:
+    """How a message names a file: its name only, a UID-like part cut to its last 6 characters."""
+    return _UID_LIKE.sub(lambda m: "..." + m.group(0)[-6:], Path(path).name)
+
+
+def _dicom_like_name(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in _DICOM_SUFFIXES or suffix[1:].isdigit()
+
+
+def looks_like_dicom_file(path: Path) -> bool:
+    """Whether a file is to be read as DICOM: the DICM marker of a Part 10 file, or a DICOM-style name.
+
+    DICOM-style names: ``.dcm``, ``.dicom``, ``.dic``, ``.ima``, ``.dc3``, no suffix, or a numeric one
+    (files named after their UID). Anything else (``.png``, ``.jpg``, ``.npy`` ...) is not DICOM.
+    """
+    path = Path(path)
+    if _dicom_like_name(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _classify_left_out(path: Path) -> DamagedFile | None:
+    """Why GDCM left ``path`` out of every series: a damaged DICOM file, or None (not DICOM at all).
+
+    pydicom reads what it can of the file (``force=True`` reads a truncated file up to where it
+    ends), which tells a damaged image (zero bytes, a cut-off header, no or short pixel data)
+    from a file that is no image (notes, thumbnails, DICOMDIR, structured reports).
+    """
+    import pydicom
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        return DamagedFile(path, f"cannot be opened: {exc.strerror or type(exc).__name__}")
+    has_magic = head[128:132] == b"DICM"
+    if size == 0:
+        return DamagedFile(path, "empty: 0 bytes") if _dicom_like_name(path) else None
+    if not has_magic and not _dicom_like_name(path):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure of a DICOM-looking file means damage
+        if has_magic:
+            return DamagedFile(path, f"damaged DICOM, pydicom stops with {type(exc).__name__}")
+        return None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(meta.get("MediaStorageSOPClassUID", "") if meta is not None else "") or str(ds.get("SOPClassUID", ""))
+    series_uid = str(ds.get("SeriesInstanceUID", "")).strip() or None
+    if not has_magic and not sop_class and series_uid is None:
+        return None  # nothing DICOM in it
+    if sop_class == _DICOMDIR_SOP_CLASS:
+        return None
+    if "Rows" not in ds or "Columns" not in ds:
+        if not sop_class:
+            return DamagedFile(path, f"truncated: its {size} bytes end inside the header", series_uid)
+        if "Image Storage" in pydicom.uid.UID(sop_class).name:
+            return DamagedFile(path, f"truncated: its {size} bytes end before the image attributes", series_uid)
+        return None  # a DICOM object that holds no image (report, presentation state, raw data)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return DamagedFile(path, "no pixel data: truncated, or exported without the image", series_uid)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if "PixelData" in ds and not (ts and pydicom.uid.UID(ts).is_compressed):
+        try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                        * int(ds.get("BitsAllocated", 16)) // 8 * frames)
+        except (TypeError, ValueError):
+            expected = 0
+        got = len(ds.PixelData or b"")
+        if expected and got < expected:
+            return DamagedFile(path, f"truncated: its pixel data holds {got} of {expected} bytes", series_uid)
+    return DamagedFile(path, "GDCM cannot read it (damaged or an unsupported encoding)", series_uid)
+
+
+def _damaged_files(folder: Path, listed: set[Path]) -> list[DamagedFile]:
+    """Files of ``folder`` (not recursive, hidden files skipped) that no GDCM series holds and that are damaged DICOM."""
+    out: list[DamagedFile] = []
+    ignored = 0
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.resolve() in listed:
+            continue
+        found = _classify_left_out(path)
+        if found is None:
+            ignored += 1
+        else:
+            out.append(found)
+    if ignored:
+        log.debug("%d file(s) of the DICOM folder are not DICOM images and were skipped", ignored)
+    return out
+
+
+def _damaged_message(damaged: Sequence[DamagedFile], prefix: str) -> str:
+    shown = "; ".join(d.describe() for d in damaged[:10]) + (f"; and {len(damaged) - 10} more" if len(damaged) > 10 else "")
+    return (
+        f"{prefix}{len(damaged)} file(s) of the series folder cannot be read: {shown}; a series is converted only "
+        "when every file of it is read, so replace them with intact copies from the scanner or archive (or delete "
+        "files that do not belong to the series) and convert again"
+    )
+
+
 def _scan_folder(folder: Path) -> list[SeriesInfo]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -217,24 +390,33 @@ def _scan_folder(folder: Path) -> list[SeriesInfo]:
             "the DICOM folder does not exist or is not a folder; check the manifest's 'image' path"
         )
     uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not uids:
-        raise DicomError(
-            "no DICOM series found in the folder (no readable DICOM file); point 'image' at the folder "
-            "that holds the series' .dcm files (sub-folders are not searched)"
-        )
     reader = _new_reader()
     out: list[SeriesInfo] = []
+    listed: set[Path] = set()
+    series_files: list[tuple[str, tuple[Path, ...], list[_FileHeader]]] = []
     for uid in uids:
         files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        listed.update(f.resolve() for f in files)
         headers: list[_FileHeader] = []
         for f in files:
             try:
                 headers.append(_read_header(reader, f))
             except RuntimeError:
                 raise DicomError(
-                    f"GDCM cannot read the header of one of the {len(files)} files of a series "
-                    "(damaged or not DICOM); re-export the series"
+                    f"GDCM cannot read the header of {_file_label(f)}, one of the {len(files)} files of a series "
+                    "(damaged or not DICOM); replace it with an intact copy or re-export the series"
                 ) from None
+        series_files.append((uid, files, headers))
+    damaged = _damaged_files(folder, listed)
+    if not series_files:
+        if damaged:
+            raise DicomError(_damaged_message(damaged, "no readable DICOM series in the folder: "))
+        raise DicomError(
+            "no DICOM series found in the folder (no readable DICOM file); point 'image' at the folder "
+            f"that holds the series' .dcm files (sub-folders are not searched); {ACCEPTED_IMAGES}"
+        )
+    for uid, files, headers in series_files:
+        uids_here = {uid} | {h.series_uid for h in headers}
         numbers = sorted({h.series_number for h in headers if h.series_number is not None})
         tes = sorted({h.echo_time_ms for h in headers if h.echo_time_ms is not None})
         sizes = {(h.rows, h.cols) for h in headers}
@@ -249,6 +431,7 @@ def _scan_folder(folder: Path) -> list[SeriesInfo]:
                 cols=cols,
                 files=files,
                 _headers=tuple(headers),
+                damaged=tuple(d for d in damaged if d.series_uid is None or d.series_uid in uids_here),
             )
         )
     out.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.num_files))
@@ -331,6 +514,79 @@ def _normal_of(iop: Sequence[float]) -> np.ndarray:
     return n / norm
 
 
+def _check_complete(groups: list[tuple[float | None, list[_FileHeader]]], k: int, label: str) -> None:
+    """Refuse echo ``k`` (1-based) of a series when its headers say that slices are missing.
+
+    The checks, and why these tags:
+
+    * the echoes of one series have the same number of slices (one slice lost from one echo);
+    * InstanceNumber (0020,0013): within one echo the numbers advance by a constant step (1, or
+      the number of echoes when echoes are interleaved); an isolated larger gap names the absent
+      instances. It cannot see a lost first or last slice, and is skipped when numbers are
+      missing or repeated;
+    * ImagesInAcquisition (0020,1002), per AcquisitionNumber (0020,0012): how many images the
+      acquisition produced. The files of the series must number a divisor or a multiple of it:
+      a folder may hold one echo of a two-echo acquisition (the real pyKNEEr DESS folder holds 80
+      of its 160 images) or several echoes each counted alone; a lost slice, first and last
+      included, leaves a count that is neither. Checked only when the echoes have equal counts
+      (otherwise the first check speaks) and the files of the acquisition agree on the value;
+    * NumberOfSlices (0054,0081) where present (NM/PET-style headers): each echo holds a multiple.
+
+    A series whose headers carry none of these cannot be checked for a lost edge slice: no header
+    field says where it ends. Damaged files still on disk are refused by name before this check.
+    """
+    te, headers = groups[k - 1]
+    n = len(headers)
+    if len(groups) > 1:
+        most = max(len(h) for _, h in groups)
+        if n < most:
+            raise DicomError(
+                f"{label}: slices are missing: this echo has {n} files where another echo of the series has "
+                f"{most}; re-export the complete series"
+            )
+    numbers = [h.instance_number for h in headers]
+    if n >= 3 and all(v is not None for v in numbers) and len(set(numbers)) == n:
+        ordered = np.sort(np.asarray(numbers, dtype=np.int64))
+        diffs = np.diff(ordered)
+        values, counts = np.unique(diffs, return_counts=True)
+        step = int(values[np.argmax(counts)])
+        irregular = diffs[diffs != step]
+        # a lost file leaves few larger gaps that are whole multiples of the step
+        if irregular.size and step > 0 and np.all(irregular % step == 0) and irregular.size <= max(1, diffs.size // 4):
+            present = {int(v) for v in ordered}
+            absent = [v for v in range(int(ordered[0]), int(ordered[-1]) + 1, step) if v not in present]
+            shown = ", ".join(str(v) for v in absent[:10]) + (" ..." if len(absent) > 10 else "")
+            raise DicomError(
+                f"{label}: slices are missing: InstanceNumber runs from {int(ordered[0])} to {int(ordered[-1])} in "
+                f"steps of {step} but {len(absent)} number(s) are absent ({shown}); re-export the complete series"
+            )
+    if len({len(h) for _, h in groups}) == 1:
+        all_headers = [h for _, hs in groups for h in hs]
+        by_acquisition: dict[int | None, list[_FileHeader]] = {}
+        for h in all_headers:
+            by_acquisition.setdefault(h.acquisition_number, []).append(h)
+        for acq, hs in by_acquisition.items():
+            stated = {h.images_in_acquisition for h in hs}
+            if len(stated) != 1 or None in stated:
+                continue
+            total = stated.pop()
+            if total and total > 0 and total % len(hs) != 0 and len(hs) % total != 0:
+                which = "" if acq is None or len(by_acquisition) == 1 else f" (acquisition {acq})"
+                raise DicomError(
+                    f"{label}: slices are missing: the headers say the acquisition{which} has {total} images "
+                    f"(ImagesInAcquisition) but the folder holds {len(hs)} files of it, neither a divisor nor a "
+                    "multiple of that; re-export the complete series"
+                )
+    stated_slices = {h.number_of_slices for h in headers}
+    if len(stated_slices) == 1 and None not in stated_slices:
+        per_volume = stated_slices.pop()
+        if per_volume and per_volume > 0 and n % per_volume != 0:
+            raise DicomError(
+                f"{label}: slices are missing: the headers say {per_volume} slices per volume (NumberOfSlices) "
+                f"but this echo has {n} files; re-export the complete series"
+            )
+
+
 def _sort_and_check(headers: list[_FileHeader], label: str) -> tuple[list[_FileHeader], float | None]:
     """Slices sorted along the slice normal, and the mean slice spacing (None for one slice)."""
     if any(h.position is None or h.orientation is None for h in headers):
@@ -380,6 +636,19 @@ def _fresh_image(array: np.ndarray, spacing, origin, direction) -> sitk.Image:
     return image
 
 
+def _undecodable(files: Sequence[str]) -> list[str]:
+    """Names of the files GDCM cannot decode alone (asked only after a series read failed)."""
+    bad = []
+    reader = _new_reader()
+    for f in files:
+        reader.SetFileName(f)
+        try:
+            reader.Execute()
+        except RuntimeError:
+            bad.append(_file_label(Path(f)))
+    return bad
+
+
 def _read_volume(ordered: list[_FileHeader], slice_spacing: float | None, label: str) -> sitk.Image:
     files = [str(h.path) for h in ordered]
     # ITK warns about non-uniform slices on stderr; the spacing was checked above (with a
@@ -399,9 +668,11 @@ def _read_volume(ordered: list[_FileHeader], slice_spacing: float | None, label:
             reader.SetFileNames(files)
             raw = reader.Execute()
     except RuntimeError:
+        bad = _undecodable(files)
+        which = f"of {'; '.join(bad[:10])}" if bad else f"of {len(files)} file(s)"
         raise DicomError(
-            f"{label}: GDCM cannot decode the pixel data of {len(files)} file(s) (damaged files or an "
-            "unsupported transfer syntax); re-export the series uncompressed"
+            f"{label}: GDCM cannot decode the pixel data {which} (damaged files or an unsupported transfer syntax); "
+            "replace the files named with intact copies, or re-export the series uncompressed"
         ) from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings_were_on)
@@ -436,8 +707,14 @@ def _series_of_file(path: Path) -> str:
     try:
         header = _read_header(reader, path)
     except RuntimeError:
+        damaged = _classify_left_out(path)
+        if damaged is not None:
+            raise DicomError(
+                f"the DICOM file {damaged.describe()} cannot be read; replace it with an intact copy, or point 'image' "
+                "at the series folder"
+            ) from None
         raise DicomError(
-            "the file is not a readable DICOM file; point 'image' at a DICOM series folder or one of its files"
+            f"{_file_label(path)} is not a readable DICOM file; {ACCEPTED_IMAGES}"
         ) from None
     if not header.series_uid:
         raise DicomError("the DICOM file has no SeriesInstanceUID; point 'image' at the series folder")
@@ -479,7 +756,9 @@ def read_series(
 
     Raises:
         DicomError: no DICOM, several series without ``series``, an unknown series or echo,
-            missing or repeated slices, mixed image sizes or orientations, undecodable pixels.
+            a damaged file in the folder (named), fewer slices than the headers say the series
+            holds (see :func:`_check_complete`), missing or repeated slices, mixed image sizes or
+            orientations, undecodable pixels.
     """
     path = Path(path)
     wanted: str | int | None = series
@@ -499,6 +778,8 @@ def read_series(
         raise DicomError("the DICOM path does not exist; check the manifest's 'image' path")
     info = _select_series(_scan_folder(path), wanted)
     what = info.describe()
+    if info.damaged:
+        raise DicomError(_damaged_message(info.damaged, f"{what}: "))
 
     if info.rows is None:
         sizes: dict[tuple[int, int], int] = {}
@@ -539,6 +820,7 @@ def read_series(
             raise DicomError(
                 f"{label}: several multi-frame files in one echo are not supported; export one volume per file"
             )
+        _check_complete(groups, k, label)
         ordered, slice_spacing = _sort_and_check(headers, label)
         image = _read_volume(ordered, slice_spacing, label)
         log.debug(
