@@ -138,12 +138,14 @@ def test_undefined_metrics_render_na_with_reason():
         {"name": "PD", "n": 30, "n_pos": 0, "threshold": 0.5, "auroc": None, "auprc": float("nan"),
          "sensitivity": "undefined", "specificity": 0.9, "ci": {"specificity": [0.8, 0.97]}},
         {"name": "ACL", "n": 30, "n_pos": 9, "threshold": 0.4, "auroc": {"value": None, "reason": "ties only"},
-         "auprc": 0.5, "sensitivity": 0.6, "specificity": 0.7, "ci": {"auprc": None}},
-    ], "macro": {"auroc": None, "auprc": 0.5, "sensitivity": 0.6, "specificity": 0.8}, "macro_ci": {}, "n_exams": 30}
+         "auprc": 0.5, "sensitivity": 0.6, "specificity": 0.7, "ci": {"auprc": None}, "ci_valid": {"auprc": 40}},
+    ], "macro": {"auroc": None, "auprc": 0.5, "sensitivity": 0.6, "specificity": 0.8}, "macro_ci": {}, "n_exams": 30,
+        "n_boot": 200}
     rows = [[_text(c) for c in r] for r in _cls_table(metrics)]
     assert rows[1][3:] == ["n/a (no positive exam)", "n/a (no positive exam)", "n/a (no positive exam)",
                            "0.900 [0.800, 0.970]"]
-    assert rows[2][3] == "n/a (ties only)" and rows[2][4] == "0.500 [n/a, n/a]"
+    assert rows[2][3] == "n/a (ties only)"
+    assert rows[2][4] == "0.500 [n/a, n/a] (CI: only 40 of 200 resamples defined)"  # why the interval is missing
     assert rows[3][3] == "n/a (no label where it is defined)"
     # the statistics' own summary: one structure missed twice, found once, absent from both once
     from orthodiff_nnunet.evaluation.report import summarize_segmentation

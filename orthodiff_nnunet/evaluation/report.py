@@ -367,14 +367,28 @@ def _reason(*candidates) -> str | None:
     return None
 
 
-def _metric_cell(value, ci=None, reason: str | None = None) -> dict:
-    """``0.812 [0.700, 0.900]`` sorted by 0.812, or ``n/a (reason)`` sorted last."""
+def _ci_note(valid, n_boot) -> str | None:
+    """Why an interval is missing: too few resamples where the metric was defined (the statistics' count)."""
+    valid, n_boot = _finite(valid), _finite(n_boot)
+    if valid is None or not n_boot:
+        return None
+    return f"CI: only {int(valid)} of {int(n_boot)} resamples defined"
+
+
+def _metric_cell(value, ci=None, reason: str | None = None, ci_note: str | None = None) -> dict:
+    """``0.812 [0.700, 0.900]`` sorted by 0.812, or ``n/a (reason)`` sorted last.
+
+    ``ci_note`` says why a defined value has no interval; it is shown only when the interval is missing.
+    """
     v = _finite(value)
     if v is None:
         why = reason or _reason(value)
         return {"text": f"n/a ({why})" if why else "n/a", "v": None}
     lo, hi = _pair(ci)
-    return {"text": f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]", "v": v}
+    cell = {"text": f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]", "v": v}
+    if (lo is None or hi is None) and ci_note:
+        cell["note"] = ci_note
+    return cell
 
 
 def _label_reason(m: Mapping, key: str) -> str | None:
@@ -445,21 +459,26 @@ def _cls_table(metrics: Mapping) -> list[list]:
     keys = ("auroc", "auprc", "sensitivity", "specificity")
     rows: list[list] = [["label", "n (pos)", "threshold", "AUROC [95% CI]", "AUPRC [95% CI]", "sensitivity [95% CI]",
                          "specificity [95% CI]"]]
+    n_boot = metrics.get("n_boot")
     for m in metrics.get("labels", []):
-        ci = m.get("ci") or {}
+        ci, valid = m.get("ci") or {}, m.get("ci_valid") or {}
         rows.append([m["name"], {"text": f"{m.get('n')} ({m.get('n_pos')})", "v": _finite(m.get("n"))},
                      {"text": _fmt(_finite(m.get("threshold"))), "v": _finite(m.get("threshold"))}]
-                    + [_metric_cell(m.get(k), ci.get(k), _label_reason(m, k)) for k in keys])
-    mac, mci = metrics.get("macro") or {}, metrics.get("macro_ci") or {}
+                    + [_metric_cell(m.get(k), ci.get(k), _label_reason(m, k), _ci_note(valid.get(k), n_boot))
+                       for k in keys])
+    mac, mci, mvalid = metrics.get("macro") or {}, metrics.get("macro_ci") or {}, metrics.get("macro_ci_valid") or {}
     rows.append(["macro", f"{metrics.get('n_exams')} exams", ""]
                 + [_metric_cell(mac.get(k), mci.get(k), _reason(mac.get(k)) or
-                                ("no label where it is defined" if _finite(mac.get(k)) is None else None))
+                                ("no label where it is defined" if _finite(mac.get(k)) is None else None),
+                                _ci_note(mvalid.get(k), n_boot))
                    for k in keys])
     return rows
 
 
 def _text(c) -> str:
-    return c["text"] if isinstance(c, Mapping) else str(c)
+    if not isinstance(c, Mapping):
+        return str(c)
+    return c["text"] + (f" ({c['note']})" if c.get("note") else "")
 
 
 def _md(rows: list[list]) -> str:
@@ -480,6 +499,8 @@ def _html_cell(c) -> str:
         body = f"n/a <small class='why'>{html.escape(text[4:])}</small>"
     else:
         body = html.escape(text)
+    if c.get("note"):
+        body += f" <small class='why'>({html.escape(c['note'])})</small>"
     if c.get("href"):
         body = f"<a href='{html.escape(c['href'])}'>{body}</a>"
     return f"<td{attrs}>{body}</td>"
@@ -724,7 +745,8 @@ def headline(report: Mapping, seg_rows: Sequence[Mapping], cls_exams: Sequence[M
         for k, name in (("auroc", "macro AUROC"), ("sensitivity", "macro sensitivity"),
                         ("specificity", "macro specificity")):
             out["figures"].append({"task": "classification", "name": name, "value": _finite(mac.get(k)),
-                                   "ci": list(_pair(mci.get(k))), "n": ov.get("n_exams"), "n_of": "exams"})
+                                   "ci": list(_pair(mci.get(k))), "n": ov.get("n_exams"), "n_of": "exams",
+                                   "ci_note": _ci_note((ov.get("macro_ci_valid") or {}).get(k), ov.get("n_boot"))})
         out["figures"].append({"task": "classification", "name": "expected calibration error (all labels pooled)",
                                "value": _finite(cls.get("calibration_pooled", {}).get("ece")), "ci": [None, None],
                                "n": cls.get("calibration_pooled", {}).get("n"), "n_of": "exam-label pairs"})
@@ -779,7 +801,8 @@ def _headline_lines(h: Mapping) -> tuple[str, list[str], list[str]]:
     figs = []
     for f in h["figures"]:
         lo, hi = _pair(f.get("ci"))
-        ci = f" [95% CI {_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else ""
+        ci = f" [95% CI {_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else \
+            (f" [95% CI n/a: {f['ci_note'][4:]}]" if f.get("ci_note") and _finite(f.get("value")) is not None else "")
         unit = f", resampling {f['unit']}" if f.get("unit") else ""
         n_of = f" {f['n_of']}" if f.get("n_of") else ""
         figs.append(f"{f['task']}: {f['name']} {_fmt(f['value'])}{ci} (n = {f.get('n')}{n_of}{unit})")
