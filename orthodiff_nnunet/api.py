@@ -30,6 +30,7 @@ def convert(
     max_obliquity_deg: float = 35.0,
     num_processes: int = 2,
     spacing_source: str = "image header",
+    lock_timeout_s: float | None = None,
 ) -> ConversionResult:
     """Convert a site's series into nnU-Net raw datasets, one per orientation.
 
@@ -49,6 +50,8 @@ def convert(
         max_obliquity_deg: largest accepted slice-normal obliquity; beyond it the plane must be given.
         num_processes: worker processes reading series.
         spacing_source: recorded in ``dataset.json`` (``"user-supplied"`` when the header has none).
+        lock_timeout_s: one conversion at a time writes into a ``raw`` folder; another one waits this
+            many seconds for it (``None``: as long as it takes, ``0``: refused at once).
 
     Returns:
         What was written (or, for a dry run, what would be).
@@ -60,7 +63,7 @@ def convert(
         manifest, dataset_id, name, site_dir=site_dir, raw=raw, external=external,
         abnormality_labels=abnormality_labels, label_scheme=label_scheme, dry_run=dry_run, key_file=key_file,
         pseudonym_key=pseudonym_key, num_folds=num_folds, max_obliquity_deg=max_obliquity_deg,
-        num_processes=num_processes, spacing_source=spacing_source,
+        num_processes=num_processes, spacing_source=spacing_source, lock_timeout_s=lock_timeout_s,
     )
 
 
