@@ -599,22 +599,27 @@ def _space_needed(tasks: list[dict], reserve_bytes: int) -> int:
 
 def _write_refusal(manifest: Path, raw: Path, needed: int, errors: Sequence[str]) -> ConversionError:
     shown = list(errors[:5]) + ([f"... and {len(errors) - 5} more"] if len(errors) > 5 else [])
+    free = free_bytes(raw)
+    if free < needed:
+        cause = (f"the disk holding {raw} is full: {format_bytes(free)} free, this conversion needs about "
+                 f"{format_bytes(needed)}")
+    else:
+        cause = (f"writing into {raw} failed although {format_bytes(free)} are free (this conversion needs about "
+                 f"{format_bytes(needed)}): a disk quota, a file size limit (ulimit -f), a read-only or failing "
+                 "disk or network share, or a disk that filled up meanwhile")
     return ConversionError(
         shown + [
-            f"the disk holding {raw} is probably full (or the folder is not writable): {format_bytes(free_bytes(raw))} "
-            f"free, this conversion needs about {format_bytes(needed)}. The existing datasets are unchanged and the "
-            "partial output was removed: free space (or use another nnUNet_raw) and run again",
+            f"{cause}. The existing datasets are unchanged and the partial output was removed: free space "
+            "(or use another nnUNet_raw) and run again",
         ],
         header=f"conversion of {Path(manifest).name} failed while writing, no dataset was changed",
     )
 
 
 def _site_relative(row: ManifestRow, base: Path) -> str:
-    """How the key file names a series: the manifest image path relative to the site folder."""
-    try:
-        text = os.path.relpath(row.image, base)
-    except ValueError:
-        text = str(row.image)
+    """How the key file names a series: the image path relative to the site folder (absolute outside it)."""
+    image = Path(row.image)
+    text = str(image.relative_to(base)) if image.is_relative_to(base) else str(image)
     extra = [f"series {row.series}"] if row.series else []
     extra += [f"echo {row.echo}"] if row.echo is not None else []
     return text + (f" [{', '.join(extra)}]" if extra else "")
