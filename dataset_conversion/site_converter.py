@@ -630,11 +630,10 @@ def _previous_folds(existing: dict[str, Path], old_targets: dict[str, dict]) -> 
     assignment: dict[str, int] = {}
     counts: set[int] = set()
     warnings: list[str] = []
-    for o in ORIENTATIONS:
-        f = existing.get(o, Path("/nonexistent")) / "splits_final.json"
-        if o not in existing or not f.is_file():
+    for o, folder in sorted(existing.items(), key=lambda item: ORIENTATIONS.index(item[0])):
+        if not (folder / "splits_final.json").is_file():
             continue
-        splits = load_json(f)
+        splits = load_json(folder / "splits_final.json")
         counts.add(len(splits))
         for case, k in folds_from_splits(splits).items():
             exam = old_targets.get(case, {}).get("exam", case)
