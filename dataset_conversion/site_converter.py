@@ -465,9 +465,15 @@ def _raw_lock(raw: Path, timeout_s: float | None) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     lock_dir = raw / LOCK_DIRNAME
-    lock_dir.mkdir(parents=True, exist_ok=True)
     owner_file = lock_dir / LOCK_OWNER
     lock = FileLock(str(lock_dir / LOCK_NAME))
+
+    def unwritable(exc: OSError) -> ConversionError:
+        return ConversionError(
+            [f"cannot write into {raw} ({exc.filename or lock_dir / LOCK_NAME}: {exc.strerror or exc}); check that the folder is "
+             "writable and not full"],
+            header="conversion refused, nothing was written",
+        )
 
     def refused(waited: float) -> ConversionError:
         return ConversionError(
@@ -478,8 +484,9 @@ def _raw_lock(raw: Path, timeout_s: float | None) -> Iterator[None]:
         )
 
     try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
-    except Timeout:
+    except Timeout:  # a TimeoutError, hence an OSError: caught first
         if timeout_s is not None and timeout_s <= 0:
             raise refused(0) from None
         log.warning("another orthodiff convert (%s) is writing into %s: waiting for it to finish",
@@ -488,6 +495,10 @@ def _raw_lock(raw: Path, timeout_s: float | None) -> Iterator[None]:
             lock.acquire(timeout=-1 if timeout_s is None else timeout_s)
         except Timeout:
             raise refused(float(timeout_s)) from None
+        except OSError as exc:
+            raise unwritable(exc) from exc
+    except OSError as exc:
+        raise unwritable(exc) from exc
     try:
         try:
             atomic_write_json(owner_file, _owner_record())  # only for the waiting run's message
@@ -537,10 +548,13 @@ def _clean_leftovers(raw: Path) -> list[str]:
         if m and p.is_dir():
             final = raw / m.group(1)
             if not final.exists():
-                os.replace(p, final)
-                notes.append(f"restored {final.name}, which an interrupted conversion had moved aside")
+                try:
+                    os.replace(p, final)
+                    notes.append(f"restored {final.name}, which an interrupted conversion had moved aside")
+                except OSError as exc:
+                    notes.append(f"could not restore {final.name} from {p} ({exc.strerror or exc}): move it back by hand")
                 log.warning(notes[-1])
-                continue
+                continue  # never removed
         if p.is_dir() and (p / STAGING_OWNER).exists():
             try:
                 owner = load_json(p / STAGING_OWNER)
@@ -549,11 +563,15 @@ def _clean_leftovers(raw: Path) -> list[str]:
                     continue
             except (OSError, ValueError, KeyError, TypeError):
                 pass
-        size = _tree_bytes(p) if p.is_dir() else p.stat().st_size
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        try:
+            size = _tree_bytes(p) if p.is_dir() else p.stat().st_size
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as exc:
+            log.warning("could not remove the leftover %s (%s); remove it by hand", p, exc.strerror or exc)
+            continue
         freed += size
         removed += 1
     if removed:
@@ -766,8 +784,11 @@ def _convert_locked(
     outcomes: list[SeriesOutcome] = []
     try:
         if staging is not None:
-            staging.mkdir(parents=True)
-            atomic_write_json(staging / STAGING_OWNER, _owner_record())
+            try:
+                staging.mkdir(parents=True)
+                atomic_write_json(staging / STAGING_OWNER, _owner_record())
+            except OSError as exc:
+                raise _write_refusal(manifest, raw, needed, [f"{staging}: {exc.strerror or exc}"]) from exc
         if num_processes > 1 and len(tasks) > 1:
             with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn")) as pool:
                 outcomes = list(tqdm(pool.map(convert_series, tasks), total=len(tasks), desc="converting series", unit="series"))
@@ -883,8 +904,18 @@ def _convert_locked(
                      "free space (or leave out --key-file)"],
                     header=f"conversion of {Path(manifest).name} stopped, no dataset was changed",
                 ) from exc
-        for o in by_orientation:
-            _move_into_place(staging / names[o], raw / names[o], raw)
+        moved: list[str] = []
+        try:
+            for o in by_orientation:
+                _move_into_place(staging / names[o], raw / names[o], raw)
+                moved.append(names[o])
+        except OSError as exc:
+            raise ConversionError(
+                [f"moving {names[o]} into {raw} failed: {exc.strerror or exc}. "
+                 + (f"Already updated: {', '.join(moved)}; " if moved else "No dataset was changed; ")
+                 + "run the same conversion again once the folder is writable (it completes the others)"],
+                header=f"conversion of {Path(manifest).name} stopped",
+            ) from exc
         return result
     finally:
         if staging is not None and staging.exists():

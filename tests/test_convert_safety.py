@@ -448,3 +448,21 @@ def test_geometry_message_prints_plain_numbers(tmp_path):
         _convert(site, rows, tmp_path / "raw")
     assert "spacing (0.5, 0.5, 3.3) != image (0.5, 0.5, 3.0) mm" in str(err.value)
     assert "np.float64" not in str(err.value)
+
+
+def test_unwritable_staging_place_is_a_clear_refusal(tmp_path):
+    """``<raw>/.orthodiff_tmp`` is a file: creating the staging folder fails with a real OSError."""
+    site = tmp_path / "site"
+    rows = _site(site, [("EX1", "P1", "S")])
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / ".orthodiff_tmp").write_text("not a folder")
+    with pytest.raises(ConversionError, match=r"failed while writing, no dataset was changed[\s\S]*"
+                                              r"\.orthodiff_tmp/[0-9a-f]{12}: Not a directory") as err:
+        _convert(site, rows, raw)
+    assert "failed although" in str(err.value)
+    assert not list(raw.glob("Dataset*")) and not (raw / ".orthodiff" / "pseudonym.key").exists()
+    (raw / ".orthodiff").rename(tmp_path / "moved")
+    (raw / ".orthodiff").write_text("not a folder either")  # mkdir of the lock folder: FileExistsError
+    with pytest.raises(ConversionError, match=r"cannot write into .*raw \(.*raw/\.orthodiff: File exists\); check that the folder is writable"):
+        _convert(site, rows, raw)
