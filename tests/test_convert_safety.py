@@ -48,12 +48,6 @@ def _convert(folder: Path, rows: list[dict], raw: Path, dataset_id: int = 601, n
     return convert_site(manifest, dataset_id, name, raw=raw, **kw)
 
 
-def _cli(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "orthodiff_nnunet.cli", "convert", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
 def _exam_folds(dataset: Path) -> dict[str, int]:
     targets = json.loads((dataset / "orthodiff_targets.json").read_text())["cases"]
     splits = json.loads((dataset / "splits_final.json").read_text())
@@ -144,6 +138,10 @@ def test_lock_timeout_refuses_with_the_holder_named(tmp_path):
         assert 0.9 < time.time() - t0 < 30
         with pytest.raises(ConversionError, match="is writing into"):
             _convert(site, rows, raw, lock_timeout_s=0)
+        out = subprocess.run([sys.executable, "-m", "orthodiff_nnunet.cli", "convert", str(site / "manifest.csv"),
+                              "-d", "601", "-n", "Safe", "--raw", str(raw), "--lock-timeout", "0"],
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert out.returncode == 2 and "(process 4242 on workstation7" in out.stderr, out.stderr
     finally:
         held.release()
     assert not list(raw.glob("Dataset*")) and not (raw / ".orthodiff" / "pseudonym.key").exists()
@@ -466,3 +464,30 @@ def test_unwritable_staging_place_is_a_clear_refusal(tmp_path):
     (raw / ".orthodiff").write_text("not a folder either")  # mkdir of the lock folder: FileExistsError
     with pytest.raises(ConversionError, match=r"cannot write into .*raw \(.*raw/\.orthodiff: File exists\); check that the folder is writable"):
         _convert(site, rows, raw)
+
+
+def test_split_changes_are_reported_with_their_reason():
+    cases = ["a", "b", "c", "d"]
+    patients = {"a": "p1", "b": "p2", "c": "p3", "d": "p4"}
+    sites = dict.fromkeys(cases, "S")
+    before = folds_from_splits(patient_grouped_splits(cases, patients, sites, 2))
+    # an exam of another fold is now given a's patient: exactly one of the two moves, to the lower fold
+    other = next(c for c in "bcd" if before[c] != before["a"])
+    update = extend_patient_grouped_splits(cases, dict(patients, **{other: "p1"}), sites, before, 2, 2)
+    after = folds_from_splits(update.folds)
+    assert after["a"] == after[other] == 0
+    assert all(after[c] == before[c] for c in cases if c not in ("a", other))
+    mover = "a" if before["a"] == 1 else other
+    assert update.changes == [f"exam {mover} moved from fold 1 to fold 0: the manifest now gives it the same patient "
+                              "as exams in fold 0, and one patient's exams must share a fold"]
+    # every exam now of one patient: a single fold, and the change is reported
+    single = extend_patient_grouped_splits(cases, dict.fromkeys(cases, "p1"), sites, before, 2, 2)
+    assert single.folds == [{"train": cases, "val": cases}]
+    assert single.changes[0].startswith("the 2 folds were replaced by a single fold")
+    # 2 patients -> 2 folds; 6 patients later allow 3 folds: re-split, and said so
+    grown = extend_patient_grouped_splits(cases + ["e", "f"], dict(patients, e="p5", f="p6"), dict.fromkeys(cases + ["e", "f"], "S"),
+                                          before, 2, 3)
+    assert len(grown.folds) == 3
+    assert grown.changes == ["every exam was split anew into 3 folds because 3 folds were asked for and the existing "
+                             "split has 2: models trained on the old splits_final.json must be retrained (pass --folds 2 "
+                             "to keep the old folds)"]

@@ -177,8 +177,12 @@ def extend_patient_grouped_splits(
             "(nnU-Net's fold 'all'); its validation scores are not a held-out estimate. Add patients for cross-validation"
         )
         update.folds = [{"train": list(cases), "val": list(cases)}] if cases else []
+        if previous and previous_num_folds is not None and previous_num_folds >= 2:
+            update.changes.append(f"the {previous_num_folds} folds were replaced by a single fold: every exam now "
+                                  "belongs to one patient; models trained on the old splits_final.json must be retrained")
         return update
-    previous = {c: f for c, f in (previous or {}).items() if c in set(cases)}
+    present = set(cases)
+    previous = {c: f for c, f in (previous or {}).items() if c in present}
     if not previous or previous_num_folds != k:
         update.folds = patient_grouped_splits(cases, patients, sites, num_folds, seed)
         if previous:
@@ -239,8 +243,7 @@ def extend_patient_grouped_splits(
         for c in members:
             assignment[c] = f
             size[f] += 1
-            site_size[sites[c]] = site_size.get(sites[c], [0] * k)
-            site_size[sites[c]][f] += 1
+            site_size.setdefault(sites[c], [0] * k)[f] += 1
     n_new = sum(len(by_patient[p]) for p in new_patients)
     if n_new or followed:
         update.notes.append(
