@@ -7,13 +7,21 @@ Stages, each reading and writing files under ``nnUNet_preprocessed/<dataset>/``:
    plus a fallback for datasets without any foreground label). Reused when the raw files are
    unchanged (names, sizes and modification times).
 3. Plans with an orthodiff planner (``resenc_m``, the default, or ``plain``), or, with
-   ``plans_from``, the plans of a planned dataset of the same orientation copied over (same
-   topology, spacing and normalisation: encoders move between the two).
+   ``plans_from``, the plans of a planned dataset of the same orientation (or of a plans file)
+   copied over (same topology, spacing and normalisation: encoders move between the two). Every
+   plans file owns its data folders: data identifiers start with the plans name
+   (:func:`orthodiff_nnunet.plans.own_data_identifiers`), so plans copied or transferred under
+   another name never overwrite another plans' data.
 4. Preprocessing with nnU-Net's ``DefaultPreprocessor.run_case_save``, once per data identifier
    (the segmentation, diffusion and classification configurations share one). Cases already
    preprocessed under the same preprocessing-relevant plans (see
    :func:`orthodiff_nnunet.plans.preprocessing_hash`) are skipped; a progress record beside the
-   data folder says which cases are complete.
+   data folder (its stamp: hash, plans name, cases done) says which cases are complete, and
+   :func:`check_preprocessed_data` lets every trainer refuse data its plans did not make.
+
+One run at a time per dataset: a lock in the preprocessed dataset folder (released by the
+operating system when the run ends, however it ends); the next run removes the temporary files a
+killed run left there.
 
 Dataset selection (``dataset_ids`` / ``-d``): each entry is a dataset id (``501``) or name
 (``Dataset501_KneeSag``). Without ``orientations`` exactly those datasets are processed
