@@ -8,10 +8,10 @@ Stages, each reading and writing files under ``nnUNet_preprocessed/<dataset>/``:
    unchanged (names, sizes and modification times).
 3. Plans with an orthodiff planner (``resenc_m``, the default, or ``plain``), or, with
    ``plans_from``, the plans of a planned dataset of the same orientation (or of a plans file)
-   copied over (same topology, spacing and normalisation: encoders move between the two). Every
-   plans file owns its data folders: data identifiers start with the plans name
-   (:func:`orthodiff_nnunet.plans.own_data_identifiers`), so plans copied or transferred under
-   another name never overwrite another plans' data.
+   copied over (same topology, spacing and normalisation: encoders move between the two). Plans
+   copied or transferred under another name never overwrite another plans' data: where their data
+   identifier names a folder that holds other data, it is renamed to start with their plans name
+   (:func:`give_own_data_folders`).
 4. Preprocessing with nnU-Net's ``DefaultPreprocessor.run_case_save``, once per data identifier
    (the segmentation, diffusion and classification configurations share one). Cases already
    preprocessed under the same preprocessing-relevant plans (see
@@ -84,6 +84,7 @@ __all__ = [
     "add_plan_and_preprocess_parser",
     "check_preprocessed_data",
     "default_plans_name",
+    "give_own_data_folders",
     "plan_and_preprocess",
     "resolve_datasets",
 ]
@@ -537,6 +538,68 @@ def _plans_are_current(plans_file: Path, dataset_name: str, planner: PlannerName
     )
 
 
+def give_own_data_folders(plans: dict, plans_name: str, folder: Path, labels: dict | None) -> dict:
+    """``plans`` named ``plans_name``, with data identifiers of their own where another plans' data would clash.
+
+    A data identifier not starting with ``<plans_name>_`` (plans copied by hand, transferred under
+    another name, or shrunk copies) is renamed with
+    :func:`~orthodiff_nnunet.plans.own_data_identifiers` when another plans file of ``folder``, or
+    the stamp of that data folder written for another plans name, holds other data under it (a
+    different :func:`~orthodiff_nnunet.plans.preprocessing_hash`): preprocessing would otherwise
+    overwrite that data with other spacing or normalisation. Identifiers shared with identical
+    preprocessing (a tiny-network copy of the same plans) stay shared: the data are the same.
+
+    Args:
+        plans: a plans dict (not modified).
+        plans_name: the plans identifier (the file name without ``.json``).
+        folder: ``nnUNet_preprocessed/<dataset>``.
+        labels: the dataset.json ``labels`` (part of the hash).
+
+    Returns:
+        A copy with ``plans_name`` set and, where needed, renamed data identifiers.
+    """
+    out = copy.deepcopy(plans)
+    out["plans_name"] = plans_name
+    prefix = f"{plans_name}_"
+    mine: dict[str, str] = {}  # data identifier -> hash, for identifiers that plans_name does not own
+    for cfg in out.get("configurations", {}):
+        d = resolve_configuration(out, cfg).get("data_identifier")
+        if d and not str(d).startswith(prefix):
+            mine.setdefault(d, preprocessing_hash(out, cfg, labels))
+    if not mine:
+        return out
+    clashes: set[str] = set()
+    for f in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+        if f.stem == plans_name:
+            continue
+        try:
+            other = load_json(f)
+        except ValueError:
+            continue
+        if not isinstance(other, dict) or "configurations" not in other or "plans_name" not in other:
+            continue
+        for cfg in other["configurations"]:
+            try:
+                d = resolve_configuration(other, cfg).get("data_identifier")
+                if d in mine and preprocessing_hash(other, cfg, labels) != mine[d]:
+                    clashes.add(f"{d} (plans {f.stem})")
+            except PlansError:
+                continue
+    for d, digest in mine.items():
+        stamp = progress_record_path(folder, d)
+        if stamp.is_file():
+            record = load_json(stamp)
+            if record.get("hash") != digest and record.get("plans_name") not in (None, plans_name):
+                clashes.add(f"{d} (data of plans {record['plans_name']})")
+    if not clashes:
+        return out
+    owned = own_data_identifiers(out, plans_name)
+    log.info("%s: plans %s name data folders that hold other data (%s): their data identifiers are now %s",
+             Path(folder).name, plans_name, ", ".join(sorted(clashes)),
+             ", ".join(sorted({c["data_identifier"] for c in owned["configurations"].values() if "data_identifier" in c})))
+    return owned
+
+
 def _summaries(plans: dict, configurations: Sequence[str]) -> list[ConfigurationSummary]:
     out = []
     for name in configurations:
@@ -561,9 +624,8 @@ def transfer_plans(
     Only the dataset name, the image reader/writer, and the orthodiff block's label and
     abnormality names (and ``plans_transferred_from``) change; spacing, patch, batch, network and
     intensity properties are the source's. Written atomically as ``<plans_name>.json`` (default:
-    the source's plans name), with data identifiers owned by that name
-    (:func:`~orthodiff_nnunet.plans.own_data_identifiers`), so plans transferred under another
-    name never share a preprocessed folder with the target's other plans.
+    the source's plans name), with their own data folders (:func:`give_own_data_folders`), so
+    plans transferred under another name never share a preprocessed folder with other data.
 
     Raises:
         PlanningError: when the orientations differ or the source plans have no orthodiff block.
@@ -599,8 +661,9 @@ def transfer_plans(
     abnormal = target.block.get("abnormality_labels", list(block.abnormality_names))
     new_block = dataclasses.replace(block, label_names=label_names or block.label_names,
                                     abnormality_names=abnormal, plans_transferred_from=source_name)
-    plans = own_data_identifiers(with_orthodiff_block(plans, new_block), plans_name or plans["plans_name"])
     folder = pre_root / target.name
+    plans = give_own_data_folders(with_orthodiff_block(plans, new_block), plans_name or plans["plans_name"], folder,
+                                  target.dataset_json.get("labels"))
     save_plans(folder / f"{plans['plans_name']}.json", plans)
     atomic_write_json(folder / "dataset.json", target.dataset_json)
     return plans
@@ -1027,11 +1090,8 @@ def plan_and_preprocess(
                             gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,
                         )
                 plans = load_plans(plans_file)
-                owned = own_data_identifiers(plans, identifier)
-                if owned != plans:  # a plans file copied under this name: give it its own data folder
-                    log.info("%s: %s named another plans' data folder; its data identifiers are now %s", t.name,
-                             plans_file.name, sorted({c.get("data_identifier") for c in owned["configurations"].values()
-                                                      if c.get("data_identifier")}))
+                owned = give_own_data_folders(plans, identifier, folder, t.dataset_json.get("labels"))
+                if owned != plans:  # e.g. a plans file copied under this name, spacing edited
                     save_plans(plans_file, owned)
                     plans = owned
                 planner_used = PLANNERS[planner][0]

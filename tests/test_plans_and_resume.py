@@ -198,6 +198,14 @@ def test_plans_under_another_name_get_their_own_data_folder(golden, tmp_path):
     thin_shape = nnUNetDatasetBlosc2(str(pre / b / "thinPlans_3d_fullres")).load_case("siteb_000")[0].shape
     assert thin_shape[1] == 20  # 10 slices of 2 mm at 1 mm
     assert _snapshot(own_data) == before
+
+    # 4. a tiny-network copy (same preprocessing) keeps sharing the data: nothing renamed or redone
+    from orthodiff_nnunet.networks.build import write_shrunk_plans
+
+    write_shrunk_plans(pre / b, PLAIN, "tinyPlans")
+    d = _plan([511], raw, pre, plans_name="tinyPlans").dataset(b)
+    assert (_data_id(json.loads((pre / b / "tinyPlans.json").read_text())), d.num_skipped) == (own_data.name, 3)
+    assert _snapshot(own_data) == before
     for plans in (own, theirs, thin):  # each plans' data is its own and complete
         assert check_preprocessed_data(pre / b, plans, "3d_fullres").name == _data_id(plans)
 
