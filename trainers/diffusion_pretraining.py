@@ -5,7 +5,9 @@ augmentation, logging and checkpoint format, and changes only what a denoising d
 needs: the network is the plans' U-Net wrapped with timestep conditioning and as many outputs as
 inputs, the step noises a clean patch to a random timestep and regresses the noise (or v), an EMA
 copy of the weights is kept, checkpoints are written atomically every epoch (one epoch =
-``checkpoint_every`` iterations), and DDP also runs on CPU (gloo) for testing.
+``checkpoint_every`` iterations), and DDP also runs on CPU (gloo) for testing. Before anything is
+built, ``initialize`` checks that the preprocessed data were made by these plans
+(:func:`orthodiff_nnunet.planning.check_preprocessed_data`).
 
 This module is imported by nnU-Net by bare module name through ``nnUNet_extTrainer``: absolute
 imports only.
@@ -13,7 +15,6 @@ imports only.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from time import time
@@ -29,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
-from orthodiff_nnunet.utils import save_figure
+from orthodiff_nnunet.planning import check_preprocessed_data
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
@@ -127,6 +129,8 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             raise ValueError(f"precision {self.precision!r}: use one of {PRECISIONS}")
         if self.device.type != "cuda" and self.precision in ("fp16", "bf16", "tf32"):
             self.precision = "fp32"
+        check_preprocessed_data(Path(self.preprocessed_dataset_folder_base), self.plans_manager.plans,
+                                self.configuration_name, self.dataset_json)
         if self.precision == "tf32":  # opt in only: never switch off a process-wide default others rely on
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self._apply_run_length()
@@ -242,7 +246,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         va = self.logger.get_value("val_losses", None)
         its = [(i + 1) * self.num_iterations_per_epoch for i in range(len(tr))]
         rows = ["iteration,train_loss,val_loss_ema"] + [f"{i},{a:.6f},{b:.6f}" for i, a, b in zip(its, tr, va)]
-        Path(self.output_folder, "loss_curve.csv").write_text("\n".join(rows) + "\n")
+        atomic_write_text(Path(self.output_folder, "loss_curve.csv"), "\n".join(rows) + "\n")
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(its, tr, label="train")
         ax.plot(its, va, label="validation (EMA weights)")
@@ -263,7 +267,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         super().save_checkpoint(tmp)
         if os.path.exists(tmp):
             os.replace(tmp, filename)
-            Path(self.output_folder, "diffusion_config.json").write_text(json.dumps(self.diffusion_config(), indent=2))
+            atomic_write_json(Path(self.output_folder, "diffusion_config.json"), self.diffusion_config())
 
     def iterations_done(self) -> int:
         return self.current_epoch * self.num_iterations_per_epoch
