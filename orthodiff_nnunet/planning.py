@@ -418,11 +418,23 @@ def _remove_stale_temporaries(pre_folder: Path, min_age_s: float = _STALE_TEMPOR
     return removed
 
 
-def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
-    """Copy the raw splits_final.json to nnUNet_preprocessed unless one is already there.
+def _splits_extend(new: list[dict], old: list[dict]) -> bool:
+    """True when ``new`` keeps every case of ``old`` in the same fold and part and only adds cases.
 
-    nnU-Net's planner asserts that an existing copy matches the raw one; a mismatch is reported
-    here with what to do instead of a bare AssertionError.
+    That is what an incremental ``orthodiff convert`` writes (earlier exams keep their folds, new
+    patients are placed into folds): models trained on the old folds stay valid for the old cases.
+    """
+    if len(new) != len(old):
+        return False
+    return all(set(o["train"]) <= set(n["train"]) and set(o["val"]) <= set(n["val"]) for n, o in zip(new, old))
+
+
+def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
+    """Copy the raw splits_final.json to nnUNet_preprocessed unless the copy there is already the same.
+
+    nnU-Net's planner asserts that an existing copy matches the raw one. A raw split that only adds
+    cases to the existing folds (an incremental convert) replaces the copy, with a log line; any other
+    difference is refused here with what to do instead of a bare AssertionError.
     """
     src = info.folder / "splits_final.json"
     if not src.is_file():
@@ -435,12 +447,19 @@ def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
     same = all(
         set(a[i]["train"]) == set(b[i]["train"]) and set(a[i]["val"]) == set(b[i]["val"]) for i in range(len(a))
     ) if len(b) >= len(a) else False
-    if not same:
-        raise PlanningError(
-            f"{dst} differs from the raw dataset's splits_final.json (the dataset was re-converted?). "
-            f"Delete {dst} to use the new splits (models trained on the old folds no longer match), "
-            "or restore the old raw splits."
-        )
+    if same:
+        return
+    if _splits_extend(a, b):
+        added = len({c for f in a for c in f["val"]}) - len({c for f in b for c in f["val"]})
+        log.info("%s: the raw splits_final.json adds %d case(s) to the existing folds (an incremental convert; "
+                 "no earlier case changed fold): updating the preprocessed copy", info.name, added)
+        atomic_write_json(dst, a)
+        return
+    raise PlanningError(
+        f"{dst} differs from the raw dataset's splits_final.json and earlier cases changed fold (the dataset was "
+        f"re-converted with other folds?). Delete {dst} to use the new splits (models trained on the old folds "
+        "no longer match), or restore the old raw splits."
+    )
 
 
 def list_training_cases(info: DatasetInfo) -> dict[str, dict[str, Any]]:

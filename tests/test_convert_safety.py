@@ -491,3 +491,37 @@ def test_split_changes_are_reported_with_their_reason():
     assert grown.changes == ["every exam was split anew into 3 folds because 3 folds were asked for and the existing "
                              "split has 2: models trained on the old splits_final.json must be retrained (pass --folds 2 "
                              "to keep the old folds)"]
+
+
+@pytest.mark.slow
+def test_planning_after_an_incremental_convert_takes_the_extended_folds(tmp_path, monkeypatch):
+    """plan_and_preprocess accepts a raw split that only adds exams (and updates its copy); a re-split is refused."""
+    from orthodiff_nnunet.planning import PlanningError, plan_and_preprocess
+    from orthodiff_nnunet.utils import load_json
+
+    site = tmp_path / "site"
+    rows = _site(site, [(f"EX{i}", f"PAT{i}", "S") for i in range(6)], size=(40, 32, 10))
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    for k, v in {"nnUNet_raw": raw, "nnUNet_preprocessed": pre, "nnUNet_results": tmp_path / "res"}.items():
+        monkeypatch.setenv(k, str(v))
+    ds = _convert(site, rows, raw, num_folds=3).datasets["sag"]
+
+    def plan():
+        return plan_and_preprocess([601], num_processes=1, raw=raw, preprocessed=pre, show_progress=False,
+                                   planner="plain", configurations=("3d_fullres",))
+
+    plan()
+    old = load_json(pre / ds.name / "splits_final.json")
+    rows2 = rows + _site(site / "more", [("EX6", "PAT6", "S"), ("EX7", "PAT7", "S")], size=(40, 32, 10))
+    for r in rows2[6:]:
+        r["image"], r["label"] = "more/" + r["image"], "more/" + r["label"]
+    _convert(site, rows2, raw, num_folds=3)
+    plan()
+    new = load_json(pre / ds.name / "splits_final.json")
+    assert new == load_json(ds / "splits_final.json")
+    assert all(set(o["val"]) < set(n["val"]) or set(o["val"]) == set(n["val"]) for o, n in zip(old, new))
+    assert sum(len(f["val"]) for f in new) == sum(len(f["val"]) for f in old) + 2
+
+    _convert(site, rows2, raw, num_folds=2)  # every exam split anew: models of the old folds no longer match
+    with pytest.raises(PlanningError, match="earlier cases changed fold"):
+        plan()
