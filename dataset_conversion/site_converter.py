@@ -3,14 +3,19 @@
 Flow (every step collects *all* problems before refusing):
 
 1. the manifest is parsed and checked (:mod:`orthodiff_nnunet.dataset_conversion.manifest`);
-2. every series is read (DICOM through SimpleITK/GDCM, or NIfTI/NRRD/MHA), checked (3D, finite,
+2. the raw folder's lock ``<raw>/.orthodiff/convert.lock`` is taken (a second conversion into the
+   same folder waits), leftovers of killed runs in ``<raw>/.orthodiff_tmp`` are removed, and the
+   free space is compared with an estimate of the output;
+3. every series is read (DICOM through SimpleITK/GDCM, or NIfTI/NRRD/MHA), checked (3D, finite,
    not empty or constant, label geometry and values), its plane decided from the slice normal,
-   put into the canonical LPS layout and written into a staging folder;
-3. only when no series failed, each orientation's dataset is assembled in the staging folder
+   put into the canonical LPS layout and written into a staging folder (each file verified:
+   ITK does not report a full disk);
+4. only when no series failed, each orientation's dataset is assembled in the staging folder
    (unchanged cases of an existing dataset are hard-linked, not rewritten) with ``dataset.json``,
-   the targets file and patient-grouped splits, and moved into place.
+   the targets file and patient-grouped splits (earlier exams keep their folds), and moved into place.
 
-Nothing is written with ``dry_run``; an interrupted run leaves only ``<raw>/.orthodiff_tmp``.
+Nothing is written with ``dry_run``. A refused or failed conversion leaves no dataset change,
+no new pseudonym key and no staging folder (only the empty lock file).
 No value read from a DICOM header reaches an output or a log: images are rebuilt from their
 voxel arrays and geometry only, and output names are keyed-hash pseudonyms.
 """
@@ -23,10 +28,13 @@ import logging
 import os
 import re
 import shutil
+import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -34,7 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from orthodiff_nnunet import __version__, paths
-from orthodiff_nnunet.data.splits import patient_grouped_splits
+from orthodiff_nnunet.data.splits import extend_patient_grouped_splits, folds_from_splits
 from orthodiff_nnunet.dataset_conversion.manifest import ManifestRow, read_manifest
 from orthodiff_nnunet.errors import ConversionError, OrthodiffError
 from orthodiff_nnunet.orientation import (
@@ -43,14 +51,14 @@ from orthodiff_nnunet.orientation import (
     detect_plane,
     to_canonical,
 )
-from orthodiff_nnunet.privacy import load_or_create_key, pseudonym, write_key_file
+from orthodiff_nnunet.privacy import pseudonym, read_or_new_key, store_new_key, write_key_file
 from orthodiff_nnunet.schemes import (
     KNEE_STRUCTURES,
     ORIENTATION_ID_OFFSET,
     ORIENTATION_SUFFIX,
     ORIENTATIONS,
 )
-from orthodiff_nnunet.utils import atomic_write_json, load_json
+from orthodiff_nnunet.utils import atomic_write_json, format_bytes, free_bytes, load_json, write_image_checked
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,11 @@ FILE_ENDING = ".nii.gz"
 TARGETS_FILE = "orthodiff_targets.json"
 RECORD_FILE = ".orthodiff_conversion.json"
 TMP_DIRNAME = ".orthodiff_tmp"
+STAGING_OWNER = ".owner.json"  # pid, host and start time of the run that staged there
+LOCK_DIRNAME = ".orthodiff"  # beside the pseudonym key
+LOCK_NAME = "convert.lock"
+LOCK_OWNER = "convert.owner.json"
+DISK_RESERVE_BYTES = 64 * 1024 * 1024  # kept free beyond the estimated output
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,8 @@ class SeriesOutcome:
     warnings: list[str] = field(default_factory=list)
     # one entry per written case (several with echo="all")
     cases: list[dict] = field(default_factory=list)
+    # the series was valid but its output could not be written (disk full, ...)
+    write_errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +111,8 @@ class ConversionResult:
     dry_run: bool
     warnings: list[str] = field(default_factory=list)
     orientations_detected: dict[str, int] = field(default_factory=dict)
+    # what else the user should know: leftovers cleaned, how new exams were placed into folds
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = ["dry run: every series is valid, nothing was written" if self.dry_run else "conversion complete"]
@@ -104,6 +121,8 @@ class ConversionResult:
             if o in self.datasets:
                 lines.append(f"{o:<12}{self.num_cases.get(o, 0):>7}  {self.datasets[o]}")
         lines.append(f"series: {self.added} added, {self.updated} updated, {self.unchanged} unchanged")
+        for n in self.notes:
+            lines.append(f"note: {n}")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
@@ -190,9 +209,9 @@ def _check_image(image: sitk.Image) -> tuple[list[str], np.ndarray | None]:
     return problems, np.asarray(arr)
 
 
-def _plain(values, decimals: int) -> str:
-    """``(0.5, 0.6, 3.0)``: rounded plain numbers (a tuple of numpy scalars prints ``np.float64(...)``)."""
-    return "(" + ", ".join(repr(round(float(v), decimals)) for v in values) + ")"
+def _numbers(values: np.ndarray, digits: int) -> str:
+    """``(0.5, 0.5, 3.0)``: rounded plain numbers (a tuple of numpy scalars prints ``np.float64(0.5)``)."""
+    return "(" + ", ".join(repr(round(float(v), digits)) for v in np.asarray(values).ravel()) + ")"
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image, tol: GeometryTolerance) -> list[str]:
@@ -201,10 +220,10 @@ def _same_grid(a: sitk.Image, b: sitk.Image, tol: GeometryTolerance) -> list[str
         return [f"size {b.GetSize()} != image {a.GetSize()}"]
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
     if np.any(np.abs(sa - sb) > tol.spacing * np.abs(sa)):
-        diffs.append(f"spacing {_plain(sb, 4)} != image {_plain(sa, 4)} mm")
+        diffs.append(f"spacing {_numbers(sb, 4)} != image {_numbers(sa, 4)} mm")
     oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
     if np.any(np.abs(oa - ob) > tol.origin * sa.min()):
-        diffs.append(f"origin {_plain(ob, 3)} != image {_plain(oa, 3)} mm")
+        diffs.append(f"origin {_numbers(ob, 3)} != image {_numbers(oa, 3)} mm")
     da, db = np.array(a.GetDirection()), np.array(b.GetDirection())
     if np.any(np.abs(da - db) > tol.direction):
         diffs.append("direction differs from the image's")
@@ -315,7 +334,7 @@ def _convert_series(task: dict, out: SeriesOutcome) -> None:
                 missing = remap.unknown_values(lab)
                 if missing:
                     out.problems.append(
-                        f"{tag}: label values {missing} are not in the remap table {remap.name}; add them to the table"
+                        f"{tag}: label values {[int(v) for v in missing]} are not in the remap table {remap.name}; add them to the table"
                     )
                     continue
                 lab = remap.apply(lab)
@@ -350,10 +369,15 @@ def _convert_series(task: dict, out: SeriesOutcome) -> None:
                 image_c = sitk.Cast(image_c, sitk.sitkFloat32)
             folder = Path(task["staging"]) / task["dataset_names"][orientation]
             img_dir, lab_dir = task["subdirs"]
-            (folder / img_dir).mkdir(parents=True, exist_ok=True)
-            (folder / lab_dir).mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(image_c, str(folder / img_dir / f"{case}_0000{FILE_ENDING}"), True)
-            sitk.WriteImage(label_c, str(folder / lab_dir / f"{case}{FILE_ENDING}"), True)
+            try:
+                (folder / img_dir).mkdir(parents=True, exist_ok=True)
+                (folder / lab_dir).mkdir(parents=True, exist_ok=True)
+                # ITK reports no error when the disk fills up: every file is decompressed and checked
+                write_image_checked(image_c, folder / img_dir / f"{case}_0000{FILE_ENDING}")
+                write_image_checked(label_c, folder / lab_dir / f"{case}{FILE_ENDING}")
+            except OSError as exc:  # ImageWriteError, ENOSPC, EDQUOT, EROFS, ...
+                out.write_errors.append(f"{tag}: {exc}")
+                return
         out.cases.append(info)
 
 
@@ -378,6 +402,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _existing_group(raw: Path, dataset_id: int, names: Mapping[str, str]) -> dict[str, Path]:
+    """This group's existing datasets per orientation; refuses ids taken by other datasets."""
+    problems: list[str] = []
+    existing: dict[str, Path] = {}
+    for o in ORIENTATIONS:
+        found = _existing_dataset(raw, dataset_id + ORIENTATION_ID_OFFSET[o]) if raw.is_dir() else None
+        if found is None:
+            continue
+        if found.name != names[o]:
+            problems.append(
+                f"dataset id {dataset_id + ORIENTATION_ID_OFFSET[o]} is taken by {found.name} in {raw}; "
+                f"choose another -d (this conversion needs ids {dataset_id}..{dataset_id + 2})"
+            )
+        else:
+            existing[o] = found
+    if problems:
+        raise ConversionError(problems)
+    return existing
+
+
 def _load_label_scheme(label_scheme: Path | Mapping[str, int] | None) -> dict[str, int]:
     if label_scheme is None:
         return dict(KNEE_STRUCTURES)
@@ -388,6 +432,238 @@ def _load_label_scheme(label_scheme: Path | Mapping[str, int] | None) -> dict[st
             [f"label scheme {scheme} must map 'background' to 0 and use consecutive values 0..N (nnU-Net's rule)"]
         )
     return {k: int(v) for k, v in scheme.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# one conversion at a time per nnUNet_raw, leftovers of interrupted runs, disk space
+
+
+def _owner_record() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _describe_owner(owner_file: Path) -> str:
+    try:
+        o = load_json(owner_file)
+        return f"process {o['pid']} on {o['host']}, started {o['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def _raw_lock(raw: Path, timeout_s: float | None) -> Iterator[None]:
+    """Hold ``<raw>/.orthodiff/convert.lock`` (one conversion at a time per nnUNet_raw folder).
+
+    Two conversions into one folder would each read the same old state and the second's move
+    would throw away the first's cases (or both would take one dataset id). The lock makes the
+    second wait until the first has finished (``timeout_s=None``), or refuses it after
+    ``timeout_s`` seconds (``0``: at once) with a message naming the running conversion. The
+    operating system releases the lock when a process dies, so a killed run never blocks later
+    ones. The lock file itself (empty) stays.
+    """
+    from filelock import FileLock, Timeout
+
+    lock_dir = raw / LOCK_DIRNAME
+    owner_file = lock_dir / LOCK_OWNER
+    lock = FileLock(str(lock_dir / LOCK_NAME))
+
+    def unwritable(exc: OSError) -> ConversionError:
+        return ConversionError(
+            [f"cannot write into {raw} ({exc.filename or lock_dir / LOCK_NAME}: {exc.strerror or exc}); check that the folder is "
+             "writable and not full"],
+            header="conversion refused, nothing was written",
+        )
+
+    def refused(waited: float) -> ConversionError:
+        return ConversionError(
+            [f"another orthodiff convert ({_describe_owner(owner_file)}) is writing into {raw}"
+             + (f"; waited {waited:g} s" if waited > 0 else "")
+             + ": let it finish and run this conversion again (without --lock-timeout it waits as long as needed)"],
+            header="conversion refused, nothing was written",
+        )
+
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=0)
+    except Timeout:  # a TimeoutError, hence an OSError: caught first
+        if timeout_s is not None and timeout_s <= 0:
+            raise refused(0) from None
+        log.warning("another orthodiff convert (%s) is writing into %s: waiting for it to finish",
+                    _describe_owner(owner_file), raw)
+        try:
+            lock.acquire(timeout=-1 if timeout_s is None else timeout_s)
+        except Timeout:
+            raise refused(float(timeout_s)) from None
+        except OSError as exc:
+            raise unwritable(exc) from exc
+    except OSError as exc:
+        raise unwritable(exc) from exc
+    try:
+        try:
+            atomic_write_json(owner_file, _owner_record())  # only for the waiting run's message
+        except OSError:
+            pass
+        yield
+    finally:
+        owner_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _clean_leftovers(raw: Path) -> list[str]:
+    """Remove what interrupted conversions left in ``<raw>/.orthodiff_tmp``; called under the raw lock.
+
+    Only a conversion holding the lock writes there, so while this one holds it every staging
+    folder belongs to a dead run. A staging folder whose owner record names a live process on this
+    machine is kept anyway (a conversion started by a version without the lock). A dataset that a
+    killed run had moved aside (``<name>.old.<id>``) while swapping in its new version is put back
+    when its place is empty, else removed.
+
+    Returns:
+        One note per action, for the log and the summary.
+    """
+    tmp = raw / TMP_DIRNAME
+    notes: list[str] = []
+    if not tmp.is_dir():
+        return notes
+    host = socket.gethostname()
+    freed = 0
+    removed = 0
+    for p in sorted(tmp.iterdir()):
+        m = re.fullmatch(r"(Dataset\d{3}_[A-Za-z0-9]+)\.old\.[0-9a-f]+", p.name)
+        if m and p.is_dir():
+            final = raw / m.group(1)
+            if not final.exists():
+                try:
+                    os.replace(p, final)
+                    notes.append(f"restored {final.name}, which an interrupted conversion had moved aside")
+                except OSError as exc:
+                    notes.append(f"could not restore {final.name} from {p} ({exc.strerror or exc}): move it back by hand")
+                log.warning(notes[-1])
+                continue  # never removed
+        if p.is_dir() and (p / STAGING_OWNER).exists():
+            try:
+                owner = load_json(p / STAGING_OWNER)
+                if owner.get("host") == host and owner.get("pid") != os.getpid() and _pid_alive(int(owner["pid"])):
+                    log.warning("kept %s: process %s on this machine is still running", p, owner["pid"])
+                    continue
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        try:
+            size = _tree_bytes(p) if p.is_dir() else p.stat().st_size
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as exc:
+            log.warning("could not remove the leftover %s (%s); remove it by hand", p, exc.strerror or exc)
+            continue
+        freed += size
+        removed += 1
+    if removed:
+        notes.append(f"removed {removed} leftover(s) of interrupted conversions from {tmp} ({format_bytes(freed)})")
+        log.warning(notes[-1])
+    _remove_if_empty(tmp)
+    return notes
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (or gone): fine
+
+
+def _source_bytes(row: ManifestRow) -> int:
+    """Bytes of the row's input files (image series and label map)."""
+    total = 0
+    if row.image.is_dir():
+        total += sum(p.stat().st_size for p in row.image.rglob("*") if p.is_file())
+    elif row.image.exists():
+        total += row.image.stat().st_size
+        if row.image.suffix.lower() == ".mhd":
+            total += sum(p.stat().st_size for p in row.image.parent.iterdir()
+                         if p.stem == row.image.stem and p != row.image)
+    if row.label is not None and row.label.exists():
+        total += row.label.stat().st_size
+    return total
+
+
+def _space_needed(tasks: list[dict], reserve_bytes: int) -> int:
+    """Bytes a conversion needs free in nnUNet_raw, estimated before anything is written.
+
+    New or changed series are rewritten as compressed NIfTI: their size is about that of the
+    source files (MR grey values compress to roughly their DICOM size or less; label maps to
+    almost nothing), so the estimate is 1.1 x the source bytes plus ``reserve_bytes`` for the
+    JSON files and what the system needs. Unchanged cases are hard links (no space). The staged
+    datasets replace the old ones by a rename, so no second copy is needed.
+    """
+    return int(1.1 * sum(_source_bytes(t["row"]) for t in tasks if t["previous"] is None)) + int(reserve_bytes)
+
+
+def _write_refusal(manifest: Path, raw: Path, needed: int, errors: Sequence[str]) -> ConversionError:
+    shown = list(errors[:5]) + ([f"... and {len(errors) - 5} more"] if len(errors) > 5 else [])
+    free = free_bytes(raw)
+    if free < needed:
+        cause = (f"the disk holding {raw} is full: {format_bytes(free)} free, this conversion needs about "
+                 f"{format_bytes(needed)}")
+    else:
+        cause = (f"writing into {raw} failed although {format_bytes(free)} are free (this conversion needs about "
+                 f"{format_bytes(needed)}): a disk quota, a file size limit (ulimit -f), a read-only or failing "
+                 "disk or network share, or a disk that filled up meanwhile")
+    return ConversionError(
+        shown + [
+            f"{cause}. The existing datasets are unchanged and the partial output was removed: free space "
+            "(or use another nnUNet_raw) and run again",
+        ],
+        header=f"conversion of {Path(manifest).name} failed while writing, no dataset was changed",
+    )
+
+
+def _site_relative(row: ManifestRow, base: Path) -> str:
+    """How the key file names a series: the image path relative to the site folder (absolute outside it)."""
+    image = Path(row.image)
+    text = str(image.relative_to(base)) if image.is_relative_to(base) else str(image)
+    extra = [f"series {row.series}"] if row.series else []
+    extra += [f"echo {row.echo}"] if row.echo is not None else []
+    return text + (f" [{', '.join(extra)}]" if extra else "")
+
+
+def _previous_folds(existing: dict[str, Path], old_targets: dict[str, dict]) -> tuple[dict[str, int] | None, int | None, list[str]]:
+    """Exam -> fold of the group's existing ``splits_final.json`` files, and their number of folds."""
+    assignment: dict[str, int] = {}
+    counts: set[int] = set()
+    warnings: list[str] = []
+    for o, folder in sorted(existing.items(), key=lambda item: ORIENTATIONS.index(item[0])):
+        if not (folder / "splits_final.json").is_file():
+            continue
+        splits = load_json(folder / "splits_final.json")
+        counts.add(len(splits))
+        for case, k in folds_from_splits(splits).items():
+            exam = old_targets.get(case, {}).get("exam", case)
+            if assignment.setdefault(exam, k) != k:
+                warnings.append(f"exam {exam} was in fold {assignment[exam]} of one view and fold {k} of another; "
+                                f"fold {assignment[exam]} kept")
+    if not counts:
+        return None, None, warnings
+    if len(counts) > 1:
+        warnings.append(f"the group's datasets have splits with {sorted(counts)} folds; all exams are split anew")
+        return None, None, warnings
+    return assignment, counts.pop(), warnings
 
 
 def convert_site(
@@ -409,10 +685,17 @@ def convert_site(
     spacing_source: str = "image header",
     tolerance: GeometryTolerance = GeometryTolerance(),
     allow_outside_site: bool = False,
+    lock_timeout_s: float | None = None,
+    disk_reserve_bytes: int = DISK_RESERVE_BYTES,
 ) -> ConversionResult:
-    """Convert one site's manifest into nnU-Net raw datasets; see :func:`orthodiff_nnunet.api.convert`."""
-    from tqdm import tqdm
+    """Convert one site's manifest into nnU-Net raw datasets; see :func:`orthodiff_nnunet.api.convert`.
 
+    Args (beyond the API's):
+        tolerance: label/image geometry tolerance.
+        lock_timeout_s: how long to wait for another conversion into the same ``raw`` (``None``:
+            as long as it takes; ``0``: refuse at once).
+        disk_reserve_bytes: free space to keep beyond the estimated output (refused below it).
+    """
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", name):
         raise ConversionError([f"dataset name {name!r}: use letters and digits only, starting with a letter (e.g. KneeSiteA)"])
     if not 1 <= dataset_id <= 997:
@@ -427,27 +710,40 @@ def convert_site(
                 f"the key file {kf} would lie inside {root}, next to the datasets; write it somewhere "
                 "private instead (e.g. --key-file ~/secure/siteA_key.csv)"
             ])
-    if not dry_run:
+    settings = dict(manifest=manifest, dataset_id=dataset_id, name=name, rows=rows, labels=labels, scheme=scheme,
+                    raw=raw, external=external, dry_run=dry_run, key_file=key_file, pseudonym_key=pseudonym_key,
+                    num_folds=num_folds, max_obliquity_deg=max_obliquity_deg, num_processes=num_processes,
+                    spacing_source=spacing_source, tolerance=tolerance, disk_reserve_bytes=disk_reserve_bytes,
+                    site_base=Path(site_dir).resolve() if site_dir else Path(manifest).resolve().parent)
+    if dry_run:
+        return _convert_locked(**settings, cleanup_notes=[])  # writes nothing, so needs no lock
+    # refuse a taken id before writing anything (checked again under the lock: another run may take it)
+    _existing_group(raw, dataset_id, {o: _dataset_folder_name(dataset_id, name, o) for o in ORIENTATIONS})
+    try:
         raw.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConversionError([f"cannot create {raw}: {exc.strerror or exc}; check the path and its permissions"]) from exc
+    with _raw_lock(raw, lock_timeout_s):
+        notes = _clean_leftovers(raw)
+        return _convert_locked(**settings, cleanup_notes=notes)
+
+
+def _convert_locked(
+    *, manifest: Path, dataset_id: int, name: str, rows: list[ManifestRow], labels: list[str],
+    scheme: dict[str, int], raw: Path, external: bool, dry_run: bool, key_file: Path | None,
+    pseudonym_key: Path | None, num_folds: int, max_obliquity_deg: float, num_processes: int,
+    spacing_source: str, tolerance: GeometryTolerance, disk_reserve_bytes: int, site_base: Path,
+    cleanup_notes: list[str],
+) -> ConversionResult:
+    """The conversion proper; runs while this process holds the raw folder's lock (or writes nothing)."""
+    from tqdm import tqdm
 
     names = {o: _dataset_folder_name(dataset_id, name, o) for o in ORIENTATIONS}
-    problems: list[str] = []
-    existing: dict[str, Path] = {}
-    for o in ORIENTATIONS:
-        found = _existing_dataset(raw, dataset_id + ORIENTATION_ID_OFFSET[o])
-        if found is None:
-            continue
-        if found.name != names[o]:
-            problems.append(
-                f"dataset id {dataset_id + ORIENTATION_ID_OFFSET[o]} is taken by {found.name} in {raw}; "
-                f"choose another -d (this conversion needs ids {dataset_id}..{dataset_id + 2})"
-            )
-        else:
-            existing[o] = found
-    if problems:
-        raise ConversionError(problems)
+    existing = _existing_group(raw, dataset_id, names)
 
-    key = load_or_create_key(Path(pseudonym_key) if pseudonym_key else paths.pseudonym_key_default(raw), create=not dry_run)
+    # a new key stays in memory until the conversion is known to succeed: a refused one leaves none
+    key_path = Path(pseudonym_key) if pseudonym_key else paths.pseudonym_key_default(raw)
+    key, key_is_new = read_or_new_key(key_path)
     subdirs = ("imagesTs", "labelsTs") if external else ("imagesTr", "labelsTr")
 
     # what earlier runs converted, by series digest
@@ -472,8 +768,28 @@ def convert_site(
             "allowed_labels": sorted(scheme.values()), "max_obliquity_deg": max_obliquity_deg, "tolerance": tolerance,
         })
 
+    needed = _space_needed(tasks, disk_reserve_bytes)
+    free = free_bytes(raw)
+    space_problem = None
+    if free < needed:
+        space_problem = (
+            f"not enough free space in {raw}: {format_bytes(free)} free, this conversion needs about "
+            f"{format_bytes(needed)} ({sum(t['previous'] is None for t in tasks)} series to write, estimated from "
+            f"their source files, plus {format_bytes(disk_reserve_bytes)} to spare); free space or use another nnUNet_raw"
+        )
+        if not dry_run:
+            raise ConversionError([space_problem], header=f"conversion of {Path(manifest).name} refused, nothing was written")
+    log.info("about %s to write (and %s kept in reserve), %s free in %s", format_bytes(needed - disk_reserve_bytes),
+             format_bytes(disk_reserve_bytes), format_bytes(free), raw)
+
     outcomes: list[SeriesOutcome] = []
     try:
+        if staging is not None:
+            try:
+                staging.mkdir(parents=True)
+                atomic_write_json(staging / STAGING_OWNER, _owner_record())
+            except OSError as exc:
+                raise _write_refusal(manifest, raw, needed, [f"{staging}: {exc.strerror or exc}"]) from exc
         if num_processes > 1 and len(tasks) > 1:
             with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn")) as pool:
                 outcomes = list(tqdm(pool.map(convert_series, tasks), total=len(tasks), desc="converting series", unit="series"))
@@ -495,7 +811,14 @@ def convert_site(
                 else:
                     seen[k] = outcome.row
         if problems:
-            raise ConversionError(problems, header=f"conversion of {Path(manifest).name} refused, nothing was written")
+            raise ConversionError(
+                problems,
+                header=f"conversion of {Path(manifest).name} refused, nothing was written"
+                + ("" if dry_run else " (no dataset, pseudonym key or staging folder)"),
+            )
+        write_errors = [e for o in outcomes for e in o.write_errors]
+        if write_errors:
+            raise _write_refusal(manifest, raw, needed, write_errors)
 
         by_orientation: dict[str, dict[str, dict]] = {}
         targets_new: dict[str, dict] = {}
@@ -509,8 +832,10 @@ def convert_site(
                     "exam": c["exam"], "echo": c["echo"], "targets": dict(row.targets), "site": row.site,
                     "field_strength_t": row.field_strength_t, "vendor": row.vendor or None, "patient": patient,
                 }
-                key_rows.append({"pseudonym": c["case"], "case_id": row.case_id, "patient_pseudonym": patient,
-                                 "patient_id": row.patient_id, "site": row.site})
+                key_rows.append({"pseudonym": c["exam"], "case_id": row.case_id, "patient_pseudonym": patient,
+                                 "patient_id": row.patient_id, "site": row.site,
+                                 "cases": f"{c['case']} ({c['orientation']})",
+                                 "series": f"{c['orientation']}: {_site_relative(row, site_base)}"})
 
         counts = {"new": 0, "updated": 0, "unchanged": 0}
         for o, cases in by_orientation.items():
@@ -526,13 +851,16 @@ def convert_site(
         result = ConversionResult(
             datasets={o: raw / names[o] for o in by_orientation}, num_cases={}, added=counts["new"],
             updated=counts["updated"], unchanged=counts["unchanged"], dry_run=dry_run, warnings=warnings,
-            orientations_detected={o: len(c) for o, c in by_orientation.items()},
+            orientations_detected={o: len(c) for o, c in by_orientation.items()}, notes=list(cleanup_notes),
         )
         if dry_run:
             result.num_cases = {o: len(c) for o, c in by_orientation.items()}
+            if space_problem:
+                result.warnings.append(space_problem)
             return result
 
-        # one split over every exam of the group, so the three views of an exam share a fold
+        # one split over every exam of the group, so the three views of an exam share a fold;
+        # exams of earlier conversions keep their folds
         all_targets = {**old_targets, **targets_new}
         all_cases_by_o: dict[str, dict[str, dict]] = {}
         for o in set(by_orientation) | set(existing):
@@ -545,22 +873,56 @@ def convert_site(
         exams = sorted({all_targets[c]["exam"] for cs in all_cases_by_o.values() for c in cs})
         exam_patient = {all_targets[c]["exam"]: all_targets[c]["patient"] for cs in all_cases_by_o.values() for c in cs}
         exam_site = {all_targets[c]["exam"]: all_targets[c]["site"] for cs in all_cases_by_o.values() for c in cs}
-        exam_folds = [] if external else patient_grouped_splits(exams, exam_patient, exam_site, num_folds)
+        exam_folds: list[dict[str, list[str]]] = []
+        if not external:
+            previous_folds, previous_k, fold_warnings = _previous_folds(existing, old_targets)
+            update = extend_patient_grouped_splits(exams, exam_patient, exam_site, previous_folds, previous_k, num_folds)
+            exam_folds = update.folds
+            for w in fold_warnings + update.changes:
+                log.warning("splits_final.json: %s", w)
+                result.warnings.append(f"splits_final.json: {w}")
+            for n in update.notes:
+                log.info("splits_final.json: %s", n)
+                result.notes.append(f"splits_final.json: {n}")
 
-        for o in by_orientation:
-            _assemble_dataset(
-                staging / names[o], existing.get(o), all_cases_by_o[o], all_targets, labels, scheme, o, subdirs,
-                external, name, dataset_id, exam_folds, spacing_source,
-            )
-            result.num_cases[o] = len(all_cases_by_o[o])
-        for o in by_orientation:
-            _move_into_place(staging / names[o], raw / names[o], raw)
+        try:
+            for o in by_orientation:
+                _assemble_dataset(
+                    staging / names[o], existing.get(o), all_cases_by_o[o], all_targets, labels, scheme, o, subdirs,
+                    external, name, dataset_id, exam_folds, spacing_source,
+                )
+                result.num_cases[o] = len(all_cases_by_o[o])
+            if key_is_new:
+                store_new_key(key_path, key)
+        except OSError as exc:  # disk full, quota, read-only: the staged copy is dropped below
+            raise _write_refusal(manifest, raw, needed, [f"{exc.filename or raw}: {exc.strerror or exc}"]) from exc
         if key_file is not None:
-            write_key_file(Path(key_file), key_rows, forbidden_root=raw)
+            try:
+                write_key_file(Path(key_file), key_rows, forbidden_root=raw)
+            except OSError as exc:
+                raise ConversionError(
+                    [f"cannot write the key file {key_file}: {exc.strerror or exc}; choose a writable place with "
+                     "free space (or leave out --key-file)"],
+                    header=f"conversion of {Path(manifest).name} stopped, no dataset was changed",
+                ) from exc
+        moved: list[str] = []
+        try:
+            for o in by_orientation:
+                _move_into_place(staging / names[o], raw / names[o], raw)
+                moved.append(names[o])
+        except OSError as exc:
+            raise ConversionError(
+                [f"moving {names[o]} into {raw} failed: {exc.strerror or exc}. "
+                 + (f"Already updated: {', '.join(moved)}; " if moved else "No dataset was changed; ")
+                 + "run the same conversion again once the folder is writable (it completes the others)"],
+                header=f"conversion of {Path(manifest).name} stopped",
+            ) from exc
         return result
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            _remove_if_empty(staging.parent)
 
 
 def _assemble_dataset(

@@ -31,6 +31,7 @@ def convert(
     num_processes: int = 2,
     spacing_source: str = "image header",
     allow_outside_site: bool = False,
+    lock_timeout_s: float | None = None,
 ) -> ConversionResult:
     """Convert a site's series into nnU-Net raw datasets, one per orientation.
 
@@ -52,6 +53,8 @@ def convert(
         spacing_source: recorded in ``dataset.json`` (``"user-supplied"`` when the header has none).
         allow_outside_site: accept ``image``/``label`` paths leading out of the site folder (``../``,
             absolute paths); refused by default so that no other site's images slip in.
+        lock_timeout_s: one conversion at a time writes into a ``raw`` folder; another one waits this
+            many seconds for it (``None``: as long as it takes, ``0``: refused at once).
 
     Returns:
         What was written (or, for a dry run, what would be).
@@ -64,6 +67,7 @@ def convert(
         abnormality_labels=abnormality_labels, label_scheme=label_scheme, dry_run=dry_run, key_file=key_file,
         pseudonym_key=pseudonym_key, num_folds=num_folds, max_obliquity_deg=max_obliquity_deg,
         num_processes=num_processes, spacing_source=spacing_source, allow_outside_site=allow_outside_site,
+        lock_timeout_s=lock_timeout_s,
     )
 
 

@@ -55,6 +55,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-obliquity", type=float, default=35.0,
                    help="largest accepted angle (degrees) between slice normal and nearest patient axis")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="parallel workers (default 2)")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="while another conversion writes into the same nnUNet_raw, wait at most this long "
+                        "(default: wait until it has finished; 0: refuse at once)")
     p.set_defaults(func=_run_convert)
 
 
@@ -78,6 +81,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         max_obliquity_deg=args.max_obliquity,
         num_processes=args.num_processes,
         allow_outside_site=args.allow_outside_site,
+        lock_timeout_s=args.lock_timeout,
     )
     print(result.summary())
     return 0

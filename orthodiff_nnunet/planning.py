@@ -7,13 +7,21 @@ Stages, each reading and writing files under ``nnUNet_preprocessed/<dataset>/``:
    plus a fallback for datasets without any foreground label). Reused when the raw files are
    unchanged (names, sizes and modification times).
 3. Plans with an orthodiff planner (``resenc_m``, the default, or ``plain``), or, with
-   ``plans_from``, the plans of a planned dataset of the same orientation copied over (same
-   topology, spacing and normalisation: encoders move between the two).
+   ``plans_from``, the plans of a planned dataset of the same orientation (or of a plans file)
+   copied over (same topology, spacing and normalisation: encoders move between the two). Plans
+   copied or transferred under another name never overwrite another plans' data: where their data
+   identifier names a folder that holds other data, it is renamed to start with their plans name
+   (:func:`give_own_data_folders`).
 4. Preprocessing with nnU-Net's ``DefaultPreprocessor.run_case_save``, once per data identifier
    (the segmentation, diffusion and classification configurations share one). Cases already
    preprocessed under the same preprocessing-relevant plans (see
    :func:`orthodiff_nnunet.plans.preprocessing_hash`) are skipped; a progress record beside the
-   data folder says which cases are complete.
+   data folder (its stamp: hash, plans name, cases done) says which cases are complete, and
+   :func:`check_preprocessed_data` lets every trainer refuse data its plans did not make.
+
+One run at a time per dataset: a lock in the preprocessed dataset folder (released by the
+operating system when the run ends, however it ends); the next run removes the temporary files a
+killed run left there.
 
 Dataset selection (``dataset_ids`` / ``-d``): each entry is a dataset id (``501``) or name
 (``Dataset501_KneeSag``). Without ``orientations`` exactly those datasets are processed
@@ -51,6 +59,7 @@ from orthodiff_nnunet.plans import (
     SEGMENTATION_CONFIGURATION,
     PlansError,
     load_plans,
+    own_data_identifiers,
     preprocessing_hash,
     read_orthodiff_block,
     resolve_configuration,
@@ -71,8 +80,11 @@ __all__ = [
     "PlannerName",
     "PlanningError",
     "PlanningResult",
+    "PreprocessedDataError",
     "add_plan_and_preprocess_parser",
+    "check_preprocessed_data",
     "default_plans_name",
+    "give_own_data_folders",
     "plan_and_preprocess",
     "resolve_datasets",
 ]
@@ -92,11 +104,20 @@ DEFAULT_CONFIGURATIONS: tuple[str, ...] = (
 _FINGERPRINT_RECORD = ".orthodiff_fingerprint_source.json"
 _FINGERPRINT_RECORD_VERSION = 1
 _PROGRESS_SUFFIX = ".orthodiff_progress.json"
+#: held (``flock``) by a plan_and_preprocess run on a preprocessed dataset folder; released by the OS when
+#: the process dies, so a killed run never leaves a stale lock
+_LOCK_FILE = ".orthodiff_plan_and_preprocess.lock"
+#: an atomic write's temporary file older than this (seconds) belongs to no live write
+_STALE_TEMPORARY_S = 60.0
 _ROLE_OF = {v: k for k, v in CONFIGURATION_ROLES.items()}
 
 
 class PlanningError(OrthodiffError):
     """plan_and_preprocess cannot go on; the message says what to do."""
+
+
+class PreprocessedDataError(PlanningError):
+    """A preprocessed data folder was not made (or not completely) by the plans about to use it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,11 +365,76 @@ def _nnunet_stdout_to_log() -> Iterator[None]:
             log.debug("nnU-Net said:\n%s", text)
 
 
-def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
-    """Copy the raw splits_final.json to nnUNet_preprocessed unless one is already there.
+@contextlib.contextmanager
+def _dataset_lock(pre_folder: Path) -> Iterator[None]:
+    """Hold the preprocessed dataset folder for this run; refuse when another run holds it.
 
-    nnU-Net's planner asserts that an existing copy matches the raw one; a mismatch is reported
-    here with what to do instead of a bare AssertionError.
+    ``filelock`` takes an ``flock`` on :data:`_LOCK_FILE`; the operating system releases it when
+    the process ends, however it ends, so a killed run never blocks the next one.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(pre_folder / _LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise PlanningError(
+            f"another plan_and_preprocess is running on {pre_folder} (it holds {pre_folder / _LOCK_FILE}): "
+            "wait for it to finish, then run this command again"
+        ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_stale_temporaries(pre_folder: Path, min_age_s: float = _STALE_TEMPORARY_S) -> list[Path]:
+    """Delete what interrupted atomic writes left in a preprocessed dataset folder.
+
+    Only called while holding :func:`_dataset_lock`, so no other plan_and_preprocess writes there;
+    a temporary is further only removed when it is hidden, ends in ``.tmp`` (the names
+    :func:`orthodiff_nnunet.utils.atomic_write_bytes` and the label copy use, e.g.
+    ``.<data_identifier>.orthodiff_progress.json.k2j4x9.tmp``) and is older than ``min_age_s``
+    seconds (an atomic write of another command lasts milliseconds).
+
+    Returns:
+        The removed files.
+    """
+    removed = []
+    now = time.time()
+    for sub in (pre_folder, pre_folder / "gt_segmentations"):
+        if not sub.is_dir():
+            continue
+        for f in sub.glob(".*.tmp"):
+            try:
+                if f.is_file() and now - f.stat().st_mtime > min_age_s:
+                    f.unlink()
+                    removed.append(f)
+            except FileNotFoundError:
+                continue
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run: %s", pre_folder.name, len(removed),
+                 ", ".join(f.name for f in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+    return removed
+
+
+def _splits_extend(new: list[dict], old: list[dict]) -> bool:
+    """True when ``new`` keeps every case of ``old`` in the same fold and part and only adds cases.
+
+    That is what an incremental ``orthodiff convert`` writes (earlier exams keep their folds, new
+    patients are placed into folds): models trained on the old folds stay valid for the old cases.
+    """
+    if len(new) != len(old):
+        return False
+    return all(set(o["train"]) <= set(n["train"]) and set(o["val"]) <= set(n["val"]) for n, o in zip(new, old))
+
+
+def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
+    """Copy the raw splits_final.json to nnUNet_preprocessed unless the copy there is already the same.
+
+    nnU-Net's planner asserts that an existing copy matches the raw one. A raw split that only adds
+    cases to the existing folds (an incremental convert) replaces the copy, with a log line; any other
+    difference is refused here with what to do instead of a bare AssertionError.
     """
     src = info.folder / "splits_final.json"
     if not src.is_file():
@@ -361,12 +447,19 @@ def _copy_splits(info: DatasetInfo, pre_folder: Path) -> None:
     same = all(
         set(a[i]["train"]) == set(b[i]["train"]) and set(a[i]["val"]) == set(b[i]["val"]) for i in range(len(a))
     ) if len(b) >= len(a) else False
-    if not same:
-        raise PlanningError(
-            f"{dst} differs from the raw dataset's splits_final.json (the dataset was re-converted?). "
-            f"Delete {dst} to use the new splits (models trained on the old folds no longer match), "
-            "or restore the old raw splits."
-        )
+    if same:
+        return
+    if _splits_extend(a, b):
+        added = len({c for f in a for c in f["val"]}) - len({c for f in b for c in f["val"]})
+        log.info("%s: the raw splits_final.json adds %d case(s) to the existing folds (an incremental convert; "
+                 "no earlier case changed fold): updating the preprocessed copy", info.name, added)
+        atomic_write_json(dst, a)
+        return
+    raise PlanningError(
+        f"{dst} differs from the raw dataset's splits_final.json and earlier cases changed fold (the dataset was "
+        f"re-converted with other folds?). Delete {dst} to use the new splits (models trained on the old folds "
+        "no longer match), or restore the old raw splits."
+    )
 
 
 def list_training_cases(info: DatasetInfo) -> dict[str, dict[str, Any]]:
@@ -430,6 +523,7 @@ def _fingerprint(info: DatasetInfo, cases: dict[str, dict[str, Any]], pre_folder
             log.info("%s: raw files unchanged, reusing the fingerprint", info.name)
             return True
     log.info("%s: extracting the fingerprint", info.name)
+    record.unlink(missing_ok=True)  # a run killed while nnU-Net rewrites the fingerprint must not reuse it
     with _nnunet_stdout_to_log():
         extract_fingerprint_dataset(
             info.dataset_id, OrthodiffFingerprintExtractor, num_processes=max(1, num_processes),
@@ -463,6 +557,68 @@ def _plans_are_current(plans_file: Path, dataset_name: str, planner: PlannerName
     )
 
 
+def give_own_data_folders(plans: dict, plans_name: str, folder: Path, labels: dict | None) -> dict:
+    """``plans`` named ``plans_name``, with data identifiers of their own where another plans' data would clash.
+
+    A data identifier not starting with ``<plans_name>_`` (plans copied by hand, transferred under
+    another name, or shrunk copies) is renamed with
+    :func:`~orthodiff_nnunet.plans.own_data_identifiers` when another plans file of ``folder``, or
+    the stamp of that data folder written for another plans name, holds other data under it (a
+    different :func:`~orthodiff_nnunet.plans.preprocessing_hash`): preprocessing would otherwise
+    overwrite that data with other spacing or normalisation. Identifiers shared with identical
+    preprocessing (a tiny-network copy of the same plans) stay shared: the data are the same.
+
+    Args:
+        plans: a plans dict (not modified).
+        plans_name: the plans identifier (the file name without ``.json``).
+        folder: ``nnUNet_preprocessed/<dataset>``.
+        labels: the dataset.json ``labels`` (part of the hash).
+
+    Returns:
+        A copy with ``plans_name`` set and, where needed, renamed data identifiers.
+    """
+    out = copy.deepcopy(plans)
+    out["plans_name"] = plans_name
+    prefix = f"{plans_name}_"
+    mine: dict[str, str] = {}  # data identifier -> hash, for identifiers that plans_name does not own
+    for cfg in out.get("configurations", {}):
+        d = resolve_configuration(out, cfg).get("data_identifier")
+        if d and not str(d).startswith(prefix):
+            mine.setdefault(d, preprocessing_hash(out, cfg, labels))
+    if not mine:
+        return out
+    clashes: set[str] = set()
+    for f in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+        if f.stem == plans_name:
+            continue
+        try:
+            other = load_json(f)
+        except ValueError:
+            continue
+        if not isinstance(other, dict) or "configurations" not in other or "plans_name" not in other:
+            continue
+        for cfg in other["configurations"]:
+            try:
+                d = resolve_configuration(other, cfg).get("data_identifier")
+                if d in mine and preprocessing_hash(other, cfg, labels) != mine[d]:
+                    clashes.add(f"{d} (plans {f.stem})")
+            except PlansError:
+                continue
+    for d, digest in mine.items():
+        stamp = progress_record_path(folder, d)
+        if stamp.is_file():
+            record = load_json(stamp)
+            if record.get("hash") != digest and record.get("plans_name") not in (None, plans_name):
+                clashes.add(f"{d} (data of plans {record['plans_name']})")
+    if not clashes:
+        return out
+    owned = own_data_identifiers(out, plans_name)
+    log.info("%s: plans %s name data folders that hold other data (%s): their data identifiers are now %s",
+             Path(folder).name, plans_name, ", ".join(sorted(clashes)),
+             ", ".join(sorted({c["data_identifier"] for c in owned["configurations"].values() if "data_identifier" in c})))
+    return owned
+
+
 def _summaries(plans: dict, configurations: Sequence[str]) -> list[ConfigurationSummary]:
     out = []
     for name in configurations:
@@ -480,13 +636,15 @@ def _summaries(plans: dict, configurations: Sequence[str]) -> list[Configuration
 
 def transfer_plans(
     source_plans: dict, source_name: str, target: DatasetInfo, pre_root: Path,
-    cases: dict[str, dict[str, Any]] | None = None,
+    cases: dict[str, dict[str, Any]] | None = None, plans_name: str | None = None,
 ) -> dict:
     """Copy a planned dataset's plans to ``target`` (same orientation): same topology and normalisation.
 
     Only the dataset name, the image reader/writer, and the orthodiff block's label and
     abnormality names (and ``plans_transferred_from``) change; spacing, patch, batch, network and
-    intensity properties are the source's. Written atomically with the same plans identifier.
+    intensity properties are the source's. Written atomically as ``<plans_name>.json`` (default:
+    the source's plans name), with their own data folders (:func:`give_own_data_folders`), so
+    plans transferred under another name never share a preprocessed folder with other data.
 
     Raises:
         PlanningError: when the orientations differ or the source plans have no orthodiff block.
@@ -522,8 +680,9 @@ def transfer_plans(
     abnormal = target.block.get("abnormality_labels", list(block.abnormality_names))
     new_block = dataclasses.replace(block, label_names=label_names or block.label_names,
                                     abnormality_names=abnormal, plans_transferred_from=source_name)
-    plans = with_orthodiff_block(plans, new_block)
     folder = pre_root / target.name
+    plans = give_own_data_folders(with_orthodiff_block(plans, new_block), plans_name or plans["plans_name"], folder,
+                                  target.dataset_json.get("labels"))
     save_plans(folder / f"{plans['plans_name']}.json", plans)
     atomic_write_json(folder / "dataset.json", target.dataset_json)
     return plans
@@ -544,6 +703,94 @@ def _remove_partial_case(out_dir: Path, case: str) -> None:
         (out_dir / f"{case}{suffix}").unlink(missing_ok=True)
 
 
+def progress_record_path(dataset_folder: Path, data_identifier: str) -> Path:
+    """The stamp of a preprocessed data folder: ``.<data_identifier>.orthodiff_progress.json`` beside it.
+
+    Written by preprocessing before the first case and after each: ``hash`` (the plans'
+    :func:`~orthodiff_nnunet.plans.preprocessing_hash`), ``plans_name``, ``configuration``,
+    ``data_identifier``, ``cases`` (how many cases the dataset has) and ``done`` (cases complete).
+    """
+    return Path(dataset_folder) / f".{data_identifier}{_PROGRESS_SUFFIX}"
+
+
+def _fix_command(dataset_name: str, plans: dict) -> str:
+    """The plan_and_preprocess command that (re)makes ``plans``' data of ``dataset_name``."""
+    name = plans.get("plans_name", "?")
+    try:
+        source = read_orthodiff_block(plans).plans_transferred_from
+    except PlansError:
+        source = None
+    if source:
+        return (f"orthodiff plan_and_preprocess -d {dataset_name} --plans-from {source} --plans-name {name} "
+                f"(or --plans-from <the plans file they came from>)")
+    return f"orthodiff plan_and_preprocess -d {dataset_name} --plans-name {name}"
+
+
+def check_preprocessed_data(
+    dataset_folder: Path, plans: dict, configuration: str, dataset_json: dict | None = None,
+) -> Path:
+    """Refuse data that was not made, completely, by ``plans``: every trainer calls this before training.
+
+    The data folder's stamp (:func:`progress_record_path`) must hold the plans' preprocessing hash
+    (spacing, normalisation, resampling, transpose, intensity properties and labels: what changes the
+    arrays; patch and batch size do not) and list every case as done. Another plans file that shares
+    the data identifier, a plans file edited after preprocessing, a preprocessing run that was killed
+    or data made by another tool all fail here, before the first iteration, instead of training on
+    data that does not match the plans.
+
+    Args:
+        dataset_folder: ``nnUNet_preprocessed/<dataset>``.
+        plans: the plans the trainer uses.
+        configuration: the trainer's configuration (inheritance resolved).
+        dataset_json: the preprocessed ``dataset.json`` (its labels enter the hash); read from the
+            folder when None.
+
+    Returns:
+        The checked data folder.
+
+    Raises:
+        PreprocessedDataError: naming the folder, what is wrong and the command that fixes it.
+    """
+    dataset_folder = Path(dataset_folder)
+    if dataset_json is None:
+        dataset_json = load_json(dataset_folder / "dataset.json")
+    resolved = resolve_configuration(plans, configuration)
+    identifier = resolved["data_identifier"]
+    data = dataset_folder / identifier
+    stamp = progress_record_path(dataset_folder, identifier)
+    name = plans.get("plans_name", "?")
+    fix = _fix_command(dataset_folder.name, plans)
+    if not data.is_dir():
+        raise PreprocessedDataError(f"{data} does not exist: the {configuration} data of plans {name} were never "
+                                    f"preprocessed. Run `{fix}`")
+    if not stamp.is_file():
+        raise PreprocessedDataError(
+            f"{data} has no preprocessing stamp ({stamp.name}): it was not made by `orthodiff plan_and_preprocess`, "
+            f"so nothing shows it matches plans {name}. Run `{fix}`")
+    record = load_json(stamp)
+    digest = preprocessing_hash(plans, configuration, dataset_json.get("labels"))
+    if record.get("hash") != digest:
+        by = record.get("plans_name")
+        if by == name:
+            detail = f"plans {name} as they were before they were edited"
+        else:
+            detail = f"plans {by}" if by else f"another plans file, or plans {name} before an edit"
+        raise PreprocessedDataError(
+            f"{data} was preprocessed with other plans ({detail}): its spacing, normalisation or resampling "
+            f"differ from what plans {name} ({configuration}) say. Run `{fix}` to preprocess the data for "
+            "these plans")
+    done = set(record.get("done", []))
+    total = record.get("cases")
+    present = {p.name[: -len(".pkl")] for p in data.glob("*.pkl")}
+    missing = sorted(present - done)
+    if missing or (total is not None and len(done) < int(total)):
+        n_total = int(total) if total is not None else len(present)
+        raise PreprocessedDataError(
+            f"{data} is incomplete: {len(done)} of {n_total} cases preprocessed (the preprocessing was "
+            f"interrupted?). Run `{fix}`: it resumes with the missing cases")
+    return data
+
+
 def _preprocess_data_identifier(
     dataset_name: str, plans: dict, configuration: str, cases: dict[str, dict[str, Any]], pre_root: Path,
     num_processes: int, clean: bool, show_progress: bool,
@@ -557,10 +804,13 @@ def _preprocess_data_identifier(
     plans_manager = PlansManager(plans)
     cm = plans_manager.get_configuration(configuration)
     out_dir = folder / cm.data_identifier
-    progress_file = folder / f".{cm.data_identifier}{_PROGRESS_SUFFIX}"
+    progress_file = progress_record_path(folder, cm.data_identifier)
     digest = preprocessing_hash(plans, configuration, dataset_json.get("labels"))
+    plans_name = str(plans.get("plans_name"))
 
     record = load_json(progress_file) if progress_file.is_file() else None
+    if record is not None and record.get("hash") != digest:
+        _refuse_taking_over(folder, out_dir, record, plans_name)
     if clean or record is None or record.get("hash") != digest:
         if out_dir.exists():
             log.info("%s: %s was made with other plans (or is incomplete): redoing it", dataset_name, out_dir.name)
@@ -581,8 +831,9 @@ def _preprocess_data_identifier(
     def write_record(force: bool = False) -> None:
         now = time.monotonic()
         if force or now - last_write[0] > 2.0:
-            atomic_write_json(progress_file, {"hash": digest, "configuration": configuration,
-                                              "data_identifier": cm.data_identifier, "done": sorted(done)})
+            atomic_write_json(progress_file, {"hash": digest, "plans_name": plans_name, "configuration": configuration,
+                                              "data_identifier": cm.data_identifier, "cases": len(cases),
+                                              "done": sorted(done)})
             last_write[0] = now
 
     write_record(force=True)
@@ -623,6 +874,35 @@ def _preprocess_data_identifier(
         bar.close()
         write_record(force=True)
     return len(cases), len(todo), skipped
+
+
+def _refuse_taking_over(folder: Path, out_dir: Path, record: dict, plans_name: str) -> None:
+    """Never redo a data folder that another, still present plans file of the dataset owns.
+
+    Plans names own their data identifiers (:func:`~orthodiff_nnunet.plans.own_data_identifiers`),
+    so this only fires for hand-edited plans whose identifier was made to point at another plans'
+    folder: rebuilding it would silently change the data the other plans' models train on.
+    """
+    owner = record.get("plans_name")
+    if not owner or owner == plans_name:
+        return
+    owner_file = folder / f"{owner}.json"
+    if not owner_file.is_file():
+        return
+    try:
+        owner_plans = load_plans(owner_file)
+        configuration = record.get("configuration")
+        owns = (resolve_configuration(owner_plans, configuration)["data_identifier"] == out_dir.name
+                and preprocessing_hash(owner_plans, configuration, load_json(folder / "dataset.json").get("labels"))
+                == record.get("hash"))
+    except (PlansError, KeyError, ValueError):
+        return
+    if owns:
+        raise PlanningError(
+            f"{out_dir} holds the data of plans {owner} ({owner_file}), and plans {plans_name} name the same "
+            f"folder (data_identifier {out_dir.name!r}) with other spacing or normalisation: preprocessing them "
+            f"would overwrite {owner}'s data. Give plans {plans_name} their own data_identifier (e.g. "
+            f"'{plans_name}_3d_fullres' in {folder / (plans_name + '.json')}) and run plan_and_preprocess again")
 
 
 def _copy_gt_segmentations(dataset_name: str, cases: dict[str, dict[str, Any]], pre_root: Path) -> None:
@@ -704,10 +984,17 @@ def plan_and_preprocess(
         planner: ``resenc_m`` (residual-encoder U-Net, nnU-Net's recommended preset) or ``plain``.
         plans_from: a planned dataset (id or name): instead of planning, each dataset gets the plans
             of the dataset of the same orientation in that dataset's group (e.g. an unlabeled
-            corpus, an external site or another joint preprocessed like the labeled data).
+            corpus, an external site or another joint preprocessed like the labeled data). Or a
+            plans file (a path ending in ``.json``, e.g. another run's
+            ``nnUNet_preprocessed/<Dataset>/<plans>.json`` or a model folder's ``plans.json``):
+            every dataset (all of its orientation) gets those plans; nothing of the other run's raw
+            or preprocessed data is needed.
         raw: nnUNet_raw folder (default: the environment variable).
         preprocessed: nnUNet_preprocessed folder (default: the environment variable).
-        plans_name: plans identifier (default: :func:`default_plans_name`).
+        plans_name: plans identifier (default: :func:`default_plans_name`; with a plans file as
+            ``plans_from``, the file's ``plans_name``). With ``plans_from`` a dataset it picks the
+            source's plans, which keep that name; with a plans file it is the name they get.
+            Data identifiers always start with it, so each plans file owns its data folder.
         configurations: configurations to preprocess (default: segmentation, diffusion and
             classification, which share one preprocessed data folder). ``2d`` may be added.
         preprocess: False plans only.
@@ -729,11 +1016,22 @@ def plan_and_preprocess(
     raw_root = raw_dir(raw)
     pre_root = preprocessed_dir(preprocessed)
     set_nnunet_paths(raw=raw_root, preprocessed=pre_root)
-    identifier = plans_name or default_plans_name(planner, gpu_memory_gb)
     targets = resolve_datasets(dataset_ids, orientations, raw_root)
 
+    # plans_from: a planned dataset (its group gives each target the same-orientation plans), or a plans file
     sources: dict[str, DatasetInfo] = {}
-    if plans_from is not None:
+    source_file: Path | None = None
+    if plans_from is not None and _is_plans_file(plans_from):
+        source_file = Path(plans_from).expanduser().resolve()
+        if not source_file.is_file():
+            raise PlanningError(f"--plans-from {plans_from}: no such plans file")
+        file_plans = load_plans(source_file)
+        if "configurations" not in file_plans or "plans_name" not in file_plans:
+            raise PlanningError(f"--plans-from {source_file} is not an nnU-Net plans file (no configurations)")
+        identifier = plans_name or str(file_plans["plans_name"])
+    else:
+        identifier = plans_name or default_plans_name(planner, gpu_memory_gb)
+    if plans_from is not None and source_file is None:
         source = _find_dataset(raw_root, plans_from)
         group = _group(raw_root, source)
         for t in targets:
@@ -750,10 +1048,10 @@ def plan_and_preprocess(
         targets.sort(key=lambda t: 0 if t.name in {s.name for s in sources.values()} else 1)
 
     for t in targets:
-        if t.external and t.name not in sources:
+        if t.external and t.name not in sources and source_file is None:
             raise PlanningError(
                 f"{t.name} is an external site: it never enters fingerprinting or planning. Give it the plans "
-                "of the training site: --plans-from <the training site's dataset id>"
+                "of the training site: --plans-from <the training site's dataset id, or its plans file>"
             )
 
     from orthodiff_nnunet.planners.orthodiff_planner import n_proc_da_at_least_one
@@ -763,57 +1061,95 @@ def plan_and_preprocess(
         start = time.perf_counter()
         folder = pre_root / t.name
         folder.mkdir(parents=True, exist_ok=True)
-        _copy_splits(t, folder)
-        cases = list_training_cases(t)
-        fingerprint_reused = plans_reused = False
-        if t.name in sources:
-            src = sources[t.name]
-            src_file = pre_root / src.name / f"{identifier}.json"
-            if not src_file.is_file():
-                have = sorted(p.stem for p in (pre_root / src.name).glob("*.json")) if (pre_root / src.name).is_dir() else []
-                raise PlanningError(
-                    f"{src.name} has no plans {identifier!r} to transfer to {t.name} (found: {have or 'none'}): "
-                    f"plan it first (orthodiff plan_and_preprocess -d {src.dataset_id}), or include it in -d"
-                )
-            log.info("%s: plans %s transferred from %s", t.name, identifier, src.name)
-            plans = transfer_plans(load_plans(src_file), src.name, t, pre_root, cases)
-            planner_used = read_orthodiff_block(plans).planner
-        else:
-            if t.orientation is None:
-                raise PlanningError(
-                    f"{t.name}/dataset.json has no orthodiff block with an orientation; convert the data with "
-                    "`orthodiff convert` first"
-                )
-            fingerprint_reused = _fingerprint(t, cases, folder, num_processes, clean, verify_dataset_integrity,
-                                              show_progress)
-            plans_file = folder / f"{identifier}.json"
-            if fingerprint_reused and _plans_are_current(plans_file, t.name, planner, gpu_memory_gb):
-                log.info("%s: fingerprint and planner settings unchanged, reusing %s", t.name, plans_file.name)
-                plans_reused = True
+        with _dataset_lock(folder):
+            _remove_stale_temporaries(folder)
+            _copy_splits(t, folder)
+            cases = list_training_cases(t)
+            fingerprint_reused = plans_reused = False
+            transferred_from: str | None = None
+            if source_file is not None or t.name in sources:
+                if source_file is not None:
+                    source_plans, source_name, shown_source = load_plans(source_file), None, str(source_file)
+                else:
+                    src = sources[t.name]
+                    src_file = pre_root / src.name / f"{identifier}.json"
+                    if not src_file.is_file():
+                        have = (sorted(p.stem for p in (pre_root / src.name).glob("*.json"))
+                                if (pre_root / src.name).is_dir() else [])
+                        raise PlanningError(
+                            f"{src.name} has no plans {identifier!r} to transfer to {t.name} (found: {have or 'none'}): "
+                            f"plan it first (orthodiff plan_and_preprocess -d {src.dataset_id}), or include it in -d"
+                        )
+                    source_plans, source_name, shown_source = load_plans(src_file), src.name, str(src_file)
+                source_name = source_name or str(source_plans.get("dataset_name", source_file))
+                _refuse_replacing_own_plans(folder / f"{identifier}.json", t.name, source_name, shown_source)
+                log.info("%s: plans %s transferred from %s", t.name, identifier, shown_source)
+                plans = transfer_plans(source_plans, source_name, t, pre_root, cases, plans_name=identifier)
+                planner_used = read_orthodiff_block(plans).planner
+                transferred_from = source_name
             else:
-                from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
-
-                log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
-                with n_proc_da_at_least_one(), _nnunet_stdout_to_log():
-                    plan_experiment_dataset(
-                        t.dataset_id, experiment_planner_class=_planner_class(planner),
-                        gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,
+                if t.orientation is None:
+                    raise PlanningError(
+                        f"{t.name}/dataset.json has no orthodiff block with an orientation; convert the data with "
+                        "`orthodiff convert` first"
                     )
-            plans = load_plans(plans_file)
-            planner_used = PLANNERS[planner][0]
-        n, new, skipped = len(cases), 0, 0
-        if preprocess:
-            n, new, skipped = preprocess_configurations(t.name, plans, configurations, cases, pre_root,
-                                                        num_processes, clean, show_progress)
+                fingerprint_reused = _fingerprint(t, cases, folder, num_processes, clean, verify_dataset_integrity,
+                                                  show_progress)
+                plans_file = folder / f"{identifier}.json"
+                if fingerprint_reused and _plans_are_current(plans_file, t.name, planner, gpu_memory_gb):
+                    log.info("%s: fingerprint and planner settings unchanged, reusing %s", t.name, plans_file.name)
+                    plans_reused = True
+                else:
+                    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+                    log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
+                    with n_proc_da_at_least_one(), _nnunet_stdout_to_log():
+                        plan_experiment_dataset(
+                            t.dataset_id, experiment_planner_class=_planner_class(planner),
+                            gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,
+                        )
+                plans = load_plans(plans_file)
+                owned = give_own_data_folders(plans, identifier, folder, t.dataset_json.get("labels"))
+                if owned != plans:  # e.g. a plans file copied under this name, spacing edited
+                    save_plans(plans_file, owned)
+                    plans = owned
+                planner_used = PLANNERS[planner][0]
+            n, new, skipped = len(cases), 0, 0
+            if preprocess:
+                n, new, skipped = preprocess_configurations(t.name, plans, configurations, cases, pre_root,
+                                                            num_processes, clean, show_progress)
         shown = list(dict.fromkeys([*DEFAULT_CONFIGURATIONS, *configurations]))
         result.datasets.append(DatasetPlanResult(
             dataset_name=t.name, orientation=read_orthodiff_block(plans).orientation, plans_identifier=identifier,
-            plans_file=folder / f"{identifier}.json", planner=planner_used,
-            transferred_from=sources[t.name].name if t.name in sources else None,
+            plans_file=folder / f"{identifier}.json", planner=planner_used, transferred_from=transferred_from,
             configurations=_summaries(plans, shown), num_cases=n, num_preprocessed=new, num_skipped=skipped,
             fingerprint_reused=fingerprint_reused, plans_reused=plans_reused, seconds=time.perf_counter() - start,
         ))
     return result
+
+
+def _is_plans_file(plans_from: int | str | os.PathLike) -> bool:
+    """``--plans-from`` names a plans file (a path ending in ``.json``) rather than a dataset."""
+    return isinstance(plans_from, os.PathLike) or str(plans_from).strip().lower().endswith(".json")
+
+
+def _refuse_replacing_own_plans(target_file: Path, target_name: str, source_name: str, shown_source: str) -> None:
+    """A transfer must not overwrite plans that the target dataset was planned with itself.
+
+    Models trained on those plans, and their preprocessed data, would silently stop matching.
+    """
+    if not target_file.is_file():
+        return
+    try:
+        block = read_orthodiff_block(load_plans(target_file))
+    except (PlansError, ValueError):
+        return
+    if block.plans_transferred_from is None and block.source_datasets == (target_name,) and source_name != target_name:
+        raise PlanningError(
+            f"{target_name} already has its own plans {target_file.stem} ({target_file}); transferring {source_name}'s "
+            f"plans under the same name would replace them and their preprocessed data. Transfer them under "
+            f"another name: --plans-from {shown_source} --plans-name <a new plans name>"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -831,7 +1167,9 @@ def add_plan_and_preprocess_parser(subparsers: argparse._SubParsersAction) -> ar
         epilog=(
             "Examples: -d 501 502 503 (the three datasets of one conversion); -d 501 --orientations sag cor "
             "(501's group filtered by dataset.json orientation); -d 511 512 513 --plans-from 501 (an unlabeled "
-            "corpus or external site preprocessed with the plans of 501/502/503, matched by orientation)."
+            "corpus or external site preprocessed with the plans of 501/502/503, matched by orientation); "
+            "-d 601 --plans-from /other/nnUNet_preprocessed/Dataset501_KneeSag/orthodiffResEncMPlans.json "
+            "--plans-name siteAPlans (another run's plans, kept beside 601's own)."
         ),
     )
     _add_arguments(p)
@@ -852,12 +1190,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU memory target in GB that patch and batch sizes are fitted to (default 8)")
     p.add_argument("--planner", choices=sorted(PLANNERS), default="resenc_m",
                    help="resenc_m: residual-encoder U-Net, nnU-Net's recommended preset (default); plain: plain U-Net")
-    p.add_argument("--plans-from", default=None, metavar="ID",
+    p.add_argument("--plans-from", default=None, metavar="ID|PLANS.json",
                    help="use the plans of this planned dataset (the dataset of the same orientation in its group) "
-                        "instead of planning: unlabeled corpora, external sites, other joints")
+                        "instead of planning: unlabeled corpora, external sites, other joints. Or a plans file "
+                        "(e.g. another run's nnUNet_preprocessed/<Dataset>/<plans>.json or a model folder's "
+                        "plans.json): that run's raw and preprocessed folders are then not needed")
     p.add_argument("--plans-name", default=None,
                    help="plans identifier (default orthodiffResEncMPlans / orthodiffPlans, with _<G>G for a "
-                        "non-default --gpu-memory-gb)")
+                        "non-default --gpu-memory-gb; with --plans-from FILE, the file's plans name). With "
+                        "--plans-from FILE it is the name the transferred plans get, e.g. to keep them beside the "
+                        "dataset's own plans")
     p.add_argument("-c", "--configurations", nargs="+", default=list(DEFAULT_CONFIGURATIONS),
                    help="configurations to preprocess (default: 3d_fullres 3d_diffusion 3d_classification, one "
                         "shared data folder); add 2d for nnU-Net's 2D configuration")

@@ -41,6 +41,7 @@ __all__ = [
     "PlansError",
     "has_orthodiff_block",
     "load_plans",
+    "own_data_identifiers",
     "preprocessing_hash",
     "read_orthodiff_block",
     "resolve_configuration",
@@ -272,6 +273,48 @@ def load_plans(path: Path) -> dict[str, Any]:
 def save_plans(path: Path, plans: Mapping[str, Any]) -> None:
     """Write plans atomically (temporary file, then rename): never a half-written plans file."""
     atomic_write_json(Path(path), plans)
+
+
+def own_data_identifiers(plans: Mapping[str, Any], plans_name: str) -> dict[str, Any]:
+    """A copy of ``plans`` named ``plans_name`` whose preprocessed data folders belong to that name.
+
+    nnU-Net names a configuration's data folder ``<plans name>_<configuration>`` when it plans, so
+    that two plans files of one dataset never share a folder. A plans file copied or transferred
+    under another name keeps the old ``data_identifier``, and preprocessing it would overwrite the
+    original plans' data with other spacing. Here every explicit ``data_identifier`` that does not
+    start with ``<plans_name>_`` is renamed, as nnU-Net's ``move_plans_between_datasets`` does, to
+    ``<plans_name>_<rest>``: ``rest`` is the identifier without the old plans name
+    (``orthodiffResEncMPlans_3d_fullres`` -> ``sitePlans_3d_fullres``), else the configuration name
+    when the identifier ends with it (a copy already renamed by hand), else the whole identifier.
+    Configurations that share an identifier keep sharing the renamed one; inheriting
+    configurations are untouched.
+
+    Args:
+        plans: a plans dict (not modified).
+        plans_name: the plans identifier, i.e. the plans file name without ``.json``.
+
+    Returns:
+        The renamed copy (``plans_name`` set), equal to ``plans`` when nothing needed renaming.
+    """
+    out = copy.deepcopy(dict(plans))
+    old_name = str(out.get("plans_name", ""))
+    out["plans_name"] = plans_name
+    prefix = f"{plans_name}_"
+    renamed: dict[str, str] = {}
+    for cfg_name, cfg in out.get("configurations", {}).items():
+        old = cfg.get("data_identifier")
+        if old is None or str(old).startswith(prefix):
+            continue
+        if old not in renamed:
+            if old_name and old.startswith(f"{old_name}_"):
+                rest = old[len(old_name) + 1:]
+            elif old.endswith(f"_{cfg_name}"):
+                rest = cfg_name
+            else:
+                rest = old
+            renamed[old] = prefix + rest
+        cfg["data_identifier"] = renamed[old]
+    return out
 
 
 def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -17,31 +17,78 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import io
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from orthodiff_nnunet.errors import OrthodiffError
-from orthodiff_nnunet.utils import atomic_write_text
+from orthodiff_nnunet.utils import atomic_write_bytes
 
 _HEX_CHARS = 10  # 40 bits: collisions are checked, and are negligible for site-sized datasets
 
 
 def load_or_create_key(path: Path, create: bool = True) -> bytes:
     """Read the secret key, or create it (mode 0600) when it does not exist and ``create``."""
+    key, new = read_or_new_key(path)
+    if new and create:
+        store_new_key(path, key)
+    return key  # without ``create``: an ephemeral key, nothing written
+
+
+def read_or_new_key(path: Path) -> tuple[bytes, bool]:
+    """The key stored at ``path``, or a fresh random one that is *not yet written*.
+
+    A conversion keeps a fresh key in memory until it has checked every series and writes it
+    (:func:`store_new_key`) only when it goes on to write datasets: a refused conversion leaves
+    no key behind.
+
+    Returns:
+        ``(key, is_new)``.
+    """
     path = Path(path)
     if path.exists():
         text = path.read_text().strip()
-        if len(text) < 32:
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) < 16:
             raise OrthodiffError(f"pseudonym key {path} is too short or damaged; restore it from a backup")
-        return bytes.fromhex(text)
-    if not create:
-        return secrets.token_bytes(32)  # dry run: an ephemeral key, nothing written
+        return key, False
+    return secrets.token_bytes(32), True
+
+
+def store_new_key(path: Path, key: bytes) -> None:
+    """Write a new key (mode 0600), never replacing an existing one.
+
+    The key is written under a temporary name and hard-linked to ``path``, which fails when
+    ``path`` appeared meanwhile (another conversion sharing the key file created it): replacing it
+    would silently change every pseudonym of that conversion.
+
+    Raises:
+        OrthodiffError: ``path`` exists (with another key) by now.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    atomic_write_text(path, key.hex() + "\n")
-    os.chmod(path, 0o600)
-    return key
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if read_or_new_key(path)[0] != key:
+                raise OrthodiffError(
+                    f"the pseudonym key {path} was created by another conversion while this one ran; "
+                    "run this conversion again (it will use that key)"
+                ) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def pseudonym(key: bytes, kind: str, source_id: str, prefix: str = "") -> str:
@@ -51,11 +98,14 @@ def pseudonym(key: bytes, kind: str, source_id: str, prefix: str = "") -> str:
 
 
 def write_key_file(path: Path, rows: list[dict[str, str]], forbidden_root: Path | None = None) -> None:
-    """Write the pseudonym -> source id table (CSV), refusing any place inside ``forbidden_root``.
+    """Write the pseudonym -> source id table (CSV), one row per exam, refusing any place inside ``forbidden_root``.
 
     Args:
         path: the CSV to write.
-        rows: dicts with keys ``pseudonym``, ``case_id``, ``patient_pseudonym``, ``patient_id``, ``site``.
+        rows: dicts with keys ``pseudonym`` (the exam's), ``case_id``, ``patient_pseudonym``, ``patient_id``,
+            ``site`` and optionally ``cases`` (the exam's output cases, e.g. ``KneeA_3f0c9e1a2b (sag)``) and
+            ``series`` (the manifest's image entries it covers). Rows of the same exam (one per series)
+            are merged into one, their ``cases`` and ``series`` joined with ``"; "``.
         forbidden_root: a folder the key file must not be inside (the nnU-Net raw folder).
     """
     path = Path(path).resolve()
@@ -66,16 +116,19 @@ def write_key_file(path: Path, rows: list[dict[str, str]], forbidden_root: Path 
                 f"the key file {path} would lie inside {root}, next to the datasets; "
                 "write it somewhere private instead (e.g. --key-file ~/secure/siteA_key.csv)"
             )
-    fields = ["pseudonym", "case_id", "patient_pseudonym", "patient_id", "site"]
-    lines: list[str] = []
-
-    class _Buf:
-        def write(self, s: str) -> None:
-            lines.append(s)
-
-    writer = csv.DictWriter(_Buf(), fieldnames=fields)
+    fields = ["pseudonym", "case_id", "patient_pseudonym", "patient_id", "site", "cases", "series"]
+    merged: dict[str, dict[str, list[str] | str]] = {}
+    for row in rows:
+        out = merged.setdefault(row["pseudonym"], {k: row.get(k, "") for k in fields[:5]} | {"cases": [], "series": []})
+        for k in ("cases", "series"):
+            value = row.get(k, "")
+            for v in [value] if isinstance(value, str) else value:
+                if v and v not in out[k]:
+                    out[k].append(v)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
-    for row in sorted(rows, key=lambda r: r["pseudonym"]):
-        writer.writerow({k: row.get(k, "") for k in fields})
-    atomic_write_text(path, "".join(lines))
-    os.chmod(path, 0o600)
+    for name in sorted(merged):
+        row = merged[name]
+        writer.writerow({k: "; ".join(row[k]) if isinstance(row[k], list) else row[k] for k in fields})
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"), mode=0o600)  # never readable by others, not even briefly

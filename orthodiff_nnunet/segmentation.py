@@ -250,6 +250,7 @@ def train_segmentation(
     device: str = "auto",
     validate: bool = True,
     validation_mirroring: bool = True,
+    checkpoint_minutes: float | None = None,
 ) -> SegmentationTrainResult:
     """Train nnU-Net segmentation on labeled cases, warm-started from the diffusion encoder or from scratch.
 
@@ -277,6 +278,10 @@ def train_segmentation(
         device: ``auto``, ``cuda`` or ``cpu``.
         validate: run nnU-Net's final validation (sliding window on the fold's validation cases).
         validation_mirroring: mirroring test-time augmentation in that validation.
+        checkpoint_minutes: write ``checkpoint_latest.pth`` (atomically) at the end of the first
+            epoch after this many minutes since the last one; 0: every epoch; None: the trainer's
+            default (3). A killed run continued with ``continue_training`` loses at most this
+            time plus one epoch (nnU-Net alone: up to 50 epochs).
 
     Returns:
         :class:`SegmentationTrainResult`.
@@ -285,6 +290,7 @@ def train_segmentation(
         SegmentationError: unknown dataset/plans/configuration, an encoder with ``init="scratch"``,
             a missing encoder ("run orthodiff pretrain first"), a run that exists without
             ``continue_training`` or differs from the one being continued.
+        PreprocessedDataError: the preprocessed data were not made (completely) by these plans.
         EncoderMismatchError: the encoder was pretrained on other plans.
     """
     import torch  # noqa: F401  (heavy imports only once a command runs)
@@ -343,6 +349,8 @@ def train_segmentation(
     trainer.warmup_epochs = warmup_epochs
     trainer.freeze_encoder_epochs = int(freeze_encoder_epochs)
     trainer.validation_mirroring = bool(validation_mirroring)
+    if checkpoint_minutes is not None:
+        trainer.checkpoint_minutes = float(checkpoint_minutes)
     if epochs is not None:
         trainer.num_epochs = int(epochs)
     if iterations_per_epoch is not None:
@@ -578,6 +586,10 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help="first epochs with the encoder frozen (default 0; diffusion init only)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="continue the run from its latest checkpoint")
+    p.add_argument("--checkpoint-minutes", type=float, default=None,
+                   help="write checkpoint_latest.pth at the end of the first epoch after this many minutes since the "
+                        "last one (default 3; 0: every epoch): a killed run continued with --continue loses at most "
+                        "that plus one epoch")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
     p.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation")
     p.add_argument("--no-validation-mirroring", action="store_true",
@@ -593,7 +605,7 @@ def _run_train_seg(args: argparse.Namespace) -> int:
         epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations,
         learning_rate=args.lr, warmup_epochs=args.warmup_epochs, freeze_encoder_epochs=args.freeze_encoder_epochs,
         continue_training=args.continue_training, device=args.device, validate=not args.no_validation,
-        validation_mirroring=not args.no_validation_mirroring,
+        validation_mirroring=not args.no_validation_mirroring, checkpoint_minutes=args.checkpoint_minutes,
     )
     print(result.summary())
     return 0

@@ -30,14 +30,25 @@ def save_figure(fig, path: Path, dpi: int = 90) -> Path:
     return Path(path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Bytes written to a temporary file beside ``path`` and renamed into place."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Bytes written to a temporary file beside ``path``, flushed to disk and renamed into place.
+
+    Every failure (disk full, quota, read-only file system: ``OSError``) propagates after the
+    temporary file is removed, and the previous ``path`` stays as it was.
+
+    Args:
+        path: destination.
+        data: the content.
+        mode: permission bits (e.g. ``0o600`` for secrets); default ``0o666`` minus the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    if mode is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,3 +68,95 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def load_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes (for this user) on the file system holding ``path`` or its nearest existing parent."""
+    import shutil
+
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short human figure (MB below 10 GB, else GB; decimal units as ``df -H``)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e10 else f"{n / 1e6:.1f} MB"
+
+
+class ImageWriteError(OSError):
+    """An image file was not written completely (disk full, quota, file size limit, I/O error)."""
+
+
+def verify_nifti_gz(path: Path, image_bytes: int, name: str | None = None) -> None:
+    """Check that a ``.nii.gz`` file decompresses completely to its header plus ``image_bytes`` of voxels.
+
+    ITK's writers report no error when the disk fills up: they print "wrote only 0 of N bytes"
+    (or nothing) and leave a truncated or empty file. Decompressing the whole stream (gzip checks
+    its CRC and length) and comparing the size with the NIfTI header's ``vox_offset`` plus the
+    voxel bytes catches every such file.
+
+    Args:
+        path: the written file.
+        image_bytes: voxel count times bytes per voxel.
+        name: the file name messages give (default ``path.name``).
+
+    Raises:
+        ImageWriteError: the file is missing, truncated, corrupt or of the wrong size.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    name = name or Path(path).name
+    try:
+        with gzip.open(path, "rb") as f:
+            header = f.read(352)
+            if len(header) < 348:
+                raise ImageWriteError(f"{name}: only {len(header)} bytes after decompression")
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            if struct.unpack(endian + "i", header[:4])[0] != 348:
+                raise ImageWriteError(f"{name}: not a NIfTI-1 file")
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            total = len(header)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, ImageWriteError):
+            raise
+        raise ImageWriteError(f"{name}: {type(exc).__name__}: {exc}") from exc
+    expected = vox_offset + int(image_bytes)
+    if total != expected:
+        raise ImageWriteError(f"{name}: {total} bytes after decompression, {expected} expected")
+
+
+def write_image_checked(image, path: Path) -> None:
+    """Write a SimpleITK image as compressed NIfTI under a temporary name, verify it, rename it into place.
+
+    Raises:
+        ImageWriteError: the file could not be written completely (the temporary file is removed and
+            an earlier ``path`` is left as it was).
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.name.endswith(".nii.gz"):
+        raise ValueError(f"{path}: write_image_checked writes .nii.gz only")
+    tmp = path.with_name(f".{path.name[:-7]}.{os.getpid()}.tmp.nii.gz")
+    nbytes = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    try:
+        try:
+            sitk.WriteImage(image, str(tmp), True)
+        except RuntimeError as exc:  # ITK raises for some failures (cannot open the file, ...)
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            raise ImageWriteError(f"{path.name}: {lines[-1].strip()[:300]}") from exc
+        verify_nifti_gz(tmp, nbytes, name=path.name)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # a write-back error (network file systems report them late) surfaces here
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -9,6 +9,8 @@ scan cropped and mirrored, nothing else (:meth:`get_training_transforms`); a see
 the scans is held out for the validation loss (:meth:`do_split`); one epoch is ``checkpoint_every``
 iterations, the last one shorter so that the run takes exactly ``total_iterations``; checkpoints
 are written atomically with the RNG states, so a resumed run continues the same random streams.
+Before anything is built, ``initialize`` checks that the preprocessed data were made by these plans
+(:func:`orthodiff_nnunet.planning.check_preprocessed_data`).
 
 This module is imported by nnU-Net by bare module name through ``nnUNet_extTrainer``: absolute
 imports only.
@@ -33,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
-from orthodiff_nnunet.utils import save_figure
+from orthodiff_nnunet.planning import check_preprocessed_data
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
@@ -148,6 +151,8 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             raise ValueError(f"precision {self.precision!r}: use one of {PRECISIONS}")
         if self.device.type != "cuda" and self.precision in ("fp16", "bf16", "tf32"):
             self.precision = "fp32"
+        check_preprocessed_data(Path(self.preprocessed_dataset_folder_base), self.plans_manager.plans,
+                                self.configuration_name, self.dataset_json)
         if self.precision == "tf32":  # opt in only: never switch off a process-wide default others rely on
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self._apply_run_length()
@@ -370,7 +375,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         va = self.logger.get_value("val_losses", None)
         its = [min((i + 1) * int(self.checkpoint_every), int(self.total_iterations)) for i in range(len(tr))]
         rows = ["iteration,train_loss,val_loss_ema"] + [f"{i},{a:.6f},{b:.6f}" for i, a, b in zip(its, tr, va)]
-        Path(self.output_folder, "loss_curve.csv").write_text("\n".join(rows) + "\n")
+        atomic_write_text(Path(self.output_folder, "loss_curve.csv"), "\n".join(rows) + "\n")
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(its, tr, label="train")
         ax.plot(its, va, label="validation (EMA weights)")
@@ -422,7 +427,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             del ckpt
             os.replace(f"{tmp}.rng", filename)
             os.remove(tmp)
-            Path(self.output_folder, "diffusion_config.json").write_text(json.dumps(self.diffusion_config(), indent=2))
+            atomic_write_json(Path(self.output_folder, "diffusion_config.json"), self.diffusion_config())
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's load; the checkpoint's RNG states are restored when the next epoch starts."""

@@ -16,10 +16,13 @@ supervision, checkpoints, validation, predictor) with four small changes, each a
 * ``on_train_epoch_start``: optionally the first ``freeze_encoder_epochs`` epochs with the encoder
   frozen (no gradients, no updates), then nnU-Net's epoch start.
 
-Two more hooks only add to nnU-Net's: ``on_train_start`` writes ``orthodiff_seg_run.json`` (init,
-encoder and its provenance, label fraction, seed, the chosen training cases, schedule) beside the
-checkpoints, and ``perform_actual_validation`` can switch off mirroring (``validation_mirroring``,
-for short CPU runs). ``train_step``, the loss, the network builder and the data pipeline are
+More hooks only add to nnU-Net's: ``initialize`` first checks that the preprocessed data were made
+by these plans (:func:`orthodiff_nnunet.planning.check_preprocessed_data`), ``on_train_start`` writes
+``orthodiff_seg_run.json`` (init, encoder and its provenance, label fraction, seed, the chosen
+training cases, schedule) beside the checkpoints, ``on_epoch_end``/``save_checkpoint`` write
+``checkpoint_latest.pth`` atomically whenever ``checkpoint_minutes`` have passed since the last one
+(nnU-Net only every ``save_every`` = 50 epochs, so a killed run lost up to 50 epochs), and
+``perform_actual_validation`` can switch off mirroring (``validation_mirroring``, for short CPU runs). ``train_step``, the loss, the network builder and the data pipeline are
 nnU-Net's, untouched, so a trained model folder is an ordinary nnU-Net model.
 
 ``nnUNetTrainerOrthoDiffSegScratch`` is the same class with ``init = "scratch"``: identical plans,
@@ -47,10 +50,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import time
 from datetime import datetime, timezone
 from importlib.metadata import version as _package_version
 from pathlib import Path
 
+import numpy as np
 import torch
 from nnunetv2.paths import nnUNet_raw, nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -61,6 +67,7 @@ from orthodiff_nnunet.data.splits import SPLIT_SEED, label_fraction_subset
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.encoder_io import EncoderLoadReport, encoder_of, load_encoder
+from orthodiff_nnunet.planning import check_preprocessed_data
 from orthodiff_nnunet.utils import atomic_write_json
 
 INITS = ("diffusion", "scratch")
@@ -68,6 +75,9 @@ RUN_RECORD = "orthodiff_seg_run.json"
 PRETRAIN_TRAINER = "nnUNetTrainerOrthoDiffPretrain"
 PRETRAIN_CONFIGURATION = "3d_diffusion"
 DEFAULT_WARMUP_FRACTION = 0.05  # nnssl: 50 of 1000 epochs
+#: minutes between ``checkpoint_latest.pth`` writes (at the end of the first epoch after that time; 0: every epoch)
+DEFAULT_CHECKPOINT_MINUTES = 3.0
+_CHECKPOINT_TMP = re.compile(r"^\.(checkpoint_\w+\.pth)\.(\d+)\.tmp$")
 
 
 class SegmentationSetupError(OrthodiffError):
@@ -78,6 +88,21 @@ def default_encoder_path(results_root: str | os.PathLike, dataset_name: str, pla
     """Where ``orthodiff pretrain`` exports the encoder for ``dataset_name`` and these plans."""
     return (Path(results_root) / dataset_name / f"{PRETRAIN_TRAINER}__{plans_identifier}__{PRETRAIN_CONFIGURATION}"
             / "fold_all" / "encoder.pt")
+
+
+def plain_numbers(value):
+    """``value`` with numpy scalars (also inside lists, tuples and dicts) as plain Python numbers.
+
+    nnU-Net logs lists of numpy scalars (``Pseudo dice [np.float64(0.8123), ...]`` with numpy 2);
+    the log should say ``[0.8123, ...]``.
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    return value
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
@@ -134,6 +159,9 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
     * ``warmup_epochs``: linear LR warm-up length; None = 5% of ``num_epochs`` (at least 1).
     * ``freeze_encoder_epochs``: epochs at the start with the encoder frozen (default 0).
     * ``validation_mirroring``: mirror test-time augmentation in the final validation.
+    * ``checkpoint_minutes``: write ``checkpoint_latest.pth`` at the end of the first epoch after this
+      many minutes since the last one (default 3; 0 = every epoch), besides nnU-Net's every 50 epochs.
+      A killed run then loses at most that time plus one epoch.
     """
 
     init = "diffusion"
@@ -150,6 +178,13 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         self.encoder_report: EncoderLoadReport | None = None
         self._split_cache: tuple[list[str], list[str], dict] | None = None
         self._encoder_frozen = False
+        self.checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
+        self._last_latest_checkpoint = time.monotonic()
+
+    def print_to_log_file(self, *args, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
+        """nnU-Net's log line, with numpy scalars printed as plain numbers (see :func:`plain_numbers`)."""
+        super().print_to_log_file(*(plain_numbers(a) for a in args), also_print_to_console=also_print_to_console,
+                                  add_timestamp=add_timestamp)
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -180,13 +215,18 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         if self.freeze_encoder_epochs and self.init == "scratch":
             raise SegmentationSetupError("freezing a randomly initialised encoder trains on random features: "
                                          "use freeze_encoder_epochs = 0 with init 'scratch'")
+        if not float(self.checkpoint_minutes) >= 0:
+            raise SegmentationSetupError(f"checkpoint interval of {self.checkpoint_minutes} minutes: use 0 (every "
+                                         "epoch) or more")
         if self.freeze_encoder_epochs and self.is_ddp:
             raise SegmentationSetupError("freezing the encoder is not supported with DDP (parameters without "
                                          "gradients stall its reducer): use freeze_encoder_epochs = 0")
 
     def initialize(self) -> None:
-        """nnU-Net's initialize, then the encoder warm start (checked before any training)."""
+        """Check the data, nnU-Net's initialize, then the encoder warm start (all before any training)."""
         self._check_settings()
+        check_preprocessed_data(Path(self.preprocessed_dataset_folder_base), self.plans_manager.plans,
+                                self.configuration_name, self.dataset_json)
         super().initialize()
         path = self.resolved_encoder_path()
         if path is None:
@@ -284,8 +324,63 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        self._last_latest_checkpoint = time.monotonic()
         if self.local_rank == 0:
+            self._remove_stale_checkpoint_temporaries()
             atomic_write_json(Path(self.output_folder) / RUN_RECORD, self.run_record())
+
+    def on_epoch_end(self) -> None:
+        """nnU-Net's epoch end; ``checkpoint_latest.pth`` also when ``checkpoint_minutes`` have passed.
+
+        nnU-Net writes it only every ``save_every`` (50) epochs. Here nnU-Net's own periodic save runs
+        for this epoch too once the interval is over (``save_every`` lowered to 1 for this call), so the
+        checkpoint is written at the same point, with the same content, as nnU-Net's.
+        """
+        periodic = self.save_every
+        due = time.monotonic() - self._last_latest_checkpoint >= 60.0 * float(self.checkpoint_minutes)
+        if due:
+            self.save_every = 1
+        try:
+            super().on_epoch_end()
+        finally:
+            self.save_every = periodic
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint written to a temporary file, flushed to disk, then renamed into place.
+
+        ``torch.save`` writes in place: a run killed while writing ``checkpoint_latest.pth`` would
+        leave a truncated file that ``--continue`` cannot load. The rename is atomic, so the file
+        is always a complete old or a complete new checkpoint.
+        """
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        path = Path(filename)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(str(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if path.name == "checkpoint_latest.pth":
+            self._last_latest_checkpoint = time.monotonic()
+
+    def _remove_stale_checkpoint_temporaries(self) -> None:
+        """Delete checkpoint temporaries of killed runs (their process is gone) in the fold folder."""
+        for f in Path(self.output_folder).glob(".checkpoint_*.tmp"):
+            m = _CHECKPOINT_TMP.match(f.name)
+            if m is None or int(m.group(2)) == os.getpid():
+                continue
+            try:
+                os.kill(int(m.group(2)), 0)
+                continue  # a live process: not ours to delete
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # exists, under another user
+            f.unlink(missing_ok=True)
+            self.print_to_log_file(f"removed {f.name}, left by a killed run")
 
     def run_record(self) -> dict:
         """What makes this run what it is (written to ``orthodiff_seg_run.json`` in the fold folder)."""

@@ -130,17 +130,21 @@ def evaluate_segmentation(
                                       mirroring=mirroring, num_processes=num_processes, show_progress=True)
         used.append(str(Path(model).resolve()))
         ref_dir = _cases_folder(info, "labels")
+        image_dir = _cases_folder(info, "images")
         for mask in sorted(result.masks):
             case = mask.name[: -len(info.dataset_json["file_ending"])]
             t = targets.get(case, {})
             if t.get("segmentation") != "labeled":
                 continue  # unlabeled cases have no reference
             metrics = evaluate_case_files(ref_dir / mask.name, mask, labels, tolerance_mm, case=case)
+            # the files let the report draw the case's contours (they are not copied into report.json)
+            files = {"image_file": str(image_dir / f"{case}_0000{info.dataset_json['file_ending']}"),
+                     "reference_file": str(ref_dir / mask.name), "prediction_file": str(mask)}
             for structure, m in metrics.items():
                 rows.append({"case": case, "orientation": orientation, "site": t.get("site"),
                              "field_strength_t": t.get("field_strength_t"), "vendor": t.get("vendor"),
                              "exam": t.get("exam") or case, "patient": t.get("patient"),
-                             "structure": structure, **m})
+                             "structure": structure, **m, "label_value": labels[structure], **files})
     return rows, used
 
 
