@@ -106,10 +106,17 @@ def tiny_model(work: Path, n_cases: int, in_plane_mm: float) -> tuple[str, Path,
     write_shrunk_plans(pre, plans_id, TINY_PLANS, max_features=16, max_stages=4)  # the demo's network size
     model = work / "results" / name / f"{TRAINER}__{TINY_PLANS}__3d_fullres"
     if not (model / "fold_0" / "checkpoint_final.pth").is_file():
-        os.environ.setdefault("nnUNet_n_proc_DA", "0")
-        os.environ.setdefault("nnUNet_compile", "0")
-        train_segmentation(name, fold=0, init="scratch", plans=TINY_PLANS, epochs=1, iterations_per_epoch=2,
-                           val_iterations_per_epoch=1, device="cpu", validate=False)
+        saved = {k: os.environ.get(k) for k in ("nnUNet_n_proc_DA", "nnUNet_compile")}
+        os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})  # in-process augmentation, no compile
+        try:
+            train_segmentation(name, fold=0, init="scratch", plans=TINY_PLANS, epochs=1, iterations_per_epoch=2,
+                               val_iterations_per_epoch=1, device="cpu", validate=False)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     return name, model, work / "raw" / name / "imagesTr"
 
 
@@ -176,7 +183,7 @@ def paired(args: argparse.Namespace, work: Path) -> str:
         "its worker processes; start-up (imports) included for both", "",
         table, "", "; ".join(notes) + ".", "",
         f"Machine: {common.machine()}. Load average at the end: {common.load_average()}.",
-        f"Commands timed: `{' '.join(ours_cmd[:1] and ['orthodiff'] + ours_cmd[1:])} -o OUT` and "
+        f"Commands timed: `{' '.join(['orthodiff'] + ours_cmd[1:])} -o OUT` and "
         f"`{' '.join(['nnUNetv2_predict'] + theirs_cmd[1:])} -o OUT` (last setting shown).",
         f"Command: `{common.command_line()}`",
     ])
