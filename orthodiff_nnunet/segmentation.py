@@ -542,7 +542,8 @@ def _same_group_images(folder: Path, orientation: str) -> Path | None:
         base, name = int(block["base_dataset_id"]), str(block["name"])
     except (ValueError, KeyError, TypeError):
         return None
-    cand = folder.parent.parent / f"Dataset{base + ORIENTATION_ID_OFFSET[orientation]:03d}_{name}{ORIENTATION_SUFFIX[orientation]}" / folder.name
+    dataset = f"Dataset{base + ORIENTATION_ID_OFFSET[orientation]:03d}_{name}{ORIENTATION_SUFFIX[orientation]}"
+    cand = folder.parent.parent / dataset / folder.name
     return cand if cand.is_dir() else None
 
 
