@@ -597,6 +597,10 @@ def predict_segmentation(
             folds = [model.name[len("fold_"):]]
         model = model.parent
     for f in ("plans.json", "dataset.json"):
+        inside = sorted(p.parent for p in model.glob("*/plans.json")) if model.is_dir() else []
+        if not (model / f).is_file() and inside:  # a dataset's results folder: its model folders are inside
+            raise SegmentationError(f"{model} is not a model folder but holds {len(inside)}: pass -m {inside[0]}"
+                                    + "".join(f" (or -m {p})" for p in inside[1:]))
         if not (model / f).is_file():
             raise SegmentationError(f"{model} is not a trained nnU-Net model folder ({f} missing): pass the folder "
                                     "<Trainer>__<plans>__<configuration> that `orthodiff train seg` printed")

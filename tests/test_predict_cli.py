@@ -168,3 +168,13 @@ def test_predict_seg_missing_checkpoint_names_the_one_there(site, tmp_path, caps
     flag = _suggested(err, r"pass (--checkpoint \S+)")
     assert flag == "--checkpoint checkpoint_final.pth"
     assert cli(["predict", "seg", *rest, *flag.split()]) == 0
+
+
+def test_predict_seg_given_the_datasets_results_folder_names_the_model_folder(site, tmp_path, capsys):
+    rest = ["-i", str(site.ext_sag / "imagesTs"), "-o", str(tmp_path / "m"), "--device", "cpu", "--disable-tta",
+            "-np", "0"]
+    assert cli(["predict", "seg", *rest, "-m", str(site.seg_model.parent)]) == 2
+    model = _suggested(capsys.readouterr().err, r"pass -m (\S+)")
+    assert Path(model) == site.seg_model
+    assert cli(["predict", "seg", *rest, "-m", model]) == 0
+    assert len(list((tmp_path / "m").glob("*.nii.gz"))) == 2
