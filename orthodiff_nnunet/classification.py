@@ -459,8 +459,15 @@ def predict_classification(
         given = resolve_views(dataset)
     except ClassificationUsageError as exc:
         fix = _plans_transfer_command(cfg, dataset, order)
-        if fix is None:
-            raise
+        if fix is None:  # the site's raw datasets or the model's training datasets are not here
+            sources = sorted(set(cfg["datasets"].values()))
+            idents = sorted(set(cfg["plans_identifiers"].values()))
+            raise ClassificationUsageError(
+                f"{dataset} is not preprocessed with the model's plans. A site that only predicts gets the plans the "
+                f"model was trained with: `orthodiff plan_and_preprocess -d <the site's dataset ids> --plans-from "
+                f"{sources[0]} --plans-name {idents[0]} -c {cfg['configuration']}`. That needs the site converted into "
+                "nnUNet_raw (`orthodiff convert MANIFEST -d ID -n NAME --external`) and the model's training datasets "
+                f"{', '.join(sources)} (dataset.json in nnUNet_raw, plans in nnUNet_preprocessed)") from exc
         raise ClassificationUsageError(
             f"{dataset} is not preprocessed with the model's plans: run `{fix}` first (a site that only predicts is "
             "never planned itself: it gets the plans the model was trained with)") from exc

@@ -105,6 +105,12 @@ def test_predict_cls_on_unpreprocessed_external_site_suggests_the_working_comman
     lines = out.read_text().strip().splitlines()
     assert len(lines) == 1 + 2  # header + the 2 external exams
 
+    # a site not converted yet: the same plans options, and what has to be here first
+    assert cli([*argv[:5], "599", *argv[6:]]) == 2
+    err = capsys.readouterr().err
+    assert f"--plans-from Dataset{TRAIN_ID}_PredTrainSag --plans-name {PLANS} -c 3d_classification" in err
+    assert "orthodiff convert MANIFEST -d ID -n NAME --external" in err and "plan_and_preprocess -d 599`" not in err
+
 
 def test_predict_seg_given_a_dataset_folder_suggests_its_images_folder(site, tmp_path, capsys):
     base = ["predict", "seg", "-o", str(tmp_path / "masks"), "-m", str(site.seg_model), "--device", "cpu",
