@@ -374,7 +374,8 @@ class ClassificationPredictResult:
         return "\n".join(lines)
 
 
-def _plans_transfer_command(cfg: Mapping, dataset: int | str | Sequence[int | str], views: Sequence[str]) -> str | None:
+def _plans_transfer_command(cfg: Mapping, dataset: int | str | Sequence[int | str],
+                            views: Sequence[str]) -> str | None:
     """The ``orthodiff plan_and_preprocess`` command that preprocesses ``dataset``'s raw datasets of ``views`` with
     the classifier's plans (``--plans-from`` its training datasets, ``--plans-name`` its plans); None when the raw
     datasets or the training datasets' plans are not here (then no command can do it)."""
