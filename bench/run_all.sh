@@ -8,7 +8,7 @@
 # Each script appends a dated Markdown section (figure, machine, command) to bench/results/<name>.md;
 # bench/collect.py then writes BENCHMARKS.md from those files. Budgets (minutes, approximate on an H100):
 #   preprocessing throughput 3, planners 2, pretraining speed + precision sweep 6, segmentation trainer 3,
-#   classification throughput + probe/finetune/scratch 5, real-knee pretraining curve 4, label efficiency: CPU study,
+#   classification throughput + probe/finetune/scratch 5, CPU prediction 6, real-knee pretraining curve 4, label efficiency: CPU study,
 #   run separately (bench/label_efficiency.py, ~30 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,11 @@ stamp "segmentation trainer vs nnUNetTrainer"
 $PY bench/bench_seg_trainer.py --device "$DEVICE" --size "$SIZE" --out "$R/segmentation.md"
 stamp "classification throughput and probe / fine-tune / scratch"
 $PY bench/bench_classification.py --part both --device "$DEVICE" --size "$SIZE" --out "$R/classification.md"
+stamp "predict seg vs nnUNetv2_predict, CPU time per exam (paired); a real knee exam at the default plans size on CPU"
+$PY bench/bench_predict_cpu.py --part paired --cases 3 --repeats 3 --tta both --out "$R/prediction.md"
+if [ -d ../shared/data ]; then
+  $PY bench/bench_predict_cpu.py --part real-knee --threads 2 --out "$R/prediction.md"
+fi
 stamp "pretraining loss curve on the real knees of ../shared/data"
 if [ -d ../shared/data ]; then
   $PY bench/pretrain_real_knees.py --minutes 4 --out "$R/pretraining.md"

@@ -394,6 +394,39 @@ class ClassificationPredictResult:
         return "\n".join(lines)
 
 
+def _plans_transfer_command(cfg: Mapping, dataset: int | str | Sequence[int | str],
+                            views: Sequence[str]) -> str | None:
+    """The ``orthodiff plan_and_preprocess`` command that preprocesses ``dataset``'s raw datasets of ``views`` with
+    the classifier's plans (``--plans-from`` its training datasets, ``--plans-name`` its plans); None when the raw
+    datasets or the training datasets' plans are not here (then no command can do it)."""
+    from orthodiff_nnunet.planning import default_plans_name, resolve_datasets
+
+    items = [dataset] if isinstance(dataset, (int, str)) else list(dataset)
+    try:
+        raw = paths.raw_dir()
+        targets = [t for t in resolve_datasets(items, list(views) if len(items) == 1 else None, raw)
+                   if t.orientation in views]
+        if not targets:
+            return None
+        sources = {t.orientation: cfg["datasets"][t.orientation] for t in targets}
+        idents = {o: cfg["plans_identifiers"][o] for o in sources}
+        pre = paths.preprocessed_dir()
+        if any(not (pre / sources[o] / f"{idents[o]}.json").is_file() for o in sources):
+            return None
+        first = resolve_datasets([sources[targets[0].orientation]], list(sources), raw)
+    except (OrthodiffError, KeyError):
+        return None
+
+    def command(ids: list[int], source: int | str, ident: str) -> str:
+        name = "" if ident == default_plans_name() else f" --plans-name {ident}"
+        return (f"orthodiff plan_and_preprocess -d {' '.join(map(str, ids))} --plans-from {source}{name} "
+                f"-c {cfg['configuration']}")
+
+    if {i.orientation: i.name for i in first} == sources and len(set(idents.values())) == 1:
+        return command([t.dataset_id for t in targets], first[0].dataset_id, next(iter(idents.values())))
+    return " && ".join(command([t.dataset_id], sources[t.orientation], idents[t.orientation]) for t in targets)
+
+
 def predict_classification(
     model_folder: Path,
     dataset: int | str | Sequence[int | str],
@@ -442,7 +475,22 @@ def predict_classification(
     if not ckpt_path.is_file():
         raise ClassificationUsageError(f"{ckpt_path} not found (the run did not finish?)")
     order = list(cfg["views"])
-    given = resolve_views(dataset)
+    try:
+        given = resolve_views(dataset)
+    except ClassificationUsageError as exc:
+        fix = _plans_transfer_command(cfg, dataset, order)
+        if fix is None:  # the site's raw datasets or the model's training datasets are not here
+            sources = sorted(set(cfg["datasets"].values()))
+            idents = sorted(set(cfg["plans_identifiers"].values()))
+            raise ClassificationUsageError(
+                f"{dataset} is not preprocessed with the model's plans. A site that only predicts gets the plans the "
+                f"model was trained with: `orthodiff plan_and_preprocess -d <the site's dataset ids> --plans-from "
+                f"{sources[0]} --plans-name {idents[0]} -c {cfg['configuration']}`. That needs the site converted into "
+                "nnUNet_raw (`orthodiff convert MANIFEST -d ID -n NAME --external`) and the model's training datasets "
+                f"{', '.join(sources)} (dataset.json in nnUNet_raw, plans in nnUNet_preprocessed)") from exc
+        raise ClassificationUsageError(
+            f"{dataset} is not preprocessed with the model's plans: run `{fix}` first (a site that only predicts is "
+            "never planned itself: it gets the plans the model was trained with)") from exc
     view_names = {v: given[v] for v in order if v in given}
     if not view_names:
         raise ClassificationUsageError(f"the model reads {order}; the given datasets hold {list(given)}")
@@ -451,7 +499,9 @@ def predict_classification(
             log.warning("%s (%s) is not a view of this model: ignored", given[v], v)
     for v in order:
         if v not in view_names:
-            log.warning("no %s dataset given: every exam is predicted without its %s view", v, v)
+            fix = _plans_transfer_command(cfg, dataset, [v]) if isinstance(dataset, (int, str)) else None
+            log.warning("no %s dataset given: every exam is predicted without its %s view%s", v, v,
+                        f" (its raw dataset is there: `{fix}` preprocesses it)" if fix else "")
     config_name = cfg["configuration"]
     vds, targets = {}, {}
     declared: set[str] = set()  # labels the datasets' targets files declare
@@ -466,9 +516,12 @@ def predict_classification(
         folder = paths.preprocessed_dir() / name
         own = folder / f"{cfg['plans_identifiers'][v]}.json"
         if not own.is_file() or preprocessing_hash(load_json(own), config_name) != preprocessing_hash(model_plans, config_name):
+            fix = _plans_transfer_command(cfg, name, [v]) or (
+                f"orthodiff plan_and_preprocess -d {name} --plans-from {cfg['datasets'][v]} --plans-name "
+                f"{cfg['plans_identifiers'][v]} -c {config_name}")
             raise ClassificationUsageError(
                 f"{name} is not preprocessed with the model's {v} plans ({cfg['plans_identifiers'][v]} of "
-                f"{cfg['datasets'][v]}): run `orthodiff plan_and_preprocess -d {name} --plans-from {cfg['datasets'][v]}`")
+                f"{cfg['datasets'][v]}): run `{fix}`")
         vds[v] = ViewData(v, name, cfg["plans_identifiers"][v], model_plans, config_name,
                           load_json(folder / "dataset.json"), folder)
         try:

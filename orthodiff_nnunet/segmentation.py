@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,6 +399,11 @@ def _input_cases(folder: Path, file_ending: str, num_channels: int) -> dict[str,
     """case -> channel files. nnU-Net naming (``case_0000.nii.gz``) or, for one channel, any name."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(file_ending))
     if not files:
+        inside = [folder / sub for sub in ("imagesTs", "imagesTr")
+                  if (folder / sub).is_dir() and any((folder / sub).glob(f"*{file_ending}"))]
+        if inside:  # a converted dataset folder instead of its images folder
+            raise SegmentationError(f"no {file_ending} images in {folder}, but in its {inside[0].name}: pass "
+                                    f"-i {inside[0]}")
         raise SegmentationError(f"no {file_ending} images in {folder}: put the converted images there "
                                 f"(nnU-Net naming CASE_0000{file_ending})")
     cases: dict[str, list[Path]] = {}
@@ -426,7 +432,7 @@ def _check_layout(cases: dict[str, list[Path]], orientation: str | None) -> None
 
     from orthodiff_nnunet.orientation import CANONICAL_ORIENTATION_CODE, THROUGH_PLANE_SITK_AXIS, through_plane_axis
 
-    problems = []
+    problems, other_plane, plane_only = [], set(), 0
     for case, files in cases.items():
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(files[0]))
@@ -442,11 +448,111 @@ def _check_layout(cases: dict[str, list[Path]], orientation: str | None) -> None
         if orientation in THROUGH_PLANE_SITK_AXIS and rule == "thickest spacing" and axis != THROUGH_PLANE_SITK_AXIS[orientation]:
             problems.append(f"{files[0].name}: thick slices along image axis {axis}, but the model is {orientation} "
                             f"(axis {THROUGH_PLANE_SITK_AXIS[orientation]})")
+            other_plane.update(o for o, a in THROUGH_PLANE_SITK_AXIS.items() if a == axis)
+            plane_only += 1
+    if problems and plane_only == len(problems):
+        # converted images of another plane: converting again would not help
+        theirs = ", ".join(sorted(other_plane))
+        sibling = _same_group_images(next(iter(cases.values()))[0].parent, orientation)
+        raise SegmentationError(
+            f"these are {theirs} images, the model is {orientation}: predict them with a {theirs} model (-m), or give "
+            f"this model the {orientation} images" + (f": pass -i {sibling}" if sibling else "")
+            + ":\n" + "\n".join(f"  - {p}" for p in problems))
     if problems:
         raise SegmentationError(
             "input images are not laid out like the model's training data: convert them with `orthodiff convert` "
             "(an external site with --external; its imagesTs are ready to predict), or pass --no-layout-check "
             "if you know better:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _start_message(n: int, model: str, folds: Sequence[str], device: str, mirroring: bool,
+                   axes: Sequence[int] | None) -> str:
+    """What is about to run: cases, device, mirroring and, on a CPU, what mirroring costs and how to avoid it."""
+    head = f"predicting {n} case(s) with {model} (fold(s) {', '.join(map(str, folds))}) on {device}"
+    if not mirroring or not axes:
+        return f"{head}; mirroring off"
+    passes = 2 ** len(axes)
+    text = (f"{head}; mirroring on (axes {', '.join(str(int(a)) for a in axes)}: {passes} network passes per "
+            "sliding-window tile)")
+    if device == "cpu":
+        text += (". On a CPU mirroring makes prediction up to 8x slower (a 3D model mirrored along all 3 axes); "
+                 "--disable-tta (mirroring=False) turns it off at some cost in accuracy")
+    return text
+
+
+@contextlib.contextmanager
+def _nnunet_stdout_to_log() -> Iterator[None]:
+    """nnU-Net prints a few lines per case; send them to the debug log so that the progress bar stays readable."""
+    import io
+
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            log.debug("nnU-Net said:\n%s", text)
+
+
+_PREDICTOR_CLASS = None
+
+
+def _case_progress_predictor() -> type:
+    """nnU-Net's ``nnUNetPredictor`` whose default (multiprocess) path moves a per-case progress bar.
+
+    The bar (``case_bar``, a tqdm with rate and ETA) advances each time nnU-Net takes the next
+    preprocessed case from its data iterator, i.e. when a case's sliding window is done; nnU-Net's
+    own per-tile bar runs inside it. Built on first use so that importing this module stays light.
+    """
+    global _PREDICTOR_CLASS
+    if _PREDICTOR_CLASS is None:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        class CaseProgressPredictor(nnUNetPredictor):
+            case_bar = None
+
+            def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                           num_processes_segmentation_export: int = 2):
+                bar = self.case_bar
+
+                def counted():
+                    started = False
+                    for item in data_iterator:  # nnU-Net asks for the next case when one is predicted
+                        if started and bar is not None:
+                            bar.update()
+                        started = True
+                        yield item
+                    if started and bar is not None:
+                        bar.update()
+
+                try:
+                    return super().predict_from_data_iterator(counted(), save_probabilities,
+                                                              num_processes_segmentation_export)
+                finally:
+                    finish = getattr(data_iterator, "_finish", None)  # nnU-Net only finishes its own iterator types
+                    if finish is not None:
+                        finish()
+
+        _PREDICTOR_CLASS = CaseProgressPredictor
+    return _PREDICTOR_CLASS
+
+
+def _same_group_images(folder: Path, orientation: str) -> Path | None:
+    """``orientation``'s images folder of the convert group that ``folder`` (``.../DatasetNNN_X/imagesTs``) is in."""
+    from orthodiff_nnunet.schemes import ORIENTATION_ID_OFFSET, ORIENTATION_SUFFIX
+
+    dataset_json = folder.parent / "dataset.json"
+    if orientation not in ORIENTATION_ID_OFFSET or not dataset_json.is_file():
+        return None
+    try:
+        block = json.loads(dataset_json.read_text()).get("orthodiff") or {}
+        base, name = int(block["base_dataset_id"]), str(block["name"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    dataset = f"Dataset{base + ORIENTATION_ID_OFFSET[orientation]:03d}_{name}{ORIENTATION_SUFFIX[orientation]}"
+    cand = folder.parent.parent / dataset / folder.name
+    return cand if cand.is_dir() else None
 
 
 def predict_segmentation(
@@ -479,14 +585,17 @@ def predict_segmentation(
         folds: folds to ensemble (default: every fold with the checkpoint).
         checkpoint: checkpoint file name in each fold folder.
         device: ``auto``, ``cuda`` or ``cpu``.
-        mirroring: mirroring test-time augmentation (nnU-Net's default; 4-8x slower).
+        mirroring: mirroring test-time augmentation (nnU-Net's default). It runs the network once per
+            mirror combination: 8 passes per tile for a 3D model mirrored along all axes, so up to 8x
+            the time on a CPU, where the network dominates; the log says so before starting.
         tile_step_size: sliding-window step as a fraction of the patch (nnU-Net's 0.5).
         num_processes: worker processes for preprocessing and export (0: all in this process).
         check_layout: refuse images that are not in the converter's canonical layout.
-        show_progress: tqdm progress bars.
+        show_progress: tqdm progress bars: one per case with rate and ETA, nnU-Net's per tile inside.
 
     Raises:
-        SegmentationError: no model or checkpoint, no images, wrong naming or layout.
+        SegmentationError: no model or checkpoint, no images, wrong naming or layout; the message
+            says which flag or folder fixes it.
     """
     from orthodiff_nnunet.pretraining import resolve_device
 
@@ -496,6 +605,10 @@ def predict_segmentation(
             folds = [model.name[len("fold_"):]]
         model = model.parent
     for f in ("plans.json", "dataset.json"):
+        inside = sorted(p.parent for p in model.glob("*/plans.json")) if model.is_dir() else []
+        if not (model / f).is_file() and inside:  # a dataset's results folder: its model folders are inside
+            raise SegmentationError(f"{model} is not a model folder but holds {len(inside)}: pass -m {inside[0]}"
+                                    + "".join(f" (or -m {p})" for p in inside[1:]))
         if not (model / f).is_file():
             raise SegmentationError(f"{model} is not a trained nnU-Net model folder ({f} missing): pass the folder "
                                     "<Trainer>__<plans>__<configuration> that `orthodiff train seg` printed")
@@ -503,8 +616,13 @@ def predict_segmentation(
     use = [str(f) for f in folds] if folds is not None else available
     missing = [f for f in use if f not in available]
     if not use or missing:
-        raise SegmentationError(f"no {checkpoint} for fold(s) {missing or 'any'} in {model} (found: "
-                                f"{available or 'none'}): finish training first or pick another checkpoint")
+        there = {p.name for f in (missing or ["*"]) for p in model.glob(f"fold_{f}/checkpoint_*.pth")}
+        preferred = ["checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth"]
+        others = [n for n in preferred if n in there] + sorted(there - set(preferred))
+        fix = (f"pass --checkpoint {others[0]} (there: {', '.join(others)})" if others
+               else "finish training first (`orthodiff train seg ... --continue` resumes it)")
+        raise SegmentationError(f"no {checkpoint} for fold(s) {', '.join(missing) or 'any'} in {model} (folds with it: "
+                                f"{', '.join(available) or 'none'}): {fix}")
     folds_arg = tuple("all" if f == "all" else int(f) for f in use)
     dataset_json = json.loads((model / "dataset.json").read_text())
     plans = json.loads((model / "plans.json").read_text())
@@ -518,23 +636,36 @@ def predict_segmentation(
     output_folder.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
 
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from tqdm import tqdm
 
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
-                                perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=show_progress)
+    predictor = _case_progress_predictor()(
+        tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
+        perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False, verbose_preprocessing=False,
+        allow_tqdm=show_progress)
     with _with_our_trainers():
         predictor.initialize_from_trained_model_folder(str(model), folds_arg, checkpoint_name=checkpoint)
     names = sorted(cases)
     inputs = [[str(p) for p in cases[c]] for c in names]
     outputs = [str(output_folder / c) for c in names]
-    log.info("predicting %d case(s) with %s (folds %s)", len(names), model.name, ", ".join(use))
-    if num_processes <= 0:
-        predictor.predict_from_files_sequential(inputs, outputs, save_probabilities=False, overwrite=True)
-    else:
-        predictor.predict_from_files(inputs, outputs, save_probabilities=False, overwrite=True,
-                                     num_processes_preprocessing=num_processes,
-                                     num_processes_segmentation_export=num_processes)
+    log.info("%s", _start_message(len(names), model.name, use, dev.type, mirroring, predictor.allowed_mirroring_axes))
+    bar = tqdm(total=len(names), desc="predict seg", unit="case", disable=not show_progress)
+    predictor.case_bar = bar
+    start = time.perf_counter()
+    try:
+        with _nnunet_stdout_to_log():
+            if num_processes <= 0:  # one case per call: the bar moves after each case
+                for one_input, one_output in zip(inputs, outputs):
+                    predictor.predict_from_files_sequential([one_input], [one_output], save_probabilities=False,
+                                                            overwrite=True)
+                    bar.update()
+            else:
+                predictor.predict_from_files(inputs, outputs, save_probabilities=False, overwrite=True,
+                                             num_processes_preprocessing=num_processes,
+                                             num_processes_segmentation_export=num_processes)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    log.info("predicted %d case(s) in %.0f s (%.1f s per case)", len(names), seconds, seconds / max(len(names), 1))
     masks = [output_folder / f"{c}{file_ending}" for c in names]
     absent = [m.name for m in masks if not m.is_file()]
     if absent:
@@ -629,7 +760,9 @@ def add_predict_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained folds)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
-    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
+    p.add_argument("--disable-tta", action="store_true",
+                   help="no mirroring test-time augmentation: up to 8x faster on a CPU for a 3D model (8 mirrored "
+                        "passes per tile), at some cost in accuracy")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
     p.add_argument("-np", "--num-processes", type=int, default=2,
                    help="processes for preprocessing and export (default 2; 0: in this process)")
