@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import hashlib
-import io
 import json
 import logging
 import os
@@ -68,7 +67,7 @@ from orthodiff_nnunet.plans import (
     with_orthodiff_block,
 )
 from orthodiff_nnunet.schemes import ORIENTATION_ID_OFFSET, ORIENTATION_SUFFIX, ORIENTATIONS, normalize_orientation
-from orthodiff_nnunet.utils import atomic_write_json, load_json
+from orthodiff_nnunet.utils import atomic_write_json, load_json, nnunet_stdout_to_log
 
 log = logging.getLogger(__name__)
 
@@ -353,19 +352,6 @@ def _planner_class(planner: PlannerName):
 
 
 @contextlib.contextmanager
-def _nnunet_stdout_to_log() -> Iterator[None]:
-    """nnU-Net prints plans and progress notes; send them to the debug log instead of stdout."""
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            yield
-    finally:
-        text = buffer.getvalue().strip()
-        if text:
-            log.debug("nnU-Net said:\n%s", text)
-
-
-@contextlib.contextmanager
 def _dataset_lock(pre_folder: Path) -> Iterator[None]:
     """Hold the preprocessed dataset folder for this run; refuse when another run holds it.
 
@@ -524,7 +510,7 @@ def _fingerprint(info: DatasetInfo, cases: dict[str, dict[str, Any]], pre_folder
             return True
     log.info("%s: extracting the fingerprint", info.name)
     record.unlink(missing_ok=True)  # a run killed while nnU-Net rewrites the fingerprint must not reuse it
-    with _nnunet_stdout_to_log():
+    with nnunet_stdout_to_log(log):
         extract_fingerprint_dataset(
             info.dataset_id, OrthodiffFingerprintExtractor, num_processes=max(1, num_processes),
             check_dataset_integrity=verify, clean=True, verbose=False, show_progress_bar=show_progress,
@@ -1103,7 +1089,7 @@ def plan_and_preprocess(
                     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
 
                     log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
-                    with n_proc_da_at_least_one(), _nnunet_stdout_to_log():
+                    with n_proc_da_at_least_one(), nnunet_stdout_to_log(log):
                         plan_experiment_dataset(
                             t.dataset_id, experiment_planner_class=_planner_class(planner),
                             gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,

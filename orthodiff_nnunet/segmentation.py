@@ -38,6 +38,7 @@ from typing import Literal
 from orthodiff_nnunet import paths
 from orthodiff_nnunet.data.splits import SPLIT_SEED
 from orthodiff_nnunet.errors import OrthodiffError
+from orthodiff_nnunet.utils import nnunet_stdout_to_log
 
 log = logging.getLogger(__name__)
 
@@ -480,21 +481,6 @@ def _start_message(n: int, model: str, folds: Sequence[str], device: str, mirror
     return text
 
 
-@contextlib.contextmanager
-def _nnunet_stdout_to_log() -> Iterator[None]:
-    """nnU-Net prints a few lines per case; send them to the debug log so that the progress bar stays readable."""
-    import io
-
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            yield
-    finally:
-        text = buffer.getvalue().strip()
-        if text:
-            log.debug("nnU-Net said:\n%s", text)
-
-
 _PREDICTOR_CLASS = None
 
 
@@ -652,7 +638,7 @@ def predict_segmentation(
     predictor.case_bar = bar
     start = time.perf_counter()
     try:
-        with _nnunet_stdout_to_log():
+        with nnunet_stdout_to_log(log):
             if num_processes <= 0:  # one case per call: the bar moves after each case
                 for one_input, one_output in zip(inputs, outputs):
                     predictor.predict_from_files_sequential([one_input], [one_output], save_probabilities=False,

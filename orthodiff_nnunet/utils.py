@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -160,3 +163,16 @@ def write_image_checked(image, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def nnunet_stdout_to_log(logger: logging.Logger | None = None) -> Iterator[None]:
+    """Send what nnU-Net prints (plans, per-case notes) to the debug log, so that progress bars stay readable."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            (logger or logging.getLogger("orthodiff_nnunet")).debug("nnU-Net said:\n%s", text)

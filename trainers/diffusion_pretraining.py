@@ -187,17 +187,15 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
 
     def _patients(self) -> dict[str, str]:
         """case -> patient pseudonym from the converter's ``orthodiff_targets.json`` ({} if not found)."""
-        from nnunetv2.paths import nnUNet_raw
+        from orthodiff_nnunet.data.targets import TargetsError, find_targets_file
 
-        name = (self.dataset_json.get("orthodiff") or {}).get("targets_file", "orthodiff_targets.json")
-        candidates = [Path(self.preprocessed_dataset_folder_base) / name]
-        if nnUNet_raw.is_set():
-            candidates.insert(0, Path(nnUNet_raw.get()) / self.plans_manager.dataset_name / name)
-        for f in candidates:
-            if f.is_file():
-                cases = json.loads(f.read_text()).get("cases", {})
-                return {c: str(v.get("patient") or c) for c, v in cases.items()}
-        return {}
+        try:
+            f = find_targets_file(self.plans_manager.dataset_name,
+                                  preprocessed=Path(self.preprocessed_dataset_folder_base).parent)
+        except TargetsError:
+            return {}
+        cases = json.loads(f.read_text()).get("cases", {})
+        return {c: str(v.get("patient") or c) for c, v in cases.items()}
 
     def do_split(self):
         """Every scan except ``exclude_cases``; a seeded ``val_fraction`` of patients held out for validation.
