@@ -52,10 +52,13 @@ class EncoderLoadReport:
 
     def summary(self) -> str:
         p = self.provenance
-        return (f"loaded {self.tensors} encoder tensors ({self.parameters / 1e6:.2f} M values) pretrained on "
+        head = (f"loaded {self.tensors} encoder tensors ({self.parameters / 1e6:.2f} M values) pretrained on "
                 f"{p.get('dataset', '?')} ({p.get('orientation', '?')}, {p.get('iterations', '?')} iterations, "
-                f"{p.get('scans', '?')} scans, {p.get('schedule', {}).get('name', '?')} schedule), "
-                f"timestep conditioning of t={self.timestep}")
+                f"{p.get('scans', '?')} scans, ")
+        if p.get("conditioned", True) is False:  # e.g. the masked-autoencoder control: nothing depends on t
+            return head + f"{p.get('objective', '?')} objective), no timestep conditioning (identity affine)"
+        return head + (f"{(p.get('schedule') or {}).get('name', '?')} schedule), "
+                       f"timestep conditioning of t={self.timestep}")
 
 
 def encoder_of(network: nn.Module) -> nn.Module:
@@ -171,6 +174,8 @@ def load_encoder(network: nn.Module, path: Path, architecture_hash: str | None =
     encoder.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in incoming.items()}, strict=True)
     reference = int(prov.get("reference_timestep", 0))
     if timestep is not None and int(timestep) != reference:
+        # an encoder that was never conditioned (conditioning None, e.g. the MAE control) computed the same
+        # function at every timestep: the identity affine it was exported with is right at any t
         cond = conditioning_of(payload)
         set_stage_affine(encoder, cond.affine(int(timestep)) if cond is not None else None)
     return EncoderLoadReport(tensors=len(incoming), parameters=sum(v.numel() for v in incoming.values()), provenance=prov,
