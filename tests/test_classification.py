@@ -222,7 +222,10 @@ def test_noised_input_uses_pretrained_film(knee, tmp_path: Path) -> None:
     with torch.no_grad():
         for p in model.ema.film.parameters():
             p.normal_(0, 0.1)  # as if trained (they start at zero)
-    export_encoder(model.ema, tmp_path / "encoder.pt", {"schedule": {"name": "cosine", "num_steps": 1000}})
+    from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
+
+    export_encoder(model.ema, tmp_path / "encoder.pt", {"schedule": {"name": "cosine", "num_steps": 1000},
+                                                        "architecture_hash": architecture_hash(architecture_of(plans, "3d_diffusion"))})
 
     def branch(film: bool) -> ViewBranch:
         b = ViewBranch(build_network(plans, "3d_classification", 1, 1).encoder, noise_timestep=100, film=film)
