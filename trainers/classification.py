@@ -1078,7 +1078,7 @@ class nnUNetTrainerOrthoDiffCls:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path, weights_only: bool = False) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_classifier_checkpoint(path)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ClassificationError(f"{path} is not an orthodiff classifier checkpoint")
         self.network.load_state_dict(ckpt["network_weights"])
@@ -1104,6 +1104,20 @@ class nnUNetTrainerOrthoDiffCls:
         self.best_metric, self.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
         renamed = {"val_mean_auroc": "selection_mean_auroc", "val_loss": "selection_loss"}  # runs before the rename
         self.history = [{renamed.get(k, k): v for k, v in row.items()} for row in ckpt["history"]]
+
+
+def read_classifier_checkpoint(path: Path) -> dict:
+    """A classifier checkpoint's payload, loaded with ``weights_only=True`` (tensors and plain values only).
+
+    Raises:
+        ClassificationError: naming the file when it is not a plain orthodiff classifier checkpoint.
+    """
+    from orthodiff_nnunet.networks.encoder_io import safe_torch_load
+
+    payload = safe_torch_load(Path(path), "classifier checkpoint", ClassificationError)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ClassificationError(f"{path} is not an orthodiff classifier checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
 
 
 def write_predictions_csv(path: Path, exams: Sequence[Exam], probs: np.ndarray, label_names: Sequence[str],

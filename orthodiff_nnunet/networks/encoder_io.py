@@ -83,6 +83,9 @@ def export_encoder(network: nn.Module, path: Path, provenance: dict, reference_t
         provenance: what the encoder was trained on (written as given, plus versions and time).
         reference_timestep: the timestep whose FiLM is folded into the stage buffers (0: clean input).
     """
+    if not provenance.get("architecture_hash"):
+        raise ValueError("export_encoder needs provenance['architecture_hash'] (networks.build.architecture_hash of "
+                         "the plans' configuration): consumers refuse an encoder that does not say what it fits")
     cond_net = network
     for attr in ("module", "_orig_mod"):
         cond_net = getattr(cond_net, attr, cond_net)
@@ -111,7 +114,7 @@ def read_encoder_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EncoderMismatchError(f"encoder checkpoint {path} does not exist: run `orthodiff pretrain` first or fix the path")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = safe_torch_load(path, "encoder checkpoint", EncoderMismatchError)
     if isinstance(payload, dict) and payload.get("format") in OLD_FORMATS:
         raise EncoderMismatchError(
             f"{path} is an {payload['format']} encoder (weights only): without the pretraining's timestep "
@@ -120,7 +123,33 @@ def read_encoder_checkpoint(path: Path) -> dict:
             "(the checkpoint there holds the conditioning; no iterations are repeated)")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise EncoderMismatchError(f"{path} is not an orthodiff encoder checkpoint (format {FORMAT})")
+    if not (payload.get("provenance") or {}).get("architecture_hash"):
+        raise EncoderMismatchError(
+            f"{path} records no architecture hash, so nothing tells which network it fits: re-export it with the "
+            "same `orthodiff pretrain` command and --resume in its pretraining folder")
     return payload
+
+
+def safe_torch_load(path: Path, what: str, error: type[Exception]) -> object:
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, never pickled code.
+
+    Encoder and classifier checkpoints travel between sites; a pickle can run arbitrary code when it is
+    loaded, and their payload needs nothing beyond tensors, dicts, lists, strings and numbers.
+
+    Raises:
+        error: naming the file when it holds anything else (or is not a torch file at all).
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise error(f"{path} is not a plain {what}: it holds objects other than tensors and plain values, and "
+                    f"loading it could run code from the file ({str(exc).splitlines()[0][:200]}). Use a {what} "
+                    "written by orthodiff, or ask its sender to re-export it") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise error(f"{path} cannot be read as a {what} ({exc.__class__.__name__}: {str(exc)[:200]}); the file "
+                    "may be truncated: copy it again or re-export it") from exc
 
 
 def conditioning_of(payload: dict) -> EncoderConditioning | None:
@@ -148,7 +177,7 @@ def load_encoder(network: nn.Module, path: Path, architecture_hash: str | None =
     """
     payload = read_encoder_checkpoint(path)
     prov = payload.get("provenance", {})
-    if architecture_hash is not None and prov.get("architecture_hash") not in (None, architecture_hash):
+    if architecture_hash is not None and prov["architecture_hash"] != architecture_hash:
         raise EncoderMismatchError(
             f"encoder {path} was pretrained with architecture {prov.get('architecture_hash')} "
             f"({prov.get('plans_identifier')}, {prov.get('orientation')}), this network has {architecture_hash}: "
