@@ -171,7 +171,7 @@ def pretrain(
     from orthodiff_nnunet.trainers.mae_pretraining import nnUNetTrainerOrthoDiffMAE
 
     check_objective(objective, mask_ratio, mask_block)
-    dataset_name = maybe_convert_to_dataset_name(dataset)
+    dataset_name = str(maybe_convert_to_dataset_name(dataset))  # nnU-Net returns numpy strings
     plans_identifier, plans_dict = find_plans(dataset_name, plans)
     if configuration not in plans_dict["configurations"]:
         raise OrthodiffError(f"plans {plans_identifier} of {dataset_name} have no configuration {configuration!r} "

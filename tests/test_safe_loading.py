@@ -71,3 +71,19 @@ def test_classifier_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> N
     torch.save({"format": "something/else"}, tmp_path / "other.pth")
     with pytest.raises(ClassificationError, match="not an orthodiff classifier checkpoint"):
         read_classifier_checkpoint(tmp_path / "other.pth")
+
+
+def test_encoder_exported_with_numpy_values_loads_safely(tmp_path: Path) -> None:
+    """nnU-Net hands out numpy strings (dataset names from ids): export writes them as plain values."""
+    import numpy as np
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from orthodiff_nnunet.networks.encoder_io import export_encoder
+
+    net = PlainConvUNet(1, 2, [2, 4], torch.nn.Conv3d, 3, [1, 2], 1, 2, 1)
+    path = export_encoder(net, tmp_path / "encoder.pt", {"architecture_hash": np.str_("h"), "dataset": np.str_("D1"),
+                                                          "iterations": np.int64(3), "lr": np.float32(0.5),
+                                                          "folder": tmp_path, "block": (np.int64(2), 4)})
+    prov = read_encoder_checkpoint(path)["provenance"]
+    assert (type(prov["dataset"]), type(prov["iterations"]), type(prov["lr"])) == (str, int, float)
+    assert prov["folder"] == str(tmp_path) and prov["block"] == (2, 4) and type(prov["block"][0]) is int

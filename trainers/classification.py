@@ -90,7 +90,7 @@ from orthodiff_nnunet.evaluation.classification import choose_thresholds, classi
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.classifier import MultiViewClassifier, build_classifier, load_timestep_film
 from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
-from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -1065,12 +1065,13 @@ class nnUNetTrainerOrthoDiffCls:
     def save_checkpoint(self, path: Path) -> None:
         """Atomic: written to a temporary name, then renamed."""
         payload = {
-            "format": CHECKPOINT_FORMAT, "config": self.config(), "network_weights": self.network.state_dict(),
+            "format": CHECKPOINT_FORMAT, "config": to_plain(self.config()), "network_weights": self.network.state_dict(),
             "optimizer_state": self.optimizer.state_dict() if self.optimizer else None,
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler else None,
             "lr_scheduler_state": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "current_epoch": self.current_epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-            "history": self.history, "load_reports": self.load_reports, "precision_timings": self.precision_timings,
+            "history": to_plain(self.history), "load_reports": to_plain(self.load_reports),
+            "precision_timings": to_plain(self.precision_timings),
         }
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")

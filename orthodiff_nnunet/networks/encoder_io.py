@@ -32,6 +32,7 @@ from orthodiff_nnunet import __version__
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.conditioning import (EncoderConditioning, TimestepConditionedNetwork,
                                                     install_stage_affine, set_stage_affine)
+from orthodiff_nnunet.utils import to_plain
 
 FORMAT = "orthodiff-encoder/2"
 OLD_FORMATS = ("orthodiff-encoder/1",)
@@ -97,7 +98,7 @@ def export_encoder(network: nn.Module, path: Path, provenance: dict, reference_t
         "format": FORMAT,
         "state_dict": state,
         "conditioning": conditioning.to_payload() if conditioning is not None else None,
-        "provenance": {**provenance, "reference_timestep": int(reference_timestep),
+        "provenance": {**to_plain(provenance), "reference_timestep": int(reference_timestep),
                        "conditioned": conditioning is not None,
                        "orthodiff_version": __version__, "nnunetv2_version": _nnunet_version(),
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
