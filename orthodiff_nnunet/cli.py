@@ -156,6 +156,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                         "(default 0.1, at least 1 scan when there are 2 or more; 0: validate on training scans)")
     p.add_argument("--exclude-cases", nargs="+", default=[], metavar="CASE|@FILE",
                    help="cases never used for pretraining, e.g. a downstream test set (@FILE: one case a line)")
+    p.add_argument("--exclude-fold", type=int, nargs="+", default=[], metavar="K",
+                   help="never use the validation cases of these folds of splits_final.json, e.g. the test fold of "
+                        "`train cls` (default for --fold k: fold k+1), which refuses an encoder that saw its test exams")
     p.add_argument("--seed", type=int, default=None,
                    help="seed torch/numpy/random; with nnUNet_n_proc_DA=0 a resumed run is bit-identical (CPU)")
     p.add_argument("--reference-timestep", type=int, default=0,
@@ -223,7 +226,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
             min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
             precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
             sample_steps=args.sample_steps, val_fraction=args.val_fraction,
-            exclude_cases=_case_list(args.exclude_cases), reference_timestep=args.reference_timestep, seed=args.seed,
+            exclude_cases=_case_list(args.exclude_cases), exclude_folds=args.exclude_fold,
+            reference_timestep=args.reference_timestep, seed=args.seed,
             objective=args.objective, mask_ratio=args.mask_ratio,
             mask_block=None if args.mask_block is None else
             (args.mask_block[0] if len(args.mask_block) == 1 else tuple(args.mask_block)),

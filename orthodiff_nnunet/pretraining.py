@@ -111,6 +111,7 @@ def pretrain(
     val_fraction: float = 0.1,
     split_seed: int = 12345,
     exclude_cases: Sequence[str] | None = None,
+    exclude_folds: Sequence[int] | None = None,
     seed: int | None = None,
     objective: Literal["diffusion", "mae"] = "diffusion",
     mask_ratio: float = 0.75,
@@ -151,6 +152,8 @@ def pretrain(
             list the scans the encoder saw and the held-out ones.
         split_seed: seed of the held-out choice (fixed on --resume: the run's record is checked).
         exclude_cases: cases never used (e.g. a downstream test set or external cases in this dataset).
+        exclude_folds: folds of the dataset's ``splits_final.json`` whose validation cases are never used,
+            e.g. the test fold of ``train cls`` (which refuses an encoder that saw its test exams).
         seed: seeds torch, numpy and Python's ``random`` before the network is built. Checkpoints carry
             the RNG states, so with nnU-Net's single-threaded loader (``nnUNet_n_proc_DA=0``) a run
             killed and resumed ends bit-identical to an uninterrupted one on CPU. Background loader
@@ -211,7 +214,7 @@ def pretrain(
     trainer.channels_last = channels_last
     trainer.val_fraction = val_fraction
     trainer.split_seed = split_seed
-    trainer.exclude_cases = list(exclude_cases or [])
+    trainer.exclude_cases = list(exclude_cases or []) + fold_cases(dataset_name, exclude_folds or ())
     trainer.seed = seed
     if not 0 <= reference_timestep < trainer.num_timesteps:
         raise OrthodiffError(f"--reference-timestep {reference_timestep} outside 0..{trainer.num_timesteps - 1}")
@@ -375,6 +378,25 @@ def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
     fig.suptitle(f"{trainer.plans_manager.dataset_name}: {trainer.iterations_done()} iterations (EMA weights)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def fold_cases(dataset_name: str, folds: Sequence[int]) -> list[str]:
+    """The validation cases of ``folds`` in the dataset's ``splits_final.json`` (sorted, unique).
+
+    Raises:
+        OrthodiffError: no splits file, or a fold it does not have.
+    """
+    if not folds:
+        return []
+    f = paths.preprocessed_dir() / dataset_name / "splits_final.json"
+    if not f.is_file():
+        raise OrthodiffError(f"--exclude-fold: {f} does not exist; run `orthodiff plan_and_preprocess -d {dataset_name}` "
+                             "(it writes the converter's patient-grouped folds) or list the cases with --exclude-cases")
+    splits = json.loads(f.read_text())
+    bad = [k for k in folds if not 0 <= int(k) < len(splits)]
+    if bad:
+        raise OrthodiffError(f"--exclude-fold {bad[0]}: {f} has folds 0..{len(splits) - 1}")
+    return sorted({c for k in folds for c in splits[int(k)]["val"]})
 
 
 def check_orientation(dataset: int | str, orientation: str) -> None:

@@ -526,6 +526,8 @@ class nnUNetTrainerOrthoDiffCls:
         self.label_fraction = 1.0
         self.label_fraction_seed = 12345
         self.test_fold: TestFold = "auto"  # held-out test set: "auto" (next fold), a fold, or None
+        self.allow_pretraining_overlap = False  # accept encoders pretrained on scans of the test exams
+        self.pretraining_overlap: dict[str, int] = {}  # view -> test exams whose scan the encoder saw
         self.precision: Precision = "auto"  # what was asked for; resolved by choose_precision()
         self.precision_requested: Precision = "auto"
         self.mirror_axes: MirrorAxes = "lr"
@@ -567,6 +569,7 @@ class nnUNetTrainerOrthoDiffCls:
             "label_names": list(self.label_names),
             "mode": self.mode,
             "encoders": {v: (str(p) if p else None) for v, p in self.encoder_paths.items()},
+            "pretraining_saw_test_exams": dict(self.pretraining_overlap),
             "noise_timesteps": {v: int(self.noise_timesteps.get(v, 0)) for v in self.views},
             "schedules": self.schedules(),
             "film": self.film_views(),
@@ -737,7 +740,39 @@ class nnUNetTrainerOrthoDiffCls:
             noise_timesteps=self.noise_timesteps, schedules=self.schedules(), film=self.film_views(),
             dropout=self.dropout)
 
+    def _check_pretraining_overlap(self) -> None:
+        """Refuse encoders whose pretraining saw a scan of a test exam (unless the user accepts it).
+
+        Pretraining uses no labels, but a test scan it was trained on is no longer unseen: the
+        reported test figures would be optimistic. The encoder's provenance lists the cases it was
+        trained on (``train_cases``); an encoder without that list is accepted with a warning.
+        """
+        from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
+
+        for v, path in sorted(self.encoder_paths.items()):
+            if path is None or not self.exams_test:
+                continue
+            prov = read_encoder_checkpoint(path).get("provenance") or {}
+            if "train_cases" not in prov:
+                log.warning("%s: encoder %s does not record the scans it was pretrained on; cannot check that the "
+                            "test exams were unseen", v, path)
+                continue
+            seen = set(prov["train_cases"])
+            hits = sorted(e.exam for e in self.exams_test if e.has(v) and e.cases[v] in seen)
+            self.pretraining_overlap[v] = len(hits)
+            if hits and not self.allow_pretraining_overlap:
+                raise ClassificationError(
+                    f"the {v} encoder {path} was pretrained on scans of {len(hits)} of the {len(self.exams_test)} test "
+                    f"exams ({self.split.test_source}; e.g. exam {hits[0]}), so they are not unseen. Pretrain "
+                    f"{self.views[v].dataset_name} without them (`orthodiff pretrain -d "
+                    f"{self.views[v].dataset_name} --exclude-fold <test fold>` or --exclude-cases), train with "
+                    "--test-fold none, or accept it with --allow-pretraining-overlap (recorded in classifier.json)")
+            if hits:
+                log.warning("%s: the encoder saw %d test exams during pretraining (accepted by "
+                            "--allow-pretraining-overlap; recorded)", v, len(hits))
+
     def _load_encoders(self) -> None:
+        self._check_pretraining_overlap()
         for v, branch in self.network.branches.items():
             path = self.encoder_paths.get(v)
             if path is None:
