@@ -192,14 +192,23 @@ def source_datasets(source_series_dir: Path, series: str | int | None = None, ec
     """
     import pydicom
 
-    from orthodiff_nnunet.io.dicom import DicomError, _echo_groups, _normal_of, _scan_folder, _select_series
+    from orthodiff_nnunet.io.dicom import (
+        DicomError,
+        _echo_groups,
+        _normal_of,
+        _scan_folder,
+        _select_series,
+        _series_of_file,
+    )
 
     folder = Path(source_series_dir)
-    if folder.is_file():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DicomSegError("the source DICOM folder does not exist; check the key table's series path and --site-root")
     try:
+        if folder.is_file():  # one file of the series: its series, as read_series takes it
+            series = series if series is not None and str(series).strip() else _series_of_file(folder)
+            folder = folder.parent
+        if not folder.is_dir():
+            raise DicomSegError("the source DICOM folder does not exist; check the key table's series path and "
+                                "--site-root")
         info = _select_series(_scan_folder(folder), series)
     except DicomError as exc:
         raise DicomSegError(f"source series: {exc}") from None
