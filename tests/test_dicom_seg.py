@@ -19,9 +19,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import PLANE_DIRECTIONS, rotation, write_manifest
+from orthodiff_nnunet.api import convert
 from orthodiff_nnunet.cli import main
 from orthodiff_nnunet.io.dicom import read_series, write_series
 from orthodiff_nnunet.io.dicom_seg import (
+    GRID_TOLERANCE_VOXELS,
     DicomSegError,
     export_dicom_segs,
     read_key_table,
@@ -69,18 +71,21 @@ def _files_sorted(files: list[Path]) -> list[pydicom.Dataset]:
 
 
 def _expected_on_slice(ds: pydicom.Dataset, labels: sitk.Image) -> np.ndarray:
-    """The label map at each pixel centre of ``ds``, looked up through SimpleITK's physical-point transform."""
+    """The label map at each pixel centre of ``ds``: ITK's nearest-neighbour resampling onto the slice's own
+    geometry, after checking that the slice's corner pixels sit on label-map voxel centres."""
     pos = np.asarray(ds.ImagePositionPatient, dtype=float)
     iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
     dy, dx = (float(v) for v in ds.PixelSpacing)
-    out = np.zeros((ds.Rows, ds.Columns), dtype=np.int64)
-    for r in range(ds.Rows):
-        for c in range(ds.Columns):
-            point = pos + c * dx * iop[:3] + r * dy * iop[3:]
-            idx = labels.TransformPhysicalPointToIndex(point.tolist())
-            assert labels.TransformIndexToPhysicalPoint(idx) == pytest.approx(point.tolist(), abs=1e-3)
-            out[r, c] = labels[idx]
-    return out
+    for r, c in ((0, 0), (0, ds.Columns - 1), (ds.Rows - 1, 0), (ds.Rows - 1, ds.Columns - 1)):
+        point = pos + c * dx * iop[:3] + r * dy * iop[3:]
+        index = np.asarray(labels.TransformPhysicalPointToContinuousIndex(point.tolist()))
+        np.testing.assert_allclose(index, np.round(index), atol=GRID_TOLERANCE_VOXELS)
+    ref = sitk.Image(int(ds.Columns), int(ds.Rows), 1, sitk.sitkUInt8)
+    ref.SetOrigin(pos.tolist())
+    ref.SetSpacing((dx, dy, 1.0))
+    ref.SetDirection(np.stack([iop[:3], iop[3:], np.cross(iop[:3], iop[3:])], axis=1).flatten().tolist())
+    on_slice = sitk.Resample(labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+    return sitk.GetArrayFromImage(on_slice)[0].astype(np.int64)  # (rows, columns)
 
 
 def _check_seg(seg_path: Path, source: list[pydicom.Dataset], labels: sitk.Image,
@@ -127,13 +132,20 @@ def _check_seg(seg_path: Path, source: list[pydicom.Dataset], labels: sitk.Image
     return seg
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
+def _dciodvfy_errors(path: Path, source_file: Path | None = None) -> list[str]:
+    """dciodvfy's errors for ``path``, less those it reports for ``source_file`` too (values the SEG copies
+    from its source: patient and study attributes)."""
     exe = shutil.which("dciodvfy")
     if exe is None:
         pytest.skip("dciodvfy (dicom3tools) is not installed: the DICOM validation of the SEG was not run; "
                     "install dicom3tools to run it")
-    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+    def errors(p: Path) -> list[str]:
+        run = subprocess.run([exe, str(p)], capture_output=True, text=True, timeout=60)
+        return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+    inherited = set(errors(source_file)) if source_file is not None else set()
+    return [e for e in errors(path) if e not in inherited]
 
 
 @pytest.mark.parametrize("orientation,oblique_deg", [("sag", 0.0), ("cor", 0.0), ("ax", 20.0)])
@@ -313,6 +325,37 @@ def test_predicted_cases_to_segs_through_the_key_table(tmp_path, monkeypatch, ca
     # without --site-root the key table's folder is the site root: here it is not, so each case says why
     lost = export_dicom_segs(masks["cor"], tmp_path / "private" / "segs3", key, KNEE_NAMES, orientation="cor")
     assert list(lost.skipped.values()) == ["its source series is not found under the site folder; pass --site-root"]
+
+
+@pytest.mark.realdata
+def test_real_multi_echo_oblique_big_endian_series_to_seg(shared_data, tmp_path):
+    """The real pymskt MESE T2 knee (8 echoes x 24 slices, 8 degrees oblique, big-endian): echo 3 converted
+    with a key table, a label map on the converted grid, its SEG on echo 3's slices."""
+    source = shared_data / "dicom" / "pymskt_mese_t2_sag_3t"
+    manifest = write_manifest(tmp_path / "manifest.csv", [
+        {"case_id": "MESE", "patient_id": "K2", "site": "pymskt", "field_strength": "3", "image": str(source),
+         "echo": "3"}])
+    raw, key = tmp_path / "raw", tmp_path / "private" / "key.csv"
+    result = convert(manifest, 703, "RealSeg", raw=raw, num_processes=1, allow_outside_site=True, key_file=key)
+    (image_path,) = sorted((result.datasets["sag"] / "imagesTr").glob("*_0000.nii.gz"))
+    case = image_path.name[: -len("_0000.nii.gz")]
+    labels = _known_labels(sitk.ReadImage(str(image_path)))
+    assert labels.GetSize() == (24, 256, 256)  # canonical LPS: the sagittal slice axis first
+    mask = tmp_path / "pred" / f"{case}.nii.gz"
+    mask.parent.mkdir()
+    sitk.WriteImage(labels, str(mask))
+    export = export_dicom_segs([mask], tmp_path / "private" / "segs", key, KNEE_NAMES, orientation="sag")
+    assert list(export.written) == [case] and not export.skipped
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(source.iterdir()) if f.is_file()]
+    echo_times = sorted({float(h.EchoTime) for h in headers})
+    assert len(echo_times) == 8
+    echo3 = [h for h in headers if float(h.EchoTime) == echo_times[2]]
+    iop = np.asarray(echo3[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    echo3.sort(key=lambda h: float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=float))))
+    _check_seg(export.written[case], echo3, labels, KNEE_NAMES)
+    # the source's anonymised dates (00010101) are invalid DA values, copied into the SEG's patient and study
+    assert _dciodvfy_errors(export.written[case], source_file=Path(echo3[0].filename)) == []
 
 
 def test_predict_seg_cli_checks_dicom_seg_options_before_predicting(tmp_path, monkeypatch, capsys):
