@@ -25,7 +25,9 @@ from orthodiff_nnunet.io.dicom import read_series, write_series
 from orthodiff_nnunet.io.dicom_seg import (
     GRID_TOLERANCE_VOXELS,
     DicomSegError,
+    build_dicom_seg,
     export_dicom_segs,
+    label_names_from_dataset_json,
     read_key_table,
     write_dicom_seg,
 )
@@ -200,6 +202,12 @@ def test_segment_codes_are_standard(tmp_path):
     assert code(pcl, "AnatomicRegionSequence") == ("SCT", "49076000")  # knee joint
     alg = by_label["femur"].SegmentationAlgorithmIdentificationSequence[0]
     assert alg.AlgorithmName == "OrthoDiff-nnU-Net" and alg.AlgorithmVersion
+    # the dataset alone (for a DICOMweb STOW): the same content, nothing written
+    built = build_dicom_seg(labels, files[0], KNEE_NAMES, algorithm_parameters={"model": "m"})
+    assert built.StudyInstanceUID == ds.StudyInstanceUID and built.SOPInstanceUID != ds.SOPInstanceUID
+    assert [s.SegmentLabel for s in built.SegmentSequence] == [s.SegmentLabel for s in ds.SegmentSequence]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dicom", "seg.dcm", "seg4.dcm"]
+    assert label_names_from_dataset_json({"labels": {"background": 0, "femur": 1, "ignore": 2}}) == {1: "femur"}
 
 
 def test_multi_echo_seg_references_the_converted_echo(tmp_path):

@@ -53,6 +53,7 @@ __all__ = [
     "source_datasets",
     "labels_on_source_slices",
     "check_seg_destination",
+    "build_dicom_seg",
     "write_dicom_seg",
     "KeyTableSource",
     "read_key_table",
@@ -164,6 +165,8 @@ def segment_code(name: str, segment_codes: Mapping[str, SegmentCode] | None = No
 def label_names_from_dataset_json(dataset_json: Mapping) -> dict[int, str]:
     """``{value: name}`` of the foreground labels of an nnU-Net ``dataset.json`` (``labels``: name -> value).
 
+    nnU-Net's ``ignore`` label (unannotated voxels in training; never predicted) is left out.
+
     Raises:
         DicomSegError: region-based labels (a list of values per name), which a label map cannot hold.
     """
@@ -171,7 +174,7 @@ def label_names_from_dataset_json(dataset_json: Mapping) -> dict[int, str]:
     for name, value in dict(dataset_json.get("labels", {})).items():
         if isinstance(value, (list, tuple)):
             raise DicomSegError(f"label {name!r} is region-based ({value}); DICOM SEG export needs one value per label")
-        if int(value) != 0:
+        if int(value) != 0 and str(name) != "ignore":
             out[int(value)] = str(name)
     return out
 
@@ -337,10 +340,9 @@ def check_seg_destination(path: Path, forbidden_roots: Sequence[Path] | None = N
             )
 
 
-def write_dicom_seg(
+def build_dicom_seg(
     labels: sitk.Image,
     source_series_dir: Path,
-    out_path: Path,
     label_names: Mapping[int, str],
     *,
     series: str | int | None = None,
@@ -350,15 +352,16 @@ def write_dicom_seg(
     series_description: str = "OrthoDiff segmentation",
     algorithm_version: str | None = None,
     algorithm_parameters: Mapping[str, str] | None = None,
-    forbidden_roots: Sequence[Path] | None = None,
-) -> Path:
-    """Write one DICOM Segmentation (BINARY) of ``labels`` on the source series' slices.
+):
+    """One DICOM Segmentation (BINARY, ``highdicom.seg.Segmentation``) of ``labels`` on the source series' slices.
+
+    Nothing is written: :func:`write_dicom_seg` writes it to a file; a DICOMweb client can STOW it as it is.
+    It carries the source patient and study (identifying): keep it at the site.
 
     Args:
         labels: integer label map on the source series' grid, as read by ``read_series`` or as converted
             (canonical LPS layout; any permutation/flip of the source grid). Not resampled, never.
-        source_series_dir: the folder of the source DICOM series (or one file of it).
-        out_path: the ``.dcm`` file to write (atomically; parent folders are created).
+        source_series_dir: the folder of the source DICOM series (or one file of it: its series).
         label_names: ``{label value: structure name}``; background (0) is ignored. One segment per name,
             numbered 1.. in ascending label value, also when the structure is absent from ``labels``.
         series: SeriesInstanceUID or SeriesNumber, when the folder holds several series.
@@ -368,14 +371,13 @@ def write_dicom_seg(
         series_description: SeriesDescription of the SEG.
         algorithm_version: algorithm version (default: this package's version).
         algorithm_parameters: non-identifying parameters recorded with the algorithm (e.g. the model name).
-        forbidden_roots: folders the SEG must not be inside (default: the nnU-Net folders where set).
 
     Returns:
-        ``out_path``.
+        The SEG dataset (new SeriesInstanceUID and SOPInstanceUID, the source's StudyInstanceUID).
 
     Raises:
-        DicomSegError: the destination is inside an nnU-Net folder, the label map holds values without a
-            name or does not lie on the source slices, the source series cannot be read.
+        DicomSegError: the label map holds values without a name or does not lie on the source slices,
+            the source series cannot be read.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -383,8 +385,6 @@ def write_dicom_seg(
 
     from orthodiff_nnunet import __version__
 
-    out_path = Path(out_path)
-    check_seg_destination(out_path, forbidden_roots)
     names = {int(v): n for v, n in label_names.items() if int(v) != 0}
     if not names:
         raise DicomSegError("no foreground label names given; pass the labels of the model's dataset.json")
@@ -447,13 +447,51 @@ def write_dicom_seg(
     finally:
         hd_log.setLevel(level)
     seg.SeriesDescription = series_description[:64]
-    buf = io.BytesIO()
-    seg.save_as(buf, enforce_file_format=True)
+    return seg
+
+
+def write_dicom_seg(
+    labels: sitk.Image,
+    source_series_dir: Path,
+    out_path: Path,
+    label_names: Mapping[int, str],
+    *,
+    series: str | int | None = None,
+    echo: int | None = None,
+    segment_codes: Mapping[str, SegmentCode] | None = None,
+    series_number: int = 901,
+    series_description: str = "OrthoDiff segmentation",
+    algorithm_version: str | None = None,
+    algorithm_parameters: Mapping[str, str] | None = None,
+    forbidden_roots: Sequence[Path] | None = None,
+) -> Path:
+    """Write one DICOM Segmentation of ``labels`` on the source series' slices to ``out_path`` (atomically).
+
+    Args:
+        out_path: the ``.dcm`` file to write (parent folders are created); refused inside the nnU-Net folders.
+        forbidden_roots: folders the SEG must not be inside (default: the nnU-Net folders where set).
+        others: as :func:`build_dicom_seg`.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        DicomSegError: the destination is inside an nnU-Net folder, or :func:`build_dicom_seg` refuses.
+    """
     from orthodiff_nnunet.utils import atomic_write_bytes
 
+    out_path = Path(out_path)
+    check_seg_destination(out_path, forbidden_roots)
+    seg = build_dicom_seg(
+        labels, source_series_dir, label_names, series=series, echo=echo, segment_codes=segment_codes,
+        series_number=series_number, series_description=series_description, algorithm_version=algorithm_version,
+        algorithm_parameters=algorithm_parameters,
+    )
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(out_path, buf.getvalue())
-    log.info("wrote a DICOM SEG: %d segment(s) on %d source slice(s), %d frame(s)",
-             len(descriptions), len(datasets), int(seg.NumberOfFrames))
+    log.info("wrote a DICOM SEG: %d segment(s) on %d source slice(s), %d frame(s)", len(seg.SegmentSequence),
+             len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence), int(seg.NumberOfFrames))
     return out_path
 
 
