@@ -333,6 +333,16 @@ def test_predicted_cases_to_segs_through_the_key_table(tmp_path, monkeypatch, ca
     # without --site-root the key table's folder is the site root: here it is not, so each case says why
     lost = export_dicom_segs(masks["cor"], tmp_path / "private" / "segs3", key, KNEE_NAMES, orientation="cor")
     assert list(lost.skipped.values()) == ["its source series is not found under the site folder; pass --site-root"]
+    # a damaged mask: that case is skipped with the reason, nothing half-written
+    damaged = tmp_path / "damaged" / masks["cor"][0].name
+    damaged.parent.mkdir()
+    whole = masks["cor"][0].read_bytes()
+    damaged.write_bytes(whole[: len(whole) // 2])
+    broken = export_dicom_segs([damaged], tmp_path / "private" / "segs4", key, KNEE_NAMES, orientation="cor",
+                               site_root=site)
+    assert list(broken.skipped.values()) == [f"the mask {damaged.name} cannot be read (missing or damaged); "
+                                             "predict it again"]
+    assert not (tmp_path / "private" / "segs4").exists() or not any((tmp_path / "private" / "segs4").rglob("*"))
 
 
 @pytest.mark.realdata

@@ -578,7 +578,20 @@ class DicomSegExport:
         return "\n".join(lines)
 
 
-_DICOM_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+_IMAGE_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _read_mask(path: Path) -> sitk.Image:
+    """A predicted mask, decoded completely first when NIfTI: ITK's NIfTI reader zero-fills a truncated
+    ``.nii.gz`` without an error, which would become a SEG of missing structures."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        try:
+            np.asanyarray(nibabel.load(str(path)).dataobj)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged file
+            raise DicomSegError(f"{path.name} is damaged or incomplete ({type(exc).__name__})") from exc
+    return sitk.ReadImage(str(path))
 
 
 def export_dicom_segs(
@@ -637,7 +650,7 @@ def export_dicom_segs(
         src = found[0]
         image = Path(src.image)
         image = image if image.is_absolute() else root / image
-        if image.name.lower().endswith(_DICOM_FILE_SUFFIXES):
+        if image.name.lower().endswith(_IMAGE_FILE_SUFFIXES):
             result.skipped[case] = "converted from an image file, not a DICOM series"
             continue
         if not image.exists():
@@ -647,7 +660,11 @@ def export_dicom_segs(
         name = f"seg_{src.orientation}" + (f"_e{src.echo}" if src.echo is not None and case != src.exam else "")
         target = out_dir / src.exam / f"{name}.dcm"
         try:
-            labels = sitk.ReadImage(str(mask))
+            labels = _read_mask(mask)
+        except (RuntimeError, DicomSegError):
+            result.skipped[case] = f"the mask {mask.name} cannot be read (missing or damaged); predict it again"
+            continue
+        try:
             write_dicom_seg(labels, image, target, label_names, series=src.series, echo=src.echo,
                             algorithm_parameters=algorithm_parameters, forbidden_roots=forbidden_roots)
         except (DicomSegError, OrthodiffError) as exc:
