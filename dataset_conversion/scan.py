@@ -365,8 +365,10 @@ class ScanResult:
         c = Counter(s.reason for s in self.series if not s.kept)
         return {r: c[r] for r in REASONS if c[r]}
 
-    def summary(self) -> str:
+    def summary(self, max_exams_listed: int = 40) -> str:
         """Console summary: exams, series kept / flagged by reason, planes per exam, exams missing a plane.
+
+        With more than ``max_exams_listed`` exams, only those missing a plane or with a choice open get a line.
 
         Names no identifier: exams are numbered in manifest order (with their manifest lines once written),
         non-DICOM files are named by their file name only.
@@ -397,12 +399,16 @@ class ScanResult:
             shown = ", ".join(_file_label(p) for p, _ in self.damaged[:10])
             lines.append(f"damaged DICOM: {len(self.damaged)} file(s): {shown}"
                          + (" ..." if len(self.damaged) > 10 else "") + "; replace them from the archive")
-        lines.append("exam  manifest lines  planes      series kept  to choose")
+        short = len(self.exams) > max_exams_listed
+        lines.append("exam  manifest lines  planes      series kept  to choose"
+                     + (f"   (only exams missing a plane or with a choice: more than {max_exams_listed} exams)"
+                        if short else ""))
         missing: Counter[str] = Counter()
         for i, e in enumerate(self.exams, start=1):
             where = f"{e.manifest_lines[0]}-{e.manifest_lines[1]}" if e.manifest_lines else "-"
             choose = ", ".join(f"{len(ss)} {p}" for p, ss in e.choices.items()) or "-"
-            lines.append(f"{i:4d}  {where:>14}  {','.join(e.planes) or '-':<10}  {len(e.kept):>11}  {choose}")
+            if not short or e.choices or len(e.planes) < 3:
+                lines.append(f"{i:4d}  {where:>14}  {','.join(e.planes) or '-':<10}  {len(e.kept):>11}  {choose}")
             for p in ("sag", "cor", "ax"):
                 if p not in e.planes:
                     missing[p] += 1
