@@ -664,7 +664,7 @@ def scan_export(
         The :class:`ScanResult`; exams in the order of (patient, case id), series by series number.
 
     Raises:
-        ScanError: the folder does not exist or holds no file.
+        ScanError: the folder does not exist or holds no DICOM image.
     """
     t0 = time.perf_counter()
     root = Path(folder)
@@ -695,6 +695,11 @@ def scan_export(
     damaged = [(Path(h["path"]), h["reason"]) for h in headers if h["kind"] == "damaged"]
     damaged += [(Path(h["path"]), h["damaged_reason"]) for h in headers if h["kind"] == "image" and h["damaged_reason"]]
     images = [h for h in headers if h["kind"] == "image"]
+    if not images:
+        raise ScanError(
+            f"no DICOM image among the {len(files)} files of the export {root} ({len(not_dicom)} not DICOM, "
+            f"{len(damaged)} damaged, {len(non_image)} DICOM without an image, {len(dicomdirs)} DICOMDIR); pass the "
+            "folder that holds the exported series")
 
     by_series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for h in images:

@@ -203,3 +203,31 @@ def test_cli_scan_writes_manifest_and_summary(export, tmp_path, capsys, monkeypa
     rows = _rows(out)
     assert rows[0]["image"] == "PAT001/ACC0001/002_PD_FS_SAG" and rows[0]["site"] == "SiteA"
     assert main(["scan", str(export), "-o", str(tmp_path / "Dataset501_X" / "m.csv"), "--no-progress"]) == 2
+
+
+def test_an_export_without_images_is_refused(tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "notes.txt").write_text("no images here\n")
+    (tmp_path / "e" / "IM0001").write_bytes(b"")
+    with pytest.raises(ScanError, match=r"no DICOM image among the 2 files .* \(2 not DICOM, 0 damaged"):
+        scan_export(tmp_path / "e", executor="serial", progress=False)
+    with pytest.raises(ScanError, match="does not exist"):
+        scan_export(tmp_path / "missing", progress=False)
+
+
+def test_two_stacks_in_one_series_are_flagged(tmp_path):
+    import pydicom
+
+    exams = [ExamSpec("PAT6", "ACC6", series=(SeriesSpec("Sag a", "sag"), SeriesSpec("Sag b", "sag"),
+                                               SeriesSpec("Cor", "cor")))]
+    files = write_pacs_export(tmp_path / "e", exams, junk=False)
+    first_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    for f in files[12:24]:  # the second sagittal stack joins the first one's series (a repeated acquisition)
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = first_uid
+        ds.save_as(f)
+    result = scan_export(tmp_path / "e", executor="serial", progress=False)
+    merged, cor = result.exams[0].series
+    assert len(merged.files) == 24 and merged.reason == "several_stacks" and cor.kept
+    assert merged.details[0].startswith("12 repeated slice position(s)")
+    assert result.exams[0].planes == ["cor"]
