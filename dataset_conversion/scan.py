@@ -477,18 +477,24 @@ def _pool(kind: ExecutorKind, workers: int) -> Executor | None:
         return ThreadPoolExecutor(max_workers=workers)
     import multiprocessing
 
-    # fork starts workers in milliseconds (spawn re-imports numpy in each); the workers only parse headers
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    import threading
+
+    # fork starts workers in milliseconds (spawn re-imports numpy in each); forking a process that runs
+    # other threads can deadlock the child, so then spawn
+    single = threading.active_count() == 1
+    method = "fork" if single and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    pool.submit(int).result()  # start the workers now, before the progress bar's monitor thread
+    return pool
 
 
 def _read_all(files: Sequence[Path], executor: ExecutorKind, workers: int, progress: bool) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     paths = [str(f) for f in files]
+    pool = _pool(executor, workers) if len(paths) >= 64 else None  # before the bar (and its monitor thread)
     bar = tqdm(total=len(paths), desc="reading DICOM headers", unit="file", disable=not progress, smoothing=0.1)
     out: list[dict[str, Any]] = []
-    pool = _pool(executor, workers) if len(paths) >= 64 else None
     try:
         if pool is None:
             for p in paths:
