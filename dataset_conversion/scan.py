@@ -141,6 +141,68 @@ def _text(ds: Any, key: str) -> str:
     return str(v).strip()
 
 
+#: Value representations whose raw bytes are plain ASCII: decoded here, without pydicom's conversion machinery
+#: (which costs most of a header's parse time); texts that may use the dataset's character set
+#: (LO, SH, PN ...) still go through pydicom.
+_ASCII_VRS = frozenset({"CS", "UI", "DS", "IS", "AS", "DA", "TM", "DT"})
+_TAG_OF: dict[str, int] = {}
+
+
+def _tag(keyword: str) -> int:
+    tag = _TAG_OF.get(keyword)
+    if tag is None:
+        from pydicom.datadict import tag_for_keyword
+
+        tag = _TAG_OF[keyword] = int(tag_for_keyword(keyword))
+    return tag
+
+
+class _Fast:
+    """Values of a dataset read from their raw bytes where that is safe (ASCII VRs, US), else through pydicom."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        _, little = getattr(ds, "original_encoding", (False, True))
+        self.order: Literal["little", "big"] = "big" if little is False else "little"
+
+    def raw(self, keyword: str) -> Any:
+        """The value: ``str`` for ASCII VRs (multi-values joined by a backslash), ``int`` for US, else pydicom's."""
+        from pydicom.datadict import dictionary_VR
+        from pydicom.dataelem import RawDataElement
+
+        tag = _tag(keyword)
+        elem = self.ds.get_item(tag)
+        if elem is None:
+            return None
+        if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+            vr = elem.VR or dictionary_VR(tag)
+            if vr in _ASCII_VRS:
+                return elem.value.decode("ascii", "replace").strip(" \x00")
+            if vr == "US" and len(elem.value) >= 2:
+                return int.from_bytes(elem.value[:2], self.order)
+        return self.ds.get(keyword)
+
+    def text(self, keyword: str) -> str:
+        v = self.raw(keyword)
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return v.strip()
+        return _text(self.ds, keyword)
+
+    def number(self, keyword: str) -> float | None:
+        v = self.raw(keyword)
+        if isinstance(v, str):
+            v = v.split("\\")[0]
+        return _float(v)
+
+    def numbers(self, keyword: str, n: int) -> tuple[float, ...] | None:
+        v = self.raw(keyword)
+        if isinstance(v, str):
+            v = v.split("\\")
+        return _floats(v, n)
+
+
 def read_header(path: str) -> dict[str, Any]:
     """What the scan needs of one file, read without its pixel data.
 
@@ -177,12 +239,13 @@ def read_header(path: str) -> dict[str, Any]:
             return out | {"kind": "damaged", "reason": f"header unreadable ({type(exc).__name__})"}
         return out | {"kind": "not_dicom"}
     meta = getattr(ds, "file_meta", None)
-    sop_class = _text(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "")
+    f = _Fast(ds)
+    sop_class = f.text("SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "")
     if sop_class == _DICOMDIR_SOP_CLASS:
         return out | {"kind": "dicomdir"}
-    iop = _floats(ds.get("ImageOrientationPatient"), 6)
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    pixel = _floats(ds.get("PixelSpacing"), 2)
+    iop = f.numbers("ImageOrientationPatient", 6)
+    ipp = f.numbers("ImagePositionPatient", 3)
+    pixel = f.numbers("PixelSpacing", 2)
     shared = ds.get("SharedFunctionalGroupsSequence")
     if shared and (iop is None or pixel is None):  # enhanced multi-frame: geometry in the functional groups
         item = shared[0]
@@ -191,35 +254,36 @@ def read_header(path: str) -> dict[str, Any]:
         if item.get("PixelMeasuresSequence"):
             pm = item.PixelMeasuresSequence[0]
             pixel = pixel or _floats(pm.get("PixelSpacing"), 2)
-    rows, cols = int(_float(ds.get("Rows")) or 0), int(_float(ds.get("Columns")) or 0)
-    frames = int(_float(ds.get("NumberOfFrames")) or 1)
+    rows, cols = int(f.number("Rows") or 0), int(f.number("Columns") or 0)
+    frames = int(f.number("NumberOfFrames") or 1)
+    series_number = f.number("SeriesNumber")
     reason = _pixel_problem(ds, size, pixel_at, pixel_header) if rows and cols else ""
     return out | {
         "kind": "image" if rows and cols else "not_image",
         "damaged_reason": reason,
         "sop_class": sop_class,
-        "modality": _text(ds, "Modality").upper(),
-        "image_type": tuple(_text(ds, "ImageType").upper().split("\\")) if "ImageType" in ds else (),
-        "study_uid": _text(ds, "StudyInstanceUID"),
-        "series_uid": _text(ds, "SeriesInstanceUID"),
-        "series_number": (int(_float(ds.get("SeriesNumber"))) if _float(ds.get("SeriesNumber")) is not None else None),
+        "modality": f.text("Modality").upper(),
+        "image_type": tuple(v.strip() for v in f.text("ImageType").upper().split("\\")) if "ImageType" in ds else (),
+        "study_uid": f.text("StudyInstanceUID"),
+        "series_uid": f.text("SeriesInstanceUID"),
+        "series_number": int(series_number) if series_number is not None else None,
         "description": _text(ds, "SeriesDescription"),
         "patient_id": _text(ds, "PatientID"),
         "accession": _text(ds, "AccessionNumber"),
         "manufacturer": _text(ds, "Manufacturer"),
-        "field_strength": _float(ds.get("MagneticFieldStrength")),
+        "field_strength": f.number("MagneticFieldStrength"),
         "iop": iop,
         "ipp": ipp,
         "pixel": pixel,
-        "thickness": _float(ds.get("SliceThickness")),
+        "thickness": f.number("SliceThickness"),
         "rows": rows,
         "cols": cols,
         "frames": frames,
-        "te": _float(ds.get("EchoTime")),
-        "tr": _float(ds.get("RepetitionTime")),
-        "ti": _float(ds.get("InversionTime")),
-        "scan_options": _text(ds, "ScanOptions").upper(),
-        "acquisition": _text(ds, "MRAcquisitionType").upper(),
+        "te": f.number("EchoTime"),
+        "tr": f.number("RepetitionTime"),
+        "ti": f.number("InversionTime"),
+        "scan_options": f.text("ScanOptions").upper(),
+        "acquisition": f.text("MRAcquisitionType").upper(),
     }
 
 
