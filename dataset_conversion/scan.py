@@ -56,6 +56,7 @@ __all__ = [
     "ExamScan",
     "ScanResult",
     "scan_export",
+    "default_workers",
     "write_manifest",
     "check_manifest_location",
     "MANIFEST_COLUMNS",
@@ -70,9 +71,9 @@ HINT_COLUMNS = ("scan_plane", "scan_obliquity_deg", "scan_series_number", "scan_
                 "scan_echoes", "scan_te_ms", "scan_tr_ms", "scan_ti_ms", "scan_fat_sat", "scan_spacing_mm",
                 "scan_matrix", "scan_acquisition", "scan_files")
 
-#: Why a series is left out (the first that applies), in the order they are checked.
+#: Why a series is left out, in the order they are checked (the first that applies is the series' reason).
+#: DICOM objects without an image (reports, presentation states, raw data) form no series: they are counted.
 REASONS = {
-    "not_image": "not an image (structured report, presentation state, raw data ...)",
     "secondary_capture": "secondary capture (a screenshot, SOP class Secondary Capture)",
     "derived": "derived image (ImageType DERIVED or SECONDARY: a reformat, subtraction or map)",
     "not_mr": "not MR",
@@ -534,6 +535,21 @@ def _dicomdir_files(dicomdir: Path) -> list[Path]:
     return out
 
 
+def default_workers() -> int:
+    """Worker processes worth starting: the cores the 1-minute load average leaves free, at most 8 (at least 1).
+
+    On a busy machine a pool costs more than it gives: on the project's saturated 2-core machine a
+    2-process pool read 10,036 headers 22 % slower than one process (pickling and process overhead,
+    bench/results/scan.md), so with no free core the scan reads serially.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(8, int(cores - load)))
+
+
 def _pool(kind: ExecutorKind, workers: int) -> Executor | None:
     if kind == "serial" or workers <= 1:
         return None
@@ -721,9 +737,10 @@ def scan_export(
 
     Args:
         folder: the export folder (or a DICOMDIR file: its folder is scanned).
-        workers: parallel readers (default: the CPU count, at most 8).
-        executor: ``process`` (default: pydicom's parsing is Python code, so threads share one
-            core; see bench/results/scan.md), ``thread`` or ``serial``. Fewer than 64 files are read serially.
+        workers: parallel readers (default :func:`default_workers`: the cores the load average leaves
+            free, at most 8; 1 = serial).
+        executor: ``process`` (default: pydicom's parsing is Python code that holds the GIL, so threads
+            share one core), ``thread`` or ``serial``. Fewer than 64 files are read serially.
         progress: show a tqdm progress bar (stderr).
         min_slices: a series with fewer slices (per echo) is flagged as a localizer.
         max_obliquity_deg: a series whose slice normal is further from every patient axis is flagged
@@ -746,7 +763,7 @@ def scan_export(
     files = [p for p in _walk(root.absolute(), excluded)]
     if not files:
         raise ScanError(f"the export folder {root} holds no file")
-    workers = max(1, min(os.cpu_count() or 1, 8) if workers is None else workers)
+    workers = default_workers() if workers is None else max(1, workers)
     headers = _read_all(files, executor, workers, progress)
 
     dicomdirs = [Path(h["path"]) for h in headers if h["kind"] == "dicomdir"]

@@ -116,7 +116,8 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-obliquity", type=float, default=35.0,
                    help="series more oblique than this (degrees) are flagged (default 35, as convert)")
     p.add_argument("-np", "--num-processes", type=int, default=None,
-                   help="parallel header readers (default: CPU count, at most 8)")
+                   help="parallel header readers (default: the cores the load average leaves free, at most 8; "
+                        "1 = serial)")
     p.add_argument("--threads", action="store_true", help="read with threads instead of processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_scan)

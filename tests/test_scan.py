@@ -231,3 +231,17 @@ def test_two_stacks_in_one_series_are_flagged(tmp_path):
     assert len(merged.files) == 24 and merged.reason == "several_stacks" and cor.kept
     assert merged.details[0].startswith("12 repeated slice position(s)")
     assert result.exams[0].planes == ["cor"]
+
+
+def test_default_workers_follow_the_free_cores(monkeypatch):
+    import os
+
+    from orthodiff_nnunet.dataset_conversion.scan import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert default_workers() == 8  # at most 8
+    monkeypatch.setattr(os, "getloadavg", lambda: (12.5, 0.0, 0.0))
+    assert default_workers() == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 0.0, 0.0))
+    assert default_workers() == 1  # saturated: serial
