@@ -622,6 +622,33 @@ def _nominal_field(t: float | None) -> float | None:
     return nearest if abs(nearest - t) <= 0.05 * nearest else round(t, 2)
 
 
+def _convert_plane(s: SeriesScan, iop: Sequence[float], normal: np.ndarray, max_obliquity_deg: float) -> bool:
+    """Set ``s.plane``/``s.obliquity_deg`` as ``convert`` will decide them; True when it will refuse the plane.
+
+    A voxel-less 2x2x2 image with the series' spacing and direction goes through
+    :func:`orthodiff_nnunet.orientation.detect_plane`, the converter's own rule.
+    """
+    import SimpleITK as sitk
+
+    from orthodiff_nnunet.orientation import OrientationError, detect_plane
+
+    assert s.spacing_mm is not None
+    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    image = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    try:
+        image.SetSpacing((float(s.spacing_mm[1]), float(s.spacing_mm[0]), float(s.spacing_mm[2])))  # x = column spacing
+        image.SetDirection(tuple(float(v) for v in np.stack([row, col, normal], axis=1).flatten()))
+    except RuntimeError:  # a degenerate direction: keep the nearest-plane answer
+        return s.obliquity_deg is not None and s.obliquity_deg > max_obliquity_deg
+    try:
+        info = detect_plane(image, max_obliquity_deg)
+    except OrientationError:
+        return True
+    s.plane, s.obliquity_deg = info.orientation, info.obliquity_deg
+    return False
+
+
 def _judge(s: SeriesScan, headers: list[dict[str, Any]], min_slices: int, max_obliquity_deg: float) -> None:
     """Fill in the derived values of ``s`` and its flags (in the order of :data:`REASONS`)."""
 
@@ -666,14 +693,14 @@ def _judge(s: SeriesScan, headers: list[dict[str, Any]], min_slices: int, max_ob
     iops = {tuple(round(v, 3) for v in h["iop"]) for h in headers if h["iop"] is not None}
     s.orientations = len(iops)
     geometry = [h for h in headers if h["iop"] is not None and h["ipp"] is not None]
+    iop: tuple[float, ...] | None = None
+    normal = None
     if len(iops) == 1:
         iop = Counter(tuple(round(v, 4) for v in h["iop"]) for h in headers if h["iop"] is not None).most_common(1)[0][0]
         try:
             s.plane, s.obliquity_deg, normal = _plane_of(iop)
         except ValueError:
-            normal = None
-    else:
-        normal = None
+            iop = None
     per_echo = Counter(round(h["te"], 3) if h["te"] is not None else None for h in headers)
     s.slices = (frames if len(headers) == 1 else max(per_echo.values()))
     if "LOCALIZER" in types or "SCOUT" in types:
@@ -710,11 +737,15 @@ def _judge(s: SeriesScan, headers: list[dict[str, Any]], min_slices: int, max_ob
             s.spacing_mm = ((pixel[0], pixel[1], round(slice_mm, 4)) if pixel else None)
     elif pixel is not None and headers[0]["thickness"] is not None:
         s.spacing_mm = (pixel[0], pixel[1], headers[0]["thickness"])
+    ambiguous = s.obliquity_deg is not None and s.obliquity_deg > max_obliquity_deg
+    if iop is not None and normal is not None and s.spacing_mm is not None and min(s.spacing_mm) > 0:
+        # the plane as convert will decide it (orientation.detect_plane: thickest spacing, else the slice axis)
+        ambiguous = _convert_plane(s, iop, normal, max_obliquity_deg)
     if len(s.folders) > 1:
         flag("several_folders", f"files in {len(s.folders)} folders: convert reads one folder; move them into one")
     if not geometry and not s.flags:
         flag("no_geometry", "no ImageOrientationPatient/ImagePositionPatient")
-    if s.obliquity_deg is not None and s.obliquity_deg > max_obliquity_deg:
+    if ambiguous:
         flag("oblique", f"{s.obliquity_deg:.0f} degrees oblique (limit {max_obliquity_deg:.0f}): the plane is "
              "ambiguous; set the orientation column (sag, cor or ax) and remove the #")
 
