@@ -444,8 +444,9 @@ class ScanResult:
         kept = sum(len(e.kept) for e in self.exams)
         flagged = self.flagged_by_reason()
         lines = [
-            f"scanned {self.num_files} files in {self.seconds:.1f} s ({rate:.0f} files/s, {self.workers} "
-            f"{self.executor} worker(s)): {len(self.exams)} exam(s), {len(self.series)} series",
+            f"scanned {self.num_files} files in {self.seconds:.1f} s ({rate:.0f} files/s, "
+            + ("read serially" if self.executor == "serial" else f"{self.workers} {self.executor} workers")
+            + f"): {len(self.exams)} exam(s), {len(self.series)} series",
             f"series kept: {kept}; flagged (commented out in the manifest): {sum(flagged.values())}",
         ]
         for r, n in flagged.items():
