@@ -667,7 +667,9 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--diffusion-batch", type=int, default=8)
     p.add_argument("--modes", nargs="+", default=["probe", "finetune", "scratch"])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=12,
+                   help="classifier epochs (x --iterations-per-epoch steps); 12 x 20 from the 2026-12-01 calibration "
+                        "(--part convergence: scratch flattens from ~200 steps)")
     p.add_argument("--iterations-per-epoch", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--mrnet-pretrain-iterations", type=int, default=150)
