@@ -8,8 +8,8 @@
 # Each script appends a dated Markdown section (figure, machine, command) to bench/results/<name>.md;
 # bench/collect.py then writes BENCHMARKS.md from those files. Budgets (minutes, approximate on an H100):
 #   preprocessing throughput 3, planners 2, pretraining speed + precision sweep 6, segmentation trainer 3,
-#   classification throughput + probe/finetune/scratch 5, CPU prediction 6, real-knee pretraining curve 4, label efficiency: CPU study,
-#   run separately (bench/label_efficiency.py, ~30 min).
+#   classification throughput + probe/finetune/scratch (3 seeds x 5 folds x 240 steps) ~10, CPU prediction 6,
+#   real-knee pretraining curve 4, PACS-export scan 2; label efficiency: run separately (bench/label_efficiency.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -40,6 +40,8 @@ if [ -d ../shared/data ]; then
 else
   echo "skipped: ../shared/data is absent"
 fi
+stamp "orthodiff scan of a generated PACS export (>= 10,000 files), serial vs process and thread pools"
+$PY bench/bench_scan.py --exams 48 --workers 8 --modes serial,process,thread
 stamp "rebuilding BENCHMARKS.md"
 $PY bench/collect.py --results "$R" --out "$( [ "$R" = bench/results ] && echo BENCHMARKS.md || echo "$R/BENCHMARKS.md" )"
 stamp "done"
