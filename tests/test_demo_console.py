@@ -24,7 +24,7 @@ NNUNET_DUMPS = ("These are the global plan", "This is the configuration used by 
 STAGE_LINE = re.compile(r"^\[(\d+)/(\d+)\] (.+?)\s{2,}(\d+\.\d) s(.*)$")
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, timeout: float = 3600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0",
            "PYTHONUNBUFFERED": "1"}
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -68,7 +68,7 @@ def test_one_line_per_stage_in_order_with_time_and_log(quick_demo):
         assert command in "\n".join(lines[previous + 1:index[title]]), title
     # the figures that matter, at the stage's end
     figures = {m.group(3): m.group(5) for m in stages}
-    assert re.search(r"4 it, loss \d\.\d{3} -> \d\.\d{3}", figures["pretrain sag"])
+    assert re.search(r"4 it, train loss \d\.\d{3}, EMA val loss \d\.\d{3}", figures["pretrain sag"])
     assert re.search(r"sag loss -?\d\.\d{3}, pseudo Dice \d\.\d{3}", figures["train seg"])
     assert re.search(r"mean Dice \d\.\d{3}, macro AUROC", figures["evaluate"])
 
@@ -90,7 +90,7 @@ def test_no_nnunet_dumps_on_the_console_but_in_the_logs(quick_demo):
 
 def test_final_lines_name_the_report_the_figures_and_the_next_command(quick_demo):
     out, proc = quick_demo
-    tail = proc.stdout.strip().splitlines()[-5:]
+    tail = proc.stdout.strip().splitlines()[-4:]
     report = re.search(r"Report: (\S+\.html)$", tail[0])
     assert report and Path(report.group(1)).is_file() and Path(report.group(1)).parent == out / "report"
     assert re.search(r"Dice femur (\d\.\d{3}|n/a), tibia (\d\.\d{3}|n/a), patella (\d\.\d{3}|n/a); "
@@ -126,3 +126,46 @@ def test_train_seg_alone_shows_a_progress_bar_and_keeps_nnunet_in_its_log(quick_
     logs = list((tmp_path / "results").rglob("nnunet_console.log"))
     assert len(logs) == 1 and "This is the configuration used by this training" in logs[0].read_text()
     assert f"nnU-Net's output: {logs[0]}" in proc.stdout
+
+
+def test_output_to_log_catches_prints_children_and_records_and_restores_the_console(tmp_path, capfd):
+    import logging
+
+    from orthodiff_nnunet.console import output_to_log
+
+    log_file = tmp_path / "logs" / "stage.log"
+    logger = logging.getLogger("orthodiff_nnunet.test_console")
+    with output_to_log(log_file) as path:
+        print("These are the global plan.json settings: {...}")
+        subprocess.run([sys.executable, "-c", "print('configuration: from a worker process')"], check=True)
+        logger.debug("nnU-Net said: a debug record")
+        print("the progress bar stays", file=sys.stderr)
+    print("back on the console")
+    out, err = capfd.readouterr()
+    assert path == log_file
+    text = log_file.read_text()
+    for line in ("These are the global plan.json settings", "configuration: from a worker process",
+                 "nnU-Net said: a debug record"):
+        assert line in text and line not in out + err
+    assert out == "back on the console\n" and err == "the progress bar stays\n"
+    assert logger.getEffectiveLevel() == logging.getLogger("orthodiff_nnunet").getEffectiveLevel()
+    with output_to_log(None):  # verbose: nothing redirected
+        print("shown")
+    assert capfd.readouterr().out == "shown\n"
+
+
+def test_demo_network_divides_the_planned_features():
+    from orthodiff_nnunet.api import DEMO_NETWORK
+    from orthodiff_nnunet.networks.build import shrink_architecture
+
+    arch = {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 320], "n_blocks_per_stage": [1, 3, 4, 6, 6],
+            "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 4, "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+            "n_conv_per_stage_decoder": [1, 1, 1, 1]}
+    plans = {"configurations": {"3d_fullres": {"batch_size": 4, "patch_size": [20, 96, 96],
+                                               "architecture": {"arch_kwargs": arch}}}}
+    small = shrink_architecture(plans, ["3d_fullres"], **DEMO_NETWORK)["configurations"]["3d_fullres"]
+    kw = small["architecture"]["arch_kwargs"]
+    assert kw["features_per_stage"] == [4, 8, 16, 32, 40] and kw["n_stages"] == 5
+    assert kw["n_blocks_per_stage"] == [1, 1, 1, 1, 1] and kw["strides"] == arch["strides"]
+    assert small["batch_size"] == 2 and small["patch_size"] == [20, 96, 96]
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32
