@@ -169,3 +169,30 @@ def test_demo_network_divides_the_planned_features():
     assert kw["n_blocks_per_stage"] == [1, 1, 1, 1, 1] and kw["strides"] == arch["strides"]
     assert small["batch_size"] == 2 and small["patch_size"] == [20, 96, 96]
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32
+
+
+def test_stage_console_prints_commands_then_one_line_per_stage_and_marks_a_failure(tmp_path, capfd):
+    from orthodiff_nnunet.console import StageConsole
+
+    lines: list[str] = []
+    console = StageConsole(tmp_path / "logs", total=2, write=lines.append)
+    with console.stage("plan_and_preprocess", ["orthodiff plan_and_preprocess -d 501 -np 1"]) as stage:
+        print("2D U-Net configuration: {...}")
+        stage.figures = "3d_fullres patch sag 20x96x96"
+    with pytest.raises(ValueError):
+        with console.stage("train seg", ["orthodiff train seg -d 501"]):
+            raise ValueError("boom")
+    assert capfd.readouterr().out == ""
+    assert lines[0] == "      $ orthodiff plan_and_preprocess -d 501 -np 1"
+    first = STAGE_LINE.match(lines[1])
+    assert first and first.group(1, 2, 3) == ("1", "2", "plan_and_preprocess")
+    assert first.group(5).strip() == f"3d_fullres patch sag 20x96x96   log: {tmp_path / 'logs' / '01_plan_and_preprocess.log'}"
+    assert "2D U-Net configuration" in (tmp_path / "logs" / "01_plan_and_preprocess.log").read_text()
+    second = STAGE_LINE.match(lines[3])
+    assert lines[2] == "      $ orthodiff train seg -d 501" and second.group(3) == "train seg"
+    assert second.group(5).strip().startswith("FAILED   log: ") and len(lines) == 4
+    verbose = StageConsole(tmp_path / "v", total=1, verbose=True, write=lines.append)
+    with verbose.stage("convert"):
+        print("shown as nnU-Net prints it")
+    assert capfd.readouterr().out == "shown as nnU-Net prints it\n" and "log:" not in lines[-1]
+    assert not (tmp_path / "v").exists()
