@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from orthodiff_nnunet.dataset_conversion.site_converter import ConversionResult, convert_site
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConversionResult", "convert", "demo"]
+__all__ = ["ConversionResult", "DemoResult", "convert", "demo"]
 
 
 def convert(
@@ -71,34 +72,118 @@ def convert(
     )
 
 
+@dataclass
+class DemoResult:
+    """What ``orthodiff demo`` produced: the stage lines, the report and its headline figures."""
+
+    output: Path
+    report_html: Path
+    headline: dict[str, float | None]
+    stages: list[str]
+    details: str
+    next_command: str
+    logs: Path | None = None
+
+    def summary(self) -> str:
+        return self.details
+
+
+#: the demo's settings: ``full`` (the default command) and ``quick`` (the tests' path, about a minute of
+#: training on an idle 2-core machine: the same stages and code, fewer iterations)
+DEMO_SETTINGS = {
+    "full": {"pretrain_iterations": 30, "seg_iterations": 20, "cls_epochs": 3, "cls_iterations": 5,
+             "n_boot": 200, "cls_boot": 100},
+    "quick": {"pretrain_iterations": 4, "seg_iterations": 4, "cls_epochs": 1, "cls_iterations": 2,
+              "n_boot": 20, "cls_boot": 20},
+}
+#: how the demo reduces the planned network (:func:`orthodiff_nnunet.networks.build.shrink_architecture`):
+#: features / 8 on every stage, the plans' stages kept, 1 residual block per stage, batch 2. One training
+#: step on the phantom's 20x96x96 patches: 0.93 CPU s (1 thread) against 3.16 s for the earlier flat cap
+#: at 16 features and 4 stages.
+DEMO_NETWORK = {"feature_divisor": 8, "max_features": 320, "max_stages": 12, "max_blocks_per_stage": 1,
+                "max_batch_size": 2}
+DEMO_STAGES = ("convert", "plan_and_preprocess", "pretrain sag", "pretrain cor", "pretrain ax", "train seg",
+               "train cls", "evaluate")
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    import math
+
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _report_headline(report_json: Path) -> dict[str, float | None]:
+    """Mean Dice, femur/tibia/patella Dice, macro AUROC and its CI from the evaluation's ``report.json``."""
+    from orthodiff_nnunet.utils import load_json
+
+    report = load_json(report_json)
+    out: dict[str, float | None] = {}
+    seg = report.get("segmentation", {}).get("overall", {})
+    dice = {k: v["dice"]["mean"] for k, v in seg.items() if v.get("dice", {}).get("mean") is not None}
+    out["mean_dice"] = sum(dice.values()) / len(dice) if dice else None
+    out["n_structures"] = float(len(dice))
+    for name in ("femur", "tibia", "patella"):
+        out[f"dice_{name}"] = dice.get(name)
+    cls = report.get("classification", {}).get("overall") or {}
+    out["macro_auroc"] = (cls.get("macro") or {}).get("auroc")
+    ci = (cls.get("macro_ci") or {}).get("auroc") or (None, None)
+    out["macro_auroc_lo"], out["macro_auroc_hi"] = ci[0], ci[1]
+    return out
+
+
 def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: int = 0,
-         pretrain_iterations: int = 30, seg_iterations: int = 20, cls_epochs: int = 3,
-         device: str = "auto") -> str:
-    """End-to-end demo on two phantom sites; returns a text summary of what was produced.
+         pretrain_iterations: int | None = None, seg_iterations: int | None = None, cls_epochs: int | None = None,
+         device: str = "auto", *, quick: bool = False, verbose: bool = False,
+         write: Callable[[str], None] | None = None) -> DemoResult:
+    """End-to-end demo on two phantom sites, one console line per stage.
 
     From nothing: a 3 T training site and a 1.5 T external site are generated (procedural knee
     phantom with the 8 abnormalities), converted into per-orientation nnU-Net raw datasets, the
-    training site is planned and preprocessed per orientation, and each orientation's diffusion
-    model is pretrained briefly. Small settings (a tiny copy of the planned network, a few
-    iterations) but the real code path. Synthetic data: never evidence of clinical accuracy.
+    training site is planned and preprocessed per orientation, each orientation's diffusion model is
+    pretrained, segmentation is trained per orientation from the pretrained encoder, the three-view
+    classifier is fine-tuned, and everything is evaluated on the external site (HTML report). Small
+    settings (a reduced copy of the planned network, few iterations) but the real code path.
+    Synthetic data: never evidence of clinical accuracy.
+
+    Each stage writes, through ``write``, the equivalent ``orthodiff`` command before it starts and
+    one line (``[k/8] title  seconds  figures  log: file``) when it ends; nnU-Net's configuration
+    dumps and per-epoch lines go to that stage's log file under ``<output>/logs`` (``verbose``: to
+    the console instead, as nnU-Net prints them).
+
+    Args:
+        output: work folder (removed and rebuilt if it holds an earlier demo).
+        cases_per_site: exams per site.
+        seed: phantom seed.
+        pretrain_iterations, seg_iterations, cls_epochs: override the settings' lengths.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        quick: the short settings (:data:`DEMO_SETTINGS`), for tests and a first look.
+        verbose: everything on the console, no stage log files.
+        write: where console lines go (default: this module's logger at INFO; the CLI prints them).
     """
     import os
-    import time
+    import shutil
 
     from orthodiff_nnunet import paths
+    from orthodiff_nnunet.classification import train_classification
+    from orthodiff_nnunet.console import StageConsole
     from orthodiff_nnunet.data.phantom import write_site
     from orthodiff_nnunet.data.sites import SITE_3T, SITE_15T
+    from orthodiff_nnunet.errors import OrthodiffError
+    from orthodiff_nnunet.evaluation.external import evaluate
     from orthodiff_nnunet.networks.build import write_shrunk_plans
     from orthodiff_nnunet.planning import plan_and_preprocess
     from orthodiff_nnunet.pretraining import pretrain
+    from orthodiff_nnunet.segmentation import train_segmentation
 
     import json
-    import shutil
 
     from orthodiff_nnunet.classification import default_test_folds
 
-    from orthodiff_nnunet.errors import OrthodiffError
-
+    settings = dict(DEMO_SETTINGS["quick" if quick else "full"])
+    for key, value in (("pretrain_iterations", pretrain_iterations), ("seg_iterations", seg_iterations),
+                       ("cls_epochs", cls_epochs)):
+        if value is not None:
+            settings[key] = int(value)
     output = Path(output).resolve()
     marker = output / ".orthodiff_demo"
     if output.exists() and any(output.iterdir()):
@@ -109,67 +194,124 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
     marker.write_text("created by orthodiff demo; removed and rebuilt by the next demo run\n")
     raw, pre, res = output / "nnUNet_raw", output / "nnUNet_preprocessed", output / "nnUNet_results"
     paths.set_nnunet_paths(raw, pre, res)
-    lines = [f"OrthoDiff-nnU-Net demo in {output} (synthetic phantom data)"]
-    t0 = time.perf_counter()
+    logs = output / "logs"
+    console = StageConsole(logs, total=len(DEMO_STAGES), verbose=verbose, write=write or log.info)
+    details: list[str] = [f"OrthoDiff-nnU-Net demo in {output} (synthetic phantom data)"]
+    console.say(f"OrthoDiff-nnU-Net demo{' (--quick)' if quick else ''} in {output}: synthetic phantom knees, "
+                f"{cases_per_site} exams per site; {len(DEMO_STAGES)} stages"
+                + ("" if verbose else f", nnU-Net's output in {logs}/ (-v shows it here)"))
+    console.say("Each stage's equivalent command follows its `$`; they run as shown after")
+    console.say(f"      $ export nnUNet_raw={raw} nnUNet_preprocessed={pre} nnUNet_results={res}")
+    rel = lambda p: os.path.relpath(p, output)  # noqa: E731  (commands shown relative to the demo folder)
 
-    def step(title: str) -> None:
-        lines.append(f"\n== {title} ({time.perf_counter() - t0:.0f} s)")
-        log.info("demo: %s", title)
+    sites = ((SITE_3T, 501, False, seed), (SITE_15T, 511, True, seed + 1000))
+    manifests = {site.name: output / "sites" / site.name / "manifest.csv" for site, *_ in sites}
+    commands = [f"orthodiff convert {rel(manifests[site.name])} -d {base} -n Knee{site.name} -np 1"
+                + (" --external" if external else " --folds 2") for site, base, external, _ in sites]
+    with console.stage("convert", [f"cd {output}", *commands]) as stage:
+        counts = []
+        for site, base_id, external, site_seed in sites:
+            manifest = write_site(output / "sites" / site.name, site, n_cases=cases_per_site, seed=site_seed,
+                                  patients_with_two_exams=1)
+            # 2 folds: with a handful of exams, fold 0's validation still holds several exams
+            result = convert(manifest, base_id, f"Knee{site.name}", raw=raw, external=external, num_processes=1,
+                             num_folds=2)
+            details.append(result.summary())
+            counts.append(f"{site.name} ({site.field_strength_t:g} T, {'external' if external else 'training'}) "
+                          f"{max(result.num_cases.values(), default=0)} exams x {len(result.datasets)} orientations")
+        stage.figures = "; ".join(counts)
 
-    for site, base_id, external, site_seed in ((SITE_3T, 501, False, seed), (SITE_15T, 511, True, seed + 1000)):
-        step(f"generate and convert {site.name} ({site.field_strength_t:g} T, {'external' if external else 'training'})")
-        manifest = write_site(output / "sites" / site.name, site, n_cases=cases_per_site, seed=site_seed,
-                              patients_with_two_exams=1)
-        # 2 folds: with a handful of exams, fold 0's validation still holds several exams
-        result = convert(manifest, base_id, f"Knee{site.name}", raw=raw, external=external, num_processes=1,
-                         num_folds=2)
-        lines.append(result.summary())
-
-    step("plan_and_preprocess the training site (sag, cor, ax)")
-    planning = plan_and_preprocess([501, 502, 503], num_processes=2, show_progress=False)
-    lines.append(planning.summary())
+    # one process: a handful of small cases are preprocessed faster in-process than by spawned workers
+    # (each imports torch and nnU-Net); nnU-Net's fingerprint extraction spawns its workers anyway
+    with console.stage("plan_and_preprocess", ["orthodiff plan_and_preprocess -d 501 502 503 -np 1"]) as stage:
+        planning = plan_and_preprocess([501, 502, 503], num_processes=1, show_progress=True)
+        details.append(planning.summary())
+        fullres = {d.orientation: d.configuration("3d_fullres") for d in planning.datasets}
+        stage.figures = "3d_fullres patch " + ", ".join(
+            f"{o} {'x'.join(str(s) for s in c.patch_size)}" for o, c in fullres.items())
 
     os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in-process: small data, 2 cores
     os.environ.setdefault("nnUNet_compile", "0")
     plans_id = "orthodiffDemoPlans"
+    n_pre = settings["pretrain_iterations"]
     for dataset in planning.datasets:
         folder = pre / dataset.dataset_name
-        write_shrunk_plans(folder, dataset.plans_identifier, plans_id, max_features=16, max_stages=4)
-        step(f"pretrain {dataset.dataset_name} ({pretrain_iterations} iterations, tiny network)")
-        # the classifier (fold 0) tests on exams the encoders must not have seen: leave them out here
+        # the plans' network with every stage's features divided by 8 (nnU-Net's 32-64-128-256-320 ->
+        # 4-8-16-32-40) and one residual block per stage: the plans' stages, kernels and strides, a third
+        # of the CPU time per step of the earlier flat cap at 16 features (measured, see DEMO_NETWORK)
+        write_shrunk_plans(folder, dataset.plans_identifier, plans_id, **DEMO_NETWORK)
+        # one nnU-Net epoch (= one validation pass and checkpoint) for the whole short run: each epoch
+        # end costs 5 validation steps, a checkpoint and a plot, more than a few training steps
+        # the classifier (fold 0) tests on exams the encoders must not have seen: they are left out here
         test_folds = default_test_folds(len(json.loads((folder / "splits_final.json").read_text())), 0)
-        result = pretrain(dataset.dataset_name, plans=plans_id, iterations=pretrain_iterations,
-                          checkpoint_every=max(1, pretrain_iterations // 3), learning_rate=1e-3, device=device,
-                          sample_steps=5, exclude_folds=test_folds)
-        lines.append(result.summary())
-    from orthodiff_nnunet.segmentation import train_segmentation
+        command = (f"orthodiff pretrain -d {dataset.dataset_name} -p {plans_id} --iterations {n_pre} "
+                   f"--checkpoint-every {n_pre} --lr 1e-3 --sample-steps 5 --device {device} "
+                   f"--exclude-fold {' '.join(map(str, test_folds))}")
+        with console.stage(f"pretrain {dataset.orientation}", [command]) as stage:
+            result = pretrain(dataset.dataset_name, plans=plans_id, iterations=n_pre, checkpoint_every=n_pre,
+                              learning_rate=1e-3, device=device, sample_steps=5, exclude_folds=test_folds)
+            details.append(result.summary())
+            stage.figures = (f"{result.iterations} it, train loss {_fmt(result.train_losses[-1])}, "
+                             f"EMA val loss {_fmt(result.val_losses[-1])}" if result.train_losses and result.val_losses
+                             else f"{result.iterations} it")
 
+    n_seg = settings["seg_iterations"]
+    seg_epochs, seg_per_epoch = 2, max(1, n_seg // 2)
+    seg_commands = [f"orthodiff train seg -d {d.dataset_name} -f all -p {plans_id} --epochs {seg_epochs} "
+                    f"--iterations-per-epoch {seg_per_epoch} --val-iterations 2 --no-validation --device {device}"
+                    for d in planning.datasets]
     seg_models = {}
-    for dataset in planning.datasets:
-        step(f"train segmentation {dataset.dataset_name} (encoder from the pretraining, {seg_iterations} iterations)")
-        trained = train_segmentation(dataset.dataset_name, fold="all", init="diffusion", plans=plans_id,
-                                     epochs=2, iterations_per_epoch=max(1, seg_iterations // 2),
-                                     val_iterations_per_epoch=2, device=device, validate=False)
-        seg_models[dataset.orientation] = trained.model_folder
-        lines.append(trained.summary())
+    with console.stage("train seg", seg_commands) as stage:
+        figures = []
+        for dataset in planning.datasets:
+            trained = train_segmentation(dataset.dataset_name, fold="all", init="diffusion", plans=plans_id,
+                                         epochs=seg_epochs, iterations_per_epoch=seg_per_epoch,
+                                         val_iterations_per_epoch=2, device=device, validate=False)
+            seg_models[dataset.orientation] = trained.model_folder
+            details.append(trained.summary())
+            figures.append(f"{dataset.orientation} loss {_fmt(trained.train_loss)}, pseudo Dice "
+                           f"{_fmt(trained.pseudo_dice)}")
+        stage.figures = "; ".join(figures)
 
-    from orthodiff_nnunet.classification import train_classification
+    cls_epochs_n, cls_iters = settings["cls_epochs"], settings["cls_iterations"]
+    cls_command = (f"orthodiff train cls -d 501 -p {plans_id} -f 0 --mode finetune --epochs {cls_epochs_n} "
+                   f"--iterations-per-epoch {cls_iters} --batch-size 2 --n-boot {settings['cls_boot']} "
+                   f"--device {device}")
+    with console.stage("train cls", [cls_command]) as stage:
+        cls = train_classification(501, plans=plans_id, fold=0, mode="finetune", epochs=cls_epochs_n,
+                                   iterations_per_epoch=cls_iters, batch_size=2, n_boot=settings["cls_boot"],
+                                   device=device)
+        details.append(cls.summary())
+        last = cls.history[-1] if cls.history else {}
+        stage.figures = (f"loss {_fmt(last.get('train_loss'))}, selection mean AUROC "
+                         f"{_fmt(cls.best_selection_mean_auroc)} (epoch {cls.best_epoch})")
 
-    step(f"train the three-view abnormality classifier (fine-tuned diffusion encoders, {cls_epochs} epochs)")
-    cls = train_classification(501, plans=plans_id, fold=0, mode="finetune", epochs=cls_epochs,
-                               iterations_per_epoch=5, batch_size=2, n_boot=100, device=device)
-    lines.append(cls.summary())
+    report_dir = output / "report"
+    seg_args = " ".join(f"{o}={rel(m)}" for o, m in seg_models.items())
+    eval_command = (f"orthodiff evaluate -d 511 --seg {seg_args} --cls {rel(cls.output_folder)} -o report "
+                    f"--bootstrap {settings['n_boot']} --disable-tta -np 1 --device {device}")
+    with console.stage("evaluate", [eval_command]) as stage:
+        # Without mirroring (8 flips per patch) to keep the demo short on a CPU; the report records the choice.
+        # `orthodiff evaluate` mirrors by default, like `predict seg` and nnU-Net.
+        evaluation = evaluate([511], report_dir, seg_models=seg_models, cls_model=cls.output_folder,
+                              n_boot=settings["n_boot"], device=device, num_processes=1, mirroring=False)
+        details.append(evaluation.summary())
+        head = _report_headline(evaluation.output_folder / "report.json")
+        stage.figures = (f"mean Dice {_fmt(head['mean_dice'])}, macro AUROC {_fmt(head['macro_auroc'])} "
+                         f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
 
-    from orthodiff_nnunet.evaluation.external import evaluate
-
-    step("evaluate on the external 1.5 T site (SiteB)")
-    # Without mirroring (8 flips per patch) to keep the demo short on a CPU; the report records the choice.
-    # `orthodiff evaluate` mirrors by default, like `predict seg` and nnU-Net.
-    evaluation = evaluate([511], output / "report", seg_models=seg_models, cls_model=cls.output_folder, n_boot=200,
-                          device=device, num_processes=1, mirroring=False)
-    lines.append(evaluation.summary())
-    step("done")
-    lines.append(f"\nOpen the report: {evaluation.report_html}")
-    lines.append("The demo's networks are tiny and trained for seconds: it shows the pipeline, not accuracy "
-                 "(expect Dice near 0 and AUROC near 0.5); see BENCHMARKS.md for measured figures.")
-    return "\n".join(lines)
+    total = sum(s.seconds for s in console.stages)
+    next_command = ("orthodiff convert my_site/manifest.csv -d 601 -n KneeMySite   "
+                    "(manifest columns: README, section \"Converting a site's data\")")
+    console.say("")
+    console.say(f"Done in {total / 60:.1f} min. Report: {evaluation.report_html}")
+    console.say(f"  external site (1.5 T): Dice femur {_fmt(head['dice_femur'])}, tibia {_fmt(head['dice_tibia'])}, "
+                f"patella {_fmt(head['dice_patella'])}; mean Dice over {int(head['n_structures'] or 0)} structures "
+                f"{_fmt(head['mean_dice'])}; macro AUROC {_fmt(head['macro_auroc'])} "
+                f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
+    console.say("  tiny networks trained for seconds on synthetic data: the pipeline, not clinical accuracy "
+                "(BENCHMARKS.md has measured figures)")
+    console.say(f"Next, on your own data: {next_command}")
+    return DemoResult(output=output, report_html=evaluation.report_html, headline=head,
+                      stages=[s.line() for s in console.stages], details="\n\n".join(details),
+                      next_command=next_command, logs=None if verbose else logs)

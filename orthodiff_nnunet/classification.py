@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Literal
 
 from orthodiff_nnunet import paths
+from orthodiff_nnunet.console import output_to_log
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.schemes import ORIENTATION_ID_OFFSET, ORIENTATIONS, normalize_orientation
 from orthodiff_nnunet.utils import load_json
@@ -48,6 +49,7 @@ from orthodiff_nnunet.utils import load_json
 log = logging.getLogger(__name__)
 
 TRAINER_NAME = "nnUNetTrainerOrthoDiffCls"
+CONSOLE_LOG = "console.log"  # a quiet run's console output (per-epoch lines), in its output folder
 PRETRAIN_TRAINER_NAME = "nnUNetTrainerOrthoDiffPretrain"
 CONFIGURATION = "3d_classification"
 
@@ -253,6 +255,7 @@ def train_classification(
     output_folder: Path | None = None,
     run_name: str | None = None,
     resume: bool = False,
+    quiet: bool = False,
 ) -> ClassificationTrainResult:
     """Train the multi-view abnormality classifier.
 
@@ -296,6 +299,8 @@ def train_classification(
         output_folder: explicit output folder (default: under nnUNet_results, see the module docstring).
         run_name: name of the run folder (default: views, mode, fraction, timestep).
         resume: continue from the run's ``checkpoint_latest.pth``.
+        quiet: per-epoch lines and other console output go to ``<output folder>/console.log``; the
+            progress bar and warnings stay on the console.
     """
     from orthodiff_nnunet.data.targets import load_dataset_targets
     from orthodiff_nnunet.pretraining import resolve_device
@@ -338,37 +343,41 @@ def train_classification(
     if latest.is_file() and not resume:
         raise ClassificationUsageError(f"{out} holds an unfinished run: pass --resume to continue it, or remove it")
 
-    trainer = nnUNetTrainerOrthoDiffCls(vds, targets, fold, out, resolve_device(device))
-    trainer.mode = mode
-    trainer.encoder_paths = enc if mode != "scratch" else {}
-    trainer.noise_timesteps = timesteps
-    trainer.film = film
-    trainer.fusion = fusion
-    trainer.feature_stages = feature_stages
-    trainer.dropout = dropout
-    trainer.num_epochs = epochs
-    trainer.num_iterations_per_epoch = iterations_per_epoch
-    trainer.batch_size = batch_size
-    trainer.initial_lr = learning_rate
-    trainer.encoder_lr_factor = encoder_lr_factor
-    trainer.weight_decay = weight_decay
-    trainer.label_fraction = label_fraction
-    trainer.test_fold = test_fold
-    trainer.allow_pretraining_overlap = allow_pretraining_overlap
-    trainer.precision = precision
-    trainer.mirror_axes = mirror_axes
-    trainer.augment = augment
-    trainer.threshold_method = threshold_method
-    trainer.n_boot = n_boot
-    trainer.seed = seed
-    trainer.initialize()
-    if resume:
-        if not latest.is_file():
-            raise ClassificationUsageError(f"--resume: no checkpoint in {out}; start without --resume")
-        trainer.load_checkpoint(latest)
-        log.info("resuming %s at epoch %d", out, trainer.current_epoch)
-    trainer.run_training()
-    done = trainer.finish()
+    console_log = out / CONSOLE_LOG if quiet else None
+    if console_log is not None:
+        log.info("training the classifier in %s; per-epoch lines go to %s", out, console_log)
+    with output_to_log(console_log):
+        trainer = nnUNetTrainerOrthoDiffCls(vds, targets, fold, out, resolve_device(device))
+        trainer.mode = mode
+        trainer.encoder_paths = enc if mode != "scratch" else {}
+        trainer.noise_timesteps = timesteps
+        trainer.film = film
+        trainer.fusion = fusion
+        trainer.feature_stages = feature_stages
+        trainer.dropout = dropout
+        trainer.num_epochs = epochs
+        trainer.num_iterations_per_epoch = iterations_per_epoch
+        trainer.batch_size = batch_size
+        trainer.initial_lr = learning_rate
+        trainer.encoder_lr_factor = encoder_lr_factor
+        trainer.weight_decay = weight_decay
+        trainer.label_fraction = label_fraction
+        trainer.test_fold = test_fold
+        trainer.allow_pretraining_overlap = allow_pretraining_overlap
+        trainer.precision = precision
+        trainer.mirror_axes = mirror_axes
+        trainer.augment = augment
+        trainer.threshold_method = threshold_method
+        trainer.n_boot = n_boot
+        trainer.seed = seed
+        trainer.initialize()
+        if resume:
+            if not latest.is_file():
+                raise ClassificationUsageError(f"--resume: no checkpoint in {out}; start without --resume")
+            trainer.load_checkpoint(latest)
+            log.info("resuming %s at epoch %d", out, trainer.current_epoch)
+        trainer.run_training()
+        done = trainer.finish()
     hist = trainer.history
     return ClassificationTrainResult(
         output_folder=out, views=view_names, label_names=list(trainer.label_names), mode=mode,
@@ -692,6 +701,8 @@ def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("-o", "--output-folder", type=Path, default=None, help="explicit output folder")
     p.add_argument("--run-name", default=None, help="run folder name (default from views, mode, fraction, timestep)")
     p.add_argument("--resume", action="store_true", help="continue the run from checkpoint_latest.pth")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help=f"per-epoch lines on the console (default: in <output folder>/{CONSOLE_LOG})")
     p.set_defaults(func=_run_train)
     return p
 
@@ -706,7 +717,8 @@ def _run_train(args: argparse.Namespace) -> int:
         encoder_lr_factor=args.encoder_lr_factor, weight_decay=args.weight_decay, label_fraction=args.label_fraction,
         test_fold=args.test_fold, allow_pretraining_overlap=args.allow_pretraining_overlap, precision=args.precision, mirror_axes=args.mirror_axes, augment=not args.no_augment,
         threshold_method=args.threshold_method, n_boot=args.n_boot, seed=args.seed, device=args.device,
-        output_folder=args.output_folder, run_name=args.run_name, resume=args.resume)
+        output_folder=args.output_folder, run_name=args.run_name, resume=args.resume,
+        quiet=not getattr(args, "verbose", False))
     print(result.summary())
     return 0
 

@@ -153,19 +153,24 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="work folder (default ./orthodiff_demo); nnUNet_raw/preprocessed/results go inside")
     p.add_argument("--cases", type=int, default=6, help="exams per site (default 6)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantom (default 0)")
-    p.add_argument("--pretrain-iterations", type=int, default=30, help="diffusion iterations per orientation (default 30)")
-    p.add_argument("--seg-iterations", type=int, default=20, help="segmentation iterations per orientation (default 20)")
+    p.add_argument("--pretrain-iterations", type=int, default=None,
+                   help="diffusion iterations per orientation (default 30; --quick 4)")
+    p.add_argument("--seg-iterations", type=int, default=None,
+                   help="segmentation iterations per orientation (default 20; --quick 4)")
+    p.add_argument("--quick", action="store_true",
+                   help="the shortest settings (same stages and code, fewer iterations): a first look, and the tests")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show nnU-Net's configuration dumps and per-epoch lines here (default: in <output>/logs)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from orthodiff_nnunet.api import demo
 
-    report = demo(output=args.output, cases_per_site=args.cases, seed=args.seed,
-                  pretrain_iterations=args.pretrain_iterations, seg_iterations=args.seg_iterations,
-                  device=args.device)
-    print(report)
+    demo(output=args.output, cases_per_site=args.cases, seed=args.seed, pretrain_iterations=args.pretrain_iterations,
+         seg_iterations=args.seg_iterations, device=args.device, quick=args.quick,
+         verbose=getattr(args, "verbose", False), write=lambda text: print(text, flush=True))
     return 0
 
 

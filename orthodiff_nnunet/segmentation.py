@@ -38,6 +38,7 @@ from typing import Literal
 from orthodiff_nnunet import paths
 from orthodiff_nnunet.data.splits import SPLIT_SEED
 from orthodiff_nnunet.errors import OrthodiffError
+from orthodiff_nnunet.console import output_to_log
 from orthodiff_nnunet.utils import nnunet_stdout_to_log
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ Fold = int | Literal["all"]
 TRAINER_OF_INIT: dict[str, str] = {"diffusion": "nnUNetTrainerOrthoDiffSeg", "scratch": "nnUNetTrainerOrthoDiffSegScratch"}
 SEGMENTATION_CONFIGURATION = "3d_fullres"
 RUN_RECORD = "orthodiff_seg_run.json"
+NNUNET_CONSOLE_LOG = "nnunet_console.log"  # nnU-Net's console output of a quiet run, beside its training log
 _EXT_TRAINER_ENV = "nnUNet_extTrainer"
 
 __all__ = [
@@ -82,6 +84,9 @@ class SegmentationTrainResult:
         validation_summary: nnU-Net's ``validation/summary.json``, None without validation.
         dice: validation Dice per structure name (mean over validation cases).
         mean_dice: nnU-Net's foreground mean Dice.
+        train_loss: the last epoch's mean training loss (nnU-Net's Dice + cross-entropy, deep supervision).
+        pseudo_dice: nnU-Net's EMA pseudo Dice of the last epoch (validation patches, foreground mean).
+        console_log: where nnU-Net's console output went (None: to the console).
     """
 
     model_folder: Path
@@ -91,6 +96,9 @@ class SegmentationTrainResult:
     validation_summary: Path | None = None
     dice: dict[str, float] = field(default_factory=dict)
     mean_dice: float | None = None
+    train_loss: float | None = None
+    pseudo_dice: float | None = None
+    console_log: Path | None = None
 
     @property
     def checkpoint(self) -> Path:
@@ -101,6 +109,11 @@ class SegmentationTrainResult:
         lines = [f"segmentation training done ({r['init']} init, label fraction {r['label_fraction']:g}: "
                  f"{len(r['training_cases'])} training cases, fold {r['fold']})",
                  f"model folder: {self.model_folder}"]
+        if self.train_loss is not None:
+            lines.append(f"last epoch: train loss {self.train_loss:.4f}, pseudo Dice "
+                         f"{'n/a' if self.pseudo_dice is None else format(self.pseudo_dice, '.4f')}")
+        if self.console_log is not None:
+            lines.append(f"nnU-Net's output: {self.console_log}")
         if r.get("encoder"):
             lines.append(f"encoder: {r['encoder']}")
         if self.validation_summary is not None:
@@ -253,6 +266,7 @@ def train_segmentation(
     validate: bool = True,
     validation_mirroring: bool = True,
     checkpoint_minutes: float | None = None,
+    quiet: bool = False,
 ) -> SegmentationTrainResult:
     """Train nnU-Net segmentation on labeled cases, warm-started from the diffusion encoder or from scratch.
 
@@ -284,6 +298,9 @@ def train_segmentation(
             epoch after this many minutes since the last one; 0: every epoch; None: the trainer's
             default (3). A killed run continued with ``continue_training`` loses at most this
             time plus one epoch (nnU-Net alone: up to 50 epochs).
+        quiet: nnU-Net's console output (plans, configuration, per-epoch lines) and this package's log
+            records go to ``<fold folder>/nnunet_console.log`` instead of the console; the progress bar
+            and warnings stay on the console.
 
     Returns:
         :class:`SegmentationTrainResult`.
@@ -339,42 +356,52 @@ def train_segmentation(
             raise SegmentationError(f"--continue: no checkpoint in {out}; start without --continue")
         _check_same_run(out / RUN_RECORD, init, encoder, label_fraction, seed)
 
-    trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
-    trainer_plans["continue_training"] = continue_training
-    root.mkdir(parents=True, exist_ok=True)
-    with _environment(**{paths.ENV_RESULTS: str(root)}):  # the trainer names its output folder from it
-        trainer = trainer_class(trainer_plans, configuration, fold, dataset_json, dev)
-    trainer.encoder_path = None if encoder is None else str(encoder)
-    trainer.label_fraction = float(label_fraction)
-    trainer.label_fraction_seed = int(seed)
-    trainer.initial_lr = float(learning_rate)
-    trainer.warmup_epochs = warmup_epochs
-    trainer.freeze_encoder_epochs = int(freeze_encoder_epochs)
-    trainer.validation_mirroring = bool(validation_mirroring)
-    if checkpoint_minutes is not None:
-        trainer.checkpoint_minutes = float(checkpoint_minutes)
-    if epochs is not None:
-        trainer.num_epochs = int(epochs)
-    if iterations_per_epoch is not None:
-        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
-    if val_iterations_per_epoch is not None:
-        trainer.num_val_iterations_per_epoch = int(val_iterations_per_epoch)
+    console_log = out / NNUNET_CONSOLE_LOG if quiet else None
+    if console_log is not None:
+        log.info("training %s (%s init); nnU-Net's configuration and per-epoch lines go to %s", dataset_name, init,
+                 console_log)
+    with output_to_log(console_log):
+        trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
+        trainer_plans["continue_training"] = continue_training
+        root.mkdir(parents=True, exist_ok=True)
+        with _environment(**{paths.ENV_RESULTS: str(root)}):  # the trainer names its output folder from it
+            trainer = trainer_class(trainer_plans, configuration, fold, dataset_json, dev)
+        trainer.encoder_path = None if encoder is None else str(encoder)
+        trainer.label_fraction = float(label_fraction)
+        trainer.label_fraction_seed = int(seed)
+        trainer.initial_lr = float(learning_rate)
+        trainer.warmup_epochs = warmup_epochs
+        trainer.freeze_encoder_epochs = int(freeze_encoder_epochs)
+        trainer.validation_mirroring = bool(validation_mirroring)
+        if checkpoint_minutes is not None:
+            trainer.checkpoint_minutes = float(checkpoint_minutes)
+        if epochs is not None:
+            trainer.num_epochs = int(epochs)
+        if iterations_per_epoch is not None:
+            trainer.num_iterations_per_epoch = int(iterations_per_epoch)
+        if val_iterations_per_epoch is not None:
+            trainer.num_val_iterations_per_epoch = int(val_iterations_per_epoch)
 
-    trainer.initialize()
-    if trainer.encoder_report is not None:
-        log.info("%s: %s", dataset_name, trainer.encoder_report.summary())
-    if continue_training:
-        trainer.load_checkpoint(str(checkpoints[0]))
-        log.info("continuing %s at epoch %d", out, trainer.current_epoch)
-    trainer.run_training()
-    record = json.loads((out / RUN_RECORD).read_text())
-    result = SegmentationTrainResult(model_folder=out.parent, output_folder=out, results_root=root, run_record=record)
-    if validate:
-        trainer.perform_actual_validation()
-        summary = out / "validation" / "summary.json"
-        if summary.is_file():
-            result.validation_summary = summary
-            result.dice, result.mean_dice = _read_summary(summary, dataset_json)
+        trainer.initialize()
+        if trainer.encoder_report is not None:
+            log.info("%s: %s", dataset_name, trainer.encoder_report.summary())
+        if continue_training:
+            trainer.load_checkpoint(str(checkpoints[0]))
+            log.info("continuing %s at epoch %d", out, trainer.current_epoch)
+        trainer.run_training()
+        losses = trainer.logger.get_value("train_losses", None) or [None]
+        dices = trainer.logger.get_value("ema_fg_dice", None) or [None]
+        record = json.loads((out / RUN_RECORD).read_text())
+        result = SegmentationTrainResult(model_folder=out.parent, output_folder=out, results_root=root, run_record=record,
+                                         train_loss=None if losses[-1] is None else float(losses[-1]),
+                                         pseudo_dice=None if dices[-1] is None else float(dices[-1]),
+                                         console_log=console_log)
+        if validate:
+            trainer.perform_actual_validation()
+            summary = out / "validation" / "summary.json"
+            if summary.is_file():
+                result.validation_summary = summary
+                result.dice, result.mean_dice = _read_summary(summary, dataset_json)
     return result
 
 
@@ -711,6 +738,9 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation")
     p.add_argument("--no-validation-mirroring", action="store_true",
                    help="final validation without mirroring test-time augmentation")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help=f"nnU-Net's configuration and per-epoch lines on the console (default: in "
+                        f"<fold folder>/{NNUNET_CONSOLE_LOG})")
     p.set_defaults(func=_run_train_seg)
     return p
 
@@ -723,6 +753,7 @@ def _run_train_seg(args: argparse.Namespace) -> int:
         learning_rate=args.lr, warmup_epochs=args.warmup_epochs, freeze_encoder_epochs=args.freeze_encoder_epochs,
         continue_training=args.continue_training, device=args.device, validate=not args.no_validation,
         validation_mirroring=not args.no_validation_mirroring, checkpoint_minutes=args.checkpoint_minutes,
+        quiet=not getattr(args, "verbose", False),
     )
     print(result.summary())
     return 0

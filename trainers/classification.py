@@ -987,9 +987,20 @@ class nnUNetTrainerOrthoDiffCls:
             elif self.precision not in PRECISIONS:  # resumed from a checkpoint that did not record it
                 self.precision = resolve_precision(self.precision, self.device.type, self._capability())
             self.write_config()
+            from tqdm import tqdm
+
+            from orthodiff_nnunet.console import BAR_FORMAT
+
+            per_epoch = int(self.num_iterations_per_epoch)
+            progress = tqdm(total=int(self.num_epochs) * per_epoch, initial=int(self.current_epoch) * per_epoch,
+                            unit="it", desc="train cls", mininterval=1.0, dynamic_ncols=True, bar_format=BAR_FORMAT)
             while self.current_epoch < self.num_epochs:
                 start = time.perf_counter()
-                losses = [self.train_step(next(self._train_gen)) for _ in range(self.num_iterations_per_epoch)]
+                losses = []
+                for _ in range(per_epoch):
+                    losses.append(self.train_step(next(self._train_gen)))
+                    progress.set_postfix(epoch=self.current_epoch, loss=f"{losses[-1]:.3f}", refresh=False)
+                    progress.update(1)
                 train_seconds = time.perf_counter() - start
                 row = {"epoch": self.current_epoch, "train_loss": float(np.mean(losses)), **self.validate(),
                        "lr": self.optimizer.param_groups[0]["lr"],
@@ -1007,6 +1018,7 @@ class nnUNetTrainerOrthoDiffCls:
                 self._write_progress()
                 log.info("epoch %d: train loss %.4f, selection loss %.4f, selection mean AUROC %.3f%s (%.1f s)",
                          row["epoch"], row["train_loss"], row["selection_loss"], metric, " (best)" if improved else "", row["seconds"])
+            progress.close()
             self.save_checkpoint(self.output_folder / "checkpoint_final.pth")
             if self.best_epoch < 0:  # AUROC undefined on validation every epoch: keep the final weights
                 log.warning("the selection exams' AUROC was undefined in every epoch (one class only?): the final "
