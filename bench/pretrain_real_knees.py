@@ -1,4 +1,4 @@
-"""Diffusion pretraining on the real unlabeled knees of ../shared/data, on CPU, with a loss curve.
+"""Diffusion (and masked-autoencoder) pretraining on the real unlabeled knees of ../shared/data, on CPU, with loss curves.
 
 The corpus (all sagittal, no label maps):
 
@@ -23,20 +23,27 @@ network shrunk with ``write_shrunk_plans`` (default 16 features, 5 stages). Then
 ``orthodiff_nnunet.pretraining.pretrain`` runs for as many iterations as fit in ``--minutes``
 (estimated from a few timed steps first), on CPU.
 
-Writes ``bench/results/pretraining_real_knees_loss.{csv,png}`` (loss values only: no image
-data) and appends a section to ``bench/results/pretraining.md``. Nothing of ../shared/data is
+``--objective diffusion|mae|both`` picks the pretraining objective (``both``: the diffusion run, then
+the masked-autoencoder control on the same converted and planned data, with the same iteration
+count, learning rate and time limit, one after the other in this process).
+
+Writes ``bench/results/pretraining_real_knees_loss.{csv,png}`` (diffusion) and
+``bench/results/pretraining_real_knees_loss_mae.{csv,png}`` (MAE) (loss values only: no image
+data) and appends a section per objective to ``bench/results/pretraining.md``. Nothing of ../shared/data is
 copied into the repository; the converted and preprocessed data stay in ``--work`` (default: a
 new folder under the system's temporary folder, kept so the run can be inspected).
 
 Usage::
 
     python bench/pretrain_real_knees.py --minutes 18
+    nice -n 10 python bench/pretrain_real_knees.py --objective both --iterations 40 --minutes 6
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import shutil
@@ -97,15 +104,16 @@ def convert_corpus(shared: Path, raw: Path, spacing: tuple[float, float, float],
     return result.datasets["sag"], counts
 
 
-def time_per_iteration(dataset: str, plans_id: str, steps: int = 3) -> float:
+def time_per_iteration(dataset: str, plans_id: str, steps: int = 3, objective: str = "diffusion") -> float:
     """Seconds per training iteration (batch from the dataloader + train_step), measured on a throwaway trainer."""
     import torch
 
     from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+    from orthodiff_nnunet.trainers.mae_pretraining import nnUNetTrainerOrthoDiffMAE
 
     plans, dataset_json = common.load_plans_and_dataset_json(dataset, plans_id)
-    trainer = common.make_trainer(nnUNetTrainerOrthoDiffPretrain, plans, "3d_diffusion", dataset_json,
-                                  torch.device("cpu"))
+    cls = nnUNetTrainerOrthoDiffMAE if objective == "mae" else nnUNetTrainerOrthoDiffPretrain
+    trainer = common.make_trainer(cls, plans, "3d_diffusion", dataset_json, torch.device("cpu"))
     dl, dl_val = trainer.get_dataloaders()
     trainer.train_step(next(dl))  # warm-up
     t0 = time.perf_counter()
@@ -166,7 +174,8 @@ class deadline_training:
         self.cls.run_training = self.original
 
 
-def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, every: int) -> list[dict]:
+def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, every: int,
+                ylabel: str = "epsilon MSE", val_label: str = "validation, EMA weights, fixed noise") -> list[dict]:
     """Loss values per checkpoint interval from the final checkpoint's log: CSV and a small PNG."""
     import matplotlib
 
@@ -189,9 +198,9 @@ def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, ev
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     its = [r["iteration"] for r in rows]
     ax.plot(its, [r["train_loss"] for r in rows], marker=".", label=f"train (mean of {every} iterations)")
-    ax.plot(its, [r["val_loss_ema"] for r in rows], marker=".", label="validation, EMA weights, fixed noise")
+    ax.plot(its, [r["val_loss_ema"] for r in rows], marker=".", label=val_label)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -199,6 +208,102 @@ def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, ev
     fig.tight_layout()
     save_figure(fig, png_path)
     return rows
+
+
+def run_objective(objective: str, args: argparse.Namespace, dataset: str, small: str, plans_id: str, diff: dict,
+                  block, counts: dict, t_convert: float, t_plan: float, work: Path) -> str:
+    """One pretraining run of ``objective`` on the planned corpus: loss curve files and the markdown section."""
+    import torch
+
+    from orthodiff_nnunet.pretraining import pretrain
+
+    kw = diff["architecture"]["arch_kwargs"]
+    every = args.checkpoint_every
+    if args.iterations:
+        iterations, est, deadline = args.iterations, None, args.minutes * 60
+    else:
+        # The shared cores make the speed swing by 10x within minutes (other jobs, OpenMP threads
+        # waiting on each other), so the run is planned from a measurement with some headroom and
+        # stopped at the deadline after a whole checkpoint interval (see deadline_training).
+        est = time_per_iteration(dataset, small, steps=5, objective=objective)
+        per_it = est * (1 + args.val_iterations / (3 * every))  # validation: forward passes, ~1/3 of a step each
+        iterations = max(every, int(1.5 * args.minutes * 60 / per_it) // every * every)
+        deadline = args.minutes * 60
+        print(f"{est:.2f} s per training iteration -> planning {iterations} iterations, stopping after "
+              f"{args.minutes:g} min")
+
+    torch.manual_seed(0)
+    t_train = time.perf_counter()
+    with deadline_training(deadline):
+        result = pretrain(dataset, plans=small, iterations=iterations, checkpoint_every=every,
+                          learning_rate=args.learning_rate, device="cpu", val_iterations=args.val_iterations,
+                          sample_steps=10, objective=objective, mask_ratio=args.mask_ratio)
+    minutes = (time.perf_counter() - t_train) / 60
+    print(result.summary())
+
+    patch = " x ".join(map(str, diff["patch_size"]))
+    spacing = " x ".join(f"{v:.3g}" for v in diff["spacing"])
+    s = " x ".join(f"{v:g}" for v in args.mrnet_spacing)
+    n_cases = sum(counts.values())
+    mae = objective == "mae"
+    if mae:
+        mcfg = json.loads((result.output_folder / "mae_config.json").read_text())
+        mask_text = f"{mcfg['mask_ratio']:g} of {' x '.join(map(str, mcfg['mask_block']))}-voxel blocks masked"
+    name = "MAE pretraining" if mae else "Diffusion pretraining"
+    title = (f"{name}, {n_cases} real unlabeled sagittal knee series (CPU)\n"
+             + (f"{mask_text}, MSE on them\n" if mae else "cosine schedule, epsilon prediction\n") +
+             f"DESS 1 + MESE {counts['MESE echoes']} echoes + MRNet {counts['MRNet sag']} (assumed {s} mm)\n"
+             f"patch {patch} @ {spacing} mm, batch {diff['batch_size']}, {kw['n_stages']} stages x "
+             f"{max(kw['features_per_stage'])} features")
+    stem = "pretraining_real_knees_loss" + ("_mae" if mae else "")
+    csv_path = args.out.parent / f"{stem}.csv" if not args.no_write else work / f"{stem}.csv"
+    png_path = args.out.parent / f"{stem}.png" if not args.no_write else work / f"{stem}.png"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    ylabel = "MSE on masked voxels" if mae else "epsilon MSE"
+    val_label = "validation, EMA weights, fixed masks" if mae else "validation, EMA weights, fixed noise"
+    rows = write_curve(result.output_folder / "checkpoint_final.pth", csv_path, png_path, title, every, ylabel,
+                       val_label)
+
+    params = sum(p.numel() for p in torch.load(result.encoder_path, map_location="cpu",
+                                              weights_only=False)["state_dict"].values())
+    lines = [
+        f"## {common.now()}: {'MAE' if mae else 'diffusion'} pretraining on the real unlabeled knees (CPU)",
+        "",
+        f"- machine: {common.machine(torch.device('cpu'))}; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (the 2 cores are shared)",
+        f"- command: `{common.command_line()}`",
+        f"- corpus: {n_cases} sagittal series, all unlabeled: pyKNEEr DESS echo 1 (DICOM, 1 case), pymskt MESE T2 "
+        f"(DICOM, echo=all: {counts['MESE echoes']} cases of one knee), MRNet train exams' sagittal volumes "
+        f"({counts['MRNet sag']} cases) via convert_mrnet with spacing {s} mm (in-plane x, in-plane y, slice): "
+        "**an assumption**, MRNet publishes none; MRNet's sag output and the DICOM series then converted together "
+        f"into {dataset}. Conversion {t_convert:.0f} s.",
+        f"- plans: planned directly on the all-background corpus (intensity statistics: "
+        f"`{block.intensity_statistics}`, the planner's no-foreground fallback; no plans transfer needed), GPU memory "
+        f"target {args.gpu_memory_gb:g} GB to get a CPU-sized patch -> `{plans_id}` ({t_plan:.0f} s incl. "
+        f"preprocessing); `3d_diffusion`: spacing {spacing} mm, patch {patch}, batch {diff['batch_size']}; network "
+        f"shrunk with write_shrunk_plans to {kw['n_stages']} stages, features {kw['features_per_stage']}, "
+        f"blocks per stage {kw.get('n_blocks_per_stage', 'n/a')}, planned batch kept "
+        f"(`{small}`)",
+        f"- run: pretrain(objective='{objective}', iterations={iterations}, checkpoint_every={every}, "
+        f"learning_rate={args.learning_rate:g}, val_iterations={args.val_iterations}, device='cpu'), "
+        + (f"{mask_text} (block = the encoder's total stride from the plans), MSE on the masked voxels, "
+           if mae else "cosine schedule, epsilon prediction, ") + "EMA 0.995, fp32"
+        + (f"; {est:.2f} s/iteration measured beforehand -> {iterations} iterations planned (LR schedule length), "
+           f"stopped at the first checkpoint after {args.minutes:g} min" if est else
+           f"; time limit {args.minutes:g} min (stop at the first checkpoint after it)"),
+        f"- result: **{result.iterations} iterations in {rows[-1]['elapsed_min']:.1f} min of training** "
+        f"({60 * rows[-1]['elapsed_min'] / result.iterations:.2f} s/iteration incl. augmentation and validation; "
+        f"{minutes:.1f} min for the whole pretrain() call with start-up, encoder export and the "
+        f"{'reconstruction' if mae else 'DDIM'} sanity picture); train loss (mean of {every} iterations) "
+        f"**{rows[0]['train_loss']:.4f} -> {rows[-1]['train_loss']:.4f}**; EMA validation loss "
+        f"{rows[0]['val_loss_ema']:.4f} -> {rows[-1]['val_loss_ema']:.4f} (EMA 0.995 lags on a run this short; "
+        f"{'masked-voxel reconstruction MSE' if mae else 'epsilon MSE'}: not comparable in value with the other "
+        "objective's loss); "
+        f"encoder exported ({params / 1e6:.2f} M parameters) and loaded strictly by the 3d_fullres network: "
+        f"{result.load_report.splitlines()[0] if result.load_report else 'n/a'}",
+        f"- curve: `bench/results/{png_path.name}`, values `bench/results/{csv_path.name}` (loss values only)",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -211,7 +316,11 @@ def main(argv=None) -> int:
                         help="planner memory target: sets patch and batch (default 1 GB: CPU-sized)")
     parser.add_argument("--features", type=int, default=16, help="max features per stage (default 16)")
     parser.add_argument("--stages", type=int, default=5, help="max stages (default 5)")
-    parser.add_argument("--minutes", type=float, default=18.0, help="training time budget (default 18)")
+    parser.add_argument("--objective", choices=["diffusion", "mae", "both"], default="diffusion",
+                        help="pretraining objective; both: diffusion then the MAE control, same data and budget")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="mae: fraction of blocks masked (default 0.75)")
+    parser.add_argument("--minutes", type=float, default=18.0,
+                        help="training time budget per objective (default 18); with --iterations, a time limit")
     parser.add_argument("--iterations", type=int, default=None, help="fixed iteration count instead of --minutes")
     parser.add_argument("--checkpoint-every", type=int, default=10, help="iterations per loss-curve point (default 10)")
     parser.add_argument("--learning-rate", type=float, default=1e-3,
@@ -228,13 +337,12 @@ def main(argv=None) -> int:
         print("skipped: the shared real-data folder (../shared/data) is absent; set ORTHODIFF_SHARED_DATA or --shared")
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", str(common.usable_cores()))
-    import torch
+    import torch  # noqa: F401  (after OMP_NUM_THREADS is set)
 
     from orthodiff_nnunet.networks.build import write_shrunk_plans
     from orthodiff_nnunet.paths import preprocessed_dir
     from orthodiff_nnunet.planning import plan_and_preprocess
     from orthodiff_nnunet.plans import read_orthodiff_block, resolve_configuration
-    from orthodiff_nnunet.pretraining import pretrain
 
     work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_real_knees_"))
     folders = common.use_work_folder(work)
@@ -255,82 +363,13 @@ def main(argv=None) -> int:
     plans, _ = common.load_plans_and_dataset_json(dataset, small)
     block = read_orthodiff_block(plans)
     diff = resolve_configuration(plans, "3d_diffusion")
-    kw = diff["architecture"]["arch_kwargs"]
 
-    every = args.checkpoint_every
-    if args.iterations:
-        iterations, est, deadline = args.iterations, None, None
-    else:
-        # The shared cores make the speed swing by 10x within minutes (other jobs, OpenMP threads
-        # waiting on each other), so the run is planned from a measurement with some headroom and
-        # stopped at the deadline after a whole checkpoint interval (see deadline_training).
-        est = time_per_iteration(dataset, small, steps=5)
-        per_it = est * (1 + args.val_iterations / (3 * every))  # validation: forward passes, ~1/3 of a step each
-        iterations = max(every, int(1.5 * args.minutes * 60 / per_it) // every * every)
-        deadline = args.minutes * 60
-        print(f"{est:.2f} s per training iteration -> planning {iterations} iterations, stopping after "
-              f"{args.minutes:g} min")
-
-    torch.manual_seed(0)
-    t_train = time.perf_counter()
-    with deadline_training(deadline):
-        result = pretrain(dataset, plans=small, iterations=iterations, checkpoint_every=every,
-                          learning_rate=args.learning_rate, device="cpu", val_iterations=args.val_iterations,
-                          sample_steps=10)
-    minutes = (time.perf_counter() - t_train) / 60
-    print(result.summary())
-
-    patch = " x ".join(map(str, diff["patch_size"]))
-    spacing = " x ".join(f"{v:.3g}" for v in diff["spacing"])
-    s = " x ".join(f"{v:g}" for v in args.mrnet_spacing)
-    n_cases = sum(counts.values())
-    title = (f"Diffusion pretraining, {n_cases} real unlabeled sagittal knee series (CPU)\n"
-             f"DESS 1 + MESE {counts['MESE echoes']} echoes + MRNet {counts['MRNet sag']} (assumed {s} mm)\n"
-             f"patch {patch} @ {spacing} mm, batch {diff['batch_size']}, {kw['n_stages']} stages x "
-             f"{max(kw['features_per_stage'])} features")
-    csv_path = args.out.parent / "pretraining_real_knees_loss.csv" if not args.no_write else work / "loss.csv"
-    png_path = args.out.parent / "pretraining_real_knees_loss.png" if not args.no_write else work / "loss.png"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = write_curve(result.output_folder / "checkpoint_final.pth", csv_path, png_path, title, every)
-
-    params = sum(p.numel() for p in torch.load(result.encoder_path, map_location="cpu",
-                                              weights_only=False)["state_dict"].values())
-    lines = [
-        f"## {common.now()}: pretraining on the real unlabeled knees (CPU)",
-        "",
-        f"- machine: {common.machine(torch.device('cpu'))}; load average at the end "
-        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (the 2 cores are shared)",
-        f"- command: `{common.command_line()}`",
-        f"- corpus: {n_cases} sagittal series, all unlabeled: pyKNEEr DESS echo 1 (DICOM, 1 case), pymskt MESE T2 "
-        f"(DICOM, echo=all: {counts['MESE echoes']} cases of one knee), MRNet train exams' sagittal volumes "
-        f"({counts['MRNet sag']} cases) via convert_mrnet with spacing {s} mm (in-plane x, in-plane y, slice): "
-        "**an assumption**, MRNet publishes none; MRNet's sag output and the DICOM series then converted together "
-        f"into {dataset}. Conversion {t_convert:.0f} s.",
-        f"- plans: planned directly on the all-background corpus (intensity statistics: "
-        f"`{block.intensity_statistics}`, the planner's no-foreground fallback; no plans transfer needed), GPU memory "
-        f"target {args.gpu_memory_gb:g} GB to get a CPU-sized patch -> `{plans_id}` ({t_plan:.0f} s incl. "
-        f"preprocessing); `3d_diffusion`: spacing {spacing} mm, patch {patch}, batch {diff['batch_size']}; network "
-        f"shrunk with write_shrunk_plans to {kw['n_stages']} stages, features {kw['features_per_stage']}, "
-        f"blocks per stage {kw.get('n_blocks_per_stage', 'n/a')}, planned batch kept "
-        f"(`{small}`)",
-        f"- run: pretrain(iterations={iterations}, checkpoint_every={every}, learning_rate={args.learning_rate:g}, "
-        f"val_iterations={args.val_iterations}, device='cpu'), cosine schedule, epsilon prediction, EMA 0.995, fp32"
-        + (f"; {est:.2f} s/iteration measured beforehand -> {iterations} iterations planned (LR schedule length), "
-           f"stopped at the first checkpoint after {args.minutes:g} min" if est else ""),
-        f"- result: **{result.iterations} iterations in {rows[-1]['elapsed_min']:.1f} min of training** "
-        f"({60 * rows[-1]['elapsed_min'] / result.iterations:.2f} s/iteration incl. augmentation and validation; "
-        f"{minutes:.1f} min for the whole pretrain() call with start-up, encoder export and the DDIM sanity "
-        f"picture); train loss (mean of {every} iterations) "
-        f"**{rows[0]['train_loss']:.4f} -> {rows[-1]['train_loss']:.4f}**; EMA validation loss "
-        f"{rows[0]['val_loss_ema']:.4f} -> {rows[-1]['val_loss_ema']:.4f} (EMA 0.995 lags on a run this short); "
-        f"encoder exported ({params / 1e6:.2f} M parameters) and loaded strictly by the 3d_fullres network: "
-        f"{result.load_report.splitlines()[0] if result.load_report else 'n/a'}",
-        f"- curve: `bench/results/{png_path.name}`, values `bench/results/{csv_path.name}` (loss values only)",
-    ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        common.append_markdown(args.out, text)
+    objectives = ["diffusion", "mae"] if args.objective == "both" else [args.objective]
+    for objective in objectives:
+        text = run_objective(objective, args, dataset, small, plans_id, diff, block, counts, t_convert, t_plan, work)
+        print(text)
+        if not args.no_write:
+            common.append_markdown(args.out, text)
     print(f"work folder (converted data, run, sanity picture): {work}")
     return 0
 
