@@ -1,0 +1,270 @@
+"""DICOMweb against a real server: Orthanc (Debian's ``orthanc`` and ``orthanc-dicomweb`` packages).
+
+Each test starts its own Orthanc on a free loopback HTTP port (DICOM server off, no
+authentication, storage and index in the test's temporary folder), with the DICOMweb plugin at
+``/dicom-web/``, and stops it afterwards. The tests skip, saying what to install, when Orthanc or
+its DICOMweb plugin is absent (``.ci/run`` installs both).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from orthodiff_nnunet.io import dicomweb as dw
+from orthodiff_nnunet.io.dicom import read_series, write_series
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path(os.environ.get("ORTHODIFF_ORTHANC_DICOMWEB_PLUGIN",
+                                      "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class OrthancServer:
+    """A running Orthanc: ``url`` is its HTTP root, ``dicomweb`` its DICOMweb root."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.process: subprocess.Popen | None = None
+        self.url = self.dicomweb = ""
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        for _attempt in range(3):  # another process may take the free port before Orthanc binds it
+            port = _free_port()
+            config = {
+                "Name": "orthodiff-test",
+                "StorageDirectory": str(self.folder / "storage"),
+                "IndexDirectory": str(self.folder / "index"),
+                "HttpPort": port,
+                "DicomServerEnabled": False,
+                "DicomPort": _free_port(),
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "HttpThreadsCount": 4,
+                "ConcurrentJobs": 1,
+                "StorageCompression": False,
+                "Plugins": [str(DICOMWEB_PLUGIN)],
+                "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False},
+            }
+            cfg = self.folder / "orthanc.json"
+            cfg.write_text(json.dumps(config))
+            log_file = open(self.folder / "orthanc.log", "ab")  # noqa: SIM115 - closed by the process' end
+            self.process = subprocess.Popen([ORTHANC, str(cfg)], stdout=log_file, stderr=subprocess.STDOUT,
+                                            cwd=self.folder)
+            log_file.close()
+            self.url = f"http://127.0.0.1:{port}"
+            self.dicomweb = f"{self.url}/dicom-web"
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.process.poll() is None:
+                if _answers(f"{self.url}/system"):
+                    if _answers(f"{self.dicomweb}/studies"):
+                        return
+                    self.stop()
+                    pytest.fail(f"Orthanc runs but its DICOMweb plugin does not answer; log: {self.folder / 'orthanc.log'}")
+                time.sleep(0.1)
+            self.stop()
+        pytest.fail(f"Orthanc did not start; its log: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A fresh Orthanc with the DICOMweb plugin (skips when not installed)."""
+    if not (Path(ORTHANC).is_file() and os.access(ORTHANC, os.X_OK)):
+        pytest.skip("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)")
+    if not DICOMWEB_PLUGIN.exists():
+        pytest.skip(f"Orthanc's DICOMweb plugin {DICOMWEB_PLUGIN} is absent (Debian: apt-get install orthanc-dicomweb)")
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    server = OrthancServer(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# a small exam: a sagittal series, a coronal JPEG-LS series, and a 2-echo axial series
+
+
+SAG = (0, 0, 1, 1, 0, 0, 0, -1, 0)  # SimpleITK direction (columns = i, j, k axes, LPS)
+COR = (1, 0, 0, 0, 0, 1, 0, -1, 0)
+AX = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+
+def _write_exam(folder: Path, seed: int = 0) -> dict[int, tuple[list[Path], np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    vols = {n: rng.integers(0, 1200, size=(5, 12, 10)).astype(np.int16) for n in (3, 4, 5)}
+    exam = {
+        3: write_series(folder / "s3", vols[3], (0.5, 0.5, 3.0), (10.0, -20.0, 30.0), SAG, series_number=3,
+                        patient_id="PAT-7781", patient_name="Doe^Jane", series_description="PD SAG"),
+        4: write_series(folder / "s4", vols[4], (0.5, 0.5, 3.0), (0.0, 0.0, 0.0), COR, series_number=4,
+                        transfer_syntax="jpeg_ls_lossless", patient_id="PAT-7781", series_description="PD COR"),
+        5: write_series(folder / "s5", vols[5], (0.5, 0.5, 3.0), (0.0, 0.0, 0.0), AX, series_number=5,
+                        echo_times=(10.0, 30.0), patient_id="PAT-7781", series_description="T2 MAP AX"),
+    }
+    # write_series gives every series its own study; one exam is one study on a PACS
+    study = pydicom.dcmread(exam[3][0]).StudyInstanceUID
+    for paths in exam.values():
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.StudyInstanceUID = study
+            ds.save_as(p, enforce_file_format=True)
+    return {n: (exam[n], vols[n]) for n in exam}
+
+
+def _uids(paths: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_redact_url_drops_credentials_and_query():
+    assert dw.redact_url("https://alice:s3cr%40t@pacs.example.org:8443/dicom-web/?token=abc#x") == \
+        "https://pacs.example.org:8443/dicom-web"
+    assert dw.redact_url("http://[::1]:8042/dicom-web") == "http://[::1]:8042/dicom-web"
+    plain, user, password = dw._split_credentials("https://alice:s3cr%40t@pacs:8443/dicom-web")
+    assert (plain, user, password) == ("https://pacs:8443/dicom-web", "alice", "s3cr@t")
+
+
+def test_store_query_retrieve_round_trip_is_byte_identical_and_resumable(orthanc, tmp_path, monkeypatch):
+    # 2 results per QIDO-RS page: 20 instances take 10 pages; Orthanc ignores `offset` with ModalitiesInStudy
+    monkeypatch.setattr(dw, "QIDO_PAGE", 2)
+    exam = _write_exam(tmp_path / "export")
+    files = [p for paths, _ in exam.values() for p in paths]
+    assert len(files) == 5 + 5 + 10
+
+    stored = dw.store_files(orthanc.dicomweb, files, batch_size=8)
+    assert (stored.instances, stored.requests) == (20, 3)
+    assert orthanc.get("/statistics")["CountInstances"] == 20
+
+    studies = dw.query_studies(orthanc.dicomweb, modality="MR")
+    assert [(s.num_series, s.modalities) for s in studies] == [(3, ("MR",))]
+    series = dw.query_series(orthanc.dicomweb)
+    assert [(s.series_number, s.modality, s.num_instances, s.orientation) for s in series] == \
+        [(3, "MR", 5, "sag"), (4, "MR", 5, "cor"), (5, "MR", 10, "ax")]
+    assert [s.description for s in series] == ["PD SAG", "PD COR", "T2 MAP AX"]
+    assert dw.query_series(orthanc.dicomweb, modality="CT") == []
+    assert len(dw.query_series(orthanc.dicomweb, study_uids=[studies[0].study_uid])) == 3
+
+    cache = tmp_path / "cache"
+    first = dw.retrieve_series(orthanc.dicomweb, series, cache, show_progress=False)
+    assert (first.series_fetched, first.series_cached, first.instances_fetched) == (3, 0, 20)
+    for s, folder, (paths, vol) in zip(series, first.folders, exam.values(), strict=True):
+        assert folder == cache / s.study_uid / s.series_uid
+        cached = sorted(folder.glob("*.dcm"))
+        assert {p.name for p in cached} == {f"{u}.dcm" for u in _uids(paths)}
+        # as stored: same bytes (JPEG-LS stays JPEG-LS), hence the same voxels
+        originals = {pydicom.dcmread(p).SOPInstanceUID: p.read_bytes() for p in paths}
+        for p in cached:
+            assert p.read_bytes() == originals[p.stem]
+        echoes, source = read_series(folder, echo="all"), read_series(paths[0].parent, echo="all")
+        assert len(echoes) == len(source) == (2 if s.series_number == 5 else 1)
+        for got, want in zip(echoes, source, strict=True):
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(got.image), sitk.GetArrayFromImage(want.image))
+            assert got.image.GetOrigin() == want.image.GetOrigin()
+        assert sorted(np.unique(sitk.GetArrayFromImage(echoes[0].image))) == sorted(np.unique(vol))
+    assert not (cache / dw.PARTIAL_DIR).exists()
+
+    # complete series are not fetched again
+    again = dw.retrieve_series(orthanc.dicomweb, series, cache, show_progress=False)
+    assert (again.series_fetched, again.series_cached, again.instances_fetched) == (0, 3, 0)
+
+    # an interrupted series (two files and the marker lost) fetches only what it lacks
+    folder = first.folders[2]
+    lost = sorted(folder.glob("*.dcm"))[:2]
+    kept = {p: p.stat().st_mtime_ns for p in sorted(folder.glob("*.dcm"))[2:]}
+    for p in lost:
+        p.unlink()
+    (folder / dw.MARKER_NAME).unlink()
+    resumed = dw.retrieve_series(orthanc.dicomweb, series, cache, show_progress=False)
+    assert (resumed.series_fetched, resumed.series_cached, resumed.instances_fetched) == (1, 2, 2)
+    assert all(p.is_file() for p in lost)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # not rewritten
+    assert json.loads((folder / dw.MARKER_NAME).read_text())["instances"] == 10
+
+
+def test_fetch_to_cache_logs_no_identifiers_or_credentials(orthanc, tmp_path, caplog):
+    exam = _write_exam(tmp_path / "export", seed=1)
+    files = [p for paths, _ in exam.values() for p in paths]
+    secret_url = orthanc.dicomweb.replace("http://", "http://alice:pa55word@")  # Orthanc ignores unasked credentials
+    caplog.set_level(logging.DEBUG)
+    dw.store_files(secret_url, files)
+    series, result = dw.fetch_to_cache(secret_url, tmp_path / "cache", show_progress=False)
+    assert result.instances_fetched == 20 and len(series) == 3
+    text = caplog.text
+    assert orthanc.dicomweb in text  # the server is named ...
+    assert "pa55word" not in text and "alice" not in text  # ... without its credentials
+    identifiers = {"PAT-7781", "Doe^Jane", "PD SAG", "T2 MAP AX"}
+    for p in files[:1] + files[-1:]:
+        ds = pydicom.dcmread(p)
+        identifiers |= {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID}
+    assert not [i for i in identifiers if i in text], "identifiers in the log"
+    assert not [r for r in caplog.records if r.name.startswith(("dicomweb_client", "urllib3"))
+                and r.levelno < logging.WARNING]
+
+
+def test_errors_name_the_server_and_the_http_status(orthanc, tmp_path):
+    paths = write_series(tmp_path / "s", np.zeros((2, 4, 4), np.int16), (1, 1, 1), (0, 0, 0), AX)
+    wrong_root = orthanc.url.replace("http://", "http://bob:hunter2@") + "/not-dicom-web"
+    with pytest.raises(dw.DicomwebError) as err:
+        dw.store_files(wrong_root, paths)
+    msg = str(err.value)
+    assert f"DICOMweb server {orthanc.url}/not-dicom-web: storing 2 instance(s) (STOW-RS) failed with HTTP 404" in msg
+    assert "must end at the DICOMweb root" in msg and "hunter2" not in msg and "bob" not in msg
+
+    with pytest.raises(dw.DicomwebError, match=r"series query \(QIDO-RS\) failed with HTTP 404"):
+        dw.query_series(orthanc.url + "/not-dicom-web")
+
+    orthanc.stop()
+    with pytest.raises(dw.DicomwebError, match="the server cannot be reached"):
+        dw.query_series(dw.connect(orthanc.dicomweb, max_attempts=1))
+    with pytest.raises(dw.DicomwebError, match="not an http"):
+        dw.connect("dicom://pacs:104")
+    with pytest.raises(dw.DicomwebError, match=r"^instance 1 to store lacks SOPClassUID, SOPInstanceUID"):
+        dw.store_instances(orthanc.dicomweb, [pydicom.Dataset()])
+    with pytest.raises(dw.DicomwebError, match=r"^not-dicom.txt cannot be read as DICOM"):
+        (tmp_path / "not-dicom.txt").write_text("hello")
+        dw.store_files(orthanc.dicomweb, [tmp_path / "not-dicom.txt"])
