@@ -257,6 +257,9 @@ def test_errors_name_the_server_and_the_http_status(orthanc, tmp_path):
 
     with pytest.raises(dw.DicomwebError, match=r"series query \(QIDO-RS\) failed with HTTP 404"):
         dw.query_series(orthanc.url + "/not-dicom-web")
+    with pytest.raises(dw.DicomwebError, match=r"a test query \(QIDO-RS\) failed with HTTP 404"):
+        dw.check_server(orthanc.url + "/not-dicom-web")
+    assert dw.check_server(orthanc.dicomweb).base_url == orthanc.dicomweb
 
     orthanc.stop()
     with pytest.raises(dw.DicomwebError, match="the server cannot be reached"):
@@ -268,3 +271,69 @@ def test_errors_name_the_server_and_the_http_status(orthanc, tmp_path):
     with pytest.raises(dw.DicomwebError, match=r"^not-dicom.txt cannot be read as DICOM"):
         (tmp_path / "not-dicom.txt").write_text("hello")
         dw.store_files(orthanc.dicomweb, [tmp_path / "not-dicom.txt"])
+
+
+def test_cache_for_scan_fetches_the_studies_asked_and_leaves_the_rest_out(orthanc, tmp_path):
+    import argparse
+
+    first, second = _write_exam(tmp_path / "a", seed=2), _write_exam(tmp_path / "b", seed=3)
+    dw.store_files(orthanc.dicomweb, [p for exam in (first, second) for paths, _ in exam.values() for p in paths])
+    study = {k: pydicom.dcmread(e[3][0][0]).StudyInstanceUID for k, e in (("a", first), ("b", second))}
+    parser = argparse.ArgumentParser()
+    dw.add_scan_arguments(parser)
+    manifest = tmp_path / "private" / "manifest.csv"
+
+    assert dw.cache_for_scan(parser.parse_args([]), manifest) is None
+    with pytest.raises(dw.DicomwebError, match="--cache applies to --dicomweb URL only"):
+        dw.cache_for_scan(parser.parse_args(["--cache", "x"]), manifest)
+
+    args = parser.parse_args(["--dicomweb", orthanc.dicomweb, "--study", study["a"]])
+    cache, exclude = dw.cache_for_scan(args, manifest, show_progress=False)
+    assert cache == tmp_path / "private" / dw.DEFAULT_CACHE_NAME  # beside the manifest
+    assert sorted(p.name for p in cache.iterdir()) == [study["a"]]
+    assert sorted(p.name for p in exclude) == [dw.MARKER_NAME] * 3
+
+    # the other study: fetched now; the first stays in the cache but out of this scan
+    cache, exclude = dw.cache_for_scan(parser.parse_args(["--dicomweb", orthanc.dicomweb, "--study", study["b"]]),
+                                       manifest, show_progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(study.values())
+    left_out = [p for p in exclude if p.name != dw.MARKER_NAME]
+    assert len(left_out) == 20 and all(p.is_relative_to(cache / study["a"]) for p in left_out)
+    assert len([p for p in exclude if p.name == dw.MARKER_NAME]) == 6
+
+# ----------------------------------------------------------------------------------------------
+# the whole path: PACS -> scan -> convert -> predict -> DICOM SEG -> PACS
+
+TINY_TRAIN_ID, PACS_SITE_ID = 581, 584
+TINY_PLANS = "dicomwebTinyPlans"
+
+
+@pytest.fixture
+def tiny_seg_model(tmp_path, monkeypatch):
+    """A sagittal segmentation model trained for 2 iterations on 4 phantom exams (1.6 mm pixels), with a
+    shrunk network (as tests/test_predict_cli.py); nnU-Net's folders live in the test's tmp_path."""
+    import dataclasses
+
+    import torch
+
+    from orthodiff_nnunet.api import convert
+    from orthodiff_nnunet.data.phantom import write_site
+    from orthodiff_nnunet.data.sites import SITE_3T
+    from orthodiff_nnunet.networks.build import write_shrunk_plans
+    from orthodiff_nnunet.planning import plan_and_preprocess
+    from orthodiff_nnunet.segmentation import train_segmentation
+
+    root = tmp_path / "nnunet"
+    for k, v in {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pre", "nnUNet_results": root / "res",
+                 "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"}.items():
+        monkeypatch.setenv(k, str(v))
+    site = write_site(tmp_path / "train_site", dataclasses.replace(SITE_3T, in_plane_spacing_mm=1.6), n_cases=4,
+                      seed=31, orientations=("sag",), prevalence=0.5)
+    convert(site, TINY_TRAIN_ID, "PacsTrain", num_processes=1, num_folds=2)
+    planned = plan_and_preprocess([TINY_TRAIN_ID], num_processes=1, show_progress=False)
+    name = planned.datasets[0].dataset_name
+    write_shrunk_plans(root / "pre" / name, planned.datasets[0].plans_identifier, TINY_PLANS, max_features=4,
+                       max_stages=3)
+    torch.manual_seed(0)
+    return train_segmentation(name, fold=0, init="scratch", plans=TINY_PLANS, epochs=1, iterations_per_epoch=2,
+                              val_iterations_per_epoch=1, device="cpu", validate=False).model_folder

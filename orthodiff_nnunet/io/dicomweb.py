@@ -666,3 +666,66 @@ def store_files(client_or_url: DICOMwebClient | str, paths: Sequence[Path], *, b
     if not paths:
         raise DicomwebError("no DICOM files to store")
     return store_instances(client_or_url, read(), batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line: `orthodiff scan --dicomweb URL` and `orthodiff predict seg --dicom-seg-to URL`
+
+#: Default cache folder name, beside the manifest (site-private like the manifest).
+DEFAULT_CACHE_NAME = "dicomweb_cache"
+
+
+def add_scan_arguments(parser) -> None:
+    """The DICOMweb options of ``orthodiff scan`` (an argparse parser or group)."""
+    g = parser.add_argument_group("a PACS over DICOMweb instead of an export folder")
+    g.add_argument("--dicomweb", metavar="URL", default=None,
+                   help="query this DICOMweb server (its root, e.g. http://pacs:8042/dicom-web; credentials in the "
+                        f"URL or in ${ENV_USER}/${ENV_PASSWORD}, or a bearer token in ${ENV_TOKEN}), retrieve the "
+                        "series into --cache and scan the cache as an export folder")
+    g.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help=f"with --dicomweb: the local copy, one folder per study and series (default: "
+                        f"{DEFAULT_CACHE_NAME}/ beside the manifest). It holds the original instances: keep it at "
+                        "the site. Series complete in it are not fetched again")
+    g.add_argument("--study", action="append", default=None, metavar="UID",
+                   help="with --dicomweb: only this study (StudyInstanceUID; repeat for several; default: all)")
+    g.add_argument("--modality", default="MR", help="with --dicomweb: only series of this modality (default MR)")
+
+
+def cache_for_scan(args, manifest: Path, *, show_progress: bool = True) -> tuple[Path, list[Path]] | None:
+    """For ``orthodiff scan --dicomweb``: query and retrieve into the cache.
+
+    Returns:
+        None without ``--dicomweb``; else the cache folder to scan and the files of it that the scan
+        must leave out: the completion markers and the series of earlier queries not asked for now.
+    """
+    url = getattr(args, "dicomweb", None)
+    if not url:
+        for opt in ("cache", "study"):
+            if getattr(args, opt, None):
+                raise DicomwebError(f"--{opt} applies to --dicomweb URL only: add it or leave --{opt} out")
+        return None
+    cache = Path(args.cache) if args.cache else Path(manifest).absolute().parent / DEFAULT_CACHE_NAME
+    series, result = fetch_to_cache(url, cache, study_uids=args.study, modality=args.modality or None,
+                                    show_progress=show_progress)
+    wanted = {f.resolve() for f in result.folders}
+    exclude = [p for p in cache.rglob("*") if p.is_file()
+               and (p.name == MARKER_NAME or p.parent.resolve() not in wanted or p.parent.name == PARTIAL_DIR)]
+    others = {p.parent for p in exclude if p.name != MARKER_NAME}
+    if others:
+        log.info("%d series cached by earlier queries are left out of this scan", len(others))
+    return cache, exclude
+
+
+def add_store_argument(parser) -> None:
+    """``--dicom-seg-to URL`` of ``orthodiff predict seg``."""
+    parser.add_argument("--dicom-seg-to", metavar="URL", default=None,
+                        help="with --dicom-seg: also store the written DICOM SEG objects on this DICOMweb server "
+                             "(STOW-RS; its root, e.g. http://pacs:8042/dicom-web; credentials as for scan --dicomweb)")
+
+
+def check_server(url: str) -> DICOMwebClient:
+    """Connect and ask one study (QIDO-RS): a wrong URL, server or credentials fail here, before minutes
+    of prediction, with the message of :func:`_failure`. Returns the client."""
+    client = connect(url)
+    _request(client, "a test query (QIDO-RS)", client.search_for_studies, limit=1)
+    return client
