@@ -273,7 +273,7 @@ def test_errors_name_the_server_and_the_http_status(orthanc, tmp_path):
         dw.store_files(orthanc.dicomweb, [tmp_path / "not-dicom.txt"])
 
 
-def test_cache_for_scan_fetches_the_studies_asked_and_leaves_the_rest_out(orthanc, tmp_path):
+def test_cache_for_scan_fetches_the_studies_asked_and_leaves_the_rest_out(orthanc, tmp_path, monkeypatch):
     import argparse
 
     first, second = _write_exam(tmp_path / "a", seed=2), _write_exam(tmp_path / "b", seed=3)
@@ -284,6 +284,10 @@ def test_cache_for_scan_fetches_the_studies_asked_and_leaves_the_rest_out(orthan
     manifest = tmp_path / "private" / "manifest.csv"
 
     assert dw.cache_for_scan(parser.parse_args([]), manifest) is None
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    with pytest.raises(dw.DicomwebError, match=r"cache .* would lie inside \$nnUNet_raw"):
+        dw.cache_for_scan(parser.parse_args(["--dicomweb", orthanc.dicomweb, "--cache", str(tmp_path / "raw" / "c")]),
+                          manifest)
     with pytest.raises(dw.DicomwebError, match="--cache applies to --dicomweb URL only"):
         dw.cache_for_scan(parser.parse_args(["--cache", "x"]), manifest)
 

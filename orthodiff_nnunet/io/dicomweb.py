@@ -221,7 +221,7 @@ def _request(client: DICOMwebClient, what: str, call, *args, **kwargs):
 
     try:
         return call(*args, **kwargs)
-    except (requests.RequestException, OSError) as exc:
+    except requests.RequestException as exc:  # an OSError subclass: local file errors are not caught here
         raise _failure(client, what, exc) from None
 
 
@@ -516,18 +516,12 @@ def retrieve_series(
             missing = [uid for uid in expected if not (folder / names[uid]).is_file()]
             what = f"the retrieval (WADO-RS) of {s.describe()}"
             if len(missing) == len(expected):
-                stream = _request(client, what, client.iter_series, s.study_uid, s.series_uid, media_types=_AS_STORED)
-                import requests
-
-                try:
-                    for ds in stream:
-                        _write_instance(ds, folder, partial)
-                        result.instances_fetched += 1
-                        bar.update(1)
-                except (requests.RequestException, OSError) as exc:
-                    if isinstance(exc, OSError) and not isinstance(exc, requests.RequestException):
-                        raise
-                    raise _failure(client, what, exc) from None
+                stream = iter(_request(client, what, client.iter_series, s.study_uid, s.series_uid,
+                                       media_types=_AS_STORED))
+                while (ds := _request(client, what, next, stream, None)) is not None:  # the stream's errors
+                    _write_instance(ds, folder, partial)  # a local write error (disk full) stays an OSError
+                    result.instances_fetched += 1
+                    bar.update(1)
             else:
                 for uid in missing:
                     ds = _request(client, what, client.retrieve_instance, s.study_uid, s.series_uid, uid,
@@ -691,6 +685,21 @@ def add_scan_arguments(parser) -> None:
     g.add_argument("--modality", default="MR", help="with --dicomweb: only series of this modality (default MR)")
 
 
+def check_cache_location(cache: Path) -> None:
+    """Refuse a cache inside ``$nnUNet_raw``, ``$nnUNet_preprocessed`` or ``$nnUNet_results``: it holds the
+    original instances with the patients' identifiers, while those folders are shared."""
+    target = Path(cache).expanduser().absolute().resolve()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        if not os.environ.get(var):
+            continue
+        root = Path(os.environ[var]).expanduser().absolute().resolve()
+        if target == root or root in target.parents:
+            raise DicomwebError(
+                f"the DICOMweb cache {target} would lie inside ${var} ({root}): it holds the original instances "
+                "with the patients' identifiers and must stay at the site, outside the nnU-Net folders; "
+                "give --cache DIR elsewhere (e.g. beside the manifest)")
+
+
 def cache_for_scan(args, manifest: Path, *, show_progress: bool = True) -> tuple[Path, list[Path]] | None:
     """For ``orthodiff scan --dicomweb``: query and retrieve into the cache.
 
@@ -705,6 +714,7 @@ def cache_for_scan(args, manifest: Path, *, show_progress: bool = True) -> tuple
                 raise DicomwebError(f"--{opt} applies to --dicomweb URL only: add it or leave --{opt} out")
         return None
     cache = Path(args.cache) if args.cache else Path(manifest).absolute().parent / DEFAULT_CACHE_NAME
+    check_cache_location(cache)
     series, result = fetch_to_cache(url, cache, study_uids=args.study, modality=args.modality or None,
                                     show_progress=show_progress)
     wanted = {f.resolve() for f in result.folders}
