@@ -225,6 +225,19 @@ def test_store_query_retrieve_round_trip_is_byte_identical_and_resumable(orthanc
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # not rewritten
     assert json.loads((folder / dw.MARKER_NAME).read_text())["instances"] == 10
 
+    # a series still arriving on the PACS: the next query counts one more instance, only that one is fetched
+    src = pydicom.dcmread(exam[3][0][0])
+    (late,) = write_series(tmp_path / "late", np.ones((1, 12, 10), np.int16), (0.5, 0.5, 3.0), (10.0, -20.0, 45.0), SAG,
+                           series_number=3, series_uid=src.SeriesInstanceUID, patient_id="PAT-7781")
+    ds = pydicom.dcmread(late)
+    ds.StudyInstanceUID = src.StudyInstanceUID
+    dw.store_instances(orthanc.dicomweb, [ds])
+    series = dw.query_series(orthanc.dicomweb)
+    assert [s.num_instances for s in series] == [6, 5, 10]
+    later = dw.retrieve_series(orthanc.dicomweb, series, cache, show_progress=False)
+    assert (later.series_fetched, later.series_cached, later.instances_fetched) == (1, 2, 1)
+    assert pydicom.dcmread(first.folders[0] / f"{ds.SOPInstanceUID}.dcm") == ds  # attribute for attribute
+
 
 def test_fetch_to_cache_logs_no_identifiers_or_credentials(orthanc, tmp_path, caplog):
     exam = _write_exam(tmp_path / "export", seed=1)

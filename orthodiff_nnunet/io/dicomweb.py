@@ -420,12 +420,16 @@ class RetrieveResult:
                 f"({self.instances_fetched} instances), {self.series_cached} complete already")
 
 
-def _is_complete(folder: Path) -> bool:
+def _is_complete(folder: Path, series: RemoteSeries) -> bool:
+    """Whether the marker of ``folder`` lists files that all exist, and at least as many instances as the
+    server's query counts now (a series still arriving on the PACS is fetched again for its new instances)."""
     marker = folder / MARKER_NAME
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
-        files = record["files"]
+        files = list(record["files"])
     except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if series.num_instances is not None and series.num_instances > len(files):
         return False
     return bool(files) and all((folder / name).is_file() for name in files)
 
@@ -464,8 +468,8 @@ def retrieve_series(
 ) -> RetrieveResult:
     """Copy ``series`` from the server into ``cache`` (WADO-RS), resumably and atomically.
 
-    A series whose folder is complete (its marker lists files that all exist) is not fetched
-    again. Otherwise the server's instance list (QIDO-RS) says what is missing: a series with
+    A series whose folder is complete (its marker lists files that all exist, as many as the server
+    counts now) is not fetched again. Otherwise the server's instance list (QIDO-RS) says what is missing: a series with
     nothing cached is fetched in one WADO-RS request (streamed), a partly cached one instance by
     instance. Instances are written as the server stores them (no transcoding); files of the
     folder that the server no longer lists are left alone (and then read by ``scan``).
@@ -490,7 +494,7 @@ def retrieve_series(
     for s in series:
         folder = series_folder(cache, s)
         result.folders.append(folder)
-        if _is_complete(folder):
+        if _is_complete(folder, s):
             result.series_cached += 1
             log.debug("%s: complete in the cache, not fetched", s.describe())
         elif (s, folder) not in todo:
