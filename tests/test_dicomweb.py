@@ -38,7 +38,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
+def _answers(url) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as r:
             return r.status == 200
@@ -49,8 +49,9 @@ def _answers(url: str) -> bool:
 class OrthancServer:
     """A running Orthanc: ``url`` is its HTTP root, ``dicomweb`` its DICOMweb root."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, users: dict[str, str] | None = None) -> None:
         self.folder = folder
+        self.users = users  # HTTP basic authentication with these users; None: none
         self.process: subprocess.Popen | None = None
         self.url = self.dicomweb = ""
 
@@ -65,7 +66,8 @@ class OrthancServer:
                 "DicomServerEnabled": False,
                 "DicomPort": _free_port(),
                 "RemoteAccessAllowed": False,
-                "AuthenticationEnabled": False,
+                "AuthenticationEnabled": bool(self.users),
+                "RegisteredUsers": self.users or {},
                 "HttpThreadsCount": 4,
                 "ConcurrentJobs": 1,
                 "StorageCompression": False,
@@ -82,8 +84,8 @@ class OrthancServer:
             self.dicomweb = f"{self.url}/dicom-web"
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and self.process.poll() is None:
-                if _answers(f"{self.url}/system"):
-                    if _answers(f"{self.dicomweb}/studies"):
+                if self._answers("/system"):
+                    if self._answers("/dicom-web/studies"):
                         return
                     self.stop()
                     pytest.fail(f"Orthanc runs but its DICOMweb plugin does not answer; log: {self.folder / 'orthanc.log'}")
@@ -102,26 +104,48 @@ class OrthancServer:
             self.process.wait()
         self.process = None
 
+    def _request(self, path: str) -> urllib.request.Request:
+        request = urllib.request.Request(self.url + path)
+        if self.users:
+            import base64
+
+            user, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        return request
+
+    def _answers(self, path: str) -> bool:
+        return _answers(self._request(path))
+
     def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+        with urllib.request.urlopen(self._request(path), timeout=10) as r:
             return json.loads(r.read())
 
 
-@pytest.fixture
-def orthanc(tmp_path):
-    """A fresh Orthanc with the DICOMweb plugin (skips when not installed)."""
+def _orthanc(tmp_path, users=None):
     if not (Path(ORTHANC).is_file() and os.access(ORTHANC, os.X_OK)):
         pytest.skip("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)")
     if not DICOMWEB_PLUGIN.exists():
         pytest.skip(f"Orthanc's DICOMweb plugin {DICOMWEB_PLUGIN} is absent (Debian: apt-get install orthanc-dicomweb)")
     folder = tmp_path / "orthanc"
     folder.mkdir()
-    server = OrthancServer(folder)
+    server = OrthancServer(folder, users)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A fresh Orthanc with the DICOMweb plugin, no authentication (skips when not installed)."""
+    yield from _orthanc(tmp_path)
+
+
+@pytest.fixture
+def orthanc_with_login(tmp_path):
+    """A fresh Orthanc with the DICOMweb plugin that wants HTTP basic authentication (user alice)."""
+    yield from _orthanc(tmp_path, {"alice": "pa55:word@x"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,3 +378,22 @@ def tiny_seg_model(tmp_path, monkeypatch):
     torch.manual_seed(0)
     return train_segmentation(name, fold=0, init="scratch", plans=TINY_PLANS, epochs=1, iterations_per_epoch=2,
                               val_iterations_per_epoch=1, device="cpu", validate=False).model_folder
+
+
+def test_credentials_from_the_url_or_the_environment_and_a_401_says_how(orthanc_with_login, tmp_path, monkeypatch):
+    monkeypatch.delenv(dw.ENV_USER, raising=False)
+    monkeypatch.delenv(dw.ENV_PASSWORD, raising=False)
+    paths = write_series(tmp_path / "s", np.zeros((2, 4, 4), np.int16), (1, 1, 1), (0, 0, 0), AX, series_number=9)
+    url = orthanc_with_login.dicomweb
+    with pytest.raises(dw.DicomwebError, match=r"failed with HTTP 401 Unauthorized; the server wants credentials"):
+        dw.store_files(url, paths)
+    with pytest.raises(dw.DicomwebError, match="HTTP 401") as err:
+        dw.check_server(url.replace("http://", "http://alice:wrong@"))
+    assert "wrong" not in str(err.value)
+
+    # in the URL (percent-encoded: the password holds ':' and '@')
+    assert dw.store_files(url.replace("http://", "http://alice:pa55%3Aword%40x@"), paths).instances == 2
+    # in the environment
+    monkeypatch.setenv(dw.ENV_USER, "alice")
+    monkeypatch.setenv(dw.ENV_PASSWORD, "pa55:word@x")
+    assert [(s.series_number, s.num_instances) for s in dw.query_series(url)] == [(9, 2)]
