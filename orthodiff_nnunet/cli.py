@@ -116,10 +116,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="diffusion pretraining of the planned network on one orientation's (unlabeled) scans",
+        help="diffusion (or masked-autoencoder) pretraining of the planned network on one orientation's "
+             "(unlabeled) scans",
         description=(
             "Train the plans' network as a timestep-conditioned denoiser (3D DDPM, T=1000) on a preprocessed "
-            "dataset, then export its EMA encoder with provenance. Several GPUs: "
+            "dataset, then export its EMA encoder with provenance. --objective mae trains the same network as a "
+            "masked autoencoder instead (the control). Several GPUs: "
             "torchrun --nproc_per_node N $(which orthodiff) pretrain ..."
         ),
     )
@@ -128,6 +130,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="check that the dataset has this orientation")
     p.add_argument("-p", "--plans", default=None, help="plans identifier (default: orthodiffResEncMPlans, else orthodiffPlans)")
     p.add_argument("-c", "--configuration", default="3d_diffusion", help="diffusion configuration (default 3d_diffusion)")
+    p.add_argument("--objective", choices=["diffusion", "mae"], default="diffusion",
+                   help="diffusion: denoising diffusion (the method, default); mae: masked autoencoder on the same "
+                        "network and data (the control: blocks of the input set to 0, MSE on them, no timestep)")
+    p.add_argument("--mask-ratio", type=float, default=0.75,
+                   help="mae: fraction of the mask blocks set to 0 per patch, in (0, 1) (default 0.75)")
+    p.add_argument("--mask-block", type=int, nargs="+", default=None, metavar="VOXELS",
+                   help="mae: mask block edge in voxels, one or one per axis (default: the encoder's total stride "
+                        "from the plans, clipped to the patch)")
     p.add_argument("--iterations", type=int, default=2000, help="training iterations (default 2000)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="iterations between checkpoints (default 250)")
     p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule (default cosine)")
@@ -146,6 +156,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                         "(default 0.1, at least 1 scan when there are 2 or more; 0: validate on training scans)")
     p.add_argument("--exclude-cases", nargs="+", default=[], metavar="CASE|@FILE",
                    help="cases never used for pretraining, e.g. a downstream test set (@FILE: one case a line)")
+    p.add_argument("--exclude-fold", type=int, nargs="+", default=[], metavar="K",
+                   help="never use the validation cases of these folds of splits_final.json, e.g. the test fold of "
+                        "`train cls` (default for --fold k: fold k+1), which refuses an encoder that saw its test exams")
     p.add_argument("--seed", type=int, default=None,
                    help="seed torch/numpy/random; with nnUNet_n_proc_DA=0 a resumed run is bit-identical (CPU)")
     p.add_argument("--reference-timestep", type=int, default=0,
@@ -200,8 +213,9 @@ def _case_list(items: list[str]) -> list[str]:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from orthodiff_nnunet.pretraining import check_orientation, pretrain
+    from orthodiff_nnunet.pretraining import check_objective, check_orientation, pretrain
 
+    check_objective(args.objective, args.mask_ratio, args.mask_block)  # before anything is loaded
     if args.orientation:
         check_orientation(args.dataset, args.orientation)
     _init_distributed(args.device)
@@ -212,7 +226,11 @@ def _run_pretrain(args: argparse.Namespace) -> int:
             min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
             precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
             sample_steps=args.sample_steps, val_fraction=args.val_fraction,
-            exclude_cases=_case_list(args.exclude_cases), reference_timestep=args.reference_timestep, seed=args.seed,
+            exclude_cases=_case_list(args.exclude_cases), exclude_folds=args.exclude_fold,
+            reference_timestep=args.reference_timestep, seed=args.seed,
+            objective=args.objective, mask_ratio=args.mask_ratio,
+            mask_block=None if args.mask_block is None else
+            (args.mask_block[0] if len(args.mask_block) == 1 else tuple(args.mask_block)),
         )
         _barrier()  # rank 0 exports the encoder after training: the other ranks wait for it
     finally:
