@@ -397,3 +397,21 @@ def test_credentials_from_the_url_or_the_environment_and_a_401_says_how(orthanc_
     monkeypatch.setenv(dw.ENV_USER, "alice")
     monkeypatch.setenv(dw.ENV_PASSWORD, "pa55:word@x")
     assert [(s.series_number, s.num_instances) for s in dw.query_series(url)] == [(9, 2)]
+
+
+def test_predict_seg_dicom_seg_to_is_checked_before_predicting(orthanc, tmp_path, capsys):
+    from orthodiff_nnunet.cli import main as cli
+
+    key = tmp_path / "private" / "key.csv"
+    key.parent.mkdir()
+    key.write_text("pseudonym,case_id,cases,series\n")
+    masks = tmp_path / "masks"
+    base = ["predict", "seg", "-i", str(tmp_path / "images"), "-o", str(masks), "-m", str(tmp_path / "no_model")]
+    assert cli([*base, "--dicom-seg-to", orthanc.dicomweb]) == 2
+    assert "--dicom-seg-to apply to --dicom-seg OUT_DIR only" in capsys.readouterr().err
+    wrong = orthanc.url.replace("http://", "http://carol:s3cret@") + "/wado"
+    assert cli([*base, "--dicom-seg", str(tmp_path / "private" / "segs"), "--key-file", str(key),
+                "--dicom-seg-to", wrong]) == 2
+    err = capsys.readouterr().err
+    assert f"DICOMweb server {orthanc.url}/wado: a test query (QIDO-RS) failed with HTTP 404" in err
+    assert "s3cret" not in err and not masks.exists()  # refused before the model was even looked for
