@@ -87,6 +87,62 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scan",
+        help="scan a PACS export (DICOM headers only) and write a draft manifest for convert",
+        description=(
+            "Walk a PACS export (and its DICOMDIR), read every file's DICOM header (never the pixel data), group "
+            "the files into exams (studies) and series, and write a draft manifest for `orthodiff convert`: one "
+            "row per series. Localizers, derived images, secondary captures, several stacks in one series and "
+            "damaged files are written as commented rows ('#' before the case_id, skipped by convert) with the "
+            "reason in the 'note' column; several series of one plane in an exam get a 'choose:' note and convert "
+            "refuses them until you comment out all but one. The scan_* columns are hints (plane, obliquity, "
+            "slices, echoes, TE/TR/TI, fat suppression, spacing, matrix) that convert ignores. "
+            "PRIVACY: the manifest holds your site's identifiers (patient_id = PatientID, case_id = accession "
+            "number or StudyInstanceUID); it stays at the site and is refused inside an nnU-Net folder. convert "
+            "replaces these identifiers by pseudonyms."
+        ),
+    )
+    p.add_argument("export", type=Path, help="the PACS export folder (or its DICOMDIR)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the draft manifest CSV to write (site-private; refused inside nnUNet_raw/preprocessed/results)")
+    p.add_argument("--site", default="SITE", help="the site column, a short site name (default SITE)")
+    p.add_argument("--site-dir", type=Path, default=None,
+                   help="folder the image paths start from (default: the manifest's folder when the export lies "
+                        "inside it, else the export folder; then convert needs the same --site-dir)")
+    p.add_argument("--min-slices", type=int, default=8,
+                   help="series with fewer slices are flagged as localizers (default 8)")
+    p.add_argument("--max-obliquity", type=float, default=35.0,
+                   help="series more oblique than this (degrees) are flagged (default 35, as convert)")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="parallel header readers (default: the cores the load average leaves free, at most 8; "
+                        "1 = serial)")
+    p.add_argument("--threads", action="store_true", help="read with threads instead of processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_scan)
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from orthodiff_nnunet.dataset_conversion.scan import check_manifest_location, scan_export, write_manifest
+
+    check_manifest_location(args.output)  # before minutes of reading
+    result = scan_export(
+        args.export, workers=args.num_processes, executor="thread" if args.threads else "process",
+        progress=not args.no_progress, min_slices=args.min_slices, max_obliquity_deg=args.max_obliquity,
+        exclude=[args.output],
+    )
+    site_dir = write_manifest(result, args.output, site=args.site, site_dir=args.site_dir)
+    print(result.summary())
+    print(f"draft manifest: {args.output} (site-private: it holds patient identifiers)")
+    if args.site == "SITE":
+        print("note: the site column says SITE; pass --site NAME (or edit the column)")
+    manifest_dir = args.output.absolute().parent.resolve()
+    extra = "" if site_dir == manifest_dir else f" --site-dir {site_dir}"
+    print(f"next: review the manifest, then orthodiff convert {args.output}{extra} -d ID -n NAME --dry-run")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -252,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_convert(sub)
+    _add_scan(sub)
     _add_demo(sub)
     from orthodiff_nnunet.planning import add_plan_and_preprocess_parser
 
