@@ -342,6 +342,43 @@ def test_cache_for_scan_fetches_the_studies_asked_and_leaves_the_rest_out(orthan
     assert len(left_out) == 20 and all(p.is_relative_to(cache / study["a"]) for p in left_out)
     assert len([p for p in exclude if p.name == dw.MARKER_NAME]) == 6
 
+def test_credentials_from_the_url_or_the_environment_and_a_401_says_how(orthanc_with_login, tmp_path, monkeypatch):
+    monkeypatch.delenv(dw.ENV_USER, raising=False)
+    monkeypatch.delenv(dw.ENV_PASSWORD, raising=False)
+    paths = write_series(tmp_path / "s", np.zeros((2, 4, 4), np.int16), (1, 1, 1), (0, 0, 0), AX, series_number=9)
+    url = orthanc_with_login.dicomweb
+    with pytest.raises(dw.DicomwebError, match=r"failed with HTTP 401 Unauthorized; the server wants credentials"):
+        dw.store_files(url, paths)
+    with pytest.raises(dw.DicomwebError, match="HTTP 401") as err:
+        dw.check_server(url.replace("http://", "http://alice:wrong@"))
+    assert "wrong" not in str(err.value)
+
+    # in the URL (percent-encoded: the password holds ':' and '@')
+    assert dw.store_files(url.replace("http://", "http://alice:pa55%3Aword%40x@"), paths).instances == 2
+    # in the environment
+    monkeypatch.setenv(dw.ENV_USER, "alice")
+    monkeypatch.setenv(dw.ENV_PASSWORD, "pa55:word@x")
+    assert [(s.series_number, s.num_instances) for s in dw.query_series(url)] == [(9, 2)]
+
+
+def test_predict_seg_dicom_seg_to_is_checked_before_predicting(orthanc, tmp_path, capsys):
+    from orthodiff_nnunet.cli import main as cli
+
+    key = tmp_path / "private" / "key.csv"
+    key.parent.mkdir()
+    key.write_text("pseudonym,case_id,cases,series\n")
+    masks = tmp_path / "masks"
+    base = ["predict", "seg", "-i", str(tmp_path / "images"), "-o", str(masks), "-m", str(tmp_path / "no_model")]
+    assert cli([*base, "--dicom-seg-to", orthanc.dicomweb]) == 2
+    assert "--dicom-seg-to apply to --dicom-seg OUT_DIR only" in capsys.readouterr().err
+    wrong = orthanc.url.replace("http://", "http://carol:s3cret@") + "/wado"
+    assert cli([*base, "--dicom-seg", str(tmp_path / "private" / "segs"), "--key-file", str(key),
+                "--dicom-seg-to", wrong]) == 2
+    err = capsys.readouterr().err
+    assert f"DICOMweb server {orthanc.url}/wado: a test query (QIDO-RS) failed with HTTP 404" in err
+    assert "s3cret" not in err and not masks.exists()  # refused before the model was even looked for
+
+
 # ----------------------------------------------------------------------------------------------
 # the whole path: PACS -> scan -> convert -> predict -> DICOM SEG -> PACS
 
@@ -380,38 +417,84 @@ def tiny_seg_model(tmp_path, monkeypatch):
                               val_iterations_per_epoch=1, device="cpu", validate=False).model_folder
 
 
-def test_credentials_from_the_url_or_the_environment_and_a_401_says_how(orthanc_with_login, tmp_path, monkeypatch):
-    monkeypatch.delenv(dw.ENV_USER, raising=False)
-    monkeypatch.delenv(dw.ENV_PASSWORD, raising=False)
-    paths = write_series(tmp_path / "s", np.zeros((2, 4, 4), np.int16), (1, 1, 1), (0, 0, 0), AX, series_number=9)
-    url = orthanc_with_login.dicomweb
-    with pytest.raises(dw.DicomwebError, match=r"failed with HTTP 401 Unauthorized; the server wants credentials"):
-        dw.store_files(url, paths)
-    with pytest.raises(dw.DicomwebError, match="HTTP 401") as err:
-        dw.check_server(url.replace("http://", "http://alice:wrong@"))
-    assert "wrong" not in str(err.value)
+def _write_knee_exam(folder: Path) -> dict[str, list[Path]]:
+    """One study as a scanner sends it to the PACS: a 3-slice localizer, a sagittal and a coronal series
+    (1.6 mm pixels, 3 mm slices, 3 T)."""
+    rng = np.random.default_rng(7)
+    common = dict(patient_id="MRN-4411", patient_name="Roe^Richard", birth_date="19700101", study_date="20240301")
+    exam = {
+        "loc": write_series(folder / "loc", rng.integers(0, 900, (3, 32, 32)).astype(np.int16), (1.6, 1.6, 5.0),
+                            (0.0, 0.0, 0.0), AX, series_number=1, series_description="LOCALIZER", **common),
+        "sag": write_series(folder / "sag", rng.integers(100, 1000, (10, 32, 28)).astype(np.int16), (1.6, 1.6, 3.0),
+                            (-20.0, 10.0, 30.0), SAG, series_number=3, series_description="PD SAG", **common),
+        "cor": write_series(folder / "cor", rng.integers(100, 1000, (10, 28, 32)).astype(np.int16), (1.6, 1.6, 3.0),
+                            (-20.0, 10.0, 30.0), COR, series_number=4, series_description="PD COR", **common),
+    }
+    study = pydicom.dcmread(exam["sag"][0]).StudyInstanceUID
+    for paths in exam.values():
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.StudyInstanceUID, ds.AccessionNumber, ds.MagneticFieldStrength = study, "ACC-2024-77", "3"
+            ds.save_as(p, enforce_file_format=True)
+    return exam
 
-    # in the URL (percent-encoded: the password holds ':' and '@')
-    assert dw.store_files(url.replace("http://", "http://alice:pa55%3Aword%40x@"), paths).instances == 2
-    # in the environment
-    monkeypatch.setenv(dw.ENV_USER, "alice")
-    monkeypatch.setenv(dw.ENV_PASSWORD, "pa55:word@x")
-    assert [(s.series_number, s.num_instances) for s in dw.query_series(url)] == [(9, 2)]
 
+@pytest.mark.slow  # trains a tiny model: ~40 s of CPU
+def test_pacs_to_dicom_seg_and_back(orthanc, tiny_seg_model, tmp_path, capsys):
+    """scan --dicomweb -> convert -> predict seg --dicom-seg ... --dicom-seg-to: the SEG is on the PACS, in the
+    exam's study, referencing the sagittal series it segments."""
+    import csv
 
-def test_predict_seg_dicom_seg_to_is_checked_before_predicting(orthanc, tmp_path, capsys):
     from orthodiff_nnunet.cli import main as cli
 
-    key = tmp_path / "private" / "key.csv"
-    key.parent.mkdir()
-    key.write_text("pseudonym,case_id,cases,series\n")
-    masks = tmp_path / "masks"
-    base = ["predict", "seg", "-i", str(tmp_path / "images"), "-o", str(masks), "-m", str(tmp_path / "no_model")]
-    assert cli([*base, "--dicom-seg-to", orthanc.dicomweb]) == 2
-    assert "--dicom-seg-to apply to --dicom-seg OUT_DIR only" in capsys.readouterr().err
-    wrong = orthanc.url.replace("http://", "http://carol:s3cret@") + "/wado"
-    assert cli([*base, "--dicom-seg", str(tmp_path / "private" / "segs"), "--key-file", str(key),
-                "--dicom-seg-to", wrong]) == 2
-    err = capsys.readouterr().err
-    assert f"DICOMweb server {orthanc.url}/wado: a test query (QIDO-RS) failed with HTTP 404" in err
-    assert "s3cret" not in err and not masks.exists()  # refused before the model was even looked for
+    exam = _write_knee_exam(tmp_path / "scanner")
+    dw.store_files(orthanc.dicomweb, [p for paths in exam.values() for p in paths])
+
+    private = tmp_path / "private"  # what stays at the site: manifest, cache, key table, SEGs
+    manifest = private / "manifest.csv"
+    assert cli(["scan", "--dicomweb", orthanc.dicomweb, "-o", str(manifest), "--site", "SiteP", "--no-progress"]) == 0
+    assert f"draft manifest: {manifest}" in capsys.readouterr().out
+    cache = private / dw.DEFAULT_CACHE_NAME
+    rows = list(csv.DictReader(open(manifest, newline="")))
+    active = [r for r in rows if not r["case_id"].startswith("#")]
+    assert len(rows) == 3 and len(active) == 2  # the localizer is commented out
+    study = pydicom.dcmread(exam["sag"][0]).StudyInstanceUID
+    sag_uid = pydicom.dcmread(exam["sag"][0]).SeriesInstanceUID
+    for r in active:  # the rows point into the cache, relative to the manifest's folder
+        assert (private / r["image"]).resolve().is_relative_to(cache.resolve())
+    assert sorted(p.name for p in (cache / study).iterdir()) == sorted(
+        pydicom.dcmread(paths[0]).SeriesInstanceUID for paths in exam.values())
+
+    # a second scan fetches nothing and writes the same manifest
+    cached = {p: p.stat().st_mtime_ns for p in cache.rglob("*.dcm")}
+    first_manifest = manifest.read_text()
+    assert len(cached) == 3 + 10 + 10
+    assert cli(["scan", "--dicomweb", orthanc.dicomweb, "-o", str(manifest), "--site", "SiteP", "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.dcm")} == cached
+    assert manifest.read_text() == first_manifest
+
+    key = private / "key.csv"
+    assert cli(["convert", str(manifest), "-d", str(PACS_SITE_ID), "-n", "PacsSite", "--external", "-np", "1",
+                "--key-file", str(key)]) == 0
+    raw = Path(os.environ["nnUNet_raw"])
+    images = next(raw.glob(f"Dataset{PACS_SITE_ID}_*Sag")) / "imagesTs"
+    assert len(list(images.glob("*.nii.gz"))) == 1
+    capsys.readouterr()
+    segs = private / "segs"
+    assert cli(["predict", "seg", "-i", str(images), "-o", str(tmp_path / "masks"), "-m", str(tiny_seg_model),
+                "--device", "cpu", "--disable-tta", "-np", "0", "--dicom-seg", str(segs), "--key-file", str(key),
+                "--site-root", str(private), "--dicom-seg-to", orthanc.dicomweb]) == 0
+    (seg_file,) = sorted(segs.rglob("*.dcm"))
+
+    # on the PACS: one SEG series in the exam's study, referencing the sagittal series, identical to the file
+    (remote,) = dw.query_series(orthanc.dicomweb, modality="SEG")
+    assert remote.study_uid == study and remote.num_instances == 1
+    fetched = dw.retrieve_series(orthanc.dicomweb, [remote], tmp_path / "check", show_progress=False)
+    (got,) = sorted(fetched.folders[0].glob("*.dcm"))
+    assert got.read_bytes() == seg_file.read_bytes()
+    ds = pydicom.dcmread(got)
+    assert ds.Modality == "SEG" and ds.StudyInstanceUID == study
+    assert [r.SeriesInstanceUID for r in ds.ReferencedSeriesSequence] == [sag_uid]
+    sag_sops = {str(pydicom.dcmread(p).SOPInstanceUID) for p in exam["sag"]}
+    assert {r.ReferencedSOPInstanceUID for r in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == sag_sops
+    assert orthanc.get("/statistics")["CountInstances"] == 3 + 10 + 10 + 1
