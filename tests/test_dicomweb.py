@@ -379,6 +379,18 @@ def test_predict_seg_dicom_seg_to_is_checked_before_predicting(orthanc, tmp_path
     assert "s3cret" not in err and not masks.exists()  # refused before the model was even looked for
 
 
+def test_scan_takes_an_export_folder_or_dicomweb(tmp_path, capsys):
+    from orthodiff_nnunet.cli import main as cli
+
+    out = ["-o", str(tmp_path / "manifest.csv")]
+    assert cli(["scan", *out]) == 2
+    assert "give the export folder or --dicomweb URL (one of them)" in capsys.readouterr().err
+    assert cli(["scan", str(tmp_path), "--dicomweb", "http://127.0.0.1:1/dicom-web", *out]) == 2
+    assert "(one of them)" in capsys.readouterr().err
+    assert cli(["scan", str(tmp_path), "--cache", str(tmp_path / "c"), *out]) == 2
+    assert "--cache applies to --dicomweb URL only" in capsys.readouterr().err
+    assert not (tmp_path / "manifest.csv").exists()
+
 # ----------------------------------------------------------------------------------------------
 # the whole path: PACS -> scan -> convert -> predict -> DICOM SEG -> PACS
 
