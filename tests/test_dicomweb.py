@@ -214,7 +214,14 @@ def test_store_query_retrieve_round_trip_is_byte_identical_and_resumable(orthanc
     assert len(dw.query_series(orthanc.dicomweb, study_uids=[studies[0].study_uid])) == 3
 
     cache = tmp_path / "cache"
+    # temporary folders: of a run killed two days ago (removed), of a run going on now (left alone)
+    stale, running = cache / f"{dw.PARTIAL_DIR}killed", cache / f"{dw.PARTIAL_DIR}running"
+    for folder in (stale, running):
+        folder.mkdir(parents=True)
+        (folder / ".instance.x.tmp").write_bytes(b"\0" * 128 + b"DICM")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
     first = dw.retrieve_series(orthanc.dicomweb, series, cache, show_progress=False)
+    assert sorted(cache.glob(f"{dw.PARTIAL_DIR}*")) == [running]
     assert (first.series_fetched, first.series_cached, first.instances_fetched) == (3, 0, 20)
     for s, folder, (paths, vol) in zip(series, first.folders, exam.values(), strict=True):
         assert folder == cache / s.study_uid / s.series_uid
@@ -230,7 +237,7 @@ def test_store_query_retrieve_round_trip_is_byte_identical_and_resumable(orthanc
             np.testing.assert_array_equal(sitk.GetArrayFromImage(got.image), sitk.GetArrayFromImage(want.image))
             assert got.image.GetOrigin() == want.image.GetOrigin()
         assert sorted(np.unique(sitk.GetArrayFromImage(echoes[0].image))) == sorted(np.unique(vol))
-    assert not (cache / dw.PARTIAL_DIR).exists()
+    assert sorted(cache.glob(f"{dw.PARTIAL_DIR}*")) == [running]  # this run's temporary folder is gone too
 
     # complete series are not fetched again
     again = dw.retrieve_series(orthanc.dicomweb, series, cache, show_progress=False)

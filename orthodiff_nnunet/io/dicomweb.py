@@ -8,7 +8,7 @@ The HTTP side is ``dicomweb-client``; this module adds what a site needs around 
   at series level, else from one instance of the series);
 * :func:`retrieve_series` copies chosen series into a cache folder, one folder per study and
   series (``<cache>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``). Every file is
-  written under a temporary name in ``<cache>/.partial`` and renamed into place, so a killed run
+  written under a temporary name in ``<cache>/.partial-*`` (one folder per run) and renamed into place, so a killed run
   leaves no half-written file in a series folder. A series whose folder holds every instance the
   server lists gets a marker (``.orthodiff_series.json``) and is never fetched again; an
   interrupted series fetches only the instances it lacks. Instances are asked for in the transfer
@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,10 @@ __all__ = [
 
 #: Completion marker of a cached series folder (hidden: folder listings of DICOM readers skip it).
 MARKER_NAME = ".orthodiff_series.json"
-#: Where files are written before they are renamed into their series folder (hidden, same file system).
-PARTIAL_DIR = ".partial"
+#: Prefix of the per-run folder where files are written before they are renamed into their series
+#: folder (hidden, same file system). Those of killed runs are removed after PARTIAL_STALE_S.
+PARTIAL_DIR = ".partial-"
+PARTIAL_STALE_S = 24 * 3600
 #: Environment variables read for credentials when none are given otherwise.
 ENV_USER, ENV_PASSWORD, ENV_TOKEN = "ORTHODIFF_DICOMWEB_USER", "ORTHODIFF_DICOMWEB_PASSWORD", "ORTHODIFF_DICOMWEB_TOKEN"
 
@@ -488,7 +491,6 @@ def retrieve_series(
 
     client = _client(client_or_url)
     cache = Path(cache)
-    partial = cache / PARTIAL_DIR
     result = RetrieveResult(folders=[])
     todo: list[tuple[RemoteSeries, Path]] = []
     for s in series:
@@ -502,9 +504,15 @@ def retrieve_series(
     if not todo:
         log.info("%s: all %d series complete in the cache", _server(client), len(series))
         return result
-    if partial.exists():  # temporary files of a killed run
-        shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for stale in cache.glob(f"{PARTIAL_DIR}*"):  # temporary files of killed runs (not of one running now)
+        try:
+            if now - stale.stat().st_mtime > PARTIAL_STALE_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+    partial = Path(tempfile.mkdtemp(prefix=PARTIAL_DIR, dir=cache))
     total = sum(s.num_instances or 0 for s, _ in todo) or None
     log.info("%s: fetching %d series (%s instances) into the cache; %d complete already",
              _server(client), len(todo), total if total is not None else "unknown", result.series_cached)
@@ -723,7 +731,7 @@ def cache_for_scan(args, manifest: Path, *, show_progress: bool = True) -> tuple
                                     show_progress=show_progress)
     wanted = {f.resolve() for f in result.folders}
     exclude = [p for p in cache.rglob("*") if p.is_file()
-               and (p.name == MARKER_NAME or p.parent.resolve() not in wanted or p.parent.name == PARTIAL_DIR)]
+               and (p.name == MARKER_NAME or p.parent.resolve() not in wanted)]
     others = {p.parent for p in exclude if p.name != MARKER_NAME}
     if others:
         log.info("%d series cached by earlier queries are left out of this scan", len(others))
