@@ -71,6 +71,9 @@ class OrthancServer:
                 "HttpThreadsCount": 4,
                 "ConcurrentJobs": 1,
                 "StorageCompression": False,
+                # a throw-away server: no fsync per file, no job history (keeps a loaded CI machine's disk free)
+                "SyncStorageArea": False,
+                "SaveJobs": False,
                 "Plugins": [str(DICOMWEB_PLUGIN)],
                 "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False},
             }
@@ -157,7 +160,7 @@ COR = (1, 0, 0, 0, 0, 1, 0, -1, 0)
 AX = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 
 
-def _write_exam(folder: Path, seed: int = 0) -> dict[int, tuple[list[Path], np.ndarray]]:
+def _write_exam(folder: Path, seed: int = 0, study_date: str = "") -> dict[int, tuple[list[Path], np.ndarray]]:
     rng = np.random.default_rng(seed)
     vols = {n: rng.integers(0, 1200, size=(5, 12, 10)).astype(np.int16) for n in (3, 4, 5)}
     exam = {
@@ -173,7 +176,7 @@ def _write_exam(folder: Path, seed: int = 0) -> dict[int, tuple[list[Path], np.n
     for paths in exam.values():
         for p in paths:
             ds = pydicom.dcmread(p)
-            ds.StudyInstanceUID = study
+            ds.StudyInstanceUID, ds.StudyDate = study, study_date
             ds.save_as(p, enforce_file_format=True)
     return {n: (exam[n], vols[n]) for n in exam}
 
@@ -320,7 +323,7 @@ def test_errors_name_the_server_and_the_http_status(orthanc, tmp_path):
 def test_cache_for_scan_fetches_the_studies_asked_and_leaves_the_rest_out(orthanc, tmp_path, monkeypatch):
     import argparse
 
-    first, second = _write_exam(tmp_path / "a", seed=2), _write_exam(tmp_path / "b", seed=3)
+    first, second = _write_exam(tmp_path / "a", 2, "20240301"), _write_exam(tmp_path / "b", 3, "20240115")
     dw.store_files(orthanc.dicomweb, [p for exam in (first, second) for paths, _ in exam.values() for p in paths])
     study = {k: pydicom.dcmread(e[3][0][0]).StudyInstanceUID for k, e in (("a", first), ("b", second))}
     parser = argparse.ArgumentParser()
@@ -341,8 +344,14 @@ def test_cache_for_scan_fetches_the_studies_asked_and_leaves_the_rest_out(orthan
     assert sorted(p.name for p in cache.iterdir()) == [study["a"]]
     assert sorted(p.name for p in exclude) == [dw.MARKER_NAME] * 3
 
-    # the other study: fetched now; the first stays in the cache but out of this scan
-    cache, exclude = dw.cache_for_scan(parser.parse_args(["--dicomweb", orthanc.dicomweb, "--study", study["b"]]),
+    # a query matching more series than allowed is refused before anything is fetched
+    with pytest.raises(dw.DicomwebError, match="6 series match, more than the 5 allowed; narrow the query"):
+        dw.cache_for_scan(parser.parse_args(["--dicomweb", orthanc.dicomweb, "--max-series", "5"]), manifest)
+    assert sorted(p.name for p in cache.iterdir()) == [study["a"]]
+
+    # the other study, by its date: fetched now; the first stays in the cache but out of this scan
+    cache, exclude = dw.cache_for_scan(parser.parse_args(["--dicomweb", orthanc.dicomweb, "--study-date",
+                                                          "20240101-20240131", "--max-series", "3"]),
                                        manifest, show_progress=False)
     assert sorted(p.name for p in cache.iterdir()) == sorted(study.values())
     left_out = [p for p in exclude if p.name != dw.MARKER_NAME]

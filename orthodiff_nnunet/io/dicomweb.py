@@ -342,6 +342,7 @@ def query_series(
     study_uids: Sequence[str] | None = None,
     modality: str | None = "MR",
     search_filters: dict[str, Any] | None = None,
+    max_series: int | None = None,
 ) -> list[RemoteSeries]:
     """Series of the server (QIDO-RS) with modality, number, description, instance count and plane.
 
@@ -349,7 +350,9 @@ def query_series(
         client_or_url: a client from :func:`connect`, or the DICOMweb root URL.
         study_uids: only these studies (default: every study the server lists).
         modality: only this modality (default ``MR``; None: all).
-        search_filters: further series-level QIDO-RS matching keys.
+        search_filters: further QIDO-RS matching keys, e.g. ``{"StudyDate": "20240101-20240131"}``.
+        max_series: refuse more matching series than this (a whole hospital PACS is not what a site
+            means to copy), before any per-series request.
 
     Returns:
         The series, ordered by study, then series number.
@@ -370,11 +373,14 @@ def query_series(
     else:
         found = _search_all(client, what, client.search_for_series, _SERIES_UID, fields=list(_SERIES_FIELDS),
                             search_filters=filters or None)
+    found = [i for i in found if _value(i, _STUDY_UID) and _value(i, _SERIES_UID)]
+    if max_series is not None and len(found) > max_series:
+        raise DicomwebError(
+            f"DICOMweb server {_server(client)}: {len(found)} series match, more than the {max_series} allowed; "
+            "narrow the query (--study UID, --study-date YYYYMMDD-YYYYMMDD, --modality) or raise --max-series")
     series: list[RemoteSeries] = []
     for item in found:
         study, uid = _value(item, _STUDY_UID), _value(item, _SERIES_UID)
-        if not study or not uid:
-            continue
         iop = _values(item, _ORIENTATION)
         if len(iop) != 6:  # not a series-level attribute on every server: ask one instance
             inst = _request(client, "the instance query (QIDO-RS)", client.search_for_instances,
@@ -564,6 +570,7 @@ def fetch_to_cache(
     study_uids: Sequence[str] | None = None,
     modality: str | None = "MR",
     search_filters: dict[str, Any] | None = None,
+    max_series: int | None = None,
     show_progress: bool = True,
 ) -> tuple[list[RemoteSeries], RetrieveResult]:
     """Query the series of the server (:func:`query_series`) and retrieve all of them into ``cache``.
@@ -574,12 +581,14 @@ def fetch_to_cache(
         DicomwebError: nothing matches, or a request failed.
     """
     client = _client(url_or_client)
-    series = query_series(client, study_uids=study_uids, modality=modality, search_filters=search_filters)
+    series = query_series(client, study_uids=study_uids, modality=modality, search_filters=search_filters,
+                          max_series=max_series)
     if not series:
         what = f"no {modality} series" if modality else "no series"
         raise DicomwebError(f"DICOMweb server {_server(client)}: {what} found"
                             + (" in the studies asked for" if study_uids else "")
-                            + "; check the URL, the study UIDs and the modality")
+                            + (f" matching {', '.join(sorted(search_filters))}" if search_filters else "")
+                            + "; check the URL, the study UIDs, the dates and the modality")
     return series, retrieve_series(client, series, cache, show_progress=show_progress)
 
 
@@ -679,6 +688,8 @@ def store_files(client_or_url: DICOMwebClient | str, paths: Sequence[Path], *, b
 
 #: Default cache folder name, beside the manifest (site-private like the manifest).
 DEFAULT_CACHE_NAME = "dicomweb_cache"
+#: Default largest number of series one ``scan --dicomweb`` copies.
+DEFAULT_MAX_SERIES = 2000
 
 
 def add_scan_arguments(parser) -> None:
@@ -695,6 +706,11 @@ def add_scan_arguments(parser) -> None:
     g.add_argument("--study", action="append", default=None, metavar="UID",
                    help="with --dicomweb: only this study (StudyInstanceUID; repeat for several; default: all)")
     g.add_argument("--modality", default="MR", help="with --dicomweb: only series of this modality (default MR)")
+    g.add_argument("--study-date", default=None, metavar="YYYYMMDD[-YYYYMMDD]",
+                   help="with --dicomweb: only studies of this date or date range (DICOM range matching)")
+    g.add_argument("--max-series", type=int, default=DEFAULT_MAX_SERIES, metavar="N",
+                   help=f"with --dicomweb: refuse a query matching more series than this (default "
+                        f"{DEFAULT_MAX_SERIES}: narrow it with --study or --study-date)")
 
 
 def check_cache_location(cache: Path) -> None:
@@ -721,13 +737,16 @@ def cache_for_scan(args, manifest: Path, *, show_progress: bool = True) -> tuple
     """
     url = getattr(args, "dicomweb", None)
     if not url:
-        for opt in ("cache", "study"):
+        for opt in ("cache", "study", "study_date"):
             if getattr(args, opt, None):
-                raise DicomwebError(f"--{opt} applies to --dicomweb URL only: add it or leave --{opt} out")
+                flag = "--" + opt.replace("_", "-")
+                raise DicomwebError(f"{flag} applies to --dicomweb URL only: add it or leave {flag} out")
         return None
     cache = Path(args.cache) if args.cache else Path(manifest).absolute().parent / DEFAULT_CACHE_NAME
     check_cache_location(cache)
+    filters = {"StudyDate": args.study_date} if args.study_date else None
     series, result = fetch_to_cache(url, cache, study_uids=args.study, modality=args.modality or None,
+                                    search_filters=filters, max_series=args.max_series,
                                     show_progress=show_progress)
     wanted = {f.resolve() for f in result.folders}
     exclude = [p for p in cache.rglob("*") if p.is_file()
