@@ -104,7 +104,8 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
             "replaces these identifiers by pseudonyms."
         ),
     )
-    p.add_argument("export", type=Path, help="the PACS export folder (or its DICOMDIR)")
+    p.add_argument("export", type=Path, nargs="?", default=None,
+                   help="the PACS export folder (or its DICOMDIR); or none with --dicomweb URL")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="the draft manifest CSV to write (site-private; refused inside nnUNet_raw/preprocessed/results)")
     p.add_argument("--site", default="SITE", help="the site column, a short site name (default SITE)")
@@ -120,17 +121,29 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
                         "1 = serial)")
     p.add_argument("--threads", action="store_true", help="read with threads instead of processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from orthodiff_nnunet.io.dicomweb import add_scan_arguments
+
+    add_scan_arguments(p)
     p.set_defaults(func=_run_scan)
 
 
 def _run_scan(args: argparse.Namespace) -> int:
     from orthodiff_nnunet.dataset_conversion.scan import check_manifest_location, scan_export, write_manifest
 
+    from orthodiff_nnunet.io.dicomweb import cache_for_scan
+
+    if (args.export is None) == (args.dicomweb is None):
+        raise CommandError("give the export folder or --dicomweb URL (one of them)")
     check_manifest_location(args.output)  # before minutes of reading
+    export, exclude = args.export, [args.output]
+    fetched = cache_for_scan(args, args.output, show_progress=not args.no_progress)  # None without --dicomweb
+    if fetched is not None:
+        export, cached_out = fetched  # the cache is scanned as an export folder
+        exclude += cached_out
     result = scan_export(
-        args.export, workers=args.num_processes, executor="thread" if args.threads else "process",
+        export, workers=args.num_processes, executor="thread" if args.threads else "process",
         progress=not args.no_progress, min_slices=args.min_slices, max_obliquity_deg=args.max_obliquity,
-        exclude=[args.output],
+        exclude=exclude,
     )
     site_dir = write_manifest(result, args.output, site=args.site, site_dir=args.site_dir)
     print(result.summary())

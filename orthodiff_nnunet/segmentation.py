@@ -794,6 +794,9 @@ def add_predict_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     p.add_argument("--site-root", type=Path, default=None,
                    help="with --dicom-seg: the site folder the key table's series paths are relative to "
                         "(default: the key table's folder)")
+    from orthodiff_nnunet.io.dicomweb import add_store_argument
+
+    add_store_argument(p)
     p.set_defaults(func=_run_predict_seg)
     return p
 
@@ -808,8 +811,13 @@ def _run_predict_seg(args: argparse.Namespace) -> int:
                                     "--key-file` wrote) to find each case's source DICOM series")
         check_seg_destination(dicom_seg)
         read_key_table(args.key_file)
-    elif getattr(args, "key_file", None) is not None or getattr(args, "site_root", None) is not None:
-        raise SegmentationError("--key-file and --site-root apply to --dicom-seg OUT_DIR only: add it or leave them out")
+        if getattr(args, "dicom_seg_to", None):
+            from orthodiff_nnunet.io.dicomweb import check_server
+
+            check_server(args.dicom_seg_to)  # a wrong URL or credentials fail now, not after predicting
+    elif any(getattr(args, k, None) is not None for k in ("key_file", "site_root", "dicom_seg_to")):
+        raise SegmentationError("--key-file, --site-root and --dicom-seg-to apply to --dicom-seg OUT_DIR only: "
+                                "add it or leave them out")
     result = predict_segmentation(
         args.input, args.output, args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
         mirroring=not args.disable_tta, tile_step_size=args.step_size, num_processes=args.num_processes,
@@ -829,4 +837,9 @@ def _run_predict_seg(args: argparse.Namespace) -> int:
             algorithm_parameters={"model": model.name},
         )
         print(export.summary())
+        if getattr(args, "dicom_seg_to", None) and export.written:
+            from orthodiff_nnunet.io.dicomweb import redact_url, store_files
+
+            stored = store_files(args.dicom_seg_to, sorted(export.written.values()))
+            print(f"DICOM SEG: {stored.instances} stored on {redact_url(args.dicom_seg_to)} (STOW-RS)")
     return 0
