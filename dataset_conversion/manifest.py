@@ -14,6 +14,14 @@ leading out of it is refused unless ``allow_outside_site`` is given, so that one
 cannot silently pick up another site's images. The check is on the written path (symbolic links
 inside the site folder are followed without complaint: linking storage into the site folder is a
 deliberate act). Remap tables are not patient data and may lie anywhere.
+
+Draft manifests written by ``orthodiff scan`` (:mod:`.scan`) add three things the reader accepts:
+
+* comment rows: a row whose first cell begins with ``#`` is skipped (``scan`` writes the series it
+  leaves out that way, ``#`` before the ``case_id``; remove the ``#`` to convert one);
+* a ``note`` column and hint columns named ``scan_*``: read by people, ignored here;
+* open choices: rows of one exam whose ``note`` begins with ``choose:`` (two sagittal sequences, say)
+  are refused while two or more of them with the same note are left uncommented.
 """
 
 from __future__ import annotations
@@ -37,6 +45,13 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("case_id", "patient_id", "site", "field_strength", "image")
 OPTIONAL_COLUMNS = ("vendor", "orientation", "label", "label_remap", "series", "echo")
+#: Columns for people (``orthodiff scan`` writes them), ignored by the converter: ``note`` and ``scan_*`` hints.
+NOTE_COLUMN = "note"
+HINT_PREFIX = "scan_"
+#: A row whose first cell begins with this is a comment (skipped).
+COMMENT_PREFIX = "#"
+#: A ``note`` beginning with this marks a choice left open (see the module docstring).
+CHOOSE_PREFIX = "choose:"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_FIELD_T, MAX_FIELD_T = 0.05, 12.0
 #: Byte-order marks, longest first (the UTF-32-LE mark begins with the UTF-16-LE one).
@@ -132,7 +147,7 @@ def _decode(path: Path, data: bytes) -> tuple[str, str]:
 
 def _delimiter(header_line: str) -> str:
     """The separator that splits the header into the most known column names (comma on a tie)."""
-    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS) | {NOTE_COLUMN}
 
     def hits(d: str) -> int:
         return sum(1 for c in header_line.split(d) if c.strip().strip('"') in known)
@@ -141,7 +156,7 @@ def _delimiter(header_line: str) -> str:
 
 
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and ``(line number, row)`` pairs of the manifest; blank rows skipped."""
+    """Header and ``(line number, row)`` pairs of the manifest; blank and comment rows skipped."""
     data = path.read_bytes()
     text, encoding = _decode(path, data)
     if not text.strip().lstrip("\ufeff").strip():
@@ -159,6 +174,7 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header: list[str] | None = None
     rows: list[tuple[int, dict[str, str]]] = []
+    comments = 0
     for values in reader:
         line = reader.line_num
         if not any(v.strip() for v in values):
@@ -166,11 +182,16 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
         if header is None:
             header = [v.strip() for v in values]
             continue
+        if values[0].lstrip().startswith(COMMENT_PREFIX):
+            comments += 1
+            continue
         row = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header) if h}
         extra = [v for v in values[len(header):] if v.strip()]
         if extra:
             row["\0extra"] = ",".join(extra)
         rows.append((line, row))
+    if comments:
+        log.info("manifest %s: %d commented row(s) (first cell beginning with '#') skipped", path.name, comments)
     return header or [], rows
 
 
@@ -254,7 +275,8 @@ def read_manifest(
         absent = [c for c in labels if c not in header]
         if absent:
             problems.append(f"label column(s) {', '.join(absent)} given with --labels are not in the manifest")
-    unknown = [c for c in header if c and c not in known and c not in labels]
+    unknown = [c for c in header if c and c not in known and c not in labels
+               and c != NOTE_COLUMN and not c.startswith(HINT_PREFIX)]
     if unknown:
         problems.append(
             f"unknown column(s) {', '.join(unknown)}: to use them as abnormality labels pass "
@@ -351,6 +373,19 @@ def read_manifest(
                 echo=echo, targets=targets, image_text=r.get("image", ""),
             )
         )
+
+    # Choices left open by `orthodiff scan`: rows of one exam with the same 'choose:' note.
+    open_choices: dict[tuple[str, str], list[int]] = {}
+    for i, r in numbered_rows:
+        note = r.get(NOTE_COLUMN, "")
+        if note.lower().startswith(CHOOSE_PREFIX):
+            open_choices.setdefault((r.get("case_id", ""), note.split("|")[0].strip()), []).append(i)
+    for (case, note), lines in open_choices.items():
+        if len(lines) > 1:
+            problems.append(
+                f"manifest lines {', '.join(map(str, lines))} (case {case}) leave a choice open: {note} "
+                "(or delete the rows you do not keep)"
+            )
 
     # One exam = one case_id: its rows must agree on everything but the series.
     by_case: dict[str, list[ManifestRow]] = {}

@@ -92,7 +92,10 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
     from orthodiff_nnunet.planning import plan_and_preprocess
     from orthodiff_nnunet.pretraining import pretrain
 
+    import json
     import shutil
+
+    from orthodiff_nnunet.classification import default_test_folds
 
     from orthodiff_nnunet.errors import OrthodiffError
 
@@ -133,9 +136,11 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
         folder = pre / dataset.dataset_name
         write_shrunk_plans(folder, dataset.plans_identifier, plans_id, max_features=16, max_stages=4)
         step(f"pretrain {dataset.dataset_name} ({pretrain_iterations} iterations, tiny network)")
+        # the classifier (fold 0) tests on exams the encoders must not have seen: leave them out here
+        test_folds = default_test_folds(len(json.loads((folder / "splits_final.json").read_text())), 0)
         result = pretrain(dataset.dataset_name, plans=plans_id, iterations=pretrain_iterations,
                           checkpoint_every=max(1, pretrain_iterations // 3), learning_rate=1e-3, device=device,
-                          sample_steps=5)
+                          sample_steps=5, exclude_folds=test_folds)
         lines.append(result.summary())
     from orthodiff_nnunet.segmentation import train_segmentation
 

@@ -208,6 +208,17 @@ class ClassificationTrainResult:
         return "\n".join(lines)
 
 
+def default_test_folds(n_folds: int, fold: int) -> list[int]:
+    """The folds holding ``train cls --fold fold --test-fold auto``'s test exams (what pretraining must exclude).
+
+    With 3 or more folds the test set is the next fold's validation set; with 2 it is half of the
+    selection fold's patients, so the whole selection fold is excluded.
+    """
+    if n_folds >= 3:
+        return [(int(fold) + 1) % n_folds]
+    return [int(fold)] if n_folds == 2 else []
+
+
 def train_classification(
     dataset: int | str | Sequence[int | str],
     *,
@@ -231,6 +242,7 @@ def train_classification(
     weight_decay: float = 1e-4,
     label_fraction: float = 1.0,
     test_fold: int | Literal["auto"] | None = "auto",
+    allow_pretraining_overlap: bool = False,
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto",
     mirror_axes: Literal["lr", "all", "none"] = "lr",
     augment: bool = True,
@@ -342,6 +354,7 @@ def train_classification(
     trainer.weight_decay = weight_decay
     trainer.label_fraction = label_fraction
     trainer.test_fold = test_fold
+    trainer.allow_pretraining_overlap = allow_pretraining_overlap
     trainer.precision = precision
     trainer.mirror_axes = mirror_axes
     trainer.augment = augment
@@ -663,6 +676,9 @@ def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--test-fold", type=_test_fold, default="auto",
                    help="held-out test set: auto (default: the next fold's validation exams; with 2 folds half of "
                         "the selection fold's patients), a fold number, or none (no test set: optimistic figures)")
+    p.add_argument("--allow-pretraining-overlap", action="store_true",
+                   help="accept encoders whose pretraining saw scans of the test exams (refused by default: pretrain "
+                        "with --exclude-fold TEST_FOLD); the overlap is recorded with the metrics")
     p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp16"], default="auto",
                    help="CUDA precision; auto = the fastest measured at start (CPU: fp32)")
     p.add_argument("--mirror-axes", choices=["lr", "all", "none"], default="lr",
@@ -688,7 +704,7 @@ def _run_train(args: argparse.Namespace) -> int:
         fusion=args.fusion, feature_stages=args.feature_stages, dropout=args.dropout, epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, learning_rate=args.lr,
         encoder_lr_factor=args.encoder_lr_factor, weight_decay=args.weight_decay, label_fraction=args.label_fraction,
-        test_fold=args.test_fold, precision=args.precision, mirror_axes=args.mirror_axes, augment=not args.no_augment,
+        test_fold=args.test_fold, allow_pretraining_overlap=args.allow_pretraining_overlap, precision=args.precision, mirror_axes=args.mirror_axes, augment=not args.no_augment,
         threshold_method=args.threshold_method, n_boot=args.n_boot, seed=args.seed, device=args.device,
         output_folder=args.output_folder, run_name=args.run_name, resume=args.resume)
     print(result.summary())

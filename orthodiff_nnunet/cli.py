@@ -87,6 +87,62 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scan",
+        help="scan a PACS export (DICOM headers only) and write a draft manifest for convert",
+        description=(
+            "Walk a PACS export (and its DICOMDIR), read every file's DICOM header (never the pixel data), group "
+            "the files into exams (studies) and series, and write a draft manifest for `orthodiff convert`: one "
+            "row per series. Localizers, derived images, secondary captures, several stacks in one series and "
+            "damaged files are written as commented rows ('#' before the case_id, skipped by convert) with the "
+            "reason in the 'note' column; several series of one plane in an exam get a 'choose:' note and convert "
+            "refuses them until you comment out all but one. The scan_* columns are hints (plane, obliquity, "
+            "slices, echoes, TE/TR/TI, fat suppression, spacing, matrix) that convert ignores. "
+            "PRIVACY: the manifest holds your site's identifiers (patient_id = PatientID, case_id = accession "
+            "number or StudyInstanceUID); it stays at the site and is refused inside an nnU-Net folder. convert "
+            "replaces these identifiers by pseudonyms."
+        ),
+    )
+    p.add_argument("export", type=Path, help="the PACS export folder (or its DICOMDIR)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the draft manifest CSV to write (site-private; refused inside nnUNet_raw/preprocessed/results)")
+    p.add_argument("--site", default="SITE", help="the site column, a short site name (default SITE)")
+    p.add_argument("--site-dir", type=Path, default=None,
+                   help="folder the image paths start from (default: the manifest's folder when the export lies "
+                        "inside it, else the export folder; then convert needs the same --site-dir)")
+    p.add_argument("--min-slices", type=int, default=8,
+                   help="series with fewer slices are flagged as localizers (default 8)")
+    p.add_argument("--max-obliquity", type=float, default=35.0,
+                   help="series more oblique than this (degrees) are flagged (default 35, as convert)")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="parallel header readers (default: the cores the load average leaves free, at most 8; "
+                        "1 = serial)")
+    p.add_argument("--threads", action="store_true", help="read with threads instead of processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_scan)
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from orthodiff_nnunet.dataset_conversion.scan import check_manifest_location, scan_export, write_manifest
+
+    check_manifest_location(args.output)  # before minutes of reading
+    result = scan_export(
+        args.export, workers=args.num_processes, executor="thread" if args.threads else "process",
+        progress=not args.no_progress, min_slices=args.min_slices, max_obliquity_deg=args.max_obliquity,
+        exclude=[args.output],
+    )
+    site_dir = write_manifest(result, args.output, site=args.site, site_dir=args.site_dir)
+    print(result.summary())
+    print(f"draft manifest: {args.output} (site-private: it holds patient identifiers)")
+    if args.site == "SITE":
+        print("note: the site column says SITE; pass --site NAME (or edit the column)")
+    manifest_dir = args.output.absolute().parent.resolve()
+    extra = "" if site_dir == manifest_dir else f" --site-dir {site_dir}"
+    print(f"next: review the manifest, then orthodiff convert {args.output}{extra} -d ID -n NAME --dry-run")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -116,10 +172,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="diffusion pretraining of the planned network on one orientation's (unlabeled) scans",
+        help="diffusion (or masked-autoencoder) pretraining of the planned network on one orientation's "
+             "(unlabeled) scans",
         description=(
             "Train the plans' network as a timestep-conditioned denoiser (3D DDPM, T=1000) on a preprocessed "
-            "dataset, then export its EMA encoder with provenance. Several GPUs: "
+            "dataset, then export its EMA encoder with provenance. --objective mae trains the same network as a "
+            "masked autoencoder instead (the control). Several GPUs: "
             "torchrun --nproc_per_node N $(which orthodiff) pretrain ..."
         ),
     )
@@ -128,6 +186,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="check that the dataset has this orientation")
     p.add_argument("-p", "--plans", default=None, help="plans identifier (default: orthodiffResEncMPlans, else orthodiffPlans)")
     p.add_argument("-c", "--configuration", default="3d_diffusion", help="diffusion configuration (default 3d_diffusion)")
+    p.add_argument("--objective", choices=["diffusion", "mae"], default="diffusion",
+                   help="diffusion: denoising diffusion (the method, default); mae: masked autoencoder on the same "
+                        "network and data (the control: blocks of the input set to 0, MSE on them, no timestep)")
+    p.add_argument("--mask-ratio", type=float, default=0.75,
+                   help="mae: fraction of the mask blocks set to 0 per patch, in (0, 1) (default 0.75)")
+    p.add_argument("--mask-block", type=int, nargs="+", default=None, metavar="VOXELS",
+                   help="mae: mask block edge in voxels, one or one per axis (default: the encoder's total stride "
+                        "from the plans, clipped to the patch)")
     p.add_argument("--iterations", type=int, default=2000, help="training iterations (default 2000)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="iterations between checkpoints (default 250)")
     p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule (default cosine)")
@@ -146,6 +212,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                         "(default 0.1, at least 1 scan when there are 2 or more; 0: validate on training scans)")
     p.add_argument("--exclude-cases", nargs="+", default=[], metavar="CASE|@FILE",
                    help="cases never used for pretraining, e.g. a downstream test set (@FILE: one case a line)")
+    p.add_argument("--exclude-fold", type=int, nargs="+", default=[], metavar="K",
+                   help="never use the validation cases of these folds of splits_final.json, e.g. the test fold of "
+                        "`train cls` (default for --fold k: fold k+1), which refuses an encoder that saw its test exams")
     p.add_argument("--seed", type=int, default=None,
                    help="seed torch/numpy/random; with nnUNet_n_proc_DA=0 a resumed run is bit-identical (CPU)")
     p.add_argument("--reference-timestep", type=int, default=0,
@@ -200,8 +269,9 @@ def _case_list(items: list[str]) -> list[str]:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from orthodiff_nnunet.pretraining import check_orientation, pretrain
+    from orthodiff_nnunet.pretraining import check_objective, check_orientation, pretrain
 
+    check_objective(args.objective, args.mask_ratio, args.mask_block)  # before anything is loaded
     if args.orientation:
         check_orientation(args.dataset, args.orientation)
     _init_distributed(args.device)
@@ -212,7 +282,11 @@ def _run_pretrain(args: argparse.Namespace) -> int:
             min_snr_gamma=args.min_snr_gamma, learning_rate=args.lr, ema_decay=args.ema_decay,
             precision=args.precision, channels_last=args.channels_last, resume=args.resume, device=args.device,
             sample_steps=args.sample_steps, val_fraction=args.val_fraction,
-            exclude_cases=_case_list(args.exclude_cases), reference_timestep=args.reference_timestep, seed=args.seed,
+            exclude_cases=_case_list(args.exclude_cases), exclude_folds=args.exclude_fold,
+            reference_timestep=args.reference_timestep, seed=args.seed,
+            objective=args.objective, mask_ratio=args.mask_ratio,
+            mask_block=None if args.mask_block is None else
+            (args.mask_block[0] if len(args.mask_block) == 1 else tuple(args.mask_block)),
         )
         _barrier()  # rank 0 exports the encoder after training: the other ranks wait for it
     finally:
@@ -234,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_convert(sub)
+    _add_scan(sub)
     _add_demo(sub)
     from orthodiff_nnunet.planning import add_plan_and_preprocess_parser
 

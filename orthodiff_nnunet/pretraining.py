@@ -1,9 +1,11 @@
-"""``orthodiff pretrain``: diffusion pretraining of the planned network on one orientation's scans.
+"""``orthodiff pretrain``: label-free pretraining of the planned network on one orientation's scans.
 
-Runs :class:`~orthodiff_nnunet.trainers.diffusion_pretraining.nnUNetTrainerOrthoDiffPretrain` on
-the diffusion configuration of the dataset's plans, then exports the EMA encoder with its
+Runs :class:`~orthodiff_nnunet.trainers.diffusion_pretraining.nnUNetTrainerOrthoDiffPretrain`
+(``objective="diffusion"``, the method) or its masked-autoencoder control
+:class:`~orthodiff_nnunet.trainers.mae_pretraining.nnUNetTrainerOrthoDiffMAE` (``objective="mae"``)
+on the diffusion configuration of the dataset's plans, then exports the EMA encoder with its
 provenance, checks that the segmentation network of the same plans loads it strictly, and writes
-a sanity picture of denoised slices.
+a sanity picture (denoised slices, or masked and reconstructed slices).
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ PRETRAIN_FOLD = "all"  # unlabeled pretraining uses every scan (less a held-out 
 ENCODER_FILE = "encoder.pt"
 RUN_RECORD = "orthodiff_pretrain_run.json"
 DEFAULT_PLANS_ORDER = ("orthodiffResEncMPlans", "orthodiffPlans")
+OBJECTIVES = ("diffusion", "mae")
+
+
+def check_objective(objective: str, mask_ratio: float, mask_block: int | Sequence[int] | None) -> None:
+    """Refuse an unknown objective or MAE settings outside their range, before anything is loaded."""
+    if objective not in OBJECTIVES:
+        raise OrthodiffError(f"--objective {objective!r} is not known: use one of {', '.join(OBJECTIVES)}")
+    if not 0 < float(mask_ratio) < 1:
+        raise OrthodiffError(f"--mask-ratio {mask_ratio} must be in (0, 1), the fraction of mask blocks set to 0 "
+                             "(e.g. 0.75, the MAE papers' ratio)")
+    blocks = [] if mask_block is None else [mask_block] if isinstance(mask_block, int) else list(mask_block)
+    if any(int(b) < 1 for b in blocks) or (mask_block is not None and not blocks):
+        raise OrthodiffError(f"--mask-block {mask_block}: give one edge or one per axis, each at least 1 voxel "
+                             "(default: the encoder's total stride from the plans)")
 
 
 @dataclass
@@ -95,9 +111,19 @@ def pretrain(
     val_fraction: float = 0.1,
     split_seed: int = 12345,
     exclude_cases: Sequence[str] | None = None,
+    exclude_folds: Sequence[int] | None = None,
     seed: int | None = None,
+    objective: Literal["diffusion", "mae"] = "diffusion",
+    mask_ratio: float = 0.75,
+    mask_block: int | Sequence[int] | None = None,
 ) -> PretrainResult:
-    """Pretrain the plans' network as a timestep-conditioned denoiser on a preprocessed dataset.
+    """Pretrain the plans' network without labels on a preprocessed dataset.
+
+    ``objective="diffusion"`` (the method) trains it as a timestep-conditioned denoiser;
+    ``objective="mae"`` (the control) as a masked autoencoder: the same network, data path, EMA,
+    checkpoints and encoder contract, with blocks of the input set to 0 and reconstructed (MSE on the
+    masked voxels only, no timestep). The diffusion settings are unused with ``mae``, the mask settings
+    with ``diffusion``.
 
     Args:
         dataset: nnU-Net dataset id or name (one orientation).
@@ -126,11 +152,17 @@ def pretrain(
             list the scans the encoder saw and the held-out ones.
         split_seed: seed of the held-out choice (fixed on --resume: the run's record is checked).
         exclude_cases: cases never used (e.g. a downstream test set or external cases in this dataset).
+        exclude_folds: folds of the dataset's ``splits_final.json`` whose validation cases are never used,
+            e.g. the test fold of ``train cls`` (which refuses an encoder that saw its test exams).
         seed: seeds torch, numpy and Python's ``random`` before the network is built. Checkpoints carry
             the RNG states, so with nnU-Net's single-threaded loader (``nnUNet_n_proc_DA=0``) a run
             killed and resumed ends bit-identical to an uninterrupted one on CPU. Background loader
             workers (``nnUNet_n_proc_DA > 0``) draw from their own streams: reproducible only in
             distribution.
+        objective: ``diffusion`` or ``mae``.
+        mask_ratio: MAE: fraction of the mask blocks set to 0 per sample, in (0, 1) (default 0.75).
+        mask_block: MAE: mask block edge in voxels, one or one per axis (default: the encoder's total
+            stride from the plans, i.e. one bottleneck voxel, clipped to the patch).
     """
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -139,8 +171,10 @@ def pretrain(
     from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network
     from orthodiff_nnunet.networks.encoder_io import export_encoder, load_encoder
     from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+    from orthodiff_nnunet.trainers.mae_pretraining import nnUNetTrainerOrthoDiffMAE
 
-    dataset_name = maybe_convert_to_dataset_name(dataset)
+    check_objective(objective, mask_ratio, mask_block)
+    dataset_name = str(maybe_convert_to_dataset_name(dataset))  # nnU-Net returns numpy strings
     plans_identifier, plans_dict = find_plans(dataset_name, plans)
     if configuration not in plans_dict["configurations"]:
         raise OrthodiffError(f"plans {plans_identifier} of {dataset_name} have no configuration {configuration!r} "
@@ -158,7 +192,17 @@ def pretrain(
         torch.manual_seed(rank_seed)  # CUDA generators too
     trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
     trainer_plans["continue_training"] = resume
-    trainer = nnUNetTrainerOrthoDiffPretrain(trainer_plans, configuration, PRETRAIN_FOLD, dataset_json, dev)
+    trainer_class = nnUNetTrainerOrthoDiffMAE if objective == "mae" else nnUNetTrainerOrthoDiffPretrain
+    trainer = trainer_class(trainer_plans, configuration, PRETRAIN_FOLD, dataset_json, dev)
+    if objective == "mae":
+        trainer.mask_ratio = float(mask_ratio)
+        trainer.mask_block = mask_block
+        try:
+            block = trainer.resolved_mask_block()
+        except ValueError as exc:
+            raise OrthodiffError(f"--mask-block: {exc}") from None
+        log.info("MAE: %g of the %s-voxel blocks of each %s patch set to 0 and reconstructed", trainer.mask_ratio,
+                 "x".join(map(str, block)), "x".join(map(str, trainer.configuration_manager.patch_size)))
     trainer.total_iterations = iterations
     trainer.checkpoint_every = checkpoint_every
     trainer.schedule_name = schedule
@@ -170,7 +214,7 @@ def pretrain(
     trainer.channels_last = channels_last
     trainer.val_fraction = val_fraction
     trainer.split_seed = split_seed
-    trainer.exclude_cases = list(exclude_cases or [])
+    trainer.exclude_cases = list(exclude_cases or []) + fold_cases(dataset_name, exclude_folds or ())
     trainer.seed = seed
     if not 0 <= reference_timestep < trainer.num_timesteps:
         raise OrthodiffError(f"--reference-timestep {reference_timestep} outside 0..{trainer.num_timesteps - 1}")
@@ -185,11 +229,11 @@ def pretrain(
     if resume:
         if not latest:
             raise OrthodiffError(f"--resume: no checkpoint in {out}; start without --resume")
-        saved = json.loads((out / "diffusion_config.json").read_text())
-        now = trainer.diffusion_config()
-        differs = {k: (saved[k], now[k]) for k in saved if k != "precision" and saved.get(k) != now.get(k)}
+        saved = json.loads((out / trainer.CONFIG_FILE).read_text())
+        now = trainer.objective_config()
+        differs = {k: (saved[k], now.get(k)) for k in saved if k != "precision" and saved.get(k) != now.get(k)}
         if differs:
-            raise OrthodiffError(f"--resume with other diffusion settings than the run's: {differs}")
+            raise OrthodiffError(f"--resume with other {objective} settings than the run's: {differs}")
         if not (out / RUN_RECORD).is_file():  # a run from before held-out validation trained on every scan
             log.warning("%s has no %s: the run trained on every scan; resuming it so (nothing held out)",
                         out, RUN_RECORD)
@@ -204,7 +248,8 @@ def pretrain(
                                      "use the run's --val-fraction, split seed and exclusions")
     record = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
               **trainer.split_record(), "iterations_requested": int(iterations),
-              "checkpoint_every": int(checkpoint_every), "seed": seed, "diffusion": trainer.diffusion_config(),
+              "checkpoint_every": int(checkpoint_every), "seed": seed, "objective": objective,
+              ("diffusion" if objective == "diffusion" else "mae"): trainer.objective_config(),
               "data_loader_workers": get_allowed_n_proc_DA()}
     if trainer.local_rank == 0:
         atomic_write_json(out / RUN_RECORD, {**record, "status": "running"})
@@ -228,8 +273,9 @@ def pretrain(
             "architecture": arch,
             "architecture_hash": architecture_hash(arch),
             "orientation": block.get("orientation") or dataset_json.get("orthodiff", {}).get("orientation"),
-            "schedule": trainer._schedule.to_dict(),
-            "prediction": prediction,
+            "objective": objective,
+            **({"schedule": trainer._schedule.to_dict(), "prediction": prediction} if objective == "diffusion" else
+               {"mask_ratio": float(trainer.mask_ratio), "mask_block": list(trainer.resolved_mask_block())}),
             "ema_decay": ema_decay,
             "weights": "ema",
             "iterations": trainer.iterations_done(),
@@ -237,17 +283,65 @@ def pretrain(
             "train_cases": trainer.split_record()["train_cases"],
             "held_out_cases": trainer.split_record()["held_out_cases"],
         }
-        export_encoder(model.ema, encoder_path, provenance, reference_timestep)
+        # an MAE encoder has no timestep conditioning: exported with the identity affine at reference t = 0
+        export_encoder(model.ema, encoder_path, provenance, reference_timestep if objective == "diffusion" else 0)
         seg_net = build_network(plans_dict, seg_cfg, trainer.num_input_channels, len(dataset_json["labels"]))
         seg_hash = architecture_hash(architecture_of(plans_dict, seg_cfg))
         report = load_encoder(seg_net, encoder_path, seg_hash).summary()
         log.info("%s; the %s network of these plans loads it strictly", report, seg_cfg)
-        if sample_steps > 0:
+        if objective == "mae":
+            if sample_steps > 0:
+                sample_png = write_mae_sanity_picture(trainer, out / "reconstruction_sanity.png")
+        elif sample_steps > 0:
             sample_png = write_sanity_picture(trainer, out / "denoising_sanity.png", sample_steps)
         atomic_write_json(out / RUN_RECORD, {**record, "status": "done", "iterations_done": trainer.iterations_done(),
                                              "train_losses": train_losses, "val_losses": val_losses,
                                              "encoder": str(encoder_path)})
     return PretrainResult(out, encoder_path, trainer.iterations_done(), train_losses, val_losses, sample_png, report)
+
+
+def _middle_patch(trainer) -> "torch.Tensor":  # noqa: F821
+    """The centre patch (zero-padded to the patch size) of a held-out scan (a training scan if none), (1, C, *patch)."""
+    import torch
+
+    split = trainer.split_record()
+    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder, (split["held_out_cases"] or split["train_cases"])[:1])
+    data, *_ = ds.load_case(ds.identifiers[0])
+    data = np.asarray(data[:])
+    patch = trainer.configuration_manager.patch_size
+    starts = [max(0, (s - p) // 2) for s, p in zip(data.shape[1:], patch)]
+    crop = data[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(starts, patch))]
+    pad = [(0, 0)] + [(0, p - c) for c, p in zip(crop.shape[1:], patch)]
+    return torch.from_numpy(np.pad(crop, pad)).float()[None].to(trainer.device)
+
+
+def write_mae_sanity_picture(trainer, path: Path) -> Path:
+    """Middle slices of a held-out scan (a training scan if none): clean, masked (seeded mask), the EMA
+    network's reconstruction, and the clean voxels with the masked blocks replaced by the reconstruction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    x0 = _middle_patch(trainer)
+    g = torch.Generator().manual_seed(0)
+    masked, _, mask = trainer.masked_batch({"data": x0}, g)
+    model = trainer._model().ema.eval()
+    with torch.no_grad():
+        recon = model(masked).float()
+    panels = [("clean", x0), (f"masked ({trainer.mask_ratio:g} of blocks)", masked), ("reconstruction", recon),
+              ("clean + reconstructed blocks", torch.where(mask, recon, x0))]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    mid = x0.shape[2] // 2
+    for ax, (title, vol) in zip(axes, panels):
+        ax.imshow(vol[0, 0, mid].float().cpu().numpy(), cmap="gray", vmin=-2.5, vmax=2.5)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{trainer.plans_manager.dataset_name}: MAE, {trainer.iterations_done()} iterations (EMA weights)",
+                 fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=100)
 
 
 def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
@@ -262,15 +356,7 @@ def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
     from orthodiff_nnunet.diffusion import q_sample
     from orthodiff_nnunet.diffusion.sampling import ddim_sample
 
-    split = trainer.split_record()
-    ds = trainer.dataset_class(trainer.preprocessed_dataset_folder, (split["held_out_cases"] or split["train_cases"])[:1])
-    data, *_ = ds.load_case(ds.identifiers[0])
-    data = np.asarray(data[:])
-    patch = trainer.configuration_manager.patch_size
-    starts = [max(0, (s - p) // 2) for s, p in zip(data.shape[1:], patch)]
-    crop = data[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(starts, patch))]
-    pad = [(0, 0)] + [(0, p - c) for c, p in zip(crop.shape[1:], patch)]
-    x0 = torch.from_numpy(np.pad(crop, pad)).float()[None].to(trainer.device)
+    x0 = _middle_patch(trainer)
     model = trainer._model().ema.eval()
     sched = trainer._schedule
     g = torch.Generator().manual_seed(0)
@@ -292,6 +378,25 @@ def write_sanity_picture(trainer, path: Path, steps: int = 10) -> Path:
     fig.suptitle(f"{trainer.plans_manager.dataset_name}: {trainer.iterations_done()} iterations (EMA weights)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def fold_cases(dataset_name: str, folds: Sequence[int]) -> list[str]:
+    """The validation cases of ``folds`` in the dataset's ``splits_final.json`` (sorted, unique).
+
+    Raises:
+        OrthodiffError: no splits file, or a fold it does not have.
+    """
+    if not folds:
+        return []
+    f = paths.preprocessed_dir() / dataset_name / "splits_final.json"
+    if not f.is_file():
+        raise OrthodiffError(f"--exclude-fold: {f} does not exist; run `orthodiff plan_and_preprocess -d {dataset_name}` "
+                             "(it writes the converter's patient-grouped folds) or list the cases with --exclude-cases")
+    splits = json.loads(f.read_text())
+    bad = [k for k in folds if not 0 <= int(k) < len(splits)]
+    if bad:
+        raise OrthodiffError(f"--exclude-fold {bad[0]}: {f} has folds 0..{len(splits) - 1}")
+    return sorted({c for k in folds for c in splits[int(k)]["val"]})
 
 
 def check_orientation(dataset: int | str, orientation: str) -> None:

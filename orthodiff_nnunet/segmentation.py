@@ -754,15 +754,48 @@ def add_predict_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.A
                    help="processes for preprocessing and export (default 2; 0: in this process)")
     p.add_argument("--no-layout-check", action="store_true",
                    help="do not refuse images outside the converter's canonical layout")
+    p.add_argument("--dicom-seg", type=Path, default=None, metavar="OUT_DIR",
+                   help="also write each mask as a DICOM SEG on its source DICOM series (found through --key-file): "
+                        "OUT_DIR/<exam pseudonym>/seg_<orientation>.dcm. A SEG carries the source study's identifiers: "
+                        "OUT_DIR must be a private folder at the site, outside the nnU-Net folders")
+    p.add_argument("--key-file", type=Path, default=None,
+                   help="with --dicom-seg: the key table `orthodiff convert --key-file` wrote")
+    p.add_argument("--site-root", type=Path, default=None,
+                   help="with --dicom-seg: the site folder the key table's series paths are relative to "
+                        "(default: the key table's folder)")
     p.set_defaults(func=_run_predict_seg)
     return p
 
 
 def _run_predict_seg(args: argparse.Namespace) -> int:
+    dicom_seg = getattr(args, "dicom_seg", None)
+    if dicom_seg is not None:  # refuse a wrong destination or key table before predicting
+        from orthodiff_nnunet.io.dicom_seg import check_seg_destination, read_key_table
+
+        if args.key_file is None:
+            raise SegmentationError("--dicom-seg needs --key-file KEY.csv (the key table `orthodiff convert "
+                                    "--key-file` wrote) to find each case's source DICOM series")
+        check_seg_destination(dicom_seg)
+        read_key_table(args.key_file)
+    elif getattr(args, "key_file", None) is not None or getattr(args, "site_root", None) is not None:
+        raise SegmentationError("--key-file and --site-root apply to --dicom-seg OUT_DIR only: add it or leave them out")
     result = predict_segmentation(
         args.input, args.output, args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
         mirroring=not args.disable_tta, tile_step_size=args.step_size, num_processes=args.num_processes,
         check_layout=not args.no_layout_check,
     )
     print(result.summary())
+    if dicom_seg is not None:
+        from orthodiff_nnunet.io.dicom_seg import export_dicom_segs, label_names_from_dataset_json
+
+        model = Path(args.model).resolve()
+        model = model.parent if model.name.startswith("fold_") else model
+        dataset_json = json.loads((model / "dataset.json").read_text())
+        plans = json.loads((model / "plans.json").read_text())
+        export = export_dicom_segs(
+            result.masks, dicom_seg, args.key_file, label_names_from_dataset_json(dataset_json),
+            orientation=(plans.get("orthodiff") or {}).get("orientation"), site_root=args.site_root, file_ending=dataset_json["file_ending"],
+            algorithm_parameters={"model": model.name},
+        )
+        print(export.summary())
     return 0

@@ -176,3 +176,26 @@ def nnunet_stdout_to_log(logger: logging.Logger | None = None) -> Iterator[None]
         text = buffer.getvalue().strip()
         if text:
             (logger or logging.getLogger("orthodiff_nnunet")).debug("nnU-Net said:\n%s", text)
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` with numpy scalars (``np.str_``, ``np.int64``, ...) and paths turned into plain Python values.
+
+    Checkpoints that travel between sites are read with ``torch.load(weights_only=True)``, which
+    refuses anything but tensors and plain containers and values; nnU-Net hands out numpy strings
+    (``maybe_convert_to_dataset_name``) that would otherwise end up pickled in them. Tensors and
+    containers are kept (tuples stay tuples).
+    """
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {to_plain(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj) if type(obj) in (list, tuple) else [to_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj

@@ -120,7 +120,12 @@ def test_metrics_match_sklearn_and_bootstrap_is_seeded() -> None:
     again = classification_metrics(y, s, ["a", "b", "c"], {"a": 0.5, "b": 0.5, "c": 0.5}, n_boot=300, seed=3)
     assert again.labels[2].ci == c.ci and again.macro_ci == m.macro_ci
     other = classification_metrics(y, s, ["a", "b", "c"], n_boot=300, seed=4)
-    assert other.labels[0].ci["sensitivity"] is not None
+    # a separable label: every resample gives sensitivity 1; an all-positive label: sensitivity 3/6 at 0.5 with
+    # a non-degenerate interval around it, while its AUROC and specificity stay undefined (no negatives)
+    assert other.labels[0].ci["sensitivity"] == (1.0, 1.0)
+    lo, hi = other.labels[1].ci["sensitivity"]
+    assert other.labels[1].sensitivity == pytest.approx(0.5) and 0.0 < lo < 0.5 < hi < 1.0
+    assert all(math.isnan(v) for v in other.labels[1].ci["auroc"] + other.labels[1].ci["specificity"])
     assert "| **macro** |" in m.to_markdown() and json.dumps(m.to_dict())  # NaN -> null, JSON-safe
 
     # Youden threshold separates two separable classes; one class only falls back to 0.5
@@ -217,7 +222,10 @@ def test_noised_input_uses_pretrained_film(knee, tmp_path: Path) -> None:
     with torch.no_grad():
         for p in model.ema.film.parameters():
             p.normal_(0, 0.1)  # as if trained (they start at zero)
-    export_encoder(model.ema, tmp_path / "encoder.pt", {"schedule": {"name": "cosine", "num_steps": 1000}})
+    from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
+
+    export_encoder(model.ema, tmp_path / "encoder.pt", {"schedule": {"name": "cosine", "num_steps": 1000},
+                                                        "architecture_hash": architecture_hash(architecture_of(plans, "3d_diffusion"))})
 
     def branch(film: bool) -> ViewBranch:
         b = ViewBranch(build_network(plans, "3d_classification", 1, 1).encoder, noise_timestep=100, film=film)

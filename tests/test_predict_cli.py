@@ -184,3 +184,37 @@ def test_predict_seg_given_the_datasets_results_folder_names_the_model_folder(si
     assert Path(model) == site.seg_model
     assert cli(["predict", "seg", *rest, "-m", model]) == 0
     assert len(list((tmp_path / "m").glob("*.nii.gz"))) == 2
+
+
+def test_predict_seg_writes_dicom_segs_on_the_source_series(site, tmp_path, capsys):
+    """A DICOM site converted with --key-file, predicted with --dicom-seg: one SEG per case on its source slices,
+    equal to the predicted mask voxel for voxel (checks shared with tests/test_dicom_seg.py)."""
+    from conftest import PLANE_DIRECTIONS, write_manifest
+    from test_dicom_seg import _check_seg, _files_sorted
+
+    from orthodiff_nnunet.io.dicom import write_series
+    from orthodiff_nnunet.io.dicom_seg import label_names_from_dataset_json
+
+    dicom_site = tmp_path / "siteC"
+    arr = np.random.default_rng(5).integers(100, 1000, size=(6, 32, 28)).astype(np.int16)
+    files = write_series(dicom_site / "exam1", arr, spacing=(1.6, 1.6, 3.0), origin=(-20.0, 10.0, 30.0),
+                         direction=PLANE_DIRECTIONS["sag"].flatten().tolist(), patient_id="MRN-77", series_number=3)
+    manifest = write_manifest(dicom_site / "manifest.csv", [
+        {"case_id": "ACC-9", "patient_id": "MRN-77", "site": "SiteC", "field_strength": "3", "image": "exam1"}])
+    key = tmp_path / "private" / "key.csv"
+    assert cli(["convert", str(manifest), "-d", "597", "-n", "PredDcm", "--external", "-np", "1",
+                "--key-file", str(key)]) == 0
+    images = next((site.root / "raw").glob("Dataset597_*")) / "imagesTs"
+    capsys.readouterr()
+    out, segs = tmp_path / "masks", tmp_path / "private" / "segs"
+    assert cli(["predict", "seg", "-i", str(images), "-o", str(out), "-m", str(site.seg_model), "--device", "cpu",
+                "--disable-tta", "-np", "0", "--dicom-seg", str(segs), "--key-file", str(key),
+                "--site-root", str(dicom_site)]) == 0
+    assert "DICOM SEG: 1 written, 0 skipped" in capsys.readouterr().out
+    (mask,) = sorted(out.glob("*.nii.gz"))
+    (seg,) = sorted(segs.rglob("*.dcm"))
+    assert seg.parent.name == mask.name[: -len(".nii.gz")] and seg.name == "seg_sag.dcm"
+    import json
+
+    names = label_names_from_dataset_json(json.loads((Path(site.seg_model) / "dataset.json").read_text()))
+    _check_seg(seg, _files_sorted(files), sitk.ReadImage(str(mask)), names, require_foreground=False)

@@ -50,13 +50,19 @@ def _run_cli(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "orthodiff_nnunet.cli", *args], env=dict(os.environ), **kw)
 
 
-def test_loss_falls_and_encoder_loads_strictly(planned):
+@pytest.fixture(scope="module")
+def pretrained(planned):
+    """40 diffusion iterations on the tiny plans: the run whose encoder the tests below inspect."""
     from orthodiff_nnunet.pretraining import pretrain
 
-    root, plans_id = planned
     torch.manual_seed(0)
-    result = pretrain(521, plans=plans_id, iterations=40, checkpoint_every=10, learning_rate=2e-3,
-                      device="cpu", sample_steps=3)
+    return pretrain(521, plans=planned[1], iterations=40, checkpoint_every=10, learning_rate=2e-3,
+                    device="cpu", sample_steps=3)
+
+
+def test_loss_falls_and_encoder_loads_strictly(planned, pretrained):
+    root, plans_id = planned
+    result = pretrained
     assert result.iterations == 40
     assert len(result.train_losses) == 4
     assert result.train_losses[-1] < 0.75 * result.train_losses[0], result.train_losses
@@ -88,10 +94,9 @@ def test_loss_falls_and_encoder_loads_strictly(planned):
     assert any(not torch.equal(a, b) for a, b in zip(fresh.encoder.state_dict().values(), payload["state_dict"].values()))
 
 
-def test_mismatched_network_is_refused(planned):
+def test_mismatched_network_is_refused(planned, pretrained):
     root, plans_id = planned
-    folder = root / "res" / DATASET
-    encoder = next(folder.glob(f"*__{plans_id}__3d_diffusion/fold_all/encoder.pt"))
+    encoder = pretrained.encoder_path
     plans = json.loads((root / "pre" / DATASET / f"{plans_id}.json").read_text())
     other_id = write_shrunk_plans(root / "pre" / DATASET, plans_id, "tinierPlans", max_features=4)
     other = json.loads((root / "pre" / DATASET / f"{other_id}.json").read_text())
@@ -105,8 +110,6 @@ def test_mismatched_network_is_refused(planned):
 
 def test_kill_and_resume_ends_at_same_iteration_and_optimizer_state(planned):
     root, plans_id = planned
-    out = root / "res" / DATASET / f"nnUNetTrainerOrthoDiffPretrain__{plans_id}__3d_diffusion" / "fold_all"
-    assert (out / "checkpoint_final.pth").is_file()  # from the first test; this run uses other plans
     other = write_shrunk_plans(root / "pre" / DATASET, plans_id, "resumePlans")
     out = root / "res" / DATASET / f"nnUNetTrainerOrthoDiffPretrain__{other}__3d_diffusion" / "fold_all"
     args = ["pretrain", "-d", "521", "-p", other, "--iterations", "40", "--checkpoint-every", "10",

@@ -90,7 +90,7 @@ from orthodiff_nnunet.evaluation.classification import choose_thresholds, classi
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.classifier import MultiViewClassifier, build_classifier, load_timestep_film
 from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
-from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -526,6 +526,8 @@ class nnUNetTrainerOrthoDiffCls:
         self.label_fraction = 1.0
         self.label_fraction_seed = 12345
         self.test_fold: TestFold = "auto"  # held-out test set: "auto" (next fold), a fold, or None
+        self.allow_pretraining_overlap = False  # accept encoders pretrained on scans of the test exams
+        self.pretraining_overlap: dict[str, int] = {}  # view -> test exams whose scan the encoder saw
         self.precision: Precision = "auto"  # what was asked for; resolved by choose_precision()
         self.precision_requested: Precision = "auto"
         self.mirror_axes: MirrorAxes = "lr"
@@ -567,6 +569,7 @@ class nnUNetTrainerOrthoDiffCls:
             "label_names": list(self.label_names),
             "mode": self.mode,
             "encoders": {v: (str(p) if p else None) for v, p in self.encoder_paths.items()},
+            "pretraining_saw_test_exams": dict(self.pretraining_overlap),
             "noise_timesteps": {v: int(self.noise_timesteps.get(v, 0)) for v in self.views},
             "schedules": self.schedules(),
             "film": self.film_views(),
@@ -737,7 +740,39 @@ class nnUNetTrainerOrthoDiffCls:
             noise_timesteps=self.noise_timesteps, schedules=self.schedules(), film=self.film_views(),
             dropout=self.dropout)
 
+    def _check_pretraining_overlap(self) -> None:
+        """Refuse encoders whose pretraining saw a scan of a test exam (unless the user accepts it).
+
+        Pretraining uses no labels, but a test scan it was trained on is no longer unseen: the
+        reported test figures would be optimistic. The encoder's provenance lists the cases it was
+        trained on (``train_cases``); an encoder without that list is accepted with a warning.
+        """
+        from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
+
+        for v, path in sorted(self.encoder_paths.items()):
+            if path is None or not self.exams_test:
+                continue
+            prov = read_encoder_checkpoint(path).get("provenance") or {}
+            if "train_cases" not in prov:
+                log.warning("%s: encoder %s does not record the scans it was pretrained on; cannot check that the "
+                            "test exams were unseen", v, path)
+                continue
+            seen = set(prov["train_cases"])
+            hits = sorted(e.exam for e in self.exams_test if e.has(v) and e.cases[v] in seen)
+            self.pretraining_overlap[v] = len(hits)
+            if hits and not self.allow_pretraining_overlap:
+                raise ClassificationError(
+                    f"the {v} encoder {path} was pretrained on scans of {len(hits)} of the {len(self.exams_test)} test "
+                    f"exams ({self.split.test_source}; e.g. exam {hits[0]}), so they are not unseen. Pretrain "
+                    f"{self.views[v].dataset_name} without them (`orthodiff pretrain -d "
+                    f"{self.views[v].dataset_name} --exclude-fold <test fold>` or --exclude-cases), train with "
+                    "--test-fold none, or accept it with --allow-pretraining-overlap (recorded in classifier.json)")
+            if hits:
+                log.warning("%s: the encoder saw %d test exams during pretraining (accepted by "
+                            "--allow-pretraining-overlap; recorded)", v, len(hits))
+
     def _load_encoders(self) -> None:
+        self._check_pretraining_overlap()
         for v, branch in self.network.branches.items():
             path = self.encoder_paths.get(v)
             if path is None:
@@ -1065,12 +1100,13 @@ class nnUNetTrainerOrthoDiffCls:
     def save_checkpoint(self, path: Path) -> None:
         """Atomic: written to a temporary name, then renamed."""
         payload = {
-            "format": CHECKPOINT_FORMAT, "config": self.config(), "network_weights": self.network.state_dict(),
+            "format": CHECKPOINT_FORMAT, "config": to_plain(self.config()), "network_weights": self.network.state_dict(),
             "optimizer_state": self.optimizer.state_dict() if self.optimizer else None,
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler else None,
             "lr_scheduler_state": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "current_epoch": self.current_epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-            "history": self.history, "load_reports": self.load_reports, "precision_timings": self.precision_timings,
+            "history": to_plain(self.history), "load_reports": to_plain(self.load_reports),
+            "precision_timings": to_plain(self.precision_timings),
         }
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -1078,7 +1114,7 @@ class nnUNetTrainerOrthoDiffCls:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path, weights_only: bool = False) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_classifier_checkpoint(path)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ClassificationError(f"{path} is not an orthodiff classifier checkpoint")
         self.network.load_state_dict(ckpt["network_weights"])
@@ -1104,6 +1140,20 @@ class nnUNetTrainerOrthoDiffCls:
         self.best_metric, self.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
         renamed = {"val_mean_auroc": "selection_mean_auroc", "val_loss": "selection_loss"}  # runs before the rename
         self.history = [{renamed.get(k, k): v for k, v in row.items()} for row in ckpt["history"]]
+
+
+def read_classifier_checkpoint(path: Path) -> dict:
+    """A classifier checkpoint's payload, loaded with ``weights_only=True`` (tensors and plain values only).
+
+    Raises:
+        ClassificationError: naming the file when it is not a plain orthodiff classifier checkpoint.
+    """
+    from orthodiff_nnunet.networks.encoder_io import safe_torch_load
+
+    payload = safe_torch_load(Path(path), "classifier checkpoint", ClassificationError)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ClassificationError(f"{path} is not an orthodiff classifier checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
 
 
 def write_predictions_csv(path: Path, exams: Sequence[Exam], probs: np.ndarray, label_names: Sequence[str],

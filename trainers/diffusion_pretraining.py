@@ -56,8 +56,8 @@ class DiffusionModel(nn.Module):
         self.ema.requires_grad_(False)
         self.ema_decay = ema_decay
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(x, t)
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, *args)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -72,7 +72,14 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
     """Denoising-diffusion pretraining on (unlabeled) preprocessed scans of one orientation.
 
     Set the public attributes below before :meth:`initialize` (the ``orthodiff pretrain`` API does).
+    Another objective on the same network and data path (the masked-autoencoder control,
+    ``trainers/mae_pretraining.py``) overrides the hooks :meth:`objective_config`,
+    :meth:`_step_inputs`, :meth:`_loss_label` and :meth:`build_network_architecture`.
     """
+
+    #: what ``objective_config`` is written to beside the checkpoints (checked on --resume)
+    OBJECTIVE = "diffusion"
+    CONFIG_FILE = "diffusion_config.json"
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -126,6 +133,10 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
     def diffusion_config(self) -> dict:
         return {"schedule": self.schedule_name, "num_timesteps": self.num_timesteps, "prediction": self.prediction,
                 "min_snr_gamma": self.min_snr_gamma, "ema_decay": self.ema_decay, "precision": self.precision}
+
+    def objective_config(self) -> dict:
+        """The objective's settings, written to :attr:`CONFIG_FILE` and compared on --resume."""
+        return self.diffusion_config()
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -309,11 +320,19 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         weights = None if self.min_snr_gamma is None else min_snr_weights(self._schedule, t, self.min_snr_gamma, self.prediction)
         return x_t, t, target, weights
 
+    def _step_inputs(self, batch: dict, generator: torch.Generator | None = None):
+        """(network arguments, target, loss extra) of one step: here ((x_t, t), noise or v, min-SNR weights).
+
+        Draws from ``generator`` (validation: fixed) or from torch's global stream (training).
+        """
+        x_t, t, target, weights = self._noised(batch, generator)
+        return (x_t, t), target, weights
+
     def train_step(self, batch: dict) -> dict:
-        x_t, t, target, weights = self._noised(batch)
+        args, target, extra = self._step_inputs(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.loss(self.network(x_t, t), target, weights)
+            loss = self.loss(self.network(*args), target, extra)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -333,12 +352,12 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
-        self._val_generator = torch.Generator().manual_seed(1234)  # same timesteps and noise every epoch
+        self._val_generator = torch.Generator().manual_seed(1234)  # same timesteps and noise (masks) every epoch
 
     def validation_step(self, batch: dict) -> dict:
-        x_t, t, target, weights = self._noised(batch, self._val_generator)
+        args, target, extra = self._step_inputs(batch, self._val_generator)
         with self._autocast():
-            loss = self.loss(self._model().ema(x_t, t), target, weights)
+            loss = self.loss(self._model().ema(*args), target, extra)
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
@@ -363,6 +382,10 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             self._write_loss_curve()
         self.current_epoch += 1
 
+    def _loss_label(self) -> str:
+        """The y-axis label of the loss curve (what the loss measures)."""
+        return f"{self.prediction} MSE"
+
     def _write_loss_curve(self) -> None:
         import matplotlib
 
@@ -378,7 +401,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         ax.plot(its, tr, label="train")
         ax.plot(its, va, label="validation (EMA weights)")
         ax.set_xlabel("iteration")
-        ax.set_ylabel(f"{self.prediction} MSE")
+        ax.set_ylabel(self._loss_label())
         ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
@@ -425,7 +448,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             del ckpt
             os.replace(f"{tmp}.rng", filename)
             os.remove(tmp)
-            atomic_write_json(Path(self.output_folder, "diffusion_config.json"), self.diffusion_config())
+            atomic_write_json(Path(self.output_folder, self.CONFIG_FILE), self.objective_config())
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's load; the checkpoint's RNG states are restored when the next epoch starts."""

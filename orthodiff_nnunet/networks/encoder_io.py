@@ -32,6 +32,7 @@ from orthodiff_nnunet import __version__
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.conditioning import (EncoderConditioning, TimestepConditionedNetwork,
                                                     install_stage_affine, set_stage_affine)
+from orthodiff_nnunet.utils import to_plain
 
 FORMAT = "orthodiff-encoder/2"
 OLD_FORMATS = ("orthodiff-encoder/1",)
@@ -52,10 +53,13 @@ class EncoderLoadReport:
 
     def summary(self) -> str:
         p = self.provenance
-        return (f"loaded {self.tensors} encoder tensors ({self.parameters / 1e6:.2f} M values) pretrained on "
+        head = (f"loaded {self.tensors} encoder tensors ({self.parameters / 1e6:.2f} M values) pretrained on "
                 f"{p.get('dataset', '?')} ({p.get('orientation', '?')}, {p.get('iterations', '?')} iterations, "
-                f"{p.get('scans', '?')} scans, {p.get('schedule', {}).get('name', '?')} schedule), "
-                f"timestep conditioning of t={self.timestep}")
+                f"{p.get('scans', '?')} scans, ")
+        if p.get("conditioned", True) is False:  # e.g. the masked-autoencoder control: nothing depends on t
+            return head + f"{p.get('objective', '?')} objective), no timestep conditioning (identity affine)"
+        return head + (f"{(p.get('schedule') or {}).get('name', '?')} schedule), "
+                       f"timestep conditioning of t={self.timestep}")
 
 
 def encoder_of(network: nn.Module) -> nn.Module:
@@ -80,6 +84,9 @@ def export_encoder(network: nn.Module, path: Path, provenance: dict, reference_t
         provenance: what the encoder was trained on (written as given, plus versions and time).
         reference_timestep: the timestep whose FiLM is folded into the stage buffers (0: clean input).
     """
+    if not provenance.get("architecture_hash"):
+        raise ValueError("export_encoder needs provenance['architecture_hash'] (networks.build.architecture_hash of "
+                         "the plans' configuration): consumers refuse an encoder that does not say what it fits")
     cond_net = network
     for attr in ("module", "_orig_mod"):
         cond_net = getattr(cond_net, attr, cond_net)
@@ -91,7 +98,7 @@ def export_encoder(network: nn.Module, path: Path, provenance: dict, reference_t
         "format": FORMAT,
         "state_dict": state,
         "conditioning": conditioning.to_payload() if conditioning is not None else None,
-        "provenance": {**provenance, "reference_timestep": int(reference_timestep),
+        "provenance": {**to_plain(provenance), "reference_timestep": int(reference_timestep),
                        "conditioned": conditioning is not None,
                        "orthodiff_version": __version__, "nnunetv2_version": _nnunet_version(),
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
@@ -108,7 +115,7 @@ def read_encoder_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EncoderMismatchError(f"encoder checkpoint {path} does not exist: run `orthodiff pretrain` first or fix the path")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = safe_torch_load(path, "encoder checkpoint", EncoderMismatchError)
     if isinstance(payload, dict) and payload.get("format") in OLD_FORMATS:
         raise EncoderMismatchError(
             f"{path} is an {payload['format']} encoder (weights only): without the pretraining's timestep "
@@ -117,7 +124,33 @@ def read_encoder_checkpoint(path: Path) -> dict:
             "(the checkpoint there holds the conditioning; no iterations are repeated)")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise EncoderMismatchError(f"{path} is not an orthodiff encoder checkpoint (format {FORMAT})")
+    if not (payload.get("provenance") or {}).get("architecture_hash"):
+        raise EncoderMismatchError(
+            f"{path} records no architecture hash, so nothing tells which network it fits: re-export it with the "
+            "same `orthodiff pretrain` command and --resume in its pretraining folder")
     return payload
+
+
+def safe_torch_load(path: Path, what: str, error: type[Exception]) -> object:
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, never pickled code.
+
+    Encoder and classifier checkpoints travel between sites; a pickle can run arbitrary code when it is
+    loaded, and their payload needs nothing beyond tensors, dicts, lists, strings and numbers.
+
+    Raises:
+        error: naming the file when it holds anything else (or is not a torch file at all).
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise error(f"{path} is not a plain {what}: it holds objects other than tensors and plain values, and "
+                    f"loading it could run code from the file ({str(exc).splitlines()[0][:200]}). Use a {what} "
+                    "written by orthodiff, or ask its sender to re-export it") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise error(f"{path} cannot be read as a {what} ({exc.__class__.__name__}: {str(exc)[:200]}); the file "
+                    "may be truncated: copy it again or re-export it") from exc
 
 
 def conditioning_of(payload: dict) -> EncoderConditioning | None:
@@ -145,7 +178,7 @@ def load_encoder(network: nn.Module, path: Path, architecture_hash: str | None =
     """
     payload = read_encoder_checkpoint(path)
     prov = payload.get("provenance", {})
-    if architecture_hash is not None and prov.get("architecture_hash") not in (None, architecture_hash):
+    if architecture_hash is not None and prov["architecture_hash"] != architecture_hash:
         raise EncoderMismatchError(
             f"encoder {path} was pretrained with architecture {prov.get('architecture_hash')} "
             f"({prov.get('plans_identifier')}, {prov.get('orientation')}), this network has {architecture_hash}: "
@@ -171,6 +204,8 @@ def load_encoder(network: nn.Module, path: Path, architecture_hash: str | None =
     encoder.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in incoming.items()}, strict=True)
     reference = int(prov.get("reference_timestep", 0))
     if timestep is not None and int(timestep) != reference:
+        # an encoder that was never conditioned (conditioning None, e.g. the MAE control) computed the same
+        # function at every timestep: the identity affine it was exported with is right at any t
         cond = conditioning_of(payload)
         set_stage_affine(encoder, cond.affine(int(timestep)) if cond is not None else None)
     return EncoderLoadReport(tensors=len(incoming), parameters=sum(v.numel() for v in incoming.values()), provenance=prov,
