@@ -37,8 +37,13 @@ Protocol (knees = patients; both time points of a knee always stay together):
 
 Usage::
 
-    OMP_NUM_THREADS=2 python bench/label_efficiency.py --work /tmp/orthodiff_label_efficiency2
-    python bench/label_efficiency.py --size full --work /scratch/le_full      # GPU, plans unchanged
+    OMP_NUM_THREADS=1 python bench/label_efficiency.py --work /tmp/orthodiff_label_efficiency2   # 3 lanes
+    python bench/label_efficiency.py --size full --lanes 1 --work /scratch/le_full   # GPU, plans unchanged
+    python bench/label_efficiency.py --only-analysis --work ...                     # tables from what is there
+
+On a shared 2-core machine torch with 2 threads ran 3.4x slower than with 1, so the default runs three
+processes (``--lanes``) of one thread each; the recorded run (BENCHMARKS.md) got 350 iterations per arm,
+far too few to converge: give ``--epochs`` accordingly where more CPU time is available.
 
 Every stage reuses what the work folder holds (delete it, or a stage's folder, to redo it). Writes
 ``results.json``, ``results.md`` and the figures into the work folder.
