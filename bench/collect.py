@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,9 @@ def main(argv=None) -> None:
     for f in files:
         parts.append(f"\n## {f.stem.replace('_', ' ').capitalize()} (`bench/results/{f.name}`)\n")
         text = f.read_text().strip()
+        # links relative to the result file (figures beside it) are made relative to the output file
+        prefix = os.path.relpath(results.resolve(), args.out.resolve().parent).replace(os.sep, "/")
+        text = re.sub(r"\]\((?![a-z]+:|/|#)([^)\s]+)\)", lambda m: f"]({prefix}/{m.group(1)})", text)
         # demote the file's own headings below this section's
         parts.append("\n".join(("#" + line) if line.startswith("#") else line for line in text.splitlines()))
     args.out.write_text("\n".join(parts) + "\n")
