@@ -26,17 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from common import REPO, cpu_model
 
 
 def main() -> int:
@@ -89,7 +79,7 @@ def main() -> int:
     lines = [
         f"## {now:%Y-%m-%d %H:%M} UTC: {rows[0][2]} files, {args.workers} workers",
         "",
-        f"Machine: {_cpu()}, {len(os.sched_getaffinity(0))} usable cores, shared with other jobs (load average "
+        f"Machine: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores, shared with other jobs (load average "
         f"{load[0]:.1f} at the end); Python {platform.python_version()}.",
         f"Command: `{cmd}`. Export: {args.exams} exams x (9-image localizer, sag/cor/ax of {args.slices} slices, "
         f"a 2-echo series), 16x16 pixels, written in {gen_s:.0f} s; files in the page cache before each scan.",
