@@ -679,7 +679,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from orthodiff_nnunet.pretraining import resolve_device
+    from orthodiff_nnunet.conventions import resolve_device
 
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)

@@ -189,7 +189,7 @@ def prepare_data(args, work: Path) -> tuple[str, str, str]:
 
     from orthodiff_nnunet.networks.build import write_shrunk_plans
     from orthodiff_nnunet.paths import preprocessed_dir
-    from orthodiff_nnunet.pretraining import find_plans
+    from orthodiff_nnunet.conventions import find_plans
 
     if args.dataset:
         name = maybe_convert_to_dataset_name(int(args.dataset) if args.dataset.isdigit() else args.dataset)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from orthodiff_nnunet.pretraining import resolve_device
+    from orthodiff_nnunet.conventions import resolve_device
     from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
 
     device = resolve_device(args.device)

@@ -449,6 +449,7 @@ def run_arm(args) -> int:
     import numpy as np
     import torch
 
+    from orthodiff_nnunet.conventions import SEG_RUN_RECORD
     from orthodiff_nnunet.paths import set_nnunet_paths
     from orthodiff_nnunet.segmentation import predict_segmentation, train_segmentation
 
@@ -479,7 +480,7 @@ def run_arm(args) -> int:
                            encoder=encoder, plans=plans, device=args.device, validate=False,
                            continue_training=(fold_dir / "checkpoint_latest.pth").is_file(), checkpoint_minutes=3, **kw)
     train_wall, train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    record = json.loads((fold_dir / "orthodiff_seg_run.json").read_text())
+    record = json.loads((fold_dir / SEG_RUN_RECORD).read_text())
     expected = json.loads((work / "preprocessed" / dataset / "splits_final.json").read_text())[fold]["train"]
     if sorted(record["training_cases"]) != sorted(expected):
         raise SystemExit(f"{fold_dir}: trained on {record['training_cases']}, expected {expected}")
@@ -839,7 +840,7 @@ def _train_wall(arm: dict) -> float:
 
 
 def _device(args):
-    from orthodiff_nnunet.pretraining import resolve_device
+    from orthodiff_nnunet.conventions import resolve_device
 
     return resolve_device(args.device)
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from orthodiff_nnunet.conventions import SEGMENTATION_CONFIGURATION
 from orthodiff_nnunet.dataset_conversion.site_converter import ConversionResult, convert_site
 
 log = logging.getLogger(__name__)
@@ -226,8 +227,8 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
     with console.stage("plan_and_preprocess", ["orthodiff plan_and_preprocess -d 501 502 503 -np 1"]) as stage:
         planning = plan_and_preprocess([501, 502, 503], num_processes=1, show_progress=True)
         details.append(planning.summary())
-        fullres = {d.orientation: d.configuration("3d_fullres") for d in planning.datasets}
-        stage.figures = "3d_fullres patch " + ", ".join(
+        fullres = {d.orientation: d.configuration(SEGMENTATION_CONFIGURATION) for d in planning.datasets}
+        stage.figures = f"{SEGMENTATION_CONFIGURATION} patch " + ", ".join(
             f"{o} {'x'.join(str(s) for s in c.patch_size)}" for o, c in fullres.items())
 
     os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in-process: small data, 2 cores

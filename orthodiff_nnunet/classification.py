@@ -42,20 +42,25 @@ from typing import Literal
 
 from orthodiff_nnunet import paths
 from orthodiff_nnunet.console import output_to_log
+from orthodiff_nnunet.conventions import (
+    CLASSIFICATION_CONFIGURATION,
+    CLS_CONFIG_FILE,
+    CLS_TRAINER,
+    CLS_THRESHOLDS_FILE,
+    default_encoder_path,
+    find_plans,
+    resolve_device,
+)
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.schemes import ORIENTATION_ID_OFFSET, ORIENTATIONS, normalize_orientation
 from orthodiff_nnunet.utils import load_json
 
 log = logging.getLogger(__name__)
 
-TRAINER_NAME = "nnUNetTrainerOrthoDiffCls"
 CONSOLE_LOG = "console.log"  # a quiet run's console output (per-epoch lines), in its output folder
-PRETRAIN_TRAINER_NAME = "nnUNetTrainerOrthoDiffPretrain"
-CONFIGURATION = "3d_classification"
 
 __all__ = ["ClassificationTrainResult", "ClassificationPredictResult", "train_classification",
-           "predict_classification", "add_train_cls_parser", "add_predict_cls_parser", "resolve_views",
-           "default_encoder_path"]
+           "predict_classification", "add_train_cls_parser", "add_predict_cls_parser", "resolve_views"]
 
 
 class ClassificationUsageError(OrthodiffError):
@@ -136,14 +141,7 @@ def resolve_views(datasets: Sequence[int | str] | int | str, views: Sequence[str
     return {v: found[v] for v in order}
 
 
-def default_encoder_path(dataset_name: str, plans_identifier: str, results: Path | None = None) -> Path:
-    """Where ``orthodiff pretrain`` writes the encoder of ``dataset_name`` with these plans."""
-    return (paths.results_dir(results) / dataset_name / f"{PRETRAIN_TRAINER_NAME}__{plans_identifier}__3d_diffusion"
-            / "fold_all" / "encoder.pt")
-
-
 def _view_data(view: str, dataset_name: str, plans_identifier: str | None, configuration: str):
-    from orthodiff_nnunet.pretraining import find_plans
     from orthodiff_nnunet.trainers.classification import ViewData
 
     ident, plans = find_plans(dataset_name, plans_identifier)
@@ -226,7 +224,7 @@ def train_classification(
     *,
     views: Sequence[str] | None = None,
     plans: str | None = None,
-    configuration: str = CONFIGURATION,
+    configuration: str = CLASSIFICATION_CONFIGURATION,
     fold: int | str = 0,
     mode: Literal["finetune", "probe", "scratch"] = "finetune",
     encoders: Mapping[str, Path] | Path | None = None,
@@ -303,7 +301,6 @@ def train_classification(
             progress bar and warnings stay on the console.
     """
     from orthodiff_nnunet.data.targets import load_dataset_targets
-    from orthodiff_nnunet.pretraining import resolve_device
     from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
 
     view_names = resolve_views(dataset, views)
@@ -335,7 +332,7 @@ def train_classification(
                                + ([f"lf{label_fraction:g}"] if label_fraction < 1 else [])
                                + ([f"t{'-'.join(str(timesteps.get(v, 0)) for v in order)}"] if any(timesteps.values()) else []))
     out = Path(output_folder) if output_folder else (
-        paths.results_dir() / view_names[order[0]] / f"{TRAINER_NAME}__{vds[order[0]].plans_identifier}__{configuration}"
+        paths.results_dir() / view_names[order[0]] / f"{CLS_TRAINER}__{vds[order[0]].plans_identifier}__{configuration}"
         / run / f"fold_{fold}")
     latest = out / "checkpoint_latest.pth"
     if (out / "checkpoint_final.pth").is_file() and not resume:
@@ -480,7 +477,6 @@ def predict_classification(
     from orthodiff_nnunet.data.targets import TargetsError, TargetsFile, load_dataset_targets, match_exams
     from orthodiff_nnunet.evaluation.classification import classification_metrics
     from orthodiff_nnunet.plans import preprocessing_hash
-    from orthodiff_nnunet.pretraining import resolve_device
     from orthodiff_nnunet.trainers.classification import (
         ViewData,
         nnUNetTrainerOrthoDiffCls,
@@ -489,10 +485,10 @@ def predict_classification(
     from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
 
     model_folder = Path(model_folder)
-    if not (model_folder / "classifier.json").is_file():
+    if not (model_folder / CLS_CONFIG_FILE).is_file():
         raise ClassificationUsageError(f"{model_folder} is not a trained classifier (no classifier.json): give a "
                                        "training run's fold folder")
-    cfg = load_json(model_folder / "classifier.json")
+    cfg = load_json(model_folder / CLS_CONFIG_FILE)
     ckpt_path = model_folder / f"checkpoint_{checkpoint}.pth"
     if not ckpt_path.is_file():
         raise ClassificationUsageError(f"{ckpt_path} not found (the run did not finish?)")
@@ -578,7 +574,7 @@ def predict_classification(
                                            f"{sorted(unknown)[:3]}")
         all_exams = [e for e in all_exams if e.exam in wanted]
     exams = all_exams
-    thr_file = model_folder / "thresholds.json"
+    thr_file = model_folder / CLS_THRESHOLDS_FILE
     thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in cfg["label_names"]}
     start = time.perf_counter()
     probs = trainer.predict_exams(exams)
@@ -657,7 +653,7 @@ def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help="a dataset id/name standing for its sag/cor/ax group, or one dataset per view")
     p.add_argument("--views", nargs="+", default=None, help="views to fuse, in order (default: all found)")
     p.add_argument("-p", "--plans", default=None, help="plans identifier (default orthodiffResEncMPlans)")
-    p.add_argument("-c", "--configuration", default=CONFIGURATION, help=f"default {CONFIGURATION}")
+    p.add_argument("-c", "--configuration", default=CLASSIFICATION_CONFIGURATION, help=f"default {CLASSIFICATION_CONFIGURATION}")
     p.add_argument("-f", "--fold", type=_fold, default=0,
                    help="fold of splits_final.json: its validation exams select the checkpoint and thresholds; "
                         "or 'all' (default 0)")

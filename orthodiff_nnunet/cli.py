@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from orthodiff_nnunet import __version__
+from orthodiff_nnunet.conventions import DEFAULT_PLANS_ORDER, DIFFUSION_CONFIGURATION
 
 log = logging.getLogger("orthodiff")
 
@@ -202,8 +203,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name (one orientation)")
     p.add_argument("--orientation", choices=["sag", "cor", "ax"], default=None,
                    help="check that the dataset has this orientation")
-    p.add_argument("-p", "--plans", default=None, help="plans identifier (default: orthodiffResEncMPlans, else orthodiffPlans)")
-    p.add_argument("-c", "--configuration", default="3d_diffusion", help="diffusion configuration (default 3d_diffusion)")
+    p.add_argument("-p", "--plans", default=None, help=f"plans identifier (default: {', else '.join(DEFAULT_PLANS_ORDER)})")
+    p.add_argument("-c", "--configuration", default=DIFFUSION_CONFIGURATION,
+                   help=f"diffusion configuration (default {DIFFUSION_CONFIGURATION})")
     p.add_argument("--objective", choices=["diffusion", "mae"], default="diffusion",
                    help="diffusion: denoising diffusion (the method, default); mae: masked autoencoder on the same "
                         "network and data (the control: blocks of the input set to 0, MSE on them, no timestep)")

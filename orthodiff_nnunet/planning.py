@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from orthodiff_nnunet.conventions import PLAIN_PLANS, RESENC_M_PLANS
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.paths import preprocessed_dir, raw_dir, set_nnunet_paths
 from orthodiff_nnunet.plans import (
@@ -91,8 +92,8 @@ __all__ = [
 PlannerName = Literal["resenc_m", "plain"]
 #: planner name -> (class name in orthodiff_nnunet.planners, plans identifier, default GPU memory target in GB)
 PLANNERS: dict[str, tuple[str, str, float]] = {
-    "resenc_m": ("OrthodiffResEncMPlanner", "orthodiffResEncMPlans", 8.0),
-    "plain": ("OrthodiffPlainPlanner", "orthodiffPlans", 8.0),
+    "resenc_m": ("OrthodiffResEncMPlanner", RESENC_M_PLANS, 8.0),
+    "plain": ("OrthodiffPlainPlanner", PLAIN_PLANS, 8.0),
 }
 #: Configurations preprocessed by default; all three share one data identifier, so one pass.
 DEFAULT_CONFIGURATIONS: tuple[str, ...] = (

@@ -25,6 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from orthodiff_nnunet.conventions import CLASSIFICATION_CONFIGURATION, DIFFUSION_CONFIGURATION, SEGMENTATION_CONFIGURATION
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.orientation import THROUGH_PLANE_NUMPY_AXIS
 from orthodiff_nnunet.schemes import ORIENTATIONS, Orientation
@@ -54,9 +55,6 @@ __all__ = [
 BLOCK_KEY = "orthodiff"
 BLOCK_VERSION = 1
 
-SEGMENTATION_CONFIGURATION = "3d_fullres"
-DIFFUSION_CONFIGURATION = "3d_diffusion"
-CLASSIFICATION_CONFIGURATION = "3d_classification"
 
 Role = Literal["segmentation", "diffusion", "classification"]
 #: role -> default configuration name; the block records the names actually used.

@@ -20,15 +20,20 @@ from typing import Literal, Sequence
 import numpy as np
 
 from orthodiff_nnunet import paths
+from orthodiff_nnunet.conventions import (
+    ENCODER_FILE,
+    PRETRAIN_FOLD,
+    DIFFUSION_CONFIGURATION,
+    PRETRAIN_RUN_RECORD,
+    SEGMENTATION_CONFIGURATION,
+    find_plans,
+    resolve_device,
+)
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.utils import atomic_write_json, save_figure
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_FOLD = "all"  # unlabeled pretraining uses every scan (less a held-out fraction for validation)
-ENCODER_FILE = "encoder.pt"
-RUN_RECORD = "orthodiff_pretrain_run.json"
-DEFAULT_PLANS_ORDER = ("orthodiffResEncMPlans", "orthodiffPlans")
 OBJECTIVES = ("diffusion", "mae")
 
 
@@ -65,35 +70,11 @@ class PretrainResult:
                 + (f"\nsanity picture: {self.sample_png}" if self.sample_png else ""))
 
 
-def find_plans(dataset_name: str, plans_identifier: str | None = None) -> tuple[str, dict]:
-    """The dataset's plans (the given identifier, else orthodiff's ResEnc-M, else plain plans)."""
-    folder = paths.preprocessed_dir() / dataset_name
-    candidates = [plans_identifier] if plans_identifier else list(DEFAULT_PLANS_ORDER)
-    for ident in candidates:
-        f = folder / f"{ident}.json"
-        if f.is_file():
-            return ident, json.loads(f.read_text())
-    raise OrthodiffError(
-        f"no plans {' or '.join(candidates)} for {dataset_name} in {folder}: "
-        f"run `orthodiff plan_and_preprocess -d {dataset_name}` first"
-    )
-
-
-def resolve_device(device: str) -> "torch.device":  # noqa: F821
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise OrthodiffError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
-
-
 def pretrain(
     dataset: int | str,
     *,
     plans: str | None = None,
-    configuration: str = "3d_diffusion",
+    configuration: str = DIFFUSION_CONFIGURATION,
     iterations: int = 2000,
     checkpoint_every: int = 250,
     schedule: Literal["cosine", "linear"] = "cosine",
@@ -234,17 +215,17 @@ def pretrain(
         differs = {k: (saved[k], now.get(k)) for k in saved if k != "precision" and saved.get(k) != now.get(k)}
         if differs:
             raise OrthodiffError(f"--resume with other {objective} settings than the run's: {differs}")
-        if not (out / RUN_RECORD).is_file():  # a run from before held-out validation trained on every scan
+        if not (out / PRETRAIN_RUN_RECORD).is_file():  # a run from before held-out validation trained on every scan
             log.warning("%s has no %s: the run trained on every scan; resuming it so (nothing held out)",
-                        out, RUN_RECORD)
+                        out, PRETRAIN_RUN_RECORD)
             trainer.val_fraction = 0.0
         trainer.load_checkpoint(str(latest[0]))
         log.info("resuming %s at iteration %d", out, trainer.iterations_done())
-        if (out / RUN_RECORD).is_file():
-            before = json.loads((out / RUN_RECORD).read_text())
+        if (out / PRETRAIN_RUN_RECORD).is_file():
+            before = json.loads((out / PRETRAIN_RUN_RECORD).read_text())
             now_split = trainer.split_record()
             if before.get("train_cases") != now_split["train_cases"]:
-                raise OrthodiffError(f"--resume with other training scans than the run's ({out / RUN_RECORD}): "
+                raise OrthodiffError(f"--resume with other training scans than the run's ({out / PRETRAIN_RUN_RECORD}): "
                                      "use the run's --val-fraction, split seed and exclusions")
     record = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
               **trainer.split_record(), "iterations_requested": int(iterations),
@@ -252,7 +233,7 @@ def pretrain(
               ("diffusion" if objective == "diffusion" else "mae"): trainer.objective_config(),
               "data_loader_workers": get_allowed_n_proc_DA()}
     if trainer.local_rank == 0:
-        atomic_write_json(out / RUN_RECORD, {**record, "status": "running"})
+        atomic_write_json(out / PRETRAIN_RUN_RECORD, {**record, "status": "running"})
     trainer.run_training()
 
     rank0 = trainer.local_rank == 0
@@ -263,7 +244,7 @@ def pretrain(
     report = ""
     sample_png = None
     if rank0:
-        seg_cfg = "3d_fullres"
+        seg_cfg = SEGMENTATION_CONFIGURATION
         arch = architecture_of(plans_dict, configuration)
         block = plans_dict.get("orthodiff", {})
         provenance = {
@@ -294,7 +275,7 @@ def pretrain(
                 sample_png = write_mae_sanity_picture(trainer, out / "reconstruction_sanity.png")
         elif sample_steps > 0:
             sample_png = write_sanity_picture(trainer, out / "denoising_sanity.png", sample_steps)
-        atomic_write_json(out / RUN_RECORD, {**record, "status": "done", "iterations_done": trainer.iterations_done(),
+        atomic_write_json(out / PRETRAIN_RUN_RECORD, {**record, "status": "done", "iterations_done": trainer.iterations_done(),
                                              "train_losses": train_losses, "val_losses": val_losses,
                                              "encoder": str(encoder_path)})
     return PretrainResult(out, encoder_path, trainer.iterations_done(), train_losses, val_losses, sample_png, report)

@@ -39,15 +39,20 @@ from orthodiff_nnunet import paths
 from orthodiff_nnunet.data.splits import SPLIT_SEED
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.console import output_to_log
+from orthodiff_nnunet.conventions import (
+    SEG_RUN_RECORD,
+    SEG_TRAINER_OF_INIT,
+    SEGMENTATION_CONFIGURATION,
+    default_encoder_path,
+    find_plans,
+    resolve_device,
+)
 from orthodiff_nnunet.utils import nnunet_stdout_to_log
 
 log = logging.getLogger(__name__)
 
 Init = Literal["diffusion", "scratch"]
 Fold = int | Literal["all"]
-TRAINER_OF_INIT: dict[str, str] = {"diffusion": "nnUNetTrainerOrthoDiffSeg", "scratch": "nnUNetTrainerOrthoDiffSegScratch"}
-SEGMENTATION_CONFIGURATION = "3d_fullres"
-RUN_RECORD = "orthodiff_seg_run.json"
 NNUNET_CONSOLE_LOG = "nnunet_console.log"  # nnU-Net's console output of a quiet run, beside its training log
 _EXT_TRAINER_ENV = "nnUNet_extTrainer"
 
@@ -195,13 +200,12 @@ def model_folder(dataset: int | str, init: Init = "diffusion", plans: str | None
     """The nnU-Net model folder that :func:`train_segmentation` writes for these settings."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from orthodiff_nnunet.pretraining import find_plans
 
-    if init not in TRAINER_OF_INIT:
-        raise SegmentationError(f"--init {init!r}: use one of {', '.join(TRAINER_OF_INIT)}")
+    if init not in SEG_TRAINER_OF_INIT:
+        raise SegmentationError(f"--init {init!r}: use one of {', '.join(SEG_TRAINER_OF_INIT)}")
     name = maybe_convert_to_dataset_name(dataset)
     ident, _ = find_plans(name, plans)
-    return results_root_for(label_fraction, seed) / name / f"{TRAINER_OF_INIT[init]}__{ident}__{configuration}"
+    return results_root_for(label_fraction, seed) / name / f"{SEG_TRAINER_OF_INIT[init]}__{ident}__{configuration}"
 
 
 def _resolve_dataset(dataset: int | str, orientation: str | None) -> str:
@@ -314,15 +318,13 @@ def train_segmentation(
     """
     import torch  # noqa: F401  (heavy imports only once a command runs)
 
-    from orthodiff_nnunet.pretraining import find_plans, resolve_device
     from orthodiff_nnunet.trainers.segmentation import (
-        default_encoder_path,
         nnUNetTrainerOrthoDiffSeg,
         nnUNetTrainerOrthoDiffSegScratch,
     )
 
-    if init not in TRAINER_OF_INIT:
-        raise SegmentationError(f"--init {init!r}: use one of {', '.join(TRAINER_OF_INIT)}")
+    if init not in SEG_TRAINER_OF_INIT:
+        raise SegmentationError(f"--init {init!r}: use one of {', '.join(SEG_TRAINER_OF_INIT)}")
     if encoder is not None and init == "scratch":
         raise SegmentationError("--encoder is only used with --init diffusion; the scratch twin starts from "
                                 "nnU-Net's random initialisation")
@@ -336,7 +338,7 @@ def train_segmentation(
     dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
     if init == "diffusion":
         encoder = Path(encoder) if encoder is not None else default_encoder_path(
-            paths.results_dir(), dataset_name, plans_identifier)
+            dataset_name, plans_identifier)
         if not encoder.is_file():
             raise SegmentationError(
                 f"no encoder checkpoint at {encoder}: run `orthodiff pretrain -d {dataset_name} -p {plans_identifier}` "
@@ -354,7 +356,7 @@ def train_segmentation(
     if continue_training:
         if not checkpoints:
             raise SegmentationError(f"--continue: no checkpoint in {out}; start without --continue")
-        _check_same_run(out / RUN_RECORD, init, encoder, label_fraction, seed)
+        _check_same_run(out / SEG_RUN_RECORD, init, encoder, label_fraction, seed)
 
     console_log = out / NNUNET_CONSOLE_LOG if quiet else None
     if console_log is not None:
@@ -391,7 +393,7 @@ def train_segmentation(
         trainer.run_training()
         losses = trainer.logger.get_value("train_losses", None) or [None]
         dices = trainer.logger.get_value("ema_fg_dice", None) or [None]
-        record = json.loads((out / RUN_RECORD).read_text())
+        record = json.loads((out / SEG_RUN_RECORD).read_text())
         result = SegmentationTrainResult(model_folder=out.parent, output_folder=out, results_root=root, run_record=record,
                                          train_loss=None if losses[-1] is None else float(losses[-1]),
                                          pseudo_dice=None if dices[-1] is None else float(dices[-1]),
@@ -610,7 +612,6 @@ def predict_segmentation(
         SegmentationError: no model or checkpoint, no images, wrong naming or layout; the message
             says which flag or folder fixes it.
     """
-    from orthodiff_nnunet.pretraining import resolve_device
 
     model = Path(model).resolve()
     if model.name.startswith("fold_") and (model.parent / "plans.json").is_file():
@@ -710,7 +711,7 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--orientation", choices=["sag", "cor", "ax"], default=None,
                    help="train the dataset of this orientation in -d's convert group (and check it)")
     p.add_argument("-f", "--fold", default="0", help="cross-validation fold 0-4 or 'all' (default 0)")
-    p.add_argument("--init", choices=list(TRAINER_OF_INIT), default="diffusion",
+    p.add_argument("--init", choices=list(SEG_TRAINER_OF_INIT), default="diffusion",
                    help="diffusion: encoder from the pretraining (default); scratch: nnU-Net's random init")
     p.add_argument("--encoder", type=Path, default=None,
                    help="encoder checkpoint (default: orthodiff pretrain's encoder.pt for this dataset and plans)")

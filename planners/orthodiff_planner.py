@@ -59,6 +59,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from orthodiff_nnunet.conventions import PLAIN_PLANS, RESENC_M_PLANS
 from orthodiff_nnunet.orientation import THICK_SLICE_RATIO, THROUGH_PLANE_NUMPY_AXIS
 from orthodiff_nnunet.plans import (
     CLASSIFICATION_CONFIGURATION,
@@ -435,7 +436,7 @@ class OrthodiffResEncMPlanner(OrthodiffPlannerMixin, nnUNetPlannerResEncM):
         dataset_name_or_id: str | int,
         gpu_memory_target_in_gb: float = 8,
         preprocessor_name: str = "DefaultPreprocessor",
-        plans_name: str = "orthodiffResEncMPlans",
+        plans_name: str = RESENC_M_PLANS,
         overwrite_target_spacing: list[float] | tuple[float, ...] | None = None,
         suppress_transpose: bool = False,
     ) -> None:
@@ -457,7 +458,7 @@ class OrthodiffPlainPlanner(OrthodiffPlannerMixin, ExperimentPlanner):
         dataset_name_or_id: str | int,
         gpu_memory_target_in_gb: float = 8,
         preprocessor_name: str = "DefaultPreprocessor",
-        plans_name: str = "orthodiffPlans",
+        plans_name: str = PLAIN_PLANS,
         overwrite_target_spacing: list[float] | tuple[float, ...] | None = None,
         suppress_transpose: bool = False,
     ) -> None:

@@ -342,7 +342,8 @@ def test_gated_fusion_label_fraction_and_usage_errors(knee) -> None:
 def test_knee_encoder_transfers_to_ankle_label_set(knee) -> None:
     """A knee encoder (real pretraining run) loads into a classifier of 4 ankle labels on transferred plans."""
     from orthodiff_nnunet.api import convert
-    from orthodiff_nnunet.classification import default_encoder_path, train_classification
+    from orthodiff_nnunet.classification import train_classification
+    from orthodiff_nnunet.conventions import default_encoder_path
     from orthodiff_nnunet.networks.build import write_shrunk_plans
     from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
     from orthodiff_nnunet.planning import plan_and_preprocess

@@ -199,7 +199,8 @@ def test_downstream_encoders_compute_the_pretrained_encoder_at_its_timestep(plan
 
 def test_validation_loss_is_measured_on_held_out_scans(planned):
     from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
-    from orthodiff_nnunet.pretraining import RUN_RECORD, pretrain
+    from orthodiff_nnunet.conventions import PRETRAIN_RUN_RECORD as RUN_RECORD
+    from orthodiff_nnunet.pretraining import pretrain
 
     root, plans_id = planned
     pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, "splitPlans", max_features=4, max_stages=3)
@@ -284,7 +285,8 @@ def test_seeded_run_killed_and_resumed_is_bit_identical(planned, monkeypatch):
 @pytest.mark.parametrize("iterations,every,epochs", [(5, 2, 3), (3, 250, 1)])
 def test_iterations_are_exact_and_progress_is_shown(planned, capfd, iterations, every, epochs):
     from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
-    from orthodiff_nnunet.pretraining import RUN_RECORD, pretrain
+    from orthodiff_nnunet.conventions import PRETRAIN_RUN_RECORD as RUN_RECORD
+    from orthodiff_nnunet.pretraining import pretrain
 
     root, plans_id = planned
     pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, f"exact{iterations}Plans", max_features=4, max_stages=3)
@@ -308,7 +310,8 @@ def test_iterations_are_exact_and_progress_is_shown(planned, capfd, iterations, 
 def test_old_encoder_is_re_exported_by_resuming_the_finished_run(planned):
     """The refusal message of a format-1 encoder says: rerun with --resume. That works, and trains nothing more."""
     from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
-    from orthodiff_nnunet.pretraining import RUN_RECORD, pretrain
+    from orthodiff_nnunet.conventions import PRETRAIN_RUN_RECORD as RUN_RECORD
+    from orthodiff_nnunet.pretraining import pretrain
 
     root, plans_id = planned
     pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, "oldRunPlans", max_features=4, max_stages=3)

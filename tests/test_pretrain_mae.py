@@ -189,7 +189,7 @@ def mae_run(planned):
 def test_cli_mae_run_exports_an_encoder_train_seg_accepts(mae_run, capfd):
     from orthodiff_nnunet.cli import main
     from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
-    from orthodiff_nnunet.pretraining import RUN_RECORD
+    from orthodiff_nnunet.conventions import PRETRAIN_RUN_RECORD as RUN_RECORD
 
     root, pid, out = mae_run
     record = json.loads((out / RUN_RECORD).read_text())

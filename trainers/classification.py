@@ -83,6 +83,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
+from orthodiff_nnunet.conventions import CLS_CONFIG_FILE, CLS_THRESHOLDS_FILE
 from orthodiff_nnunet.data.splits import label_fraction_subset
 from orthodiff_nnunet.data.targets import Exam, TargetsFile, match_exams
 from orthodiff_nnunet.errors import OrthodiffError
@@ -827,7 +828,7 @@ class nnUNetTrainerOrthoDiffCls:
         """``classifier.json``: the settings of this model, with the precision it computes in."""
         if self.precision not in PRECISIONS:
             raise RuntimeError("the precision is not resolved yet: call choose_precision() first")
-        atomic_write_json(self.output_folder / "classifier.json", self.config())
+        atomic_write_json(self.output_folder / CLS_CONFIG_FILE, self.config())
 
     def _pos_weight(self) -> torch.Tensor:
         """Per-label negatives/positives over the training exams (1 without positives, at most 100)."""
@@ -1074,7 +1075,7 @@ class nnUNetTrainerOrthoDiffCls:
         p_sel = self.predict_exams(self.exams_selection)
         thresholds = choose_thresholds(y_sel, p_sel, self.label_names, self.threshold_method)
         source = self.split.selection_source if self.split else f"fold {self.fold} validation"
-        atomic_write_json(self.output_folder / "thresholds.json",
+        atomic_write_json(self.output_folder / CLS_THRESHOLDS_FILE,
                           {"method": self.threshold_method, "chosen_on": "selection",
                            "selection_source": source, "num_exams": len(self.exams_selection),
                            "checkpoint": "checkpoint_best.pth", "thresholds": thresholds})

@@ -63,6 +63,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.optim.lr_scheduler import _LRScheduler
 
 from orthodiff_nnunet import __version__ as _orthodiff_version
+from orthodiff_nnunet.conventions import SEG_RUN_RECORD, default_encoder_path
 from orthodiff_nnunet.data.splits import SPLIT_SEED, label_fraction_subset
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
@@ -71,9 +72,6 @@ from orthodiff_nnunet.planning import check_preprocessed_data
 from orthodiff_nnunet.utils import atomic_write_json
 
 INITS = ("diffusion", "scratch")
-RUN_RECORD = "orthodiff_seg_run.json"
-PRETRAIN_TRAINER = "nnUNetTrainerOrthoDiffPretrain"
-PRETRAIN_CONFIGURATION = "3d_diffusion"
 DEFAULT_WARMUP_FRACTION = 0.05  # nnssl: 50 of 1000 epochs
 #: minutes between ``checkpoint_latest.pth`` writes (at the end of the first epoch after that time; 0: every epoch)
 DEFAULT_CHECKPOINT_MINUTES = 3.0
@@ -82,12 +80,6 @@ _CHECKPOINT_TMP = re.compile(r"^\.(checkpoint_\w+\.pth)\.(\d+)\.tmp$")
 
 class SegmentationSetupError(OrthodiffError):
     """The segmentation run cannot start as asked; the message says what to do."""
-
-
-def default_encoder_path(results_root: str | os.PathLike, dataset_name: str, plans_identifier: str) -> Path:
-    """Where ``orthodiff pretrain`` exports the encoder for ``dataset_name`` and these plans."""
-    return (Path(results_root) / dataset_name / f"{PRETRAIN_TRAINER}__{plans_identifier}__{PRETRAIN_CONFIGURATION}"
-            / "fold_all" / "encoder.pt")
 
 
 def plain_numbers(value):
@@ -199,8 +191,8 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
             return None
         if self.encoder_path is not None:
             return Path(self.encoder_path)
-        return default_encoder_path(nnUNet_results.require(), self.plans_manager.dataset_name,
-                                    self.plans_manager.plans_name)
+        return default_encoder_path(self.plans_manager.dataset_name, self.plans_manager.plans_name,
+                                    nnUNet_results.require())
 
     def _check_settings(self) -> None:
         if self.init not in INITS:
@@ -328,7 +320,7 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         self._last_latest_checkpoint = time.monotonic()
         if self.local_rank == 0:
             self._remove_stale_checkpoint_temporaries()
-            atomic_write_json(Path(self.output_folder) / RUN_RECORD, self.run_record())
+            atomic_write_json(Path(self.output_folder) / SEG_RUN_RECORD, self.run_record())
             from tqdm import tqdm
 
             from orthodiff_nnunet.console import BAR_FORMAT

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orthodiff_nnunet import paths
+from orthodiff_nnunet.conventions import CLS_CONFIG_FILE, CLS_THRESHOLDS_FILE
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.utils import load_json
 
@@ -238,7 +239,7 @@ def _evaluate_classification(datasets, cls_model: Path, output: Path, device: st
     from orthodiff_nnunet.data.targets import TARGETS_FILE, read_targets
     from orthodiff_nnunet.planning import plan_and_preprocess
 
-    cfg = load_json(cls_model / "classifier.json")
+    cfg = load_json(cls_model / CLS_CONFIG_FILE)
     views = [v for v in cfg["views"] if v in datasets]
     if not views:
         raise EvaluationError(f"the classifier reads {cfg['views']} but the external site has {', '.join(datasets)}")
@@ -248,7 +249,7 @@ def _evaluate_classification(datasets, cls_model: Path, output: Path, device: st
     csv_path = output / "classification" / "predictions.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     result = predict_classification(cls_model, [datasets[v].name for v in views], csv_path, device=device, n_boot=0)
-    thr_file = cls_model / "thresholds.json"
+    thr_file = cls_model / CLS_THRESHOLDS_FILE
     model_labels = list(result.label_names)
     thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in model_labels}
     site_labels: list[str] = []
