@@ -301,13 +301,22 @@ class KneeAnatomy:
         unknown = set(abn) - set(KNEE_ABNORMALITIES)
         if unknown:
             raise ValueError(f"unknown abnormalities {sorted(unknown)}; known: {list(KNEE_ABNORMALITIES)}")
-        P = self.p
         q = self.to_local(x.astype(np.float32), y.astype(np.float32), z.astype(np.float32))
-        shape = q[0].shape
-        lab = np.zeros(shape, np.uint8)
-        sig = np.zeros(shape, np.float32)
+        lab = np.zeros(q[0].shape, np.uint8)
+        sig = np.zeros(q[0].shape, np.float32)
+        # painted back to front: each layer overwrites what lies under it
+        self._paint_soft_tissue(q, abn, sig)
+        bone, d_fem, d_pat = self._paint_bones(q, abn, lab, sig)
+        fem_cart, tib_cart, pat_cart = self._paint_cartilage(q, abn, lab, sig, bone, d_fem, d_pat)
+        hard = bone | fem_cart
+        self._paint_menisci(q, abn, lab, sig, hard)
+        occupied = hard | (lab == _L["medial_meniscus"]) | (lab == _L["lateral_meniscus"]) | tib_cart | pat_cart
+        self._paint_cruciates(q, abn, lab, sig, occupied)
+        return lab, sig
 
-        # soft tissue, subcutaneous fat
+    def _paint_soft_tissue(self, q: Coords, abn: Mapping[str, bool], sig: np.ndarray) -> None:
+        """Soft tissue and subcutaneous fat, joint recesses, tendons and collateral ligaments (unlabelled)."""
+        P = self.p
         d_skin = self.soft_tissue(q)
         sig[d_skin < 0] = TISSUE_SIGNAL["soft_tissue"]
         sig[(d_skin < 0) & (d_skin > -P["fat_thickness"])] = _SUBCUT_FAT
@@ -323,8 +332,9 @@ class KneeAnatomy:
             else:
                 sig[d < 0] = TISSUE_SIGNAL["collateral_ligament"]
 
-        # bones: marrow with a dark cortical rim
-        bone = np.zeros(shape, bool)
+    def _paint_bones(self, q: Coords, abn: Mapping[str, bool], lab: np.ndarray, sig: np.ndarray):
+        """Bones: marrow with a dark cortical rim. Returns ``(bone mask, femur distance, patella distance)``."""
+        bone = np.zeros(q[0].shape, bool)
         d_fem = self.femur(q)
         d_tib = self.tibia(q)
         d_pat = self.patella(q, abn)
@@ -332,10 +342,14 @@ class KneeAnatomy:
             m = d < 0
             lab[m] = _L[name]
             sig[m] = TISSUE_SIGNAL[name]
-            sig[m & (d > -P["cortex"])] = _CORTEX
+            sig[m & (d > -self.p["cortex"])] = _CORTEX
             bone |= m
+        return bone, d_fem, d_pat
 
-        # cartilages (thin shells on the articular surfaces)
+    def _paint_cartilage(self, q: Coords, abn: Mapping[str, bool], lab: np.ndarray, sig: np.ndarray,
+                         bone: np.ndarray, d_fem: np.ndarray, d_pat: np.ndarray):
+        """Cartilages, thin shells on the articular surfaces. Returns the femoral, tibial and patellar masks."""
+        P = self.p
         notch = self.notch(q) < 0
         fem_cart = ((d_fem >= 0) & (d_fem < P["fem_cart"]) & (q[2] < P["fem_cart_zmax"])
                     & (np.abs(q[0]) < P["fem_cart_xmax"]) & ~notch & ~bone)
@@ -348,21 +362,25 @@ class KneeAnatomy:
                         ("patellar_cartilage", pat_cart)):
             lab[m] = _L[name]
             sig[m] = TISSUE_SIGNAL[name]
+        return fem_cart, tib_cart, pat_cart
 
-        # menisci, with a longitudinal vertical tear through the posterior horn and body
-        hard = bone | fem_cart
+    def _paint_menisci(self, q: Coords, abn: Mapping[str, bool], lab: np.ndarray, sig: np.ndarray,
+                       hard: np.ndarray) -> None:
+        """Menisci, with a longitudinal vertical tear through the posterior horn and body."""
+        P = self.p
         for side, key, lname in (("medial", "MM", "medial_meniscus"), ("lateral", "LM", "lateral_meniscus")):
             m = self.meniscus(q, side) & ~hard
             lab[m] = _L[lname]
             sig[m] = TISSUE_SIGNAL[lname]
             if abn.get(key):
                 r, ang, _ = self.meniscus_coords(q, side)
-                r_mid = P["tear_r"]
-                tear = m & (np.abs(r - r_mid) < P["tear_half_width"]) & (ang > P["tear_ang0"])
+                tear = m & (np.abs(r - P["tear_r"]) < P["tear_half_width"]) & (ang > P["tear_ang0"])
                 sig[tear] = TISSUE_SIGNAL["fluid"]
-        occupied = hard | (lab == _L["medial_meniscus"]) | (lab == _L["lateral_meniscus"]) | tib_cart | pat_cart
 
-        # cruciate ligaments in the notch; a tear leaves a fluid-filled gap in the middle
+    def _paint_cruciates(self, q: Coords, abn: Mapping[str, bool], lab: np.ndarray, sig: np.ndarray,
+                         occupied: np.ndarray) -> None:
+        """Cruciate ligaments in the notch; a tear leaves a fluid-filled gap in the middle."""
+        P = self.p
         gaps = []
         for name in ("ACL", "PCL"):
             d, h = self.ligament(q, name)
@@ -375,7 +393,6 @@ class KneeAnatomy:
         for g in gaps:
             lab[g] = 0
             sig[g] = TISSUE_SIGNAL["fluid"]
-        return lab, sig
 
     def roi(self, name: str, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Region (boolean, same shape as ``x``) where abnormality ``name`` shows, for checks.
@@ -406,6 +423,10 @@ class KneeAnatomy:
 def sample_anatomy(rng: np.random.Generator, scale: float = DEFAULT_SCALE, side: str = "right",
                    jitter: float = 1.0) -> KneeAnatomy:
     """Draw one random knee: small variations (a few %, a few mm) of sizes and positions.
+
+    Long by design: one declarative table of the ~80 anatomical parameters, read top to bottom like
+    the anatomy; its random draws must stay in this order (a seed's phantom is what tests and the
+    demo's figures are built on), which splitting it into pieces would make easy to break.
 
     Args:
         rng: the generator all variations come from (the same number of draws whatever follows).

@@ -260,10 +260,21 @@ def render_exam(
     rotations = {o: _random_rotation(orient_rngs[o], max_obliquity_deg) for o in ORIENTATIONS}
     grids = {o: acquisition_grid(label_img, o, sp_ip, thick, max_in_plane_size, rotations[o]) for o in orients}
 
-    # 1. tissue signal, block-averaged (exact partial volume) to a working grid whose blocks are at most
-    #    one output pixel wide; the PSF below accounts for the block width
-    mean, amp, soft = _tissue_tables(exam_rng)
     need = min(min(g.GetSpacing()) for g in grids.values()) if grids else 1.0
+    work_img, shrink = _tissue_signal(lab, labels, need, exam_rng)
+    return {o: _acquire_series(work_img, grids[o], label_img, shrink, labels.GetSpacing(), orient_rngs[o], site)
+            for o in orients}
+
+
+def _tissue_signal(lab: np.ndarray, labels: sitk.Image, need: float,
+                   exam_rng: np.random.Generator) -> tuple[sitk.Image, list[int]]:
+    """Step 1: tissue signal, block-averaged (exact partial volume) to a working grid.
+
+    The working grid's blocks are at most ``need`` mm (the finest output pixel) wide; the PSF of
+    :func:`_acquire_series` accounts for the block width. Returns the working image and the block size
+    per axis.
+    """
+    mean, amp, soft = _tissue_tables(exam_rng)
     lsp = labels.GetSpacing()
     shrink = [max(1, int(need // s)) for s in lsp]
     fg = lab > 0
@@ -288,23 +299,24 @@ def render_exam(
     np.clip(signal, 0.0, None, out=signal)
     work_img = sitk.GetImageFromArray(signal)
     work_img.CopyInformation(work)
-    del signal, work
+    return work_img, shrink
 
-    out: dict[str, tuple[sitk.Image, sitk.Image]] = {}
-    for o in orients:
-        grid = grids[o]
-        # 2. partial volume over the slice thickness and the in-plane pixel
-        blurred = _gaussian(work_img, _psf_sigmas(work_img, grid, shrink, lsp))
-        # 3. onto the acquisition grid
-        img = sitk.Resample(blurred, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        seg = sitk.Resample(label_img, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        # 4. site effects
-        stored = acquire(sitk.GetArrayFromImage(img), orient_rngs[o], site)
-        image = sitk.GetImageFromArray(stored.astype(np.float32))
-        image.CopyInformation(grid)
-        seg.CopyInformation(grid)
-        out[o] = (image, seg)
-    return out
+
+def _acquire_series(work_img: sitk.Image, grid: sitk.Image, label_img: sitk.Image, shrink: Sequence[int],
+                    label_spacing: Sequence[float], rng: np.random.Generator,
+                    site: SiteProfile) -> tuple[sitk.Image, sitk.Image]:
+    """Steps 2-4 for one orientation: partial volume, resampling onto the acquisition grid, site effects."""
+    # 2. partial volume over the slice thickness and the in-plane pixel
+    blurred = _gaussian(work_img, _psf_sigmas(work_img, grid, shrink, label_spacing))
+    # 3. onto the acquisition grid
+    img = sitk.Resample(blurred, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    seg = sitk.Resample(label_img, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    # 4. site effects
+    stored = acquire(sitk.GetArrayFromImage(img), rng, site)
+    image = sitk.GetImageFromArray(stored.astype(np.float32))
+    image.CopyInformation(grid)
+    seg.CopyInformation(grid)
+    return image, seg
 
 
 def _patient_of(path: Path) -> str:

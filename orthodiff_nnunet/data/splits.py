@@ -170,40 +170,67 @@ def extend_patient_grouped_splits(
     k = min(num_folds, n_patients)
     update = SplitUpdate(folds=[])
     if k < 2:
-        log.warning("only %d patient(s): no cross-validation split is possible; splits_final.json gets one fold "
-                    "that validates on its training exams (fold 'all' semantics)", n_patients)
-        update.notes.append(
-            f"{n_patients} patient(s): splits_final.json holds one fold whose validation exams are its training exams "
-            "(nnU-Net's fold 'all'); its validation scores are not a held-out estimate. Add patients for cross-validation"
-        )
-        update.folds = [{"train": list(cases), "val": list(cases)}] if cases else []
-        if previous and previous_num_folds is not None and previous_num_folds >= 2:
-            update.changes.append(f"the {previous_num_folds} folds were replaced by a single fold: every exam now "
-                                  "belongs to one patient; models trained on the old splits_final.json must be retrained")
-        return update
+        return _single_fold(cases, n_patients, previous, previous_num_folds, update)
     present = set(cases)
     previous = {c: f for c, f in (previous or {}).items() if c in present}
     if not previous or previous_num_folds != k:
-        update.folds = patient_grouped_splits(cases, patients, sites, num_folds, seed)
-        if previous:
-            if previous_num_folds is not None and previous_num_folds < 2:
-                why = f"the dataset had one patient (fold 'all'); it now has {n_patients}"
-            elif num_folds != previous_num_folds and k == num_folds:
-                why = f"{num_folds} folds were asked for and the existing split has {previous_num_folds}"
-            else:
-                why = f"{n_patients} patients now allow {k} folds (the existing split has {previous_num_folds})"
-            update.changes.append(
-                f"every exam was split anew into {k} folds because {why}: models trained on the old "
-                f"splits_final.json must be retrained"
-                + (f" (pass --folds {previous_num_folds} to keep the old folds)" if previous_num_folds and previous_num_folds >= 2 else "")
-            )
-        return update
-
+        return _split_anew(cases, patients, sites, previous, previous_num_folds, num_folds, k, seed, update)
     assignment: dict[str, int] = dict(previous)
     by_patient: dict[str, list[str]] = {}
     for c in cases:
         by_patient.setdefault(patients[c], []).append(c)
-    # a patient whose earlier exams sit in several folds: the minority follows the majority
+    _reunite_patients(assignment, by_patient, update)
+    followed, new_patients = _follow_known_patients(assignment, by_patient)
+    size = _place_new_patients(assignment, by_patient, new_patients, sites, k, seed)
+    n_new = sum(len(by_patient[p]) for p in new_patients)
+    if n_new or followed:
+        update.notes.append(
+            f"folds kept for the {len(previous)} earlier exam(s); {n_new} exam(s) of {len(new_patients)} new patient(s) "
+            f"placed into the smallest folds of their site; {followed} new exam(s) of earlier patients follow their "
+            f"patient's fold (fold sizes now {size})"
+        )
+    update.folds = _folds_of(assignment, cases, k)
+    return update
+
+
+def _single_fold(cases: list[str], n_patients: int, previous: Mapping[str, int] | None,
+                 previous_num_folds: int | None, update: SplitUpdate) -> SplitUpdate:
+    """Fewer than two patients: one fold that validates on its training exams (nnU-Net's fold ``all``)."""
+    log.warning("only %d patient(s): no cross-validation split is possible; splits_final.json gets one fold "
+                "that validates on its training exams (fold 'all' semantics)", n_patients)
+    update.notes.append(
+        f"{n_patients} patient(s): splits_final.json holds one fold whose validation exams are its training exams "
+        "(nnU-Net's fold 'all'); its validation scores are not a held-out estimate. Add patients for cross-validation"
+    )
+    update.folds = [{"train": list(cases), "val": list(cases)}] if cases else []
+    if previous and previous_num_folds is not None and previous_num_folds >= 2:
+        update.changes.append(f"the {previous_num_folds} folds were replaced by a single fold: every exam now "
+                              "belongs to one patient; models trained on the old splits_final.json must be retrained")
+    return update
+
+
+def _split_anew(cases: list[str], patients: Mapping[str, str], sites: Mapping[str, str], previous: Mapping[str, int],
+                previous_num_folds: int | None, num_folds: int, k: int, seed: int, update: SplitUpdate) -> SplitUpdate:
+    """No earlier split, or another number of folds: split everything, saying why when an old split is replaced."""
+    update.folds = patient_grouped_splits(cases, patients, sites, num_folds, seed)
+    if previous:
+        n_patients = len({patients[c] for c in cases})
+        if previous_num_folds is not None and previous_num_folds < 2:
+            why = f"the dataset had one patient (fold 'all'); it now has {n_patients}"
+        elif num_folds != previous_num_folds and k == num_folds:
+            why = f"{num_folds} folds were asked for and the existing split has {previous_num_folds}"
+        else:
+            why = f"{n_patients} patients now allow {k} folds (the existing split has {previous_num_folds})"
+        update.changes.append(
+            f"every exam was split anew into {k} folds because {why}: models trained on the old "
+            f"splits_final.json must be retrained"
+            + (f" (pass --folds {previous_num_folds} to keep the old folds)" if previous_num_folds and previous_num_folds >= 2 else "")
+        )
+    return update
+
+
+def _reunite_patients(assignment: dict[str, int], by_patient: Mapping[str, list[str]], update: SplitUpdate) -> None:
+    """A patient whose earlier exams sit in several folds: the minority follows the majority (reported)."""
     for p, members in sorted(by_patient.items()):
         folds_here = [assignment[c] for c in members if c in assignment]
         if len(set(folds_here)) < 2:
@@ -217,6 +244,10 @@ def extend_patient_grouped_splits(
                     f"patient as exams in fold {target}, and one patient's exams must share a fold"
                 )
                 assignment[c] = target
+
+
+def _follow_known_patients(assignment: dict[str, int], by_patient: Mapping[str, list[str]]) -> tuple[int, list[str]]:
+    """New exams of earlier patients join their patient's fold. Returns (exams placed, the new patients)."""
     followed = 0
     new_patients = []
     for p, members in by_patient.items():
@@ -229,6 +260,12 @@ def extend_patient_grouped_splits(
                     followed += 1
         else:
             new_patients.append(p)
+    return followed, new_patients
+
+
+def _place_new_patients(assignment: dict[str, int], by_patient: Mapping[str, list[str]], new_patients: list[str],
+                        sites: Mapping[str, str], k: int, seed: int) -> list[int]:
+    """New patients, largest first, into the fold with fewest exams of their site, then fewest overall; fold sizes."""
     size = [0] * k
     site_size: dict[str, list[int]] = {}
     for c, f in assignment.items():
@@ -237,19 +274,10 @@ def extend_patient_grouped_splits(
     new_patients.sort(key=lambda p: (-len(by_patient[p]), _tiebreak(seed, p)))
     for p in new_patients:
         members = by_patient[p]
-        site = sites[members[0]]
-        per_site = site_size.setdefault(site, [0] * k)
+        per_site = site_size.setdefault(sites[members[0]], [0] * k)
         f = min(range(k), key=lambda i: (per_site[i], size[i], i))
         for c in members:
             assignment[c] = f
             size[f] += 1
             site_size.setdefault(sites[c], [0] * k)[f] += 1
-    n_new = sum(len(by_patient[p]) for p in new_patients)
-    if n_new or followed:
-        update.notes.append(
-            f"folds kept for the {len(previous)} earlier exam(s); {n_new} exam(s) of {len(new_patients)} new patient(s) "
-            f"placed into the smallest folds of their site; {followed} new exam(s) of earlier patients follow their "
-            f"patient's fold (fold sizes now {size})"
-        )
-    update.folds = _folds_of(assignment, cases, k)
-    return update
+    return size

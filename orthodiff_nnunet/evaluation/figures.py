@@ -226,6 +226,45 @@ def _read(path: Path):
     return sitk.GetArrayFromImage(img), img
 
 
+def _read_case(image_file: Path, reference_file: Path, prediction_file: Path):
+    """``(image, its SimpleITK image, reference, prediction)`` as arrays on one grid, or a ValueError naming the file."""
+    image, img = _read(image_file)
+    reference, _ = _read(reference_file)
+    prediction, _ = _read(prediction_file)
+    if image.ndim == 4:  # a vector image: first component
+        image = image[..., 0]
+    if not (image.shape == reference.shape == prediction.shape):
+        raise ValueError(f"{Path(image_file).name}: image {image.shape}, reference {reference.shape} and "
+                         f"prediction {prediction.shape} are not on one grid")
+    return image, img, reference, prediction
+
+
+def _draw_contours(ax, view, ref2: np.ndarray, pred2: np.ndarray, structures: Mapping[str, int],
+                   colours: Mapping[str, object]) -> set[str]:
+    """Reference (solid, on top) and prediction (dashed) contours of each structure on one slice; the names drawn."""
+    h, w = ref2.shape
+    xc = (np.arange(w) + 0.5) * view.spacing_zyx[view.cols_axis]
+    yc = (np.arange(h) + 0.5) * view.spacing_zyx[view.rows_axis]
+    present = set()
+    for name, value in structures.items():
+        # the reference on top and thicker, so that a noisy prediction does not hide it
+        for arr, style, lw, z in ((pred2, "dashed", 0.8, 2), (ref2, "solid", 1.6, 3)):
+            m = (arr == value).astype(float)
+            if m.any() and not m.all():
+                ax.contour(xc, yc, m, levels=[0.5], colors=[colours[name]], linestyles=style, linewidths=lw, zorder=z)
+                present.add(name)
+    return present
+
+
+def _label_directions(ax, view) -> None:
+    """The anatomical direction letters at the four edges of a slice."""
+    for where, (x, y, ha, va) in {"top": (0.5, 0.98, "center", "top"), "bottom": (0.5, 0.02, "center", "bottom"),
+                                  "left": (0.02, 0.5, "left", "center"),
+                                  "right": (0.98, 0.5, "right", "center")}.items():
+        ax.text(x, y, view.letters[where], transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=8,
+                fontweight="bold", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+
+
 def plot_case_overlay(
     image_file: Path,
     reference_file: Path,
@@ -252,54 +291,32 @@ def plot_case_overlay(
         ``{"file": PNG name, "plane": ..., "axis": array axis, "slices": [indices], "n": slices in the volume,
         "spacing_mm": [row, column] spacing of the drawn slices}``.
     """
-    image, img = _read(image_file)
-    reference, _ = _read(reference_file)
-    prediction, _ = _read(prediction_file)
-    if image.ndim == 4:  # a vector image: first component
-        image = image[..., 0]
-    if not (image.shape == reference.shape == prediction.shape):
-        raise ValueError(f"{Path(image_file).name}: image {image.shape}, reference {reference.shape} and "
-                         f"prediction {prediction.shape} are not on one grid")
+    image, img, reference, prediction = _read_case(image_file, reference_file, prediction_file)
     view = slice_view(img.GetDirection(), img.GetSpacing(), orientation)
     slices = pick_slices([reference, prediction], view.axis, n_slices)
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
     plt = _plt()
     names = [s for s, v in structures.items() if v != 0]
-    colours = _colours(len(names))
+    colours = dict(zip(names, _colours(len(names))))
     legend_in = 0.6 + 0.075 * max([len(n) for n in names] + [10])  # inches for the legend at font size 7
     fig, axes = plt.subplots(1, len(slices), figsize=(3.4 * len(slices) + legend_in, 4.0), squeeze=False)
     present: set[str] = set()
     for ax, index in zip(axes[0], slices):
-        sl = view.cut(image, index)
-        ext = view.extent_mm(sl.shape)
-        ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, extent=ext, interpolation="nearest")
-        h, w = sl.shape
-        xc = (np.arange(w) + 0.5) * view.spacing_zyx[view.cols_axis]
-        yc = (np.arange(h) + 0.5) * view.spacing_zyx[view.rows_axis]
-        ref2, pred2 = view.cut(reference, index), view.cut(prediction, index)
-        for k, name in enumerate(names):
-            value = structures[name]
-            # the reference on top and thicker, so that a noisy prediction does not hide it
-            for arr, style, lw, z in ((pred2, "dashed", 0.8, 2), (ref2, "solid", 1.6, 3)):
-                m = (arr == value).astype(float)
-                if m.any() and not m.all():
-                    ax.contour(xc, yc, m, levels=[0.5], colors=[colours[k]], linestyles=style, linewidths=lw,
-                               zorder=z)
-                    present.add(name)
+        ext = view.extent_mm(view.cut(image, index).shape)
+        ax.imshow(view.cut(image, index), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, extent=ext,
+                  interpolation="nearest")
+        present |= _draw_contours(ax, view, view.cut(reference, index), view.cut(prediction, index),
+                                  {n: structures[n] for n in names}, colours)
         ax.set_xlim(ext[0], ext[1])
         ax.set_ylim(ext[2], ext[3])
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-        for where, (x, y, ha, va) in {"top": (0.5, 0.98, "center", "top"), "bottom": (0.5, 0.02, "center", "bottom"),
-                                      "left": (0.02, 0.5, "left", "center"),
-                                      "right": (0.98, 0.5, "right", "center")}.items():
-            ax.text(x, y, view.letters[where], transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=8,
-                    fontweight="bold", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+        _label_directions(ax, view)
         ax.set_title(f"{view.plane} slice {index} of {image.shape[view.axis]}\n(array axis {view.axis})", fontsize=8)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colours[k], lw=2, label=n) for k, n in enumerate(names) if n in present]
+    handles = [Line2D([], [], color=colours[n], lw=2, label=n) for n in names if n in present]
     handles += [Line2D([], [], color="k", ls="solid", lw=1.6, label="reference"),
                 Line2D([], [], color="k", ls="dashed", lw=0.8, label="prediction")]
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
@@ -358,6 +375,50 @@ def roc_band(y: np.ndarray, p: np.ndarray, groups: Sequence, n_boot: int, seed: 
     return grid, lo, hi, len(curves)
 
 
+def _roc_axes(ax, first_column: bool, last_row: bool) -> None:
+    """The chance diagonal, unit square and the axis titles on the outer panels."""
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=7)
+    if last_row:
+        ax.set_xlabel("1 - specificity", fontsize=8)
+    if first_column:
+        ax.set_ylabel("sensitivity", fontsize=8)
+
+
+def _roc_panel(ax, name: str, yy: np.ndarray, pp: np.ndarray, gg: Sequence, thresholds: Mapping[str, float],
+               m: Mapping, n_boot: int, seed: int) -> dict:
+    """One label's ROC curve, band and operating point (or why it is undefined) on ``ax``; what was drawn."""
+    from sklearn.metrics import roc_curve
+
+    n_pos, n_neg = int((yy == 1).sum()), int((yy == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        reason = f"undefined: {'no positive' if n_pos == 0 else 'no negative'} exam among {yy.size} known"
+        ax.text(0.5, 0.5, reason.replace(": ", ":\n"), ha="center", va="center", fontsize=8, color="0.3")
+        ax.set_title(f"{name}: AUROC n/a", fontsize=9)
+        return {"drawn": False, "reason": reason, "n_valid": 0}
+    fpr, tpr, _ = roc_curve(yy, pp)
+    grid, lo, hi, n_valid = roc_band(yy, pp, gg, n_boot, seed)
+    if np.isfinite(lo).all():
+        ax.fill_between(grid, lo, hi, color="C0", alpha=0.25, lw=0, label="95% band")
+    ax.plot(fpr, tpr, color="C0", lw=1.5, label="ROC")
+    thr = _finite(thresholds.get(name))
+    if thr is not None:
+        pred = pp >= thr
+        sens = float((pred & (yy == 1)).sum() / n_pos)
+        spec = float((~pred & (yy == 0)).sum() / n_neg)
+        ax.plot([1 - spec], [sens], "o", color="C3", ms=5, label=f"threshold {thr:.2f}")
+    auc = _finite(m.get("auroc"))
+    ci = (m.get("ci") or {}).get("auroc") or (None, None)
+    lo_ci, hi_ci = (_finite(ci[0]), _finite(ci[1])) if len(ci) == 2 else (None, None)
+    ci_txt = f" [{lo_ci:.2f}, {hi_ci:.2f}]" if lo_ci is not None and hi_ci is not None else ""
+    ax.set_title(f"{name}: AUROC {auc:.2f}{ci_txt}" if auc is not None else f"{name}: AUROC n/a", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    return {"drawn": True, "reason": None, "n_valid": n_valid}
+
+
 def plot_roc_bands(
     y: np.ndarray,
     p: np.ndarray,
@@ -386,8 +447,6 @@ def plot_roc_bands(
     Returns:
         label -> ``{"drawn": bool, "reason": str | None, "n_valid": resamples with both classes}``.
     """
-    from sklearn.metrics import roc_curve
-
     plt = _plt()
     n = len(labels)
     cols = min(4, max(1, n))
@@ -397,43 +456,9 @@ def plot_roc_bands(
     for j, name in enumerate(labels):
         ax = axes[j // cols][j % cols]
         keep = np.isfinite(y[:, j])
-        yy, pp = y[keep, j], p[keep, j]
-        gg = [g for g, k in zip(groups, keep) if k]
-        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=7)
-        if j // cols == rows - 1:
-            ax.set_xlabel("1 - specificity", fontsize=8)
-        if j % cols == 0:
-            ax.set_ylabel("sensitivity", fontsize=8)
-        n_pos, n_neg = int((yy == 1).sum()), int((yy == 0).sum())
-        if n_pos == 0 or n_neg == 0:
-            reason = f"undefined: {'no positive' if n_pos == 0 else 'no negative'} exam among {yy.size} known"
-            ax.text(0.5, 0.5, reason.replace(": ", ":\n"), ha="center", va="center", fontsize=8, color="0.3")
-            ax.set_title(f"{name}: AUROC n/a", fontsize=9)
-            out[name] = {"drawn": False, "reason": reason, "n_valid": 0}
-            continue
-        fpr, tpr, _ = roc_curve(yy, pp)
-        grid, lo, hi, n_valid = roc_band(yy, pp, gg, n_boot, seed)
-        if np.isfinite(lo).all():
-            ax.fill_between(grid, lo, hi, color="C0", alpha=0.25, lw=0, label="95% band")
-        ax.plot(fpr, tpr, color="C0", lw=1.5, label="ROC")
-        thr = _finite(thresholds.get(name))
-        if thr is not None:
-            pred = pp >= thr
-            sens = float((pred & (yy == 1)).sum() / n_pos)
-            spec = float((~pred & (yy == 0)).sum() / n_neg)
-            ax.plot([1 - spec], [sens], "o", color="C3", ms=5, label=f"threshold {thr:.2f}")
-        m = summary.get(name, {})
-        auc = _finite(m.get("auroc"))
-        ci = (m.get("ci") or {}).get("auroc") or (None, None)
-        lo_ci, hi_ci = (_finite(ci[0]), _finite(ci[1])) if len(ci) == 2 else (None, None)
-        ci_txt = f" [{lo_ci:.2f}, {hi_ci:.2f}]" if lo_ci is not None and hi_ci is not None else ""
-        ax.set_title(f"{name}: AUROC {auc:.2f}{ci_txt}" if auc is not None else f"{name}: AUROC n/a", fontsize=9)
-        ax.legend(fontsize=6, loc="lower right")
-        out[name] = {"drawn": True, "reason": None, "n_valid": n_valid}
+        _roc_axes(ax, first_column=j % cols == 0, last_row=j // cols == rows - 1)
+        out[name] = _roc_panel(ax, name, y[keep, j], p[keep, j], [g for g, k in zip(groups, keep) if k],
+                               thresholds, summary.get(name, {}), n_boot, seed)
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].axis("off")
     fig.tight_layout()

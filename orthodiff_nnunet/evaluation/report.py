@@ -88,25 +88,27 @@ def _fmt(v, digits: int = 3) -> str:
 def calibration(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> dict:
     """Expected calibration error over equal-width probability bins, and the bins for a reliability diagram.
 
+    The bins are scikit-learn's :func:`~sklearn.calibration.calibration_curve` (``strategy="uniform"``:
+    ``n_bins`` equal widths on [0, 1], a probability on an inner edge counted in the lower bin);
     ECE = Σ_b (n_b / N) |fraction of positives_b − mean probability_b|; unknown labels (NaN) are left out.
     """
+    from sklearn.calibration import calibration_curve
+
     y = np.asarray(y_true, dtype=float).ravel()
     p = np.asarray(prob, dtype=float).ravel()
     keep = np.isfinite(y)
     y, p = y[keep], p[keep]
+    if not y.size:
+        return {"ece": math.nan, "n": 0, "bins": []}
+    fraction, mean_prob = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    bins, ece = [], 0.0
-    for b in range(n_bins):
-        sel = which == b
-        n = int(sel.sum())
-        if n == 0:
-            continue
-        conf, frac = float(p[sel].mean()), float(y[sel].mean())
-        ece += n / max(1, y.size) * abs(frac - conf)
-        bins.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": n, "mean_probability": conf,
-                     "fraction_positive": frac})
-    return {"ece": float(ece) if y.size else math.nan, "n": int(y.size), "bins": bins}
+    # the bin sizes (the ECE's weights), binned as calibration_curve bins; it returns the non-empty bins in order
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    filled = np.flatnonzero(counts)
+    bins = [{"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(counts[b]), "mean_probability": float(c),
+             "fraction_positive": float(f)} for b, f, c in zip(filled, fraction, mean_prob)]
+    ece = float(np.sum(counts[filled] / y.size * np.abs(fraction - mean_prob)))
+    return {"ece": ece, "n": int(y.size), "bins": bins}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,82 +691,91 @@ def headline(report: Mapping, seg_rows: Sequence[Mapping], cls_exams: Sequence[M
                  "figures": [], "not_evaluated": []}
     if not patients:
         out["not_evaluated"].append("patient ids are not in the inputs: the number of patients is unknown")
-    seg = report.get("segmentation")
-    if seg:
-        per_case = seg["per_case"]
-        for orientation in sorted({c["orientation"] for c in per_case}):
-            cs = [c for c in per_case if c["orientation"] == orientation and c["mean_dice"] is not None]
-            if not cs:
-                out["not_evaluated"].append(f"segmentation {orientation}: no case with a defined Dice")
-                continue
-            # clusters as the tables': the patient, else the exam, else the case
-            groups, without = cluster_ids([c.get("patient") for c in cs], [c.get("exam") or c["case"] for c in cs])
-            mean, lo, hi, _ = cluster_mean_ci(np.array([c["mean_dice"] for c in cs]), groups, n_boot, seed)
-            out["figures"].append({"task": "segmentation", "name": f"mean Dice per case, {orientation}",
-                                   "value": mean, "ci": [lo, hi], "n": len(cs), "n_of": "cases",
-                                   "unit": "cases" if without == len(cs) else "patients"})
-        overall = seg.get("overall", {})
-        dice = {s: _finite((e.get("dice") or {}).get("mean")) for s, e in overall.items() if isinstance(e, Mapping)}
-        defined = {s: d for s, d in dice.items() if d is not None}
-        if defined:
-            low = min(defined, key=defined.get)
-            out["figures"].append({"task": "segmentation", "name": f"lowest mean Dice of a structure: {low}",
-                                   "value": defined[low], "ci": list(_pair(overall[low]["dice"].get("ci"))),
-                                   "n": overall[low].get("n_cases"), "n_of": "cases"})
-        for s, e in overall.items():
-            if not isinstance(e, Mapping):
-                continue
-            if dice.get(s) is None:
-                out["not_evaluated"].append(f"{s}: Dice undefined (absent from every reference and prediction)")
-                continue
-            n_cases = e.get("n_cases")
-            if "n_missed" in e or "n_false_detection" in e:  # the statistics count misses themselves
-                miss, false, empty = (int(e.get(k) or 0) for k in ("n_missed", "n_false_detection", "n_both_empty"))
-                if miss or false:
-                    out["not_evaluated"].append(
-                        f"{s}: HD95 undefined in {miss + false} of {n_cases} cases ({miss} missed, {false} false "
-                        "detection(s)): Dice and surface Dice count them as 0, the capped HD95 at the image diagonal")
-                if empty:
-                    out["not_evaluated"].append(f"{s}: absent from reference and prediction in {empty} of {n_cases} "
-                                                "cases (no metric there)")
-                continue
-            missing: dict[int, list[str]] = {}
-            for m, name in (("hd95_mm", "HD95"), ("surface_dice", "surface Dice")):
-                x = e.get(m) or {}
-                if isinstance(x, Mapping) and isinstance(x.get("n"), int) and isinstance(n_cases, int) \
-                        and x["n"] < n_cases:
-                    missing.setdefault(n_cases - x["n"], []).append(name)
-            for k, names in missing.items():
-                out["not_evaluated"].append(f"{s}: {' and '.join(names)} undefined in {k} of {n_cases} cases "
-                                            "(structure missing from the reference or the prediction)")
-        out["not_evaluated"] += seg.get("pictures_missing", [])
-    cls = report.get("classification")
-    if cls:
-        ov = cls["overall"]
-        mac, mci = ov.get("macro") or {}, ov.get("macro_ci") or {}
-        for k, name in (("auroc", "macro AUROC"), ("sensitivity", "macro sensitivity"),
-                        ("specificity", "macro specificity")):
-            out["figures"].append({"task": "classification", "name": name, "value": _finite(mac.get(k)),
-                                   "ci": list(_pair(mci.get(k))), "n": ov.get("n_exams"), "n_of": "exams",
-                                   "ci_note": _ci_note((ov.get("macro_ci_valid") or {}).get(k), ov.get("n_boot"))})
-        out["figures"].append({"task": "classification", "name": "expected calibration error (all labels pooled)",
-                               "value": _finite(cls.get("calibration_pooled", {}).get("ece")), "ci": [None, None],
-                               "n": cls.get("calibration_pooled", {}).get("n"), "n_of": "exam-label pairs"})
-        for m in ov.get("labels", []):
-            undefined = [k for k in ("auroc", "auprc", "sensitivity", "specificity") if _finite(m.get(k)) is None]
-            if undefined:
-                why = sorted({r for r in (_label_reason(m, k) for k in undefined) if r})
-                out["not_evaluated"].append(f"{m['name']}: {', '.join(k.upper() if k.startswith('au') else k for k in undefined)} "
-                                            f"undefined ({'; '.join(why) or 'see report.json'}; n = {m.get('n')}, "
-                                            f"positives = {m.get('n_pos')})")
-        if cls.get("missing_views"):
-            out["not_evaluated"].append(f"{len(cls['missing_views'])} exam(s) predicted without all three views")
-        band = cls.get("roc_band", {})
-        if band.get("resampled") == "exams":
-            out["not_evaluated"].append("ROC bands resample exams, not patients (the exams name no patient)")
+    if report.get("segmentation"):
+        _headline_segmentation(report["segmentation"], out, n_boot, seed)
+    if report.get("classification"):
+        _headline_classification(report["classification"], out)
     for task in ("segmentation", "classification"):  # notes the statistics may add (e.g. label-set mismatches)
         out["not_evaluated"] += _notes((report.get(task) or {}), task)
     return out
+
+
+def _headline_segmentation(seg: Mapping, out: dict, n_boot: int, seed: int) -> None:
+    """Adds to ``out`` the per-orientation mean Dice, the weakest structure and what is undefined."""
+    per_case = seg["per_case"]
+    for orientation in sorted({c["orientation"] for c in per_case}):
+        cs = [c for c in per_case if c["orientation"] == orientation and c["mean_dice"] is not None]
+        if not cs:
+            out["not_evaluated"].append(f"segmentation {orientation}: no case with a defined Dice")
+            continue
+        # clusters as the tables': the patient, else the exam, else the case
+        groups, without = cluster_ids([c.get("patient") for c in cs], [c.get("exam") or c["case"] for c in cs])
+        mean, lo, hi, _ = cluster_mean_ci(np.array([c["mean_dice"] for c in cs]), groups, n_boot, seed)
+        out["figures"].append({"task": "segmentation", "name": f"mean Dice per case, {orientation}",
+                               "value": mean, "ci": [lo, hi], "n": len(cs), "n_of": "cases",
+                               "unit": "cases" if without == len(cs) else "patients"})
+    overall = seg.get("overall", {})
+    dice = {s: _finite((e.get("dice") or {}).get("mean")) for s, e in overall.items() if isinstance(e, Mapping)}
+    defined = {s: d for s, d in dice.items() if d is not None}
+    if defined:
+        low = min(defined, key=defined.get)
+        out["figures"].append({"task": "segmentation", "name": f"lowest mean Dice of a structure: {low}",
+                               "value": defined[low], "ci": list(_pair(overall[low]["dice"].get("ci"))),
+                               "n": overall[low].get("n_cases"), "n_of": "cases"})
+    for s, e in overall.items():
+        if not isinstance(e, Mapping):
+            continue
+        if dice.get(s) is None:
+            out["not_evaluated"].append(f"{s}: Dice undefined (absent from every reference and prediction)")
+        else:
+            out["not_evaluated"] += _structure_gaps(s, e)
+    out["not_evaluated"] += seg.get("pictures_missing", [])
+
+
+def _structure_gaps(s: str, e: Mapping) -> list[str]:
+    """Why some of a structure's metrics are undefined in some cases (misses, false detections, absences)."""
+    n_cases = e.get("n_cases")
+    if "n_missed" in e or "n_false_detection" in e:  # the statistics count misses themselves
+        miss, false, empty = (int(e.get(k) or 0) for k in ("n_missed", "n_false_detection", "n_both_empty"))
+        lines = []
+        if miss or false:
+            lines.append(f"{s}: HD95 undefined in {miss + false} of {n_cases} cases ({miss} missed, {false} false "
+                         "detection(s)): Dice and surface Dice count them as 0, the capped HD95 at the image diagonal")
+        if empty:
+            lines.append(f"{s}: absent from reference and prediction in {empty} of {n_cases} cases (no metric there)")
+        return lines
+    missing: dict[int, list[str]] = {}
+    for m, name in (("hd95_mm", "HD95"), ("surface_dice", "surface Dice")):
+        x = e.get(m) or {}
+        if isinstance(x, Mapping) and isinstance(x.get("n"), int) and isinstance(n_cases, int) and x["n"] < n_cases:
+            missing.setdefault(n_cases - x["n"], []).append(name)
+    return [f"{s}: {' and '.join(names)} undefined in {k} of {n_cases} cases "
+            "(structure missing from the reference or the prediction)" for k, names in missing.items()]
+
+
+def _headline_classification(cls: Mapping, out: dict) -> None:
+    """Adds to ``out`` the macro AUROC/sensitivity/specificity, the pooled ECE and the undefined labels."""
+    ov = cls["overall"]
+    mac, mci = ov.get("macro") or {}, ov.get("macro_ci") or {}
+    for k, name in (("auroc", "macro AUROC"), ("sensitivity", "macro sensitivity"),
+                    ("specificity", "macro specificity")):
+        out["figures"].append({"task": "classification", "name": name, "value": _finite(mac.get(k)),
+                               "ci": list(_pair(mci.get(k))), "n": ov.get("n_exams"), "n_of": "exams",
+                               "ci_note": _ci_note((ov.get("macro_ci_valid") or {}).get(k), ov.get("n_boot"))})
+    out["figures"].append({"task": "classification", "name": "expected calibration error (all labels pooled)",
+                           "value": _finite(cls.get("calibration_pooled", {}).get("ece")), "ci": [None, None],
+                           "n": cls.get("calibration_pooled", {}).get("n"), "n_of": "exam-label pairs"})
+    for m in ov.get("labels", []):
+        undefined = [k for k in ("auroc", "auprc", "sensitivity", "specificity") if _finite(m.get(k)) is None]
+        if undefined:
+            why = sorted({r for r in (_label_reason(m, k) for k in undefined) if r})
+            out["not_evaluated"].append(f"{m['name']}: {', '.join(k.upper() if k.startswith('au') else k for k in undefined)} "
+                                        f"undefined ({'; '.join(why) or 'see report.json'}; n = {m.get('n')}, "
+                                        f"positives = {m.get('n_pos')})")
+    if cls.get("missing_views"):
+        out["not_evaluated"].append(f"{len(cls['missing_views'])} exam(s) predicted without all three views")
+    if cls.get("roc_band", {}).get("resampled") == "exams":
+        out["not_evaluated"].append("ROC bands resample exams, not patients (the exams name no patient)")
 
 
 def _notes(section: Mapping, task: str) -> list[str]:
@@ -910,120 +921,16 @@ figure:target { outline: 3px solid #e08a00; }
 
 
 def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, title) -> Path:
-    boot = report["bootstrap"]
-    unit = {"patient": "patients (all rows of a drawn patient)", "exam": "exams", "case": "cases"}.get(
-        str(boot.get("unit")), str(boot.get("unit") or "cases/exams"))
-    boot_txt = (f"Intervals: {boot.get('interval', 'percentile 95%')} bootstrap ({boot.get('resamples', n_boot)} "
-                f"resamples of {unit}, seed {boot.get('seed', seed)})")
-    own = [f"{n} {what}" for n, what in (
-        ((report.get("segmentation") or {}).get("resampling", {}).get("n_rows_without_patient"), "segmentation rows"),
-        ((report.get("classification") or {}).get("resampling", {}).get("n_exams_without_patient"), "exams")) if n]
-    if own:
-        boot_txt += f"; without a patient id, {' and '.join(own)} count as their own cluster"
-    what, figs, missing = _headline_lines(report["headline"])
-    md = [f"# {title}", "", f"Created {report['created']}. {boot_txt}.", "", "## Headline", "", what, ""]
-    md += [f"- {f}" for f in figs] + [""]
-    if missing:
-        md += ["Not evaluated:", ""] + [f"- {m}" for m in missing] + [""]
-    parts = ["<section class='headline' id='headline'><h2>Headline</h2>", f"<p>{html.escape(what)}</p>",
-             "<ul id='headline-figures'>" + "".join(f"<li>{html.escape(f)}</li>" for f in figs) + "</ul>"]
-    if missing:
-        parts.append("<p><b>Not evaluated</b></p><ul id='not-evaluated'>"
-                     + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
-    parts.append("</section>")
+    """``report.md`` and ``report.html``: the same sections in the same order, one as Markdown, one as HTML."""
+    boot_txt = _bootstrap_text(report, n_boot, seed)
+    md, parts = _headline_section(report["headline"])
+    md = [f"# {title}", "", f"Created {report['created']}. {boot_txt}.", ""] + md
     if seg_rows:
-        seg = report["segmentation"]
-        md += ["## Segmentation (overall)", "", _md(_seg_table(seg["overall"])), ""]
-        parts.append("<h2>Segmentation (overall)</h2>" + _html_table(_seg_table(seg["overall"]), True, "seg-overall"))
-        same = _single_strata(seg["strata"])
-        for key, groups in seg["strata"].items():
-            if key in same:
-                continue
-            parts.append("<div class='strata'>")  # a stratum's tables side by side where they fit
-            for value, block in groups.items():
-                t = f"Segmentation, {STRATUM_TITLES.get(key, key)} = {value}"
-                md += [f"### {t}", "", _md(_seg_table(block)), ""]
-                parts.append(f"<div><h3>{html.escape(t)}</h3>" + _html_table(_seg_table(block), True) + "</div>")
-            parts.append("</div>")
-        if same:
-            note = _same_note(same)
-            md += [note, ""]
-            parts.append(f"<p class='note'>{html.escape(note)}</p>")
-        for t, p in plots["segmentation"].items():
-            md += [f"![{t}]({p.name})", ""]
-            parts.append(_figure(p, t))
-        per_case, per_structure = _case_tables(report)
-        md += ["## Segmentation per case (worst first)", "", _md(per_case), ""]
-        parts.append("<h2>Segmentation per case</h2><p class='note'>One row per case and orientation, worst mean "
-                     "Dice first (mean over the structures where Dice is defined); click a column header to sort. "
-                     "The picture links lead to the case's contours below.</p>"
-                     + "<div class='scroll'>" + _html_table(per_case, True, "seg-cases") + "</div>"
-                     + "<details><summary>Every case and structure</summary>"
-                     + _html_table(per_structure, True, "seg-structures") + "</details>")
-        parts.append("<h2>Segmentation pictures</h2>")
-        if seg.get("pictures"):
-            parts.append("<p class='note'>Per site and orientation: the best, median and worst case by mean Dice. "
-                         "Reference contours solid, prediction dashed, one colour per structure, on slices through "
-                         "the structures, drawn in their physical aspect (mm) with the anatomical directions at the "
-                         "edges.</p>")
-            md += ["## Segmentation pictures", ""]
-            for (site, orientation) in dict.fromkeys((p["site"], p["orientation"]) for p in seg["pictures"]):
-                parts.append(f"<h3>{html.escape(str(site))}, {html.escape(PLANE_NAMES.get(orientation, orientation))}</h3>")
-                for pic in (p for p in seg["pictures"] if p["site"] == site and p["orientation"] == orientation):
-                    cap = (f"{pic['rank']}: {pic['case']}, mean Dice {_fmt(pic['mean_dice'])} over "
-                           f"{pic['n_structures']} structures; {pic['plane']} slices "
-                           f"{', '.join(map(str, pic['slices']))} of {pic['n']} (array axis {pic['axis']}), "
-                           f"pixels {pic['spacing_mm'][0]:.2f} x {pic['spacing_mm'][1]:.2f} mm")
-                    parts.append(_figure(out_dir / pic["file"], cap, pic["anchor"]))
-                    md += [f"![{cap}]({pic['file']})", ""]
-        for problem in seg.get("pictures_missing", []):
-            parts.append(f"<p class='note'>{html.escape(problem)}</p>")
+        seg_md, seg_parts = _segmentation_section(out_dir, report["segmentation"], plots["segmentation"], report)
+        md, parts = md + seg_md, parts + seg_parts
     if cls_exams:
-        cls = report["classification"]
-        ece = _fmt(_finite(cls["calibration_pooled"].get("ece")))
-        md += ["## Classification (overall)", "", _md(_cls_table(cls["overall"])), "",
-               f"Expected calibration error (all labels pooled): {ece}", ""]
-        parts.append("<h2>Classification (overall)</h2>" + _html_table(_cls_table(cls["overall"]), True, "cls-overall", foot=1)
-                     + f"<p>Expected calibration error (all labels pooled): {ece}</p>")
-        if cls["missing_views"]:
-            gaps = ", ".join(f"{e}: {'/'.join(v)}" for e, v in cls["missing_views"].items())
-            md += [f"Exams predicted with missing views: {gaps}", ""]
-            parts.append(f"<p>Exams predicted with missing views: {html.escape(gaps)}</p>")
-        same = _single_strata(cls["strata"])
-        for key, groups in cls["strata"].items():
-            if key in same:
-                continue
-            parts.append("<div class='strata'>")  # a stratum's tables side by side where they fit
-            for value, block in groups.items():
-                t = f"Classification, {STRATUM_TITLES.get(key, key)} = {value}"
-                md += [f"### {t}", "", _md(_cls_table(block)), ""]
-                parts.append(f"<div><h3>{html.escape(t)}</h3>" + _html_table(_cls_table(block), True, foot=1) + "</div>")
-            parts.append("</div>")
-        if same:
-            note = _same_note(same)
-            md += [note, ""]
-            parts.append(f"<p class='note'>{html.escape(note)}</p>")
-        band = cls["roc_band"]
-        unit = (f"{band['resamples']} resamples of the {band['n_clusters']} patients (all exams of a drawn patient"
-                + (f"; {band['n_exams_without_patient']} exams without a patient id on their own"
-                   if band.get("n_exams_without_patient") else "") + ")"
-                if band["resampled"] == "patients" else
-                f"{band['resamples']} resamples of the {band['n_clusters']} exams: the exams name no patient, so "
-                "exams of one patient count as independent and the band may be too narrow")
-        captions = {"ROC curves": f"ROC curve per label with a pointwise 95% bootstrap band ({unit}); dot: the operating "
-                                  "point at the label's decision threshold, chosen on validation data. Title: AUROC "
-                                  "[95% CI] of the table.",
-                    "Reliability diagram": "Reliability diagram, all labels pooled: fraction of positives against the "
-                                           "mean predicted probability per bin (numbers: exams per bin)."}
-        parts.append("<h3>Confusion matrices at the decision thresholds</h3>" + _confusion_html(cls["confusion"]))
-        md += ["### Confusion matrices at the decision thresholds", "",
-               _md([["label", "threshold", "TP", "FN", "FP", "TN", "unknown"]]
-                   + [[n, _fmt(c["threshold"]), *("n/a" if c[k] is None else str(c[k])
-                                                   for k in ("tp", "fn", "fp", "tn", "unknown"))]
-                      for n, c in cls["confusion"].items()]), ""]
-        for t, p in plots["classification"].items():
-            md += [f"### {t}", "", f"![{t}]({p.name})", "", captions.get(t, t), ""]
-            parts.append(f"<h3>{html.escape(t)}</h3>" + _figure(p, captions.get(t, t)))
+        cls_md, cls_parts = _classification_section(report["classification"], plots["classification"])
+        md, parts = md + cls_md, parts + cls_parts
     md += ["## Provenance", "", "```json", json.dumps(_nan_to_none(report["provenance"]), indent=2), "```", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
@@ -1040,3 +947,139 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
 """
     atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
+
+
+def _bootstrap_text(report: Mapping, n_boot: int, seed: int) -> str:
+    """One sentence on how the intervals were drawn (unit, resamples, seed, rows without a patient)."""
+    boot = report["bootstrap"]
+    unit = {"patient": "patients (all rows of a drawn patient)", "exam": "exams", "case": "cases"}.get(
+        str(boot.get("unit")), str(boot.get("unit") or "cases/exams"))
+    boot_txt = (f"Intervals: {boot.get('interval', 'percentile 95%')} bootstrap ({boot.get('resamples', n_boot)} "
+                f"resamples of {unit}, seed {boot.get('seed', seed)})")
+    own = [f"{n} {what}" for n, what in (
+        ((report.get("segmentation") or {}).get("resampling", {}).get("n_rows_without_patient"), "segmentation rows"),
+        ((report.get("classification") or {}).get("resampling", {}).get("n_exams_without_patient"), "exams")) if n]
+    if own:
+        boot_txt += f"; without a patient id, {' and '.join(own)} count as their own cluster"
+    return boot_txt
+
+
+def _headline_section(headline: Mapping) -> tuple[list[str], list[str]]:
+    """The headline box: what was evaluated, its figures, what was not (Markdown lines, HTML parts)."""
+    what, figs, missing = _headline_lines(headline)
+    md = ["## Headline", "", what, ""] + [f"- {f}" for f in figs] + [""]
+    if missing:
+        md += ["Not evaluated:", ""] + [f"- {m}" for m in missing] + [""]
+    parts = ["<section class='headline' id='headline'><h2>Headline</h2>", f"<p>{html.escape(what)}</p>",
+             "<ul id='headline-figures'>" + "".join(f"<li>{html.escape(f)}</li>" for f in figs) + "</ul>"]
+    if missing:
+        parts.append("<p><b>Not evaluated</b></p><ul id='not-evaluated'>"
+                     + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
+    parts.append("</section>")
+    return md, parts
+
+
+def _strata_section(strata: Mapping, task: str, table, foot: int) -> tuple[list[str], list[str]]:
+    """One table per stratum value (site, field strength, ...), side by side; strata with one value as a note."""
+    md, parts = [], []
+    same = _single_strata(strata)
+    for key, groups in strata.items():
+        if key in same:
+            continue
+        parts.append("<div class='strata'>")  # a stratum's tables side by side where they fit
+        for value, block in groups.items():
+            t = f"{task}, {STRATUM_TITLES.get(key, key)} = {value}"
+            md += [f"### {t}", "", _md(table(block)), ""]
+            parts.append(f"<div><h3>{html.escape(t)}</h3>" + _html_table(table(block), True, foot=foot) + "</div>")
+        parts.append("</div>")
+    if same:
+        note = _same_note(same)
+        md += [note, ""]
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    return md, parts
+
+
+def _segmentation_section(out_dir: Path, seg: Mapping, plots: Mapping, report: Mapping) -> tuple[list[str], list[str]]:
+    """Overall and per-stratum tables, plots, the per-case table and the contour pictures."""
+    md = ["## Segmentation (overall)", "", _md(_seg_table(seg["overall"])), ""]
+    parts = ["<h2>Segmentation (overall)</h2>" + _html_table(_seg_table(seg["overall"]), True, "seg-overall")]
+    strata_md, strata_parts = _strata_section(seg["strata"], "Segmentation", _seg_table, 0)
+    md, parts = md + strata_md, parts + strata_parts
+    for t, p in plots.items():
+        md += [f"![{t}]({p.name})", ""]
+        parts.append(_figure(p, t))
+    per_case, per_structure = _case_tables(report)
+    md += ["## Segmentation per case (worst first)", "", _md(per_case), ""]
+    parts.append("<h2>Segmentation per case</h2><p class='note'>One row per case and orientation, worst mean "
+                 "Dice first (mean over the structures where Dice is defined); click a column header to sort. "
+                 "The picture links lead to the case's contours below.</p>"
+                 + "<div class='scroll'>" + _html_table(per_case, True, "seg-cases") + "</div>"
+                 + "<details><summary>Every case and structure</summary>"
+                 + _html_table(per_structure, True, "seg-structures") + "</details>")
+    parts.append("<h2>Segmentation pictures</h2>")
+    if seg.get("pictures"):
+        pic_md, pic_parts = _pictures_section(out_dir, seg["pictures"])
+        md, parts = md + pic_md, parts + pic_parts
+    for problem in seg.get("pictures_missing", []):
+        parts.append(f"<p class='note'>{html.escape(problem)}</p>")
+    return md, parts
+
+
+def _pictures_section(out_dir: Path, pictures: Sequence[Mapping]) -> tuple[list[str], list[str]]:
+    """The best, median and worst case per site and orientation, with captions that say what is drawn."""
+    parts = ["<p class='note'>Per site and orientation: the best, median and worst case by mean Dice. "
+             "Reference contours solid, prediction dashed, one colour per structure, on slices through "
+             "the structures, drawn in their physical aspect (mm) with the anatomical directions at the "
+             "edges.</p>"]
+    md = ["## Segmentation pictures", ""]
+    for (site, orientation) in dict.fromkeys((p["site"], p["orientation"]) for p in pictures):
+        parts.append(f"<h3>{html.escape(str(site))}, {html.escape(PLANE_NAMES.get(orientation, orientation))}</h3>")
+        for pic in (p for p in pictures if p["site"] == site and p["orientation"] == orientation):
+            cap = (f"{pic['rank']}: {pic['case']}, mean Dice {_fmt(pic['mean_dice'])} over "
+                   f"{pic['n_structures']} structures; {pic['plane']} slices "
+                   f"{', '.join(map(str, pic['slices']))} of {pic['n']} (array axis {pic['axis']}), "
+                   f"pixels {pic['spacing_mm'][0]:.2f} x {pic['spacing_mm'][1]:.2f} mm")
+            parts.append(_figure(out_dir / pic["file"], cap, pic["anchor"]))
+            md += [f"![{cap}]({pic['file']})", ""]
+    return md, parts
+
+
+def _classification_section(cls: Mapping, plots: Mapping) -> tuple[list[str], list[str]]:
+    """Overall and per-stratum tables, confusion matrices at the thresholds, ROC bands and reliability."""
+    ece = _fmt(_finite(cls["calibration_pooled"].get("ece")))
+    md = ["## Classification (overall)", "", _md(_cls_table(cls["overall"])), "",
+          f"Expected calibration error (all labels pooled): {ece}", ""]
+    parts = ["<h2>Classification (overall)</h2>" + _html_table(_cls_table(cls["overall"]), True, "cls-overall", foot=1)
+             + f"<p>Expected calibration error (all labels pooled): {ece}</p>"]
+    if cls["missing_views"]:
+        gaps = ", ".join(f"{e}: {'/'.join(v)}" for e, v in cls["missing_views"].items())
+        md += [f"Exams predicted with missing views: {gaps}", ""]
+        parts.append(f"<p>Exams predicted with missing views: {html.escape(gaps)}</p>")
+    strata_md, strata_parts = _strata_section(cls["strata"], "Classification", _cls_table, 1)
+    md, parts = md + strata_md, parts + strata_parts
+    parts.append("<h3>Confusion matrices at the decision thresholds</h3>" + _confusion_html(cls["confusion"]))
+    md += ["### Confusion matrices at the decision thresholds", "",
+           _md([["label", "threshold", "TP", "FN", "FP", "TN", "unknown"]]
+               + [[n, _fmt(c["threshold"]), *("n/a" if c[k] is None else str(c[k])
+                                               for k in ("tp", "fn", "fp", "tn", "unknown"))]
+                  for n, c in cls["confusion"].items()]), ""]
+    captions = _classification_captions(cls["roc_band"])
+    for t, p in plots.items():
+        md += [f"### {t}", "", f"![{t}]({p.name})", "", captions.get(t, t), ""]
+        parts.append(f"<h3>{html.escape(t)}</h3>" + _figure(p, captions.get(t, t)))
+    return md, parts
+
+
+def _classification_captions(band: Mapping) -> dict[str, str]:
+    """Captions of the ROC and reliability plots, saying what the ROC band resampled."""
+    unit = (f"{band['resamples']} resamples of the {band['n_clusters']} patients (all exams of a drawn patient"
+            + (f"; {band['n_exams_without_patient']} exams without a patient id on their own"
+               if band.get("n_exams_without_patient") else "") + ")"
+            if band["resampled"] == "patients" else
+            f"{band['resamples']} resamples of the {band['n_clusters']} exams: the exams name no patient, so "
+            "exams of one patient count as independent and the band may be too narrow")
+    return {"ROC curves": f"ROC curve per label with a pointwise 95% bootstrap band ({unit}); dot: the operating "
+                          "point at the label's decision threshold, chosen on validation data. Title: AUROC "
+                          "[95% CI] of the table.",
+            "Reliability diagram": "Reliability diagram, all labels pooled: fraction of positives against the "
+                                   "mean predicted probability per bin (numbers: exams per bin)."}
