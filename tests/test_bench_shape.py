@@ -127,3 +127,38 @@ def test_bench_scan_tiny_export(bench, tmp_path, capsys):
     assert "| executor | workers | files | wall time | files/s | CPU time | speed-up vs serial |" in text
     assert "| serial | 1 | " in text and " | 1.00x |" in text
     assert text.count("\n| ") == 3  # header row, two executors
+
+
+def test_pretraining_section_from_measured_runs(bench):
+    """``record``'s text from known timings: table rows, the paired ratio against the goal, the CPU-time ratio."""
+    import torch
+
+    bp = bench("bench_pretraining")
+    van = bp.Run("vanilla", "fp32", False, False, seconds=[0.1, 0.1, 0.1], cpu_seconds=[0.2, 0.2, 0.2])
+    head = bp.Run("ours", "fp32", False, False, seconds=[0.1, 0.2, 0.3], cpu_seconds=[0.2, 0.2, 0.4], vanilla=van)
+    m = bp.Measured(device=torch.device("cpu"), size="reduced", dataset="D", plans_id="P", data_what="phantoms",
+                    configuration="3d_diffusion", n_it=1, repeats=3, warmup=1, batch_size=2, patch=(10, 10, 10),
+                    voxels=2_000_000, flops_ours=int(2e9), flops_vanilla=int(1e9), arch_what="net", head=head,
+                    vanilla=van, load_start="1.0")
+    text = "\n".join(bp.section_head(m, bp.parse_args([])) + bp.section_notes(m))
+    # ours: median 0.2 s -> 200 ms, 10 M voxels/s, paired ratios 1, 2, 3; 2 GFLOP / 0.2 s = 0.010 TFLOP/s
+    assert ("| ours | fp32 | off | off | 200.0 (100.0-300.0) | 10.00 M | **2.000** (1.00-3.00) | n/a (see RSS) | "
+            "2.0 | 0.010 |") in text
+    assert "| vanilla | fp32 | off | off | 100.0 (100.0-100.0) | 20.00 M | 1 (reference) | n/a (see RSS) | 1.0 | 0.010 |" in text
+    assert "**2.000** (goal <= 1.15: NOT met); per repetition 1.00, 2.00, 3.00; ratio of medians 2.000." in text
+    assert "median paired ratio 1.000 (1.00-2.00); CPU ms/iteration ours 200, vanilla 200." in text
+    assert "patch 10 x 10 x 10, batch 2 = 2,000,000 voxels per iteration" in text
+
+
+def test_predict_paired_section_from_known_times(bench):
+    bp = bench("bench_predict_cpu")
+    res = {"name": "Dataset571_PredictBenchSag", "n": 3, "size": (40, 40, 12),
+           "cfg": {"patch_size": [12, 32, 32], "architecture": {"arch_kwargs": {"n_stages": 4,
+                                                                               "features_per_stage": [8, 16]}}},
+           "commands": (["/venv/bin/orthodiff", "predict", "seg"], ["/venv/bin/nnUNetv2_predict", "-i", "IMG"]),
+           "settings": [{"tta": "on", "wall": {"ours": [4.0, 6.0], "nnunet": [4.0, 4.0]},
+                         "cpu": {"ours": [2.0, 2.0], "nnunet": [1.0, 2.0]}, "identical": [True, False]}]}
+    text = bp.paired_section(res, bp.parse_args(["--repeats", "2"]))
+    assert "| on | 2.0 | 1.5 | **1.500** (1.00-2.00) | 5.0 | 4.0 | 1.250 (1.00-1.50) | 1/2 |" in text
+    assert "mirroring on: CPU-time ratio per pair 2.000, 1.000." in text
+    assert "Commands timed: `orthodiff predict seg -o OUT` and `nnUNetv2_predict -i IMG -o OUT`" in text
