@@ -215,7 +215,7 @@ def real_knee_model(shared: Path, work: Path) -> tuple[str, Path, Path]:
         convert(manifest, REAL_ID, "PredictRealKnee", raw=folders["raw"], num_processes=1)
     name = sorted(folders["raw"].glob(f"Dataset{REAL_ID}_*"))[0].name
     with common.with_planning_env():
-        result = plan_and_preprocess([REAL_ID], num_processes=1, configurations=("3d_fullres",), show_progress=False)
+        result = plan_and_preprocess([REAL_ID], num_processes=1, configurations=(CFG,), show_progress=False)
     plans_id = common.plans_identifier_of(result)
     plans, dataset_json = common.load_plans_and_dataset_json(name, plans_id)
     model = folders["results"] / name / f"{TRAINER}__{plans_id}__{CFG}"

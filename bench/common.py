@@ -19,8 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orthodiff_nnunet.conventions import RESENC_M_PLANS
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -46,9 +50,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def machine(device: "torch.device | None" = None) -> str:  # noqa: F821
+def machine(device: "torch.device | None" = None) -> str:
     """One line: GPU name (on CUDA) or CPU model, cores, torch/nnunetv2 versions."""
-    import nnunetv2  # noqa: F401  (version below)
     import torch
     from importlib.metadata import version
 

@@ -64,6 +64,7 @@ import time
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import REPO, command_line, machine, with_planning_env
 from orthodiff_nnunet.conventions import (
@@ -78,6 +79,11 @@ from orthodiff_nnunet.conventions import (
     result_folder,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from orthodiff_nnunet.data.sites import SiteProfile
+
 TRAIN_ID, TEST_ID, EXT_ID = 701, 711, 712
 TRAIN_NAME, TEST_NAME, EXT_NAME = "LERender", "LERenderTest", "LERenderExt"
 STRUCTURES = {1: "femur", 2: "tibia", 3: "patella", 5: "femoral cartilage", 6: "tibial cartilage",
@@ -91,7 +97,7 @@ CPU_PLANS = "labelEffCpuPlans"
 
 # ----------------------------------------------------------------------------------------------
 # sites
-def site_profiles() -> dict[str, "SiteProfile"]:  # noqa: F821
+def site_profiles() -> dict[str, SiteProfile]:
     from orthodiff_nnunet.data.sites import SiteProfile
 
     return {
@@ -771,7 +777,7 @@ def _fmt_ci(m: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def _per_scan_values(arms: list[dict], key: str, which) -> tuple[list[str], "np.ndarray"]:  # noqa: F821
+def _per_scan_values(arms: list[dict], key: str, which) -> tuple[list[str], np.ndarray]:
     """scans x seeds matrix of ``which(scores of one scan)`` for one arm's seeds (sorted by seed)."""
     import numpy as np
 
