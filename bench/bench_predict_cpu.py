@@ -62,12 +62,6 @@ TRAINER = SEG_SCRATCH_TRAINER
 CFG = SEGMENTATION_CONFIGURATION
 
 
-def _bin(name: str) -> str:
-    """The console script installed beside this interpreter (the venv's)."""
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
-
-
 def same_masks(a: Path, b: Path, ending: str = ".nii.gz") -> bool:
     import numpy as np
     import SimpleITK as sitk
@@ -108,9 +102,9 @@ def tiny_model(work: Path, n_cases: int, in_plane_mm: float) -> tuple[str, Path,
 
 def paired_commands(name: str, model: Path, images: Path, tta: str) -> tuple[list[str], list[str]]:
     """(ours, nnUNetv2_predict) for one mirroring setting, without ``-o``."""
-    ours = [_bin("orthodiff"), "predict", "seg", "-i", str(images), "-m", str(model), "-f", "0",
+    ours = [common.console_script("orthodiff"), "predict", "seg", "-i", str(images), "-m", str(model), "-f", "0",
             "--device", "cpu", "-np", "2"] + ([] if tta == "on" else ["--disable-tta"])
-    theirs = [_bin("nnUNetv2_predict"), "-i", str(images), "-d", name, "-tr", TRAINER, "-p", TINY_PLANS,
+    theirs = [common.console_script("nnUNetv2_predict"), "-i", str(images), "-d", name, "-tr", TRAINER, "-p", TINY_PLANS,
               "-c", CFG, "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu",
               "-npp", "2", "-nps", "2", "-step_size", "0.5"] + ([] if tta == "on" else ["--disable_tta"])
     return ours, theirs

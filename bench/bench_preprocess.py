@@ -102,8 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tool_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     """The commands compared (see the module docstring), by key."""
     n = str(args.num_processes)
-    bindir = Path(sys.executable).parent
-    nnunet = [str(bindir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-np", n, "-npfp", n, "--no_pbar"]
+    nnunet = [common.console_script("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-np", n, "-npfp", n, "--no_pbar"]
     tools = {
         "nnunet_resencm": nnunet + ["-pl", "nnUNetPlannerResEncM", "-c", SEGMENTATION_CONFIGURATION],
         "ours": [sys.executable, "-m", "orthodiff_nnunet.planning", "-d", str(DATASET_ID), "-np", n, "--no-progress"],

@@ -52,13 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _cpu_since(t0: os.times_result) -> float:
-    """CPU seconds (user + system, this process and its reaped children) since ``t0``."""
-    t1 = os.times()
-    return ((t1.user - t0.user) + (t1.system - t0.system) + (t1.children_user - t0.children_user)
-            + (t1.children_system - t0.children_system))
-
-
 def run(args: argparse.Namespace) -> ScanResult:
     """Generate the export, warm the page cache, scan it with each executor."""
     from orthodiff_nnunet.data.pacs_export import bench_exams, write_pacs_export
@@ -75,9 +68,9 @@ def run(args: argparse.Namespace) -> ScanResult:
             f.read_bytes()
     verdicts = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        t, cpu0 = time.perf_counter(), os.times()
+        t, cpu0 = time.perf_counter(), common.cpu_seconds()
         scanned = scan_export(export, executor=mode, workers=args.workers, progress=False)
-        wall, cpu = time.perf_counter() - t, _cpu_since(cpu0)
+        wall, cpu = time.perf_counter() - t, common.cpu_seconds() - cpu0
         verdicts[mode] = [(s.uid, s.reason, s.plane, s.slices) for s in scanned.series]
         result.rows.append((mode, scanned.workers, scanned.num_files, wall, scanned.num_files / wall, cpu))
         print(f"{mode:8s} workers {scanned.workers}: {scanned.num_files} files in {wall:.1f} s = "

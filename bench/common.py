@@ -111,6 +111,20 @@ def run_timed(cmd: list[str], env: dict[str, str], log_file: Path) -> tuple[floa
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its reaped children so far."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def console_script(name: str) -> str:
+    """The console script ``name`` installed beside this interpreter (the venv's), else ``name`` (on PATH)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident set size (Linux reports KiB)."""
     import resource

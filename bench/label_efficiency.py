@@ -57,7 +57,6 @@ import datetime as _dt
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -66,7 +65,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.common import REPO, command_line, machine, with_planning_env
+from bench.common import REPO, command_line, console_script, cpu_seconds, machine, with_planning_env
 from orthodiff_nnunet.conventions import (
     DIFFUSION_CONFIGURATION,
     ENCODER_FILE,
@@ -159,11 +158,6 @@ class Stages:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")
-
-
-def cpu_seconds() -> float:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_child(cmd: list[str], log_file: Path, env: dict | None = None) -> float:
@@ -402,8 +396,7 @@ def write_folds(work: Path, dataset: str, d: dict, cmap: dict, seeds: int) -> li
 # ----------------------------------------------------------------------------------------------
 # pretraining
 def mae_available() -> tuple[bool, str]:
-    exe = Path(sys.executable).with_name("orthodiff")
-    out = subprocess.run([str(exe), "pretrain", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([console_script("orthodiff"), "pretrain", "--help"], capture_output=True, text=True).stdout
     if "--objective" not in out:
         return False, "the installed orthodiff has no `pretrain --objective` (the MAE control is not merged)"
     if "mae" not in out.split("--objective", 1)[1][:400]:
@@ -418,7 +411,7 @@ def pretrain_objective(work: Path, dataset: str, plans: str, objective: str, arg
     encs = list(root.glob(encoders))
     if not encs:
         env = dict(os.environ, nnUNet_results=str(root))
-        cmd = [str(Path(sys.executable).with_name("orthodiff")), "pretrain", "-d", dataset, "-p", plans,
+        cmd = [console_script("orthodiff"), "pretrain", "-d", dataset, "-p", plans,
                "--seed", "0", "--sample-steps", "10", "--device", args.device]
         if args.size == "cpu":
             cmd += ["--iterations", str(args.pretrain_iterations),
