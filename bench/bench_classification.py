@@ -49,8 +49,8 @@ exams: the run shows the pipeline on real data; no accuracy is claimed.
 
 Usage::
 
-    OMP_NUM_THREADS=2 python bench/bench_classification.py                       # CPU: both parts, reduced
-    python bench/bench_classification.py --part throughput --size full --device cuda   # the GPU figures
+    OMP_NUM_THREADS=2 python -m bench.bench_classification                       # CPU: both parts, reduced
+    python -m bench.bench_classification --part throughput --size full --device cuda   # the GPU figures
 
 Appends a Markdown section to ``--out`` (default ``bench/results/classification.md``).
 """
@@ -64,10 +64,19 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, append_markdown, command_line, load_average, machine, now
-from common import markdown_table as table
+from bench import common
+from bench.common import markdown_table as table
+from orthodiff_nnunet.conventions import (
+    CLASSIFICATION_CONFIGURATION,
+    DIFFUSION_CONFIGURATION,
+    PLAIN_PLANS,
+    RESENC_M_PLANS,
+    default_encoder_path,
+)
+
 KEY = "3c" * 32  # fixed pseudonym key: fixed exam names and folds
 THROUGHPUT_ID, STUDY_ID, CORPUS_ID, MRNET_ID = 941, 961, 971, 981  # +100 for --size full
 MRNET_CASES = ["0001", "0003", "1123", "1127", "1128", "1129"]
@@ -96,13 +105,9 @@ def phantom_group(work: Path, dataset_id: int, name: str, n_cases: int, seed: in
         site = dataclasses.replace(SITE_3T, in_plane_spacing_mm=in_plane_mm)
         manifest = write_site(work / f"site_{name}", site, n_cases=n_cases, seed=seed, prevalence=0.5, scale=scale)
         convert(manifest, dataset_id, name, num_processes=1, pseudonym_key=key)
-    saved = os.environ.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planning breaks with 0
-    try:
+    with common.with_planning_env():  # nnU-Net's planning breaks with nnUNet_n_proc_DA=0
         plan_and_preprocess([dataset_id, dataset_id + 1, dataset_id + 2], num_processes=2, show_progress=False,
                             planner=planner, plans_from=plans_from)
-    finally:
-        if saved is not None:
-            os.environ["nnUNet_n_proc_DA"] = saved
     out = {}
     for folder in sorted(pre.glob(f"Dataset{dataset_id:03d}_*")) + sorted(pre.glob(f"Dataset{dataset_id + 1:03d}_*")) \
             + sorted(pre.glob(f"Dataset{dataset_id + 2:03d}_*")):
@@ -121,28 +126,29 @@ def shrink(names: dict[str, str], source: str, features: int, diffusion_batch: i
         if diffusion_batch:
             f = pre / name / f"{PLANS}.json"
             plans = json.loads(f.read_text())
-            plans["configurations"]["3d_diffusion"]["batch_size"] = diffusion_batch
+            plans["configurations"][DIFFUSION_CONFIGURATION]["batch_size"] = diffusion_batch
             atomic_write_json(f, plans)
 
 
 # ----------------------------------------------------------------------------------------------
 # throughput
-def throughput(args, device) -> str:
+def throughput_trainer(args, device):
+    """The three-view phantom data, a scratch-mode classifier on it and batches drawn from its own loader."""
     import torch
 
     from orthodiff_nnunet.classification import _view_data, resolve_views
     from orthodiff_nnunet.data.targets import load_dataset_targets
-    from orthodiff_nnunet.trainers.classification import MultiViewExamLoader, nnUNetTrainerOrthoDiffCls
+    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
 
     full = args.size == "full"
     names = phantom_group(args.work, THROUGHPUT_ID + (100 if full else 0), "ClsBenchFull" if full else "ClsBench",
                           args.cases, args.seed, 1.0 if full else 0.3, 0.4 if full else 0.8,
                           "resenc_m" if full else "plain")
-    plans = "orthodiffResEncMPlans" if full else PLANS
+    plans = RESENC_M_PLANS if full else PLANS
     if not full:
-        shrink(names, "orthodiffPlans", args.features)
+        shrink(names, PLAIN_PLANS, args.features)
     views = resolve_views(list(names.values()))
-    vds = {v: _view_data(v, n, plans, "3d_classification") for v, n in views.items()}
+    vds = {v: _view_data(v, n, plans, CLASSIFICATION_CONFIGURATION) for v, n in views.items()}
     targets = {v: load_dataset_targets(n) for v, n in views.items()}
     trainer = nnUNetTrainerOrthoDiffCls(vds, targets, 0, args.work / "throughput_run", device)
     trainer.mode, trainer.batch_size = "scratch", args.batch_size
@@ -156,27 +162,36 @@ def throughput(args, device) -> str:
     trainer.choose_precision(batches[0])
     if trainer.precision == "fp16":
         trainer.grad_scaler = torch.amp.GradScaler("cuda")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return trainer, batches, vds, plans
+
+
+def _sync(device) -> None:
+    import torch
+
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize()
+
+
+def time_train_steps(trainer, batches, args, device) -> list[float]:
+    """Seconds per ``train_step`` of each repetition, after a two-step warm-up."""
     for b in batches[:2]:  # warm-up
         trainer.train_step(b)
     step_s = []
     for _ in range(args.repeats):
-        sync()
+        _sync(device)
         t = time.perf_counter()
         for b in batches:
             trainer.train_step(b)
-        sync()
+        _sync(device)
         step_s.append((time.perf_counter() - t) / len(batches))
-    train_model = args.batch_size / statistics.median(step_s)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return step_s
 
-    # end to end: the trainer's own epoch (loading + augmentation included)
-    trainer.current_epoch = 0
-    trainer.history = []
-    trainer.run_training()
-    train_e2e = trainer.history[-1]["train_exams_per_s"]
+
+def time_inference(trainer, args, device) -> tuple[float, float, int]:
+    """(exams/s of ``predict_exams`` with loading, exams/s of the forward pass alone, exams)."""
+    import torch
+
+    from orthodiff_nnunet.trainers.classification import MultiViewExamLoader
 
     exams = trainer.exams_train + trainer.exams_val
     t = time.perf_counter()
@@ -185,19 +200,38 @@ def throughput(args, device) -> str:
     loader = MultiViewExamLoader(exams, trainer._loaders(exams, training=False), trainer._shapes(), args.batch_size, False)
     collated = [loader.collate(exams[i:i + args.batch_size]) for i in range(0, len(exams), args.batch_size)]
     trainer.network.eval()
+
+    def forward(batch) -> None:
+        d, p, _ = trainer._to_device(batch)
+        with trainer._autocast():
+            trainer.network(d, p)
+
     with torch.no_grad():
-        for b in collated[:1]:
-            d, p, _ = trainer._to_device(b)
-            with trainer._autocast():
-                trainer.network(d, p)
-        sync()
+        forward(collated[0])  # warm-up
+        _sync(device)
         t = time.perf_counter()
         for b in collated:
-            d, p, _ = trainer._to_device(b)
-            with trainer._autocast():
-                trainer.network(d, p)
-        sync()
-    infer_model = len(exams) / (time.perf_counter() - t)
+            forward(b)
+        _sync(device)
+    return infer_e2e, len(exams) / (time.perf_counter() - t), len(exams)
+
+
+def throughput(args, device) -> str:
+    """Training (model step; end to end) and inference exams/s of the three-view classifier (module docstring)."""
+    import torch
+
+    trainer, batches, vds, plans = throughput_trainer(args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = time_train_steps(trainer, batches, args, device)
+    train_model = args.batch_size / statistics.median(step_s)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    # end to end: the trainer's own epoch (loading + augmentation included)
+    trainer.current_epoch = 0
+    trainer.history = []
+    trainer.run_training()
+    train_e2e = trainer.history[-1]["train_exams_per_s"]
+    infer_e2e, infer_model, n_exams = time_inference(trainer, args, device)
     patches = ", ".join(f"{v} {'x'.join(map(str, d.patch_size))}" for v, d in vds.items())
     n_params = sum(p.numel() for p in trainer.network.parameters())
     lines = [f"### Throughput, {args.size} size, {device.type}",
@@ -209,8 +243,8 @@ def throughput(args, device) -> str:
                  ["training, model step only", f"{train_model:.2f}",
                   f"median {1000 * statistics.median(step_s):.0f} ms/step (min {1000 * min(step_s):.0f}, max {1000 * max(step_s):.0f})"],
                  ["training, end to end (epoch incl. loading + augmentation)", f"{train_e2e:.2f}", ""],
-                 ["inference, forward only", f"{infer_model:.2f}", f"{len(exams)} exams"],
-                 ["inference, `predict_exams` incl. loading", f"{infer_e2e:.2f}", f"{len(exams)} exams"],
+                 ["inference, forward only", f"{infer_model:.2f}", f"{n_exams} exams"],
+                 ["inference, `predict_exams` incl. loading", f"{infer_e2e:.2f}", f"{n_exams} exams"],
              ])]
     if device.type == "cuda":
         lines += ["", "Precision measured by `precision=\"auto\"` (ms per training step): "
@@ -223,7 +257,7 @@ def pending_gpu_section() -> str:
     return "\n".join([
         "### Throughput on GPU: pending",
         "No CUDA device in this session. On a GPU machine run "
-        "`python bench/bench_classification.py --part throughput --size full --device cuda`: it measures, with "
+        "`python -m bench.bench_classification --part throughput --size full --device cuda`: it measures, with "
         "adult-size phantoms (0.4 mm pixels, 3 mm slices) and the planned ResEnc-M network on the three views, "
         "training exams/s (model step; end to end with nnU-Net's augmentation workers), inference exams/s "
         "(forward; with loading), ms/step in fp32/tf32/bf16/fp16 and the precision the trainer picks, and peak "
@@ -251,8 +285,8 @@ def prepare_study(args, device):
     labeled = phantom_group(args.work, STUDY_ID, "ClsStudy", args.study_cases, args.seed, 0.3, 0.8, "plain")
     corpus = phantom_group(args.work, CORPUS_ID, "ClsCorpus", args.corpus_cases, args.seed + 1000, 0.3, 0.8, "plain",
                            plans_from=STUDY_ID)
-    shrink(labeled, "orthodiffPlans", args.features)
-    shrink(corpus, "orthodiffPlans", args.features, diffusion_batch=args.diffusion_batch)
+    shrink(labeled, PLAIN_PLANS, args.features)
+    shrink(corpus, PLAIN_PLANS, args.features, diffusion_batch=args.diffusion_batch)
     pre = Path(os.environ["nnUNet_preprocessed"])
     for view, name in corpus.items():
         # Workaround: plans transfer writes no dataset_fingerprint.json, but nnUNetTrainer.on_train_start
@@ -265,9 +299,7 @@ def prepare_study(args, device):
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"pretrain": {}}
     out: dict[str, dict] = {}
     for view, name in corpus.items():
-        enc = Path(os.environ["nnUNet_results"]) / name / f"nnUNetTrainerOrthoDiffPretrain__{PLANS}__3d_diffusion" \
-            / "fold_all" / "encoder.pt"
-        if enc.is_file():
+        if default_encoder_path(name, PLANS).is_file():
             out[view] = {**record["pretrain"].get(view, {}), "reused": True}
             continue
         t = time.perf_counter()
@@ -334,18 +366,31 @@ def _macro_auroc_on(y, p, label_idx):
     return math.nan if any(math.isnan(v) for v in vals) else float(np.mean(vals))
 
 
-def study(args, device) -> str:
-    import math
+@dataclass
+class StudyPool:
+    """The study's out-of-fold predictions pooled per (mode, label fraction), with patients as clusters."""
 
+    runs: dict  # (mode, fraction) -> one oof_runs result per seed
+    labels: list
+    exams: list
+    y: object  # exams x labels targets
+    clusters: list
+    n_missing: int
+    p_avg: dict  # (mode, fraction) -> exams x labels probability, averaged over the seeds
+    metrics: dict
+    per_seed: dict  # (mode, fraction) -> each seed's pooled macro AUROC
+
+    @property
+    def n_patients(self) -> int:
+        return len(set(self.clusters))
+
+
+def study_runs(args, device, fractions: list[float], seeds: list[int]) -> dict:
+    """``oof_runs`` of every label fraction, mode and seed."""
     import numpy as np
 
-    from orthodiff_nnunet.data.targets import load_dataset_targets
-    from orthodiff_nnunet.evaluation.classification import (
-        auroc, bootstrap_ci, classification_metrics, cluster_ids, mean_auroc)
+    from orthodiff_nnunet.evaluation.classification import mean_auroc
 
-    labeled, corpus, data_s, pretraining = prepare_study(args, device)
-    seeds = [args.seed + i for i in range(args.seeds)]
-    fractions = sorted(set(args.label_fractions), reverse=True)
     runs: dict[tuple[str, float], list[dict]] = {}
     for lf in fractions:
         for mode in args.modes:
@@ -355,92 +400,128 @@ def study(args, device) -> str:
                 print(f"{mode} lf {lf:g} seed {s}: pooled held-out macro AUROC "
                       f"{mean_auroc(np.array(list(r['y'].values())), np.array([r['p'][e] for e in r['y']])):.3f} "
                       f"({r['seconds']:.0f} s)", flush=True)
+    return runs
+
+
+def pool_study(runs: dict, labeled: dict[str, str], args) -> StudyPool:
+    """Each exam's probability averaged over the seeds (decisions: majority of the seeds), pooled metrics with
+    patient-bootstrap CIs (a patient's exams are not independent observations), each seed's macro AUROC."""
+    import numpy as np
+
+    from orthodiff_nnunet.data.targets import load_dataset_targets
+    from orthodiff_nnunet.evaluation.classification import classification_metrics, cluster_ids, mean_auroc
+
     first = next(iter(runs.values()))[0]
     labels, exams = first["labels"], sorted(first["y"])
     if any(sorted(r["p"]) != exams for rs in runs.values() for r in rs):
         raise RuntimeError("the modes/seeds did not predict the same held-out exams")
     y = np.stack([first["y"][e] for e in exams])
-    # patients: the cluster of the bootstrap (a patient's exams are not independent observations)
     cases = load_dataset_targets(labeled[sorted(labeled)[0]]).cases
     patient_of = {ct.exam: ct.patient for ct in cases.values()}
     clusters, n_missing = cluster_ids([patient_of.get(e) for e in exams], exams)
-    n_patients = len(set(clusters))
-    # per (mode, fraction): each exam's probability averaged over the seeds; decisions: majority of the seeds
     p_avg = {key: np.mean([np.stack([r["p"][e] for e in exams]) for r in rs], axis=0) for key, rs in runs.items()}
     d_avg = {key: (np.mean([np.stack([r["pred"][e] for e in exams]) for r in rs], axis=0) > 0.5).astype(float)
              for key, rs in runs.items()}
     metrics = {key: classification_metrics(y, p_avg[key], labels, n_boot=args.n_boot, seed=0, decisions=d_avg[key],
                                            clusters=clusters, n_without_patient=n_missing) for key in runs}
     per_seed = {key: [mean_auroc(y, np.stack([r["p"][e] for e in exams])) for r in rs] for key, rs in runs.items()}
+    return StudyPool(runs, labels, exams, y, clusters, n_missing, p_avg, metrics, per_seed)
 
-    def paired(a, b):
-        """Macro AUROC of ``a`` minus ``b`` on the same exams, patient-bootstrap CI (labels defined for both)."""
-        idx = [j for j in range(len(labels)) if not math.isnan(auroc(y[:, j], p_avg[a][:, j]))
-               and not math.isnan(auroc(y[:, j], p_avg[b][:, j]))]
-        stat = lambda rows: _macro_auroc_on(y[rows], p_avg[a][rows], idx) - _macro_auroc_on(y[rows], p_avg[b][rows], idx)  # noqa: E731
-        lo, hi, _ = bootstrap_ci(stat, len(exams), n_boot=args.n_boot, seed=0, clusters=clusters)
-        return stat(np.arange(len(exams))), lo, hi
 
-    def ratio(a, b):
-        """Macro AUROC of ``a`` / ``b``, patient-bootstrap CI."""
-        idx = [j for j in range(len(labels)) if not math.isnan(auroc(y[:, j], p_avg[a][:, j]))
-               and not math.isnan(auroc(y[:, j], p_avg[b][:, j]))]
-        stat = lambda rows: _macro_auroc_on(y[rows], p_avg[a][rows], idx) / _macro_auroc_on(y[rows], p_avg[b][rows], idx)  # noqa: E731
-        lo, hi, _ = bootstrap_ci(stat, len(exams), n_boot=args.n_boot, seed=0, clusters=clusters)
-        return stat(np.arange(len(exams))), lo, hi
+def compare_macro(pool: StudyPool, a, b, op, n_boot: int) -> tuple[float, float, float]:
+    """``op``(macro AUROC of ``a``, of ``b``) on the same exams, patient-bootstrap CI (labels defined for both)."""
+    import math
 
-    f3 = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731
-    f2 = lambda v: "n/a" if v != v else f"{v:.2f}"  # noqa: E731
+    import numpy as np
+
+    from orthodiff_nnunet.evaluation.classification import auroc, bootstrap_ci
+
+    y, pa, pb = pool.y, pool.p_avg[a], pool.p_avg[b]
+    idx = [j for j in range(len(pool.labels)) if not math.isnan(auroc(y[:, j], pa[:, j]))
+           and not math.isnan(auroc(y[:, j], pb[:, j]))]
+
+    def stat(rows):
+        return op(_macro_auroc_on(y[rows], pa[rows], idx), _macro_auroc_on(y[rows], pb[rows], idx))
+
+    lo, hi, _ = bootstrap_ci(stat, len(pool.exams), n_boot=n_boot, seed=0, clusters=pool.clusters)
+    return stat(np.arange(len(pool.exams))), lo, hi
+
+
+def _na(v: float, digits: int) -> str:
+    return "n/a" if v != v else f"{v:.{digits}f}"
+
+
+def mode_rows(pool: StudyPool, n_seeds: int) -> tuple[list[list[str]], list[str]]:
+    """Per (mode, fraction): pooled macro and per-label AUROC with CIs, per-seed spread, minutes; the details."""
+    import numpy as np
+
     rows, details = [], []
-    for (mode, lf), m in metrics.items():
+    for (mode, lf), m in pool.metrics.items():
         lo, hi = m.macro_ci["auroc"]
-        ps = per_seed[(mode, lf)]
-        rows.append([mode, f"{100 * lf:g} %", f"{f3(m.macro['auroc'])} [{f3(lo)}, {f3(hi)}]",
-                     *[f"{f2(x.auroc)} [{f2(x.ci['auroc'][0])}, {f2(x.ci['auroc'][1])}]" for x in m.labels],
-                     " / ".join(f3(a) for a in ps) + f" (sd {np.std(ps, ddof=1):.3f})" if len(ps) > 1 else f3(ps[0]),
-                     f"{sum(r['seconds'] for r in runs[(mode, lf)]) / 60:.1f}"])
+        ps = pool.per_seed[(mode, lf)]
+        rows.append([mode, f"{100 * lf:g} %", f"{_na(m.macro['auroc'], 3)} [{_na(lo, 3)}, {_na(hi, 3)}]",
+                     *[f"{_na(x.auroc, 2)} [{_na(x.ci['auroc'][0], 2)}, {_na(x.ci['auroc'][1], 2)}]" for x in m.labels],
+                     " / ".join(_na(a, 3) for a in ps) + f" (sd {np.std(ps, ddof=1):.3f})" if len(ps) > 1
+                     else _na(ps[0], 3),
+                     f"{sum(r['seconds'] for r in pool.runs[(mode, lf)]) / 60:.1f}"])
         details.append(f"<details><summary>{mode}, {100 * lf:g} % of the labels: pooled held-out metrics, "
-                       f"probabilities averaged over {len(seeds)} seeds</summary>\n\n{m.to_markdown()}\n\n</details>")
-    diff_rows = []
+                       f"probabilities averaged over {n_seeds} seeds</summary>\n\n{m.to_markdown()}\n\n</details>")
+    return rows, details
+
+
+def comparison_rows(pool: StudyPool, args, fractions: list[float]) -> tuple[list[list[str]], list[list[str]]]:
+    """Each mode minus scratch (paired, per fraction); with two fractions the low / high ratio against the goal."""
+    diff_rows, goal = [], []
     for lf in fractions:
         for mode in args.modes:
-            if mode == "scratch" or ("scratch", lf) not in runs:
+            if mode == "scratch" or ("scratch", lf) not in pool.runs:
                 continue
-            d, lo, hi = paired((mode, lf), ("scratch", lf))
-            seed_d = [a - b for a, b in zip(per_seed[(mode, lf)], per_seed[("scratch", lf)])]
+            d, lo, hi = compare_macro(pool, (mode, lf), ("scratch", lf), lambda a, b: a - b, args.n_boot)
+            seed_d = [a - b for a, b in zip(pool.per_seed[(mode, lf)], pool.per_seed[("scratch", lf)])]
             diff_rows.append([f"{mode} - scratch", f"{100 * lf:g} %", f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]",
                               " / ".join(f"{x:+.3f}" for x in seed_d)])
-    goal = []
     if len(fractions) > 1:
         lo_f, hi_f = fractions[-1], fractions[0]
         for mode in args.modes:
-            r, lo, hi = ratio((mode, lo_f), (mode, hi_f))
+            r, lo, hi = compare_macro(pool, (mode, lo_f), (mode, hi_f), lambda a, b: a / b, args.n_boot)
             goal.append([mode, f"{r:.3f} [{lo:.3f}, {hi:.3f}]", "met" if r >= 0.95 else "not met",
                          "CI above 0.95" if lo >= 0.95 else ("CI below 0.95" if hi < 0.95 else "CI spans 0.95")])
-    # convergence: per epoch, the mean over the runs (folds x seeds) of each mode at the full label fraction
-    conv_modes = [m for m in args.modes if (m, fractions[0]) in runs]
+    return diff_rows, goal
+
+
+def convergence_rows(pool: StudyPool, args, fraction: float) -> tuple[list[str], list[list[str]], dict]:
+    """Per epoch, the mean over the runs (folds x seeds) of each mode at ``fraction``; best epochs per mode."""
+    import numpy as np
+
+    conv_modes = [m for m in args.modes if (m, fraction) in pool.runs]
     conv_rows = []
     for ep in range(args.epochs):
         row = [str(ep + 1), str((ep + 1) * args.iterations_per_epoch)]
         for mode in conv_modes:
-            hs = [h[ep] for r in runs[(mode, fractions[0])] for h in r["history"]]
+            hs = [h[ep] for r in pool.runs[(mode, fraction)] for h in r["history"]]
             row += [f"{np.mean([h['train_loss'] for h in hs]):.3f}", f"{np.mean([h['selection_loss'] for h in hs]):.3f}",
                     f"{np.nanmean([h['selection_mean_auroc'] for h in hs]):.3f}"]
         conv_rows.append(row)
-    best = {mode: [b + 1 for r in runs[(mode, fractions[0])] for b in r["best_epoch"]] for mode in conv_modes}
-    n_train = {lf: sorted({n for rs in (runs[(m, lf)] for m in args.modes) for r in rs for n in r["n_train"]})
+    best = {mode: [b + 1 for r in pool.runs[(mode, fraction)] for b in r["best_epoch"]] for mode in conv_modes}
+    return conv_modes, conv_rows, best
+
+
+def study_design_text(pool: StudyPool, args, seeds: list[int], fractions: list[float], data_s: float,
+                      pretraining: dict) -> list[str]:
+    """The study section's opening: labeled data, runs, seeds, pretraining, network, classifier, times."""
+    n_train = {lf: sorted({n for rs in (pool.runs[(m, lf)] for m in args.modes) for r in rs for n in r["n_train"]})
                for lf in fractions}
     pre_txt = ", ".join(
         f"{v} {x['loss_first']:.3f} -> {x['loss_last']:.3f}" for v, x in pretraining.items() if "loss_first" in x)
     pre_time = ", ".join(f"{v} {x['seconds'] / 60:.1f} min" + (" (earlier, reused)" if x.get("reused") else "")
                          for v, x in pretraining.items() if "seconds" in x)
     steps = args.epochs * args.iterations_per_epoch
-    lines = [
+    return [
         f"### Linear probe vs fine-tune vs scratch, {len(seeds)} seeds (phantom, three views fused)",
         f"Labeled: {args.study_cases} phantom exams x sag/cor/ax (scale 0.3, 0.8 mm pixels, 3 mm slices, every "
-        f"abnormality with probability 0.5; {n_patients} patients), patient-grouped 5 folds. Per mode and seed "
+        f"abnormality with probability 0.5; {pool.n_patients} patients), patient-grouped 5 folds. Per mode and seed "
         f"{args.folds} runs: run k trains on fold k's training exams minus fold k+1, selects the checkpoint and "
-        f"thresholds on fold k's validation exams and predicts fold k+1, never seen: the {len(exams)} held-out "
+        f"thresholds on fold k's validation exams and predicts fold k+1, never seen: the {len(pool.exams)} held-out "
         f"predictions (every exam once) are pooled. Seeds {', '.join(map(str, seeds))}: the seed sets the "
         "classifier's initialisation (head, and the encoder for scratch) and the order/augmentation of the "
         "training batches; the data, folds and pretraining are the same for every seed. "
@@ -455,15 +536,27 @@ def study(args, device) -> str:
         + " (a label fraction keeps the same seeded subset, per site, for every seed and mode).",
         f"Times: data {data_s / 60:.1f} min" + (f", pretraining {pre_time}" if pre_time else "") + ".",
         "",
+    ]
+
+
+def study_section(pool: StudyPool, args, seeds: list[int], fractions: list[float], data_s: float,
+                  pretraining: dict) -> str:
+    """The study's Markdown: design, pooled AUROC per mode, paired differences, the goal, convergence."""
+    import numpy as np
+
+    rows, details = mode_rows(pool, len(seeds))
+    diff_rows, goal = comparison_rows(pool, args, fractions)
+    conv_modes, conv_rows, best = convergence_rows(pool, args, fractions[0])
+    lines = study_design_text(pool, args, seeds, fractions, data_s, pretraining) + [
         f"Pooled held-out AUROC per mode: each exam's probability averaged over the {len(seeds)} seeds, then the "
-        f"metric over the {len(exams)} exams; 95% CIs from {args.n_boot} bootstrap resamples of the {n_patients} "
-        "patients (seed 0). Per seed: the pooled held-out macro AUROC of that seed alone (its spread is the "
-        "training noise).",
+        f"metric over the {len(pool.exams)} exams; 95% CIs from {args.n_boot} bootstrap resamples of the "
+        f"{pool.n_patients} patients (seed 0). Per seed: the pooled held-out macro AUROC of that seed alone (its "
+        "spread is the training noise).",
         "",
-        table(["mode", "labels", "macro AUROC [95% CI]", *labels, "macro AUROC per seed", "train min"], rows),
+        table(["mode", "labels", "macro AUROC [95% CI]", *pool.labels, "macro AUROC per seed", "train min"], rows),
         "",
-        f"Paired difference of the seed-averaged pooled macro AUROC on the same {len(exams)} exams (each resample "
-        "draws patients once for both modes; labels defined for both):",
+        f"Paired difference of the seed-averaged pooled macro AUROC on the same {len(pool.exams)} exams (each "
+        "resample draws patients once for both modes; labels defined for both):",
         "",
         table(["difference", "labels", "macro AUROC difference [95% CI]", "per seed"], diff_rows),
         "",
@@ -490,6 +583,15 @@ def study(args, device) -> str:
         *details,
     ]
     return "\n".join(lines)
+
+
+def study(args, device) -> str:
+    """Probe vs fine-tune vs scratch (see the module docstring): pretraining once, the runs, the pooled section."""
+    labeled, _corpus, data_s, pretraining = prepare_study(args, device)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    fractions = sorted(set(args.label_fractions), reverse=True)
+    pool = pool_study(study_runs(args, device, fractions, seeds), labeled, args)
+    return study_section(pool, args, seeds, fractions, data_s, pretraining)
 
 
 def convergence(args, device) -> str:
@@ -565,7 +667,7 @@ def mrnet(args, device) -> str:
     from orthodiff_nnunet.planning import plan_and_preprocess
     from orthodiff_nnunet.pretraining import pretrain
 
-    root = REPO.parent / "shared" / "data" / "mrnet"
+    root = common.REPO.parent / "shared" / "data" / "mrnet"
     if not (root / "train").is_dir():
         return f"### MRNet: skipped\n{root} is absent on this machine."
     t0 = time.perf_counter()
@@ -576,24 +678,19 @@ def mrnet(args, device) -> str:
     if not list(raw.glob(f"Dataset{MRNET_ID:03d}_*")):
         convert_mrnet(root, MRNET_ID, spacing=MRNET_SPACING, cases=MRNET_CASES, num_processes=1, num_folds=3,
                       pseudonym_key=key)
-    saved = os.environ.pop("nnUNet_n_proc_DA", None)
-    try:
+    with common.with_planning_env():
         plan_and_preprocess([MRNET_ID, MRNET_ID + 1, MRNET_ID + 2], num_processes=1, show_progress=False,
                             planner="plain")
-    finally:
-        if saved is not None:
-            os.environ["nnUNet_n_proc_DA"] = saved
     names = {}
     for i in range(3):
         folder = next(pre.glob(f"Dataset{MRNET_ID + i:03d}_*"))
         names[json.loads((folder / "dataset.json").read_text())["orthodiff"]["orientation"]] = folder.name
-    shrink(names, "orthodiffPlans", args.features, diffusion_batch=2)
-    patches = {v: json.loads((pre / n / f"{PLANS}.json").read_text())["configurations"]["3d_classification"]["patch_size"]
+    shrink(names, PLAIN_PLANS, args.features, diffusion_batch=2)
+    patches = {v: json.loads((pre / n / f"{PLANS}.json").read_text())["configurations"][CLASSIFICATION_CONFIGURATION]["patch_size"]
                for v, n in names.items()}
     pre_loss = {}
     for view, name in names.items():
-        out = Path(os.environ["nnUNet_results"]) / name / f"nnUNetTrainerOrthoDiffPretrain__{PLANS}__3d_diffusion" / "fold_all"
-        if not (out / "encoder.pt").is_file():
+        if not default_encoder_path(name, PLANS).is_file():
             r = pretrain(name, plans=PLANS, iterations=args.mrnet_pretrain_iterations,
                          checkpoint_every=max(1, args.mrnet_pretrain_iterations // 4), learning_rate=args.pretrain_lr,
                          device=str(device.type), sample_steps=0, val_iterations=1)
@@ -637,7 +734,7 @@ def mrnet(args, device) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["throughput", "study", "convergence", "mrnet", "both", "all"], default="both",
                    help="both = throughput + study; all = both + mrnet; convergence = one long run per mode (fold 0) "
@@ -645,7 +742,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=["reduced", "full"], default="reduced")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "classification.md")
+    p.add_argument("--out", type=Path, default=common.RESULTS / "classification.md")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--features", type=int, default=8, help="reduced size: max features of the shrunk network")
     # throughput
@@ -673,16 +770,21 @@ def main(argv=None) -> int:
     p.add_argument("--iterations-per-epoch", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--mrnet-pretrain-iterations", type=int, default=150)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import logging
 
-    import torch
+@dataclass
+class Sections:
+    """The parts' Markdown sections and the run's circumstances (for the header)."""
 
-    from orthodiff_nnunet.conventions import resolve_device
+    device: object
+    sections: list[str]
+    load_start: str
+    seconds: float
 
-    logging.basicConfig(level=logging.WARNING)
-    device = resolve_device(args.device)
+
+def use_work_folder(args) -> tempfile.TemporaryDirectory | None:
+    """nnU-Net's three folders under ``--work`` (a temporary folder, returned for cleanup, when none is given)."""
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_cls_")
@@ -691,12 +793,25 @@ def main(argv=None) -> int:
     for env, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
         os.environ[env] = str((args.work / sub).resolve())
         (args.work / sub).mkdir(exist_ok=True)
+    return tmp
+
+
+def run(args) -> Sections:
+    """The parts ``--part`` names, in the work folder (a temporary one is removed afterwards)."""
+    import logging
+
+    import torch
+
+    from orthodiff_nnunet.conventions import resolve_device
+
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
+    tmp = use_work_folder(args)
     os.environ.setdefault("nnUNet_compile", "0")
     if device.type == "cpu":
         os.environ.setdefault("nnUNet_n_proc_DA", "0")
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    load_start = load_average()
+    start, load_start = time.perf_counter(), common.load_average()
     sections = []
     if args.part in ("throughput", "both", "all"):
         sections.append(throughput(args, device))
@@ -708,16 +823,26 @@ def main(argv=None) -> int:
         sections.append(convergence(args, device))
     if args.part in ("mrnet", "all"):
         sections.append(mrnet(args, device))
-    header = (f"## Run of {now()}\n\n"
-              f"- machine: {machine(device)}\n- command: `{command_line()}`\n"
-              f"- load average (1/5/15 min) at the start {load_start}, at the end {load_average()} "
-              "(a shared 2-core machine: other jobs inflate wall times)\n"
-              f"- total wall time: {(time.perf_counter() - start) / 60:.1f} min\n")
-    text = header + "\n" + "\n\n".join(sections) + "\n"
-    print(text)
-    append_markdown(args.out, text, title="# Classification benchmarks")
     if tmp is not None:
         tmp.cleanup()
+    return Sections(device, sections, load_start, time.perf_counter() - start)
+
+
+def record(result: Sections, args) -> None:
+    """Print the run (header: machine, command, load, time; then the sections) and append it to ``--out``."""
+    header = (f"## Run of {common.now()}\n\n"
+              f"- machine: {common.machine(result.device)}\n- command: `{common.command_line()}`\n"
+              f"- load average (1/5/15 min) at the start {result.load_start}, at the end {common.load_average()} "
+              "(a shared 2-core machine: other jobs inflate wall times)\n"
+              f"- total wall time: {result.seconds / 60:.1f} min\n")
+    text = header + "\n" + "\n\n".join(result.sections) + "\n"
+    print(text)
+    common.append_markdown(args.out, text, title="# Classification benchmarks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record(run(args), args)
     return 0
 
 

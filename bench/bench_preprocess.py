@@ -24,7 +24,7 @@ slices at adult size (about 300 x 325 x 33 voxels), converted with ``orthodiff c
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/bench_preprocess.py --cases 8 -np 2 --repeats 2
+    OMP_NUM_THREADS=1 python -m bench.bench_preprocess --cases 8 -np 2 --repeats 2
 
 Prints one Markdown table row (plus a header) on stdout.
 """
@@ -34,14 +34,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench import common
+from orthodiff_nnunet.conventions import RESENC_M_PLANS, SEGMENTATION_CONFIGURATION
 
 DATASET_ID = 901
 
@@ -57,21 +58,6 @@ def make_data(work: Path, cases: int, in_plane_mm: float, seed: int) -> Path:
         manifest = write_site(work / "site", site, n_cases=cases, seed=seed, orientations=("sag",), scale=1.0)
         convert(manifest, DATASET_ID, "Bench", raw=raw, num_processes=1)
     return raw
-
-
-def run_command(cmd: list[str], raw: Path, pre: Path, log: Path) -> tuple[float, float]:
-    """Wall-clock seconds and CPU seconds (user + system, the command and all its workers)."""
-    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(pre.parent / "res"))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return seconds, cpu
 
 
 def same_arrays(a_dir: Path, b_dir: Path) -> str:
@@ -91,7 +77,17 @@ def same_arrays(a_dir: Path, b_dir: Path) -> str:
     return "identical" if worst == 0 else f"max abs difference {worst:g}"
 
 
-def main(argv=None) -> int:
+@dataclass
+class Timings:
+    """Per tool: wall and CPU seconds of each repeat; ours resumed; whether the arrays agree."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+    resumed: list[float] = field(default_factory=list)
+    arrays: str = ""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=8, help="number of phantom cases (default 8)")
     parser.add_argument("-np", "--num-processes", type=int, default=2, help="processes for both tools (default 2)")
@@ -100,58 +96,85 @@ def main(argv=None) -> int:
     parser.add_argument("--with-nnunet-default", action="store_true",
                         help="also time nnU-Net's default command (2d, 3d_fullres, 3d_lowres; default planner)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: temporary, removed)")
-    args = parser.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_bench_pp_"))
-    raw = make_data(work, args.cases, args.in_plane_mm, seed=5)
+    return parser.parse_args(argv)
+
+
+def tool_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The commands compared (see the module docstring), by key."""
     n = str(args.num_processes)
-    bindir = Path(sys.executable).parent
-    nnunet = [str(bindir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-np", n, "-npfp", n, "--no_pbar"]
+    nnunet = [common.console_script("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-np", n, "-npfp", n, "--no_pbar"]
     tools = {
-        "nnunet_resencm": nnunet + ["-pl", "nnUNetPlannerResEncM", "-c", "3d_fullres"],
+        "nnunet_resencm": nnunet + ["-pl", "nnUNetPlannerResEncM", "-c", SEGMENTATION_CONFIGURATION],
         "ours": [sys.executable, "-m", "orthodiff_nnunet.planning", "-d", str(DATASET_ID), "-np", n, "--no-progress"],
     }
     if args.with_nnunet_default:
         tools["nnunet_default"] = nnunet
-    times: dict[str, list[float]] = {k: [] for k in tools}
-    cpu: dict[str, list[float]] = {k: [] for k in tools}
-    resumed = []
+    return tools
+
+
+def run(args: argparse.Namespace) -> Timings:
+    """Alternating repeats of every tool into fresh folders; ours once more resumed; arrays compared."""
+    work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_bench_pp_"))
+    raw = make_data(work, args.cases, args.in_plane_mm, seed=5)
+    tools = tool_commands(args)
+    t = Timings(wall={k: [] for k in tools}, cpu={k: [] for k in tools})
+
+    def timed(tool: str, pre: Path, log: Path) -> tuple[float, float]:
+        env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre),
+                   nnUNet_results=str(pre.parent / "res"))
+        return common.run_timed(tools[tool], env, log)
+
     names = list(tools)
     for r in range(args.repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for tool in order:
+        for tool in (names if r % 2 == 0 else names[::-1]):
             pre = work / f"pre_{tool}_{r}"
             shutil.rmtree(pre, ignore_errors=True)
-            t, c = run_command(tools[tool], raw, pre, work / f"log_{tool}_{r}.txt")
-            times[tool].append(t)
-            cpu[tool].append(c)
-            print(f"repeat {r} {tool}: {t:.1f} s wall, {c:.1f} s CPU", file=sys.stderr)
+            wall, cpu = timed(tool, pre, work / f"log_{tool}_{r}.txt")
+            t.wall[tool].append(wall)
+            t.cpu[tool].append(cpu)
+            print(f"repeat {r} {tool}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr)
             if tool == "ours":
-                resumed.append(run_command(tools[tool], raw, pre, work / f"log_{tool}_{r}_resumed.txt")[0])
+                t.resumed.append(timed(tool, pre, work / f"log_{tool}_{r}_resumed.txt")[0])
     name = next(raw.glob(f"Dataset{DATASET_ID}_*")).name
-    check = same_arrays(work / "pre_ours_0" / name / "orthodiffResEncMPlans_3d_fullres",
-                        work / "pre_nnunet_resencm_0" / name / "nnUNetPlans_3d_fullres")
+    t.arrays = same_arrays(work / "pre_ours_0" / name / f"{RESENC_M_PLANS}_{SEGMENTATION_CONFIGURATION}",
+                           work / "pre_nnunet_resencm_0" / name / f"nnUNetPlans_{SEGMENTATION_CONFIGURATION}")
     print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end", file=sys.stderr)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return t
+
+
+def ratio_of(t: Timings) -> float:
+    """Throughput ours / nnU-Net's like-for-like (cases per median second)."""
+    return statistics.median(t.wall["nnunet_resencm"]) / statistics.median(t.wall["ours"])
+
+
+def record(t: Timings, args: argparse.Namespace) -> None:
+    """Print the Markdown table (header and one row) on stdout."""
+    med = {k: statistics.median(v) for k, v in t.wall.items()}
     cps = {k: args.cases / v for k, v in med.items()}
     ratio = cps["ours"] / cps["nnunet_resencm"]
-    pair_ratios = [b / a for a, b in zip(times["ours"], times["nnunet_resencm"])]
-    cpu_ratio = statistics.median(cpu["nnunet_resencm"]) / statistics.median(cpu["ours"])
+    pair_ratios = [b / a for a, b in zip(t.wall["ours"], t.wall["nnunet_resencm"])]
+    cpu_ratio = statistics.median(t.cpu["nnunet_resencm"]) / statistics.median(t.cpu["ours"])
     header = ["data", "cases", "-np", "nnUNetv2_plan_and_preprocess ResEncM -c 3d_fullres", "orthodiff plan_and_preprocess",
               "ratio ours/nnU-Net (cases/s)", "per-repeat ratios", "CPU-time ratio", "ours resumed", "arrays"]
-    row = [f"phantom sag {args.in_plane_mm}x{args.in_plane_mm}x3 mm", str(args.cases), n,
+    row = [f"phantom sag {args.in_plane_mm}x{args.in_plane_mm}x3 mm", str(args.cases), str(args.num_processes),
            f"{med['nnunet_resencm']:.1f} s ({cps['nnunet_resencm']:.3f} cases/s)",
            f"{med['ours']:.1f} s ({cps['ours']:.3f} cases/s)", f"**{ratio:.2f}**",
-           ", ".join(f"{x:.2f}" for x in pair_ratios), f"{cpu_ratio:.2f}", f"{statistics.median(resumed):.1f} s", check]
+           ", ".join(f"{x:.2f}" for x in pair_ratios), f"{cpu_ratio:.2f}", f"{statistics.median(t.resumed):.1f} s",
+           t.arrays]
     if args.with_nnunet_default:
         header.insert(5, "nnUNetv2_plan_and_preprocess default (-c 2d 3d_fullres 3d_lowres)")
         row.insert(5, f"{med['nnunet_default']:.1f} s ({cps['nnunet_default']:.3f} cases/s, "
                       f"ratio {cps['ours'] / cps['nnunet_default']:.2f})")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    print("| " + " | ".join(row) + " |")
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if ratio >= 0.9 else 1
+    print(common.markdown_table(header, [row]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    timings = run(args)
+    record(timings, args)
+    return 0 if ratio_of(timings) >= 0.9 else 1
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ network (``write_shrunk_plans``, 16 features, 4 stages); ``--size full``: adult-
 
 Usage::
 
-    OMP_NUM_THREADS=2 python bench/bench_seg_trainer.py --device cpu --size reduced
-    python bench/bench_seg_trainer.py --device cuda --size full
+    OMP_NUM_THREADS=2 python -m bench.bench_seg_trainer --device cpu --size reduced
+    python -m bench.bench_seg_trainer --device cuda --size full
 
 Prints a Markdown table row (with header) and the machine; ``--out FILE`` appends them to FILE.
 """
@@ -38,64 +38,50 @@ Prints a Markdown table row (with header) and the machine; ``--out FILE`` append
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import command_line, machine
+from bench import common
+from orthodiff_nnunet.conventions import RESENC_M_PLANS, SEGMENTATION_CONFIGURATION
+
 DATASET_ID = 561
 
 
 def make_dataset(work: Path, size: str) -> tuple[str, str]:
     """Phantoms -> convert -> plan_and_preprocess (reused when present); returns (dataset, plans)."""
-    from orthodiff_nnunet.api import convert
-    from orthodiff_nnunet.data.phantom import write_site
-    from orthodiff_nnunet.data.sites import SITE_3T
     from orthodiff_nnunet.networks.build import write_shrunk_plans
-    from orthodiff_nnunet.paths import set_nnunet_paths
-    from orthodiff_nnunet.planning import plan_and_preprocess
 
-    set_nnunet_paths(raw=work / "raw", preprocessed=work / "preprocessed", results=work / "results")
     reduced = size == "reduced"
-    if not list((work / "raw").glob(f"Dataset{DATASET_ID}_*")):
-        site = dataclasses.replace(SITE_3T, in_plane_spacing_mm=1.6 if reduced else 0.4)
-        manifest = write_site(work / "site", site, n_cases=4 if reduced else 6, seed=3, orientations=("sag",))
-        convert(manifest, DATASET_ID, "SegBench", raw=work / "raw", num_processes=1)
-    saved = os.environ.pop("nnUNet_n_proc_DA", None)  # nnUNet_n_proc_DA=0 breaks planning
-    try:
-        result = plan_and_preprocess([DATASET_ID], num_processes=2, show_progress=False)
-    finally:
-        if saved is not None:
-            os.environ["nnUNet_n_proc_DA"] = saved
-    name, plans_id = result.datasets[0].dataset_name, result.datasets[0].plans_identifier
+    name, plans_id = common.make_phantom_dataset(work, DATASET_ID, "SegBench", n_cases=4 if reduced else 6, seed=3,
+                                                 in_plane_mm=1.6 if reduced else 0.4)
     if reduced:
         plans_id = write_shrunk_plans(work / "preprocessed" / name, plans_id, "segBenchTinyPlans",
                                       max_features=16, max_stages=4)
     return name, plans_id
 
 
-def build(cls, plans: dict, dataset_json: dict, device, **attributes):
-    p = copy.deepcopy(plans)
-    p["continue_training"] = False
-    trainer = cls(p, "3d_fullres", "all", copy.deepcopy(dataset_json), device)
-    for k, v in attributes.items():
-        setattr(trainer, k, v)
-    trainer.initialize()
-    return trainer
+@dataclass
+class Timing:
+    """ms/iteration per repetition (wall and process CPU) of each trainer, and what was timed."""
+
+    row_label: str
+    patch_batch: str
+    plans_id: str
+    wall: dict[str, list[float]] = field(default_factory=lambda: {"ours": [], "nnunet": []})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {"ours": [], "nnunet": []})
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--size", choices=["reduced", "full"], default="reduced")
     ap.add_argument("--dataset", default=None, help="an existing preprocessed dataset (name) instead of phantoms")
-    ap.add_argument("--plans", default=None, help="its plans identifier (default orthodiffResEncMPlans)")
+    ap.add_argument("--plans", default=None, help=f"its plans identifier (default {RESENC_M_PLANS})")
     ap.add_argument("--iterations", type=int, default=2, help="train steps per repetition (default 2)")
     ap.add_argument("--repeats", type=int, default=20, help="repetitions per trainer (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per trainer first (default 3)")
@@ -104,43 +90,72 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=None, help="append the Markdown result to this file")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    os.environ.setdefault("nnUNet_compile", "0" if args.device == "cpu" else "1")
+
+def build_trainers(args: argparse.Namespace, device) -> tuple[object, object, str]:
+    """(ours or the A/A control, nnU-Net's nnUNetTrainer, plans identifier), initialised on the same plans."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network
     from orthodiff_nnunet.networks.encoder_io import export_encoder
-    from orthodiff_nnunet.paths import preprocessed_dir
     from orthodiff_nnunet.trainers.segmentation import nnUNetTrainerOrthoDiffSeg
 
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)  # one thread: no OpenMP spin-waiting under a shared machine's load
     work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_segbench_"))
     if args.dataset:
-        name, plans_id = args.dataset, args.plans or "orthodiffResEncMPlans"
+        name, plans_id = args.dataset, args.plans or RESENC_M_PLANS
         os.environ.setdefault("nnUNet_results", str(work / "results"))
     else:
         name, plans_id = make_dataset(work, args.size)
     os.environ["nnUNet_n_proc_DA"] = "0"  # batches are prefetched in this process
-    folder = preprocessed_dir() / name
-    plans = json.loads((folder / f"{plans_id}.json").read_text())
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    arch = architecture_of(plans, "3d_fullres")
-    encoder = export_encoder(build_network(plans, "3d_fullres", 1, len(dataset_json["labels"])),
+    plans, dataset_json = common.load_plans_and_dataset_json(name, plans_id)
+    cfg = SEGMENTATION_CONFIGURATION
+    arch = architecture_of(plans, cfg)
+    encoder = export_encoder(build_network(plans, cfg, 1, len(dataset_json["labels"])),
                              work / "bench_encoder.pt", {"architecture_hash": architecture_hash(arch),
                                                           "plans_identifier": plans_id, "dataset": name})
+    compile_ = os.environ.get("nnUNet_compile") == "1"
+
+    def build(cls, **attributes):
+        return common.make_trainer(cls, plans, cfg, dataset_json, device, compile_=compile_, **attributes)
 
     torch.manual_seed(0)
     if args.control:  # A/A: nnU-Net's trainer against itself, the noise floor of this procedure
-        ours = build(nnUNetTrainer, plans, dataset_json, device)
+        ours = build(nnUNetTrainer)
     else:
-        ours = build(nnUNetTrainerOrthoDiffSeg, plans, dataset_json, device, encoder_path=str(encoder))
+        ours = build(nnUNetTrainerOrthoDiffSeg, encoder_path=str(encoder))
         assert ours.encoder_report is not None and ours.encoder_report.tensors > 0
     torch.manual_seed(0)
-    theirs = build(nnUNetTrainer, plans, dataset_json, device)
+    return ours, build(nnUNetTrainer), plans_id
+
+
+def time_repetition(trainer, batches: list, device) -> tuple[float, float]:
+    """One repetition: a new "epoch" start and a train step per batch; (wall, CPU) ms per iteration."""
+    import torch
+
+    trainer.current_epoch += 1  # a new "epoch" each repetition (nnU-Net logs the LR once per epoch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    trainer.on_train_epoch_start()
+    for b in batches:
+        trainer.train_step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    n = len(batches)
+    return 1000 * (time.perf_counter() - start) / n, 1000 * (time.process_time() - cpu) / n
+
+
+def run(args: argparse.Namespace) -> Timing:
+    """Both trainers on the same prefetched batches, after a warm-up, in alternating repetitions."""
+    os.environ.setdefault("nnUNet_compile", "0" if args.device == "cpu" else "1")
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)  # one thread: no OpenMP spin-waiting under a shared machine's load
+    ours, theirs, plans_id = build_trainers(args, device)
     dl, _ = theirs.get_dataloaders()
     batches = [next(dl) for _ in range(args.iterations)]
     for t in (ours, theirs):
@@ -148,30 +163,21 @@ def main(argv: list[str] | None = None) -> int:
         t.on_train_epoch_start()
         for i in range(args.warmup):
             t.train_step(batches[i % len(batches)])
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def rep(trainer) -> tuple[float, float]:
-        trainer.current_epoch += 1  # a new "epoch" each repetition (nnU-Net logs the LR once per epoch)
-        sync()
-        start, cpu = time.perf_counter(), time.process_time()
-        trainer.on_train_epoch_start()
-        for b in batches:
-            trainer.train_step(b)
-        sync()
-        n = len(batches)
-        return 1000 * (time.perf_counter() - start) / n, 1000 * (time.process_time() - cpu) / n
-
-    wall: dict[str, list[float]] = {"ours": [], "nnunet": []}
-    cpu: dict[str, list[float]] = {"ours": [], "nnunet": []}
+    cm = ours.configuration_manager
+    timing = Timing(("A/A control: nnUNetTrainer vs itself, " if args.control else "") + args.device,
+                    f"{tuple(cm.patch_size)} x {cm.batch_size}", plans_id)
     for i in range(args.repeats):
         order = [("ours", ours), ("nnunet", theirs)] if i % 2 == 0 else [("nnunet", theirs), ("ours", ours)]
         for key, trainer in order:
-            w, c = rep(trainer)
-            wall[key].append(w)
-            cpu[key].append(c)
+            w, c = time_repetition(trainer, batches, device)
+            timing.wall[key].append(w)
+            timing.cpu[key].append(c)
+    return timing
+
+
+def record(timing: Timing, args: argparse.Namespace) -> None:
+    """Print the table row (with header), machine and command; append them to ``--out`` when given."""
+    import torch
 
     def cell(values: dict[str, list[float]], key: str) -> str:
         return f"{statistics.median(values[key]):.0f}"
@@ -180,26 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [a / b for a, b in zip(values["ours"], values["nnunet"])]
         return f"{statistics.median(pairs):.3f} ({min(pairs):.2f}-{max(pairs):.2f})"
 
-    cm = ours.configuration_manager
-    row = [("A/A control: nnUNetTrainer vs itself, " if args.control else "") + args.device, args.size, f"{tuple(cm.patch_size)} x {cm.batch_size}", plans_id,
-           cell(wall, "ours"), cell(wall, "nnunet"), ratio(wall)]
+    row = [timing.row_label, args.size, timing.patch_batch, timing.plans_id,
+           cell(timing.wall, "ours"), cell(timing.wall, "nnunet"), ratio(timing.wall)]
     header = ["device", "size", "patch x batch", "plans", "ours ms/it (wall)", "nnUNetTrainer ms/it (wall)",
               "wall ratio (range of pairs)"]
-    if device.type == "cpu":
-        row += [cell(cpu, "ours"), cell(cpu, "nnunet"), ratio(cpu)]
+    if args.device == "cpu":
+        row += [cell(timing.cpu, "ours"), cell(timing.cpu, "nnunet"), ratio(timing.cpu)]
         header += ["ours CPU ms/it", "nnUNetTrainer CPU ms/it", "CPU-time ratio (range)"]
     row.append(f"{args.repeats} x {args.iterations}")
     header.append("reps x its")
-    text = "\n".join([
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |", "",
-        f"Machine: {machine(device)}. Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
-        f"Command: `{command_line()}`",
-    ])
+    text = "\n".join([common.markdown_table(header, [row]), "", common.footer(torch.device(args.device))])
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + text + "\n")
+        common.append_markdown(args.out, text, title="# Segmentation")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record(run(args), args)
     return 0
 
 

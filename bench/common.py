@@ -1,7 +1,10 @@
-"""Helpers shared by the pretraining benchmarks: machine description, folders, trainers, Markdown output.
+"""Plumbing shared by the benchmark scripts: machine description, timing, folders, trainers, Markdown output.
 
-Imported as ``common`` by the scripts in this folder (Python puts the script's folder on
-``sys.path``); it is not part of the installed package.
+``bench`` is a package of the repository (not of the installed distribution): the scripts import
+``from bench import common`` and run as ``python -m bench.<script>`` from the repository root. Every
+script has the same shape: ``parse_args(argv)``, ``run(args)`` (the measurement, returns its
+result), ``record(result, args)`` (prints it and writes ``bench/results/*.md``) and a ``main`` that
+calls the three.
 """
 
 from __future__ import annotations
@@ -12,10 +15,19 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orthodiff_nnunet.conventions import RESENC_M_PLANS
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,9 +50,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def machine(device: "torch.device | None" = None) -> str:  # noqa: F821
+def machine(device: "torch.device | None" = None) -> str:
     """One line: GPU name (on CUDA) or CPU model, cores, torch/nnunetv2 versions."""
-    import nnunetv2  # noqa: F401  (version below)
     import torch
     from importlib.metadata import version
 
@@ -53,18 +64,65 @@ def machine(device: "torch.device | None" = None) -> str:  # noqa: F821
 
 
 def command_line() -> str:
-    """How this script was started, relative to the repository when possible."""
-    script = Path(sys.argv[0])
-    try:
-        script = script.resolve().relative_to(REPO)
-    except ValueError:
-        pass
+    """How this script was started: ``python -m bench.<script> ARGS`` (``python <file> ARGS`` otherwise)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.startswith("bench."):
+        start = ["-m", spec.name]
+    else:
+        script = Path(sys.argv[0])
+        try:
+            script = script.resolve().relative_to(REPO)
+        except ValueError:
+            pass
+        start = [str(script)]
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "nnUNet_n_proc_DA", "CUDA_VISIBLE_DEVICES") if k in os.environ)
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
+    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in [*start, *sys.argv[1:]])
 
 
 def now() -> str:
     return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def shared_data(given: Path | None = None) -> Path | None:
+    """The shared real-data folder: ``given``, else ``$ORTHODIFF_SHARED_DATA``, else ``../shared/data``; None if absent."""
+    env = os.environ.get("ORTHODIFF_SHARED_DATA")
+    for cand in (given, Path(env) if env else None, REPO.parent / "shared" / "data"):
+        if cand is not None and cand.is_dir():
+            return cand
+    return None
+
+
+def run_timed(cmd: list[str], env: dict[str, str], log_file: Path) -> tuple[float, float]:
+    """Run ``cmd`` with its output in ``log_file``: (wall seconds, CPU seconds of it and its reaped children).
+
+    CPU = user + system from ``getrusage(RUSAGE_CHILDREN)`` before and after (the command and all its
+    worker processes). A failing command stops the benchmark with the tail of its log.
+    """
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}); see {log_file}:\n{log_file.read_text()[-3000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its reaped children so far."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def console_script(name: str) -> str:
+    """The console script ``name`` installed beside this interpreter (the venv's), else ``name`` (on PATH)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
 
 
 def peak_rss_gib() -> float:
@@ -86,7 +144,7 @@ def use_work_folder(work: Path) -> dict[str, Path]:
     return folders
 
 
-def plans_identifier_of(result, default: str = "orthodiffResEncMPlans") -> str:
+def plans_identifier_of(result, default: str = RESENC_M_PLANS) -> str:
     """The plans identifier plan_and_preprocess used (its result object, when it carries one)."""
     datasets = getattr(result, "datasets", None)
     if datasets:
@@ -184,6 +242,12 @@ def append_markdown(path: Path, text: str, title: str = "# Pretraining benchmark
     path.parent.mkdir(parents=True, exist_ok=True)
     before = path.read_text() if path.is_file() else f"{title}\n"
     path.write_text(before.rstrip("\n") + "\n\n" + text.strip("\n") + "\n")
+
+
+def footer(device=None) -> str:
+    """The closing lines of a result section: machine, load average at the end, the command."""
+    return (f"Machine: {machine(device)}. Load average at the end: {load_average()}.\n"
+            f"Command: `{command_line()}`")
 
 
 def load_average() -> str:

@@ -15,7 +15,7 @@ needs no GPU). Datasets (generated into a temporary folder unless --work is give
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/compare_planners.py [--work DIR] [--skip-real]
+    OMP_NUM_THREADS=1 python -m bench.compare_planners [--work DIR] [--skip-real]
 
 Prints a Markdown table: per dataset and planner, transpose, 3d_fullres spacing (mm), patch,
 batch, stages, the first two stages' kernels, and the extra configurations.
@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,13 +35,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-
-def _shared_data() -> Path | None:
-    env = os.environ.get("ORTHODIFF_SHARED_DATA")
-    for cand in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data"]:
-        if cand.is_dir():
-            return cand
-    return None
+from bench import common
+from orthodiff_nnunet.conventions import PLAIN_PLANS, RESENC_M_PLANS, SEGMENTATION_CONFIGURATION
 
 
 def write_blob_dataset(raw: Path, dataset_id: int, name: str, orientation: str, spacings: list[tuple],
@@ -109,7 +103,7 @@ def make_datasets(raw: Path, skip_real: bool) -> list[int]:
         manifest = write_site(raw.parent / "site", site, n_cases=3, seed=11, scale=1.0)
         convert(manifest, 801, "Phantom", raw=raw, num_processes=1)
     ids += [801, 802, 803]
-    shared = _shared_data()
+    shared = common.shared_data()
     series = shared / "dicom" / "pykneer_dess_sag_3t" / "echo1" if shared else None
     if not skip_real and series is not None and series.is_dir():
         if not (raw / "Dataset811_DessSag").is_dir():
@@ -132,8 +126,8 @@ PLANNERS = (
     ("nnU-Net nnUNetPlannerResEncM",
      "nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners",
      "nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
-    ("orthodiff plain", "orthodiff_nnunet.planners", "OrthodiffPlainPlanner", "orthodiffPlans"),
-    ("orthodiff resenc_m (default)", "orthodiff_nnunet.planners", "OrthodiffResEncMPlanner", "orthodiffResEncMPlans"),
+    ("orthodiff plain", "orthodiff_nnunet.planners", "OrthodiffPlainPlanner", PLAIN_PLANS),
+    ("orthodiff resenc_m (default)", "orthodiff_nnunet.planners", "OrthodiffResEncMPlanner", RESENC_M_PLANS),
 )
 
 
@@ -141,25 +135,35 @@ def _fmt(seq, sep="x") -> str:
     return sep.join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in seq)
 
 
-def main(argv=None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--skip-real", action="store_true", help="leave out the real DESS knee")
-    args = parser.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_compare_"))
-    raw, pre = work / "raw", work / "pre"
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """Every dataset's fingerprint, planned by each of the four planners: one table row per pair."""
     from orthodiff_nnunet.paths import set_nnunet_paths
 
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_compare_"))
+    raw, pre = args.work / "raw", args.work / "pre"
     set_nnunet_paths(raw=raw, preprocessed=pre)
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints its plans
-        rows = _plan_all(make_datasets(raw, args.skip_real), raw, pre)
-    header = ("dataset", "planner", "transpose", "3d_fullres spacing mm", "patch", "batch", "stages",
-              "kernels st.0 st.1", "other 3D configurations (patch, batch)", "plan s")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-    print(f"\n(work folder: {work})", file=sys.stderr)
+        return _plan_all(make_datasets(raw, args.skip_real), raw, pre)
+
+
+def record(rows: list[tuple[str, ...]], args: argparse.Namespace) -> None:
+    """Print the Markdown table on stdout (the work folder on stderr)."""
+    header = ["dataset", "planner", "transpose", "3d_fullres spacing mm", "patch", "batch", "stages",
+              "kernels st.0 st.1", "other 3D configurations (patch, batch)", "plan s"]
+    print(common.markdown_table(header, [list(r) for r in rows]))
+    print(f"\n(work folder: {args.work})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record(run(args), args)
     return 0
 
 
@@ -185,11 +189,11 @@ def _plan_all(ids: list[int], raw: Path, pre: Path) -> list[tuple[str, ...]]:
             plans, _ = plan_experiment_dataset(ds, cls, overwrite_plans_name=plans_name)
             seconds = time.perf_counter() - t0
             plans = json.loads((pre / plans["dataset_name"] / f"{plans_name}.json").read_text())
-            fullres = resolve_configuration(plans, "3d_fullres")
+            fullres = resolve_configuration(plans, SEGMENTATION_CONFIGURATION)
             a = fullres["architecture"]["arch_kwargs"]
             extra = []
             for c in plans["configurations"]:
-                if c in ("3d_fullres", "2d", "3d_cascade_fullres"):
+                if c in (SEGMENTATION_CONFIGURATION, "2d", "3d_cascade_fullres"):
                     continue
                 r = resolve_configuration(plans, c)
                 extra.append(f"{c} {_fmt(r['patch_size'])} b{r['batch_size']}")

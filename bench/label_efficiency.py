@@ -37,9 +37,9 @@ Protocol (knees = patients; both time points of a knee always stay together):
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/label_efficiency.py --work /tmp/orthodiff_label_efficiency2   # 3 lanes
-    python bench/label_efficiency.py --size full --lanes 1 --work /scratch/le_full   # GPU, plans unchanged
-    python bench/label_efficiency.py --only-analysis --work ...                     # tables from what is there
+    OMP_NUM_THREADS=1 python -m bench.label_efficiency --work /tmp/orthodiff_label_efficiency2   # 3 lanes
+    python -m bench.label_efficiency --size full --lanes 1 --work /scratch/le_full   # GPU, plans unchanged
+    python -m bench.label_efficiency --only-analysis --work ...                     # tables from what is there
 
 On a shared 2-core machine torch with 2 threads ran 3.4x slower than with 1, so the default runs three
 processes (``--lanes``) of one thread each; the recorded run (BENCHMARKS.md) got 350 iterations per arm,
@@ -57,15 +57,31 @@ import datetime as _dt
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common import REPO, command_line, machine
+from bench.common import REPO, command_line, console_script, cpu_seconds, machine, with_planning_env
+from orthodiff_nnunet.conventions import (
+    DIFFUSION_CONFIGURATION,
+    ENCODER_FILE,
+    PRETRAIN_FOLD,
+    PRETRAIN_RUN_RECORD,
+    RESENC_M_PLANS,
+    SEG_RUN_RECORD,
+    SEG_TRAINER_OF_INIT,
+    SEGMENTATION_CONFIGURATION,
+    result_folder,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from orthodiff_nnunet.data.sites import SiteProfile
 
 TRAIN_ID, TEST_ID, EXT_ID = 701, 711, 712
 TRAIN_NAME, TEST_NAME, EXT_NAME = "LERender", "LERenderTest", "LERenderExt"
@@ -80,7 +96,7 @@ CPU_PLANS = "labelEffCpuPlans"
 
 # ----------------------------------------------------------------------------------------------
 # sites
-def site_profiles() -> dict[str, "SiteProfile"]:  # noqa: F821
+def site_profiles() -> dict[str, SiteProfile]:
     from orthodiff_nnunet.data.sites import SiteProfile
 
     return {
@@ -144,16 +160,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")
 
 
-def cpu_seconds() -> float:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def run_child(cmd: list[str], log_file: Path, env: dict | None = None) -> float:
     """Run ``cmd`` with its output appended to ``log_file``; returns its CPU seconds (user + system, with its
     children); raises on a non-zero exit."""
     with open(log_file, "a") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)  # cwd: `-m bench.X`
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -319,19 +330,16 @@ def plan(work: Path, args) -> tuple[str, str]:
     from orthodiff_nnunet.utils import atomic_write_json, load_json
 
     pre = work / "preprocessed"
-    found = list(pre.glob(f"Dataset{TRAIN_ID}_*/orthodiffResEncMPlans.json"))
-    if found and (found[0].parent / "3d_fullres_done.flag").is_file():
+    done_flag = f"{SEGMENTATION_CONFIGURATION}_done.flag"
+    found = list(pre.glob(f"Dataset{TRAIN_ID}_*/{RESENC_M_PLANS}.json"))
+    if found and (found[0].parent / done_flag).is_file():
         dataset = found[0].parent.name
-        ident = "orthodiffResEncMPlans"
+        ident = RESENC_M_PLANS
     else:
-        saved = os.environ.pop("nnUNet_n_proc_DA", None)  # nnUNet_n_proc_DA=0 breaks planning
-        try:
+        with with_planning_env():  # nnUNet_n_proc_DA=0 breaks planning
             result = plan_and_preprocess([TRAIN_ID], num_processes=2, show_progress=False)
-        finally:
-            if saved is not None:
-                os.environ["nnUNet_n_proc_DA"] = saved
         dataset, ident = result.datasets[0].dataset_name, result.datasets[0].plans_identifier
-        (pre / dataset / "3d_fullres_done.flag").write_text("planned and preprocessed\n")
+        (pre / dataset / done_flag).write_text("planned and preprocessed\n")
     folder = pre / dataset
     if args.size == "full":
         return dataset, ident
@@ -346,20 +354,20 @@ def plan(work: Path, args) -> tuple[str, str]:
         if "architecture" in c:
             kw = c["architecture"]["arch_kwargs"]
             kw["features_per_stage"] = [min(int(f), int(g)) for f, g in zip(kw["features_per_stage"], args.features)]
-    fr = plans["configurations"]["3d_fullres"]
+    fr = plans["configurations"][SEGMENTATION_CONFIGURATION]
     fr["patch_size"] = list(args.patch)
-    plans["configurations"]["3d_diffusion"]["patch_size"] = list(args.pretrain_patch)
+    plans["configurations"][DIFFUSION_CONFIGURATION]["patch_size"] = list(args.pretrain_patch)
     if args.spacing:  # coarser grid than planned: nnU-Net's preprocessing resamples into a data folder of its own
         fr["spacing"] = [float(x) for x in args.spacing]
         fr["median_image_size_in_voxels"] = [round(m * s / t, 1) for m, s, t in
                                              zip(fr["median_image_size_in_voxels"],
-                                                 load_json(folder / f"{ident}.json")["configurations"]["3d_fullres"]["spacing"],
+                                                 load_json(folder / f"{ident}.json")["configurations"][SEGMENTATION_CONFIGURATION]["spacing"],
                                                  fr["spacing"])]
         plans = give_own_data_folders(plans, small, folder, load_json(folder / "dataset.json")["labels"])
     atomic_write_json(folder / f"{small}.json", plans)
     if args.spacing:
         info = _find_dataset(work / "raw", TRAIN_ID)
-        preprocess_configurations(dataset, plans, ["3d_fullres"], list_training_cases(info), pre, 2,
+        preprocess_configurations(dataset, plans, [SEGMENTATION_CONFIGURATION], list_training_cases(info), pre, 2,
                                   show_progress=False)
     return dataset, small
 
@@ -388,8 +396,7 @@ def write_folds(work: Path, dataset: str, d: dict, cmap: dict, seeds: int) -> li
 # ----------------------------------------------------------------------------------------------
 # pretraining
 def mae_available() -> tuple[bool, str]:
-    exe = Path(sys.executable).with_name("orthodiff")
-    out = subprocess.run([str(exe), "pretrain", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([console_script("orthodiff"), "pretrain", "--help"], capture_output=True, text=True).stdout
     if "--objective" not in out:
         return False, "the installed orthodiff has no `pretrain --objective` (the MAE control is not merged)"
     if "mae" not in out.split("--objective", 1)[1][:400]:
@@ -400,27 +407,28 @@ def mae_available() -> tuple[bool, str]:
 def pretrain_objective(work: Path, dataset: str, plans: str, objective: str, args, d: dict, cmap: dict) -> dict:
     """Run ``orthodiff pretrain`` (own results root per objective), check its cases, return its record."""
     root = work / "results_pretrain" / objective
-    encs = list(root.glob("*/*/fold_all/encoder.pt"))
+    encoders = f"*/*/fold_{PRETRAIN_FOLD}/{ENCODER_FILE}"
+    encs = list(root.glob(encoders))
     if not encs:
         env = dict(os.environ, nnUNet_results=str(root))
-        cmd = [str(Path(sys.executable).with_name("orthodiff")), "pretrain", "-d", dataset, "-p", plans,
+        cmd = [console_script("orthodiff"), "pretrain", "-d", dataset, "-p", plans,
                "--seed", "0", "--sample-steps", "10", "--device", args.device]
         if args.size == "cpu":
             cmd += ["--iterations", str(args.pretrain_iterations),
                     "--checkpoint-every", str(max(1, args.pretrain_iterations // 8)), "--lr", str(args.pretrain_lr)]
         if objective != "diffusion":
             cmd += ["--objective", objective]
-        running = list(root.glob("*/*/fold_all/checkpoint_latest.pth"))
+        running = list(root.glob(f"*/*/fold_{PRETRAIN_FOLD}/checkpoint_latest.pth"))
         if running:
             cmd.append("--resume")
         root.mkdir(parents=True, exist_ok=True)
         print("  " + " ".join(cmd), flush=True)
         cpu = run_child(cmd, root / "pretrain.log", env)
         write_json(root / "pretrain_cpu.json", {"cpu_seconds": cpu})
-        encs = list(root.glob("*/*/fold_all/encoder.pt"))
+        encs = list(root.glob(encoders))
     if len(encs) != 1:
         raise SystemExit(f"expected one encoder under {root}, found {encs}")
-    record_files = list(encs[0].parent.glob("orthodiff_*run*.json"))
+    record_files = list(encs[0].parent.glob(PRETRAIN_RUN_RECORD))
     record = json.loads(record_files[0].read_text())
     seen = list(record.get("train_cases", [])) + list(record.get("held_out_cases", []))
     leaks = sorted({cmap[c]["knee"] for c in seen if c in cmap and cmap[c]["knee"] in set(d["test"])})
@@ -443,29 +451,24 @@ def arm_dir(work: Path, init: str, fraction: float, seed: int) -> Path:
     return work / "arms" / f"{init}_{fraction:g}_s{seed}"
 
 
-def run_arm(args) -> int:
+def train_arm(args, work: Path, state: dict, init: str, fraction: float, seed: int) -> tuple[Path, dict]:
+    """Train one arm (reused when its final checkpoint exists), check its cases; (fold folder, its timing)."""
     import random
 
     import numpy as np
     import torch
 
-    from orthodiff_nnunet.conventions import SEG_RUN_RECORD
     from orthodiff_nnunet.paths import set_nnunet_paths
-    from orthodiff_nnunet.segmentation import predict_segmentation, train_segmentation
+    from orthodiff_nnunet.segmentation import train_segmentation
 
-    work = args.work.resolve()
-    init, fraction, seed = args.arm[0], float(args.arm[1]), int(args.arm[2])
-    out = arm_dir(work, init, fraction, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    state = json.loads((work / "state.json").read_text())
     dataset, plans = state["dataset"], state["plans"]
     set_nnunet_paths(raw=work / "raw", preprocessed=work / "preprocessed", results=work / "results" / init)
     os.environ["nnUNet_n_proc_DA"] = "0"
     fold = fold_of(fraction, seed)
     encoder = None if init == "scratch" else Path(state["encoders"][init])
-    model = (work / "results" / init / dataset
-             / f"{'nnUNetTrainerOrthoDiffSegScratch' if init == 'scratch' else 'nnUNetTrainerOrthoDiffSeg'}"
-               f"__{plans}__3d_fullres")
+    seg_init = "scratch" if init == "scratch" else "diffusion"
+    model = result_folder(work / "results" / init, dataset, SEG_TRAINER_OF_INIT[seg_init], plans,
+                          SEGMENTATION_CONFIGURATION)
     fold_dir = model / f"fold_{fold}"
     t0, c0 = time.perf_counter(), cpu_seconds()
     if not (fold_dir / "checkpoint_final.pth").is_file():
@@ -476,19 +479,36 @@ def run_arm(args) -> int:
         if args.size == "cpu":
             kw = {"epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch,
                   "val_iterations_per_epoch": args.val_iterations}
-        train_segmentation(dataset, fold=fold, init="scratch" if init == "scratch" else "diffusion",
-                           encoder=encoder, plans=plans, device=args.device, validate=False,
-                           continue_training=(fold_dir / "checkpoint_latest.pth").is_file(), checkpoint_minutes=3, **kw)
-    train_wall, train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        train_segmentation(dataset, fold=fold, init=seg_init, encoder=encoder, plans=plans, device=args.device,
+                           validate=False, continue_training=(fold_dir / "checkpoint_latest.pth").is_file(),
+                           checkpoint_minutes=3, **kw)
+    timing = {"train_wall": time.perf_counter() - t0, "train_cpu": cpu_seconds() - c0}
     record = json.loads((fold_dir / SEG_RUN_RECORD).read_text())
     expected = json.loads((work / "preprocessed" / dataset / "splits_final.json").read_text())[fold]["train"]
     if sorted(record["training_cases"]) != sorted(expected):
         raise SystemExit(f"{fold_dir}: trained on {record['training_cases']}, expected {expected}")
+    return fold_dir, timing
+
+
+def training_logs(fold_dir: Path) -> dict:
+    """nnU-Net's per-epoch logs of the final checkpoint (losses, pseudo-Dice, per class)."""
+    import numpy as np
+    import torch
+
     ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     logs = {k: [float(np.mean(v)) if isinstance(v, (list, tuple)) else float(v) for v in ckpt["logging"].get(k, [])]
             for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")}
     logs["dice_per_class"] = [[float(x) for x in v] for v in ckpt["logging"].get("dice_per_class_or_region", [])]
-    t1, c1 = time.perf_counter(), cpu_seconds()
+    return logs
+
+
+def score_arm(args, work: Path, out: Path, fold_dir: Path) -> dict:
+    """Predict the internal and external test series and score them (nnU-Net's metrics); Dice per scan."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from orthodiff_nnunet.segmentation import predict_segmentation
+
     scores = {}
     for key, did in (("internal", TEST_ID), ("external", EXT_ID)):
         raw = next((work / "raw").glob(f"Dataset{did}_*"))
@@ -497,22 +517,33 @@ def run_arm(args) -> int:
         if not summary.is_file():
             predict_segmentation(raw / "imagesTs", pred, fold_dir, device=args.device, mirroring=False,
                                  num_processes=0, show_progress=False)
-            from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-            from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
             compute_metrics_on_folder(str(raw / "labelsTs"), str(pred), str(summary), SimpleITKIO(), ".nii.gz",
                                       sorted(STRUCTURES), num_processes=1)
         s = json.loads(summary.read_text())
         scores[key] = {Path(c["prediction_file"]).name.replace(".nii.gz", ""):
                        {str(lab): c["metrics"][str(lab)]["Dice"] for lab in STRUCTURES} for c in s["metric_per_case"]}
-    result = {"init": init, "fraction": fraction, "seed": seed, "fold": fold, "model": str(fold_dir),
+    return scores
+
+
+def run_arm(args) -> int:
+    """One arm in this (child) process: train, score, write ``result.json`` beside it."""
+    work = args.work.resolve()
+    init, fraction, seed = args.arm[0], float(args.arm[1]), int(args.arm[2])
+    out = arm_dir(work, init, fraction, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    state = json.loads((work / "state.json").read_text())
+    fold_dir, seconds = train_arm(args, work, state, init, fraction, seed)
+    record = json.loads((fold_dir / SEG_RUN_RECORD).read_text())
+    logs = training_logs(fold_dir)
+    t1, c1 = time.perf_counter(), cpu_seconds()
+    scores = score_arm(args, work, out, fold_dir)
+    seconds.update({"predict_wall": time.perf_counter() - t1, "predict_cpu": cpu_seconds() - c1})
+    result = {"init": init, "fraction": fraction, "seed": seed, "fold": fold_of(fraction, seed), "model": str(fold_dir),
               "training_cases": record["training_cases"], "encoder": record.get("encoder"),
               "encoder_tensors_loaded": record.get("encoder_tensors_loaded"), "schedule": record.get("schedule"),
-              "logs": logs, "scores": scores,
-              "seconds": {"train_wall": train_wall, "train_cpu": train_cpu,
-                          "predict_wall": time.perf_counter() - t1, "predict_cpu": cpu_seconds() - c1}}
+              "logs": logs, "scores": scores, "seconds": seconds}
     prev = out / "result.json"
-    if prev.is_file() and train_wall < 5:  # reused training: keep the original training time
+    if prev.is_file() and seconds["train_wall"] < 5:  # reused training: keep the original training time
         old = json.loads(prev.read_text())["seconds"]
         result["seconds"]["train_wall"], result["seconds"]["train_cpu"] = old["train_wall"], old["train_cpu"]
     write_json(prev, result)
@@ -520,11 +551,12 @@ def run_arm(args) -> int:
 
 
 def arm_command(args, init: str, fraction: float, seed: int) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--work", str(args.work), "--size", args.size,
-           "--device", args.device, "--epochs", str(args.epochs), "--iterations-per-epoch",
-           str(args.iterations_per_epoch), "--val-iterations", str(args.val_iterations),
-           "--arm", init, f"{fraction:g}", str(seed)]
-    return cmd
+    """This module run for one arm (from the repository root: ``run_child`` starts it there)."""
+    return [sys.executable, "-m", "bench.label_efficiency",
+            "--work", str(args.work), "--size", args.size,
+            "--device", args.device, "--epochs", str(args.epochs), "--iterations-per-epoch",
+            str(args.iterations_per_epoch), "--val-iterations", str(args.val_iterations),
+            "--arm", init, f"{fraction:g}", str(seed)]
 
 
 def launch_arm(args, work: Path, init: str, fraction: float, seed: int) -> dict:
@@ -580,119 +612,151 @@ def parse_args(argv=None):
     ap.add_argument("--only-analysis", action="store_true", help="tabulate what the work folder holds, run nothing")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--arm", nargs=3, metavar=("INIT", "FRACTION", "SEED"), help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = ap.parse_args(argv)
     args.work = args.work.resolve()
     if REPO in args.work.parents or args.work == REPO:
-        raise SystemExit("--work must lie outside the repository (never put data into it)")
-    os.environ.setdefault("nnUNet_compile", "0")
-    if args.arm:
-        return run_arm(args)
-    work = args.work
-    from orthodiff_nnunet.paths import set_nnunet_paths
+        ap.error("--work must lie outside the repository (never put data into it)")
+    return args
 
-    set_nnunet_paths(raw=work / "raw", preprocessed=work / "preprocessed", results=work / "results")
-    stages = Stages()
-    started = _dt.datetime.now(_dt.timezone.utc)
-    state_file = work / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    state.setdefault("stage_wall", {})
-    state.setdefault("stage_cpu", {})
 
-    def save_stage_times():
-        for k in stages.wall:
-            if k in state["stage_wall"] and stages.wall[k] < 5:
+class Study:
+    """The run of every stage: state (``state.json``), stage times, and the lanes the runs share."""
+
+    def __init__(self, args) -> None:
+        self.args, self.work = args, args.work
+        self.stages = Stages()
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.state_file = self.work / "state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.state.setdefault("stage_wall", {})
+        self.state.setdefault("stage_cpu", {})
+        self.lock = threading.Lock()
+        self.pre_futures: dict = {}
+        self.d = self.dataset = self.plans = self.cmap = self.mae_deadline = None
+
+    def save_stage_times(self) -> None:
+        for k in self.stages.wall:
+            if k in self.state["stage_wall"] and self.stages.wall[k] < 5:
                 continue  # reused from an earlier invocation: keep its times
-            state["stage_wall"][k] = round(stages.wall[k], 1)
-            state["stage_cpu"][k] = round(stages.cpu[k], 1)
-        write_json(state_file, state)
+            self.state["stage_wall"][k] = round(self.stages.wall[k], 1)
+            self.state["stage_cpu"][k] = round(self.stages.cpu[k], 1)
+        write_json(self.state_file, self.state)
 
-    d = design(work, args)
-    print(f"[label-efficiency] knees: {len(d['test'])} test, {len(d['val'])} validation, {len(d['pool'])} pool; "
-          f"10 % subsets: {d['subset_10']}", flush=True)
-    if not args.only_analysis:
+    def prepare(self) -> None:
+        """Render, convert, plan and write the folds (each reused when the work folder holds it)."""
+        args, work, d, stages = self.args, self.work, self.d, self.stages
         with stages("render"):
             manifests = render_all(work, d, args.size, args.render_workers)
         with stages("convert"):
             convert_all(work, manifests)
-        cmap = case_map(work)
+        self.cmap = case_map(work)
         with stages("plan + preprocess"):
-            dataset, plans = plan(work, args)
-            folds = write_folds(work, dataset, d, cmap, args.seeds)
-        state.update({"dataset": dataset, "plans": plans, "folds": [{k: len(v) for k, v in f.items()} for f in folds]})
-        state.setdefault("encoders", {})
-        save_stage_times()
-        if args.stop_after == "prepare":
-            return 0
-        mae_ok, why = mae_available()
-        if not mae_ok:
-            deadline = _dt.datetime.combine(_dt.date.today(), _dt.time.fromisoformat(args.mae_wait_until),
-                                            tzinfo=_dt.timezone.utc)
-            if deadline < started:
-                deadline += _dt.timedelta(days=1)
-        else:
-            deadline = None
-        inits = ["scratch", "diffusion"] + (["mae"] if args.stop_after != "scratch-diffusion" else [])
-        pre_futures: dict = {}
-        lock = threading.Lock()
+            self.dataset, self.plans = plan(work, args)
+            folds = write_folds(work, self.dataset, d, self.cmap, args.seeds)
+        self.state.update({"dataset": self.dataset, "plans": self.plans,
+                           "folds": [{k: len(v) for k, v in f.items()} for f in folds]})
+        self.state.setdefault("encoders", {})
+        self.save_stage_times()
 
-        def pretrain_task(objective: str):
-            with stages(f"pretrain {objective}") as st:
-                pre = pretrain_objective(work, dataset, plans, objective, args, d, cmap)
-                f = work / "results_pretrain" / objective / "pretrain_cpu.json"
-                st.child_cpu = json.loads(f.read_text())["cpu_seconds"] if f.is_file() else 0.0
-            with lock:
-                state["encoders"][objective] = pre["encoder"]
-                save_stage_times()
-            return pre
+    def set_mae_deadline(self) -> None:
+        """Until when to poll for the MAE objective (``--mae-wait-until``, UTC) when it is not installed yet."""
+        if mae_available()[0]:
+            return
+        deadline = _dt.datetime.combine(_dt.date.today(), _dt.time.fromisoformat(self.args.mae_wait_until),
+                                        tzinfo=_dt.timezone.utc)
+        self.mae_deadline = deadline + _dt.timedelta(days=1) if deadline < self.started else deadline
 
-        def mae_task():
+    def pretrain_task(self, objective: str):
+        with self.stages(f"pretrain {objective}") as st:
+            pre = pretrain_objective(self.work, self.dataset, self.plans, objective, self.args, self.d, self.cmap)
+            f = self.work / "results_pretrain" / objective / "pretrain_cpu.json"
+            st.child_cpu = json.loads(f.read_text())["cpu_seconds"] if f.is_file() else 0.0
+        with self.lock:
+            self.state["encoders"][objective] = pre["encoder"]
+            self.save_stage_times()
+        return pre
+
+    def mae_task(self):
+        ok, reason = mae_available()
+        while not ok and self.mae_deadline is not None and _dt.datetime.now(_dt.timezone.utc) < self.mae_deadline:
+            print(f"[label-efficiency {_now()}] MAE not available ({reason}); polling until "
+                  f"{self.args.mae_wait_until} UTC", flush=True)
+            time.sleep(60)
             ok, reason = mae_available()
-            while not ok and deadline is not None and _dt.datetime.now(_dt.timezone.utc) < deadline:
-                print(f"[label-efficiency {_now()}] MAE not available ({reason}); polling until "
-                      f"{args.mae_wait_until} UTC", flush=True)
-                time.sleep(60)
-                ok, reason = mae_available()
-            if not ok:
-                with lock:
-                    state["mae_not_run"] = f"{reason} by {args.mae_wait_until} UTC"
-                    save_stage_times()
-                return None
-            with lock:
-                state.pop("mae_not_run", None)
-            return pretrain_task("mae")
+        if not ok:
+            with self.lock:
+                self.state["mae_not_run"] = f"{reason} by {self.args.mae_wait_until} UTC"
+                self.save_stage_times()
+            return None
+        with self.lock:
+            self.state.pop("mae_not_run", None)
+        return self.pretrain_task("mae")
 
-        def arm_task(init: str, fraction: float, seed: int):
-            if init != "scratch" and pre_futures[init].result() is None:
-                return None  # that objective was not pretrained (reason recorded)
-            with stages(f"arm {init} {fraction:.0%} seed {seed}") as st:
-                res = launch_arm(args, work, init, fraction, seed)
-                st.child_cpu = res["seconds"]["train_cpu"] + res["seconds"]["predict_cpu"]
-            with lock:
-                save_stage_times()
-            return res
+    def arm_task(self, init: str, fraction: float, seed: int):
+        if init != "scratch" and self.pre_futures[init].result() is None:
+            return None  # that objective was not pretrained (reason recorded)
+        with self.stages(f"arm {init} {fraction:.0%} seed {seed}") as st:
+            res = launch_arm(self.args, self.work, init, fraction, seed)
+            st.child_cpu = res["seconds"]["train_cpu"] + res["seconds"]["predict_cpu"]
+        with self.lock:
+            self.save_stage_times()
+        return res
 
-        # two lanes, one thread each (torch with 2 threads on 2 shared cores ran 3x slower than with 1):
-        # the pretrainings run beside the scratch arms; the MAE arms come last
-        with ThreadPoolExecutor(max_workers=args.lanes) as lanes:
-            pre_futures["diffusion"] = lanes.submit(pretrain_task, "diffusion")
+    def run_lanes(self) -> None:
+        """Pretrainings and arms in ``--lanes`` lanes, one thread each (torch with 2 threads on 2 shared cores ran
+        3x slower than with 1): the pretrainings run beside the scratch arms; the MAE arms come last."""
+        inits = ["scratch", "diffusion"] + (["mae"] if self.args.stop_after != "scratch-diffusion" else [])
+        with ThreadPoolExecutor(max_workers=self.args.lanes) as lanes:
+            self.pre_futures["diffusion"] = lanes.submit(self.pretrain_task, "diffusion")
             if "mae" in inits:
-                pre_futures["mae"] = lanes.submit(mae_task)
-            arm_futures = [lanes.submit(arm_task, i, f, s) for i in inits for f in (0.1, 1.0)
-                           for s in range(args.seeds)]
-            for fut in [*pre_futures.values(), *arm_futures]:
+                self.pre_futures["mae"] = lanes.submit(self.mae_task)
+            arm_futures = [lanes.submit(self.arm_task, i, f, s) for i in inits for f in (0.1, 1.0)
+                           for s in range(self.args.seeds)]
+            for fut in [*self.pre_futures.values(), *arm_futures]:
                 fut.result()  # re-raise a failure
-    if not args.only_analysis:
-        state.setdefault("invocations", []).append(
-            {"start": started.isoformat(timespec="seconds"),
-             "end": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "wall_s": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)})
-        save_stage_times()
-    with stages("analysis"):
-        analyse(work, args, d, state)
+
+    def record_invocation(self) -> None:
+        now = _dt.datetime.now(_dt.timezone.utc)
+        self.state.setdefault("invocations", []).append(
+            {"start": self.started.isoformat(timespec="seconds"), "end": now.isoformat(timespec="seconds"),
+             "wall_s": round((now - self.started).total_seconds(), 1)})
+        self.save_stage_times()
+
+
+def run(args) -> Study | None:
+    """Every stage that ``--only-analysis`` / ``--stop-after`` leave in; None when stopped after preparing."""
+    from orthodiff_nnunet.paths import set_nnunet_paths
+
+    set_nnunet_paths(raw=args.work / "raw", preprocessed=args.work / "preprocessed", results=args.work / "results")
+    study = Study(args)
+    study.d = d = design(args.work, args)
+    print(f"[label-efficiency] knees: {len(d['test'])} test, {len(d['val'])} validation, {len(d['pool'])} pool; "
+          f"10 % subsets: {d['subset_10']}", flush=True)
+    if args.only_analysis:
+        return study
+    study.prepare()
+    if args.stop_after == "prepare":
+        return None
+    study.set_mae_deadline()
+    study.run_lanes()
+    study.record_invocation()
+    return study
+
+
+def record(study: Study | None, args) -> None:
+    """The analysis: ``results.json``, ``results.md`` and the figures in the work folder."""
+    if study is None:
+        return
+    with study.stages("analysis"):
+        analyse(args.work, args, study.d, study.state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("nnUNet_compile", "0")
+    if args.arm:
+        return run_arm(args)
+    record(run(args), args)
     return 0
 
 
@@ -706,7 +770,7 @@ def _fmt_ci(m: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def _per_scan_values(arms: list[dict], key: str, which) -> tuple[list[str], "np.ndarray"]:  # noqa: F821
+def _per_scan_values(arms: list[dict], key: str, which) -> tuple[list[str], np.ndarray]:
     """scans x seeds matrix of ``which(scores of one scan)`` for one arm's seeds (sorted by seed)."""
     import numpy as np
 
@@ -729,20 +793,114 @@ ROWS = [(k, v) for k, v in STRUCTURES.items()] + [("mean of bones", "mean of bon
                                                    ("mean of 6", "**mean of 6**")]
 
 
-def analyse(work: Path, args, d: dict, state: dict) -> None:
-    """Tables (pooled Dice with patient-bootstrap CIs, paired differences, per-seed means), figures, goals."""
-    import numpy as np
-
-    from orthodiff_nnunet.evaluation.classification import bootstrap_ci
-    from orthodiff_nnunet.evaluation.report import cluster_mean_ci
-
-    cmap = case_map(work)
-    results = {}
+def load_arm_results(work: Path) -> dict[tuple[str, float], list[dict]]:
+    """(init, fraction) -> the arms' ``result.json`` found in the work folder, sorted by seed."""
+    results: dict[tuple[str, float], list[dict]] = {}
     for f in sorted((work / "arms").glob("*/result.json")):
         r = json.loads(f.read_text())
         results.setdefault((r["init"], float(r["fraction"])), []).append(r)
     for v in results.values():
         v.sort(key=lambda r: r["seed"])
+    return results
+
+
+def test_site_tables(key: str, complete: dict, cmap: dict, out: dict) -> tuple[dict, dict, dict]:
+    """Per arm on one test site: pooled Dice per structure with knee-bootstrap CIs, the paired difference to
+    scratch, each seed's mean (also sets ``out``'s scan and knee counts)."""
+    import numpy as np
+
+    from orthodiff_nnunet.evaluation.report import cluster_mean_ci
+
+    table, diffs, per_seed = {}, {}, {}
+    for (init, frac), arms in complete.items():
+        name = f"{init} {frac:.0%}"
+        scans, _ = _per_scan_values(arms, key, _structure_value(1))
+        knees = [cmap[c]["knee"] for c in scans]
+        table[name], per_seed[name] = {}, {}
+        for label, _title in ROWS:
+            _, mat = _per_scan_values(arms, key, _structure_value(label))
+            m, lo, hi, n = cluster_mean_ci(np.nanmean(mat, axis=1), knees, N_BOOT, 0)
+            table[name][str(label)] = [m, lo, hi, n]
+            per_seed[name][str(label)] = [float(np.nanmean(mat[:, j])) for j in range(mat.shape[1])]
+        if init != "scratch" and ("scratch", frac) in complete:
+            diffs[name] = {}
+            for label, _title in ROWS:
+                _, a = _per_scan_values(arms, key, _structure_value(label))
+                _, b = _per_scan_values(complete[("scratch", frac)], key, _structure_value(label))
+                m, lo, hi, n = cluster_mean_ci(np.nanmean(a - b, axis=1), knees, N_BOOT, 0)
+                diffs[name][str(label)] = [m, lo, hi, n]
+        out["n_scans_" + key] = len(scans)
+        out["n_knees_" + key] = len(set(knees))
+    return table, diffs, per_seed
+
+
+def goals_of(key: str, complete: dict, diffs: dict, cmap: dict) -> dict:
+    """With 10 % labels: pretrained >= scratch + 0.02 (CI excluding 0) and >= 95 % of its own 100 %."""
+    import numpy as np
+
+    from orthodiff_nnunet.evaluation.classification import bootstrap_ci
+
+    goals = {}
+    for init in ("diffusion", "mae"):
+        if (init, 0.1) not in complete or ("scratch", 0.1) not in complete:
+            continue
+        diff = diffs[f"{init} 10%"]["mean of 6"]
+        goal = {"difference_to_scratch": diff, "goal1_met": bool(diff[0] >= 0.02 and diff[1] > 0)}
+        if (init, 1.0) in complete:
+            _, m10 = _per_scan_values(complete[(init, 0.1)], key, _structure_value("mean of 6"))
+            scans, m100 = _per_scan_values(complete[(init, 1.0)], key, _structure_value("mean of 6"))
+            a, b = np.nanmean(m10, axis=1), np.nanmean(m100, axis=1)
+            ratio = float(np.mean(a) / np.mean(b))
+            lo, hi, _ = bootstrap_ci(lambda idx: float(np.mean(a[idx]) / np.mean(b[idx])), len(a), N_BOOT, 0,
+                                     clusters=[cmap[c]["knee"] for c in scans])
+            goal.update({"ratio_10_to_100": [ratio, lo, hi], "goal2_met": bool(ratio >= 0.95)})
+        goals[f"{key} {init}"] = goal
+    return goals
+
+
+def learning_curves(results: dict) -> dict:
+    """Per arm: pseudo-Dice on the validation knees per epoch, training loss, times, iterations."""
+    import numpy as np
+
+    curves = {}
+    for (init, frac), arms in results.items():
+        ema = np.array([a["logs"]["ema_fg_dice"] for a in arms], dtype=float)
+        mean_fg = np.array([a["logs"]["mean_fg_dice"] for a in arms], dtype=float)
+        tl = np.array([a["logs"]["train_losses"] for a in arms], dtype=float)
+        first = [float(x) for x in mean_fg[:, :5].mean(axis=0)]
+        reach = [next((e for e, v in enumerate(row) if v >= 0.8), None) for row in ema]
+        curves[f"{init} {frac:.0%}"] = {
+            "pseudo_dice_first_5_epochs": first, "pseudo_dice_final_ema": [float(x) for x in ema[:, -1]],
+            "pseudo_dice_last5_mean": float(mean_fg[:, -5:].mean()), "epoch_ema_reaches_0.8": reach,
+            "train_loss_first": float(tl[:, 0].mean()), "train_loss_final": float(tl[:, -1].mean()),
+            "train_seconds": [_train_wall(a) for a in arms],
+            "train_cpu_seconds": [a["seconds"]["train_cpu"] for a in arms],
+            "iterations": (arms[0]["schedule"] or {}).get("num_epochs", 0)
+                          * (arms[0]["schedule"] or {}).get("num_iterations_per_epoch", 0),
+            "training_cases": [len(a["training_cases"]) for a in arms]}
+    return curves
+
+
+def pretraining_summary(work: Path, cmap: dict, d: dict) -> dict:
+    """Per objective, from its run record: iterations, scans, knees, test knees seen (must be 0), losses."""
+    pre = {}
+    for obj in ("diffusion", "mae"):
+        recs = list((work / "results_pretrain" / obj).glob(f"*/*/fold_{PRETRAIN_FOLD}/{PRETRAIN_RUN_RECORD}"))
+        if recs:
+            r = json.loads(recs[0].read_text())
+            seen = r.get("train_cases", []) + r.get("held_out_cases", [])
+            pre[obj] = {"iterations": r.get("iterations_done"), "train_scans": len(r.get("train_cases", [])),
+                        "held_out_scans": len(r.get("held_out_cases", [])),
+                        "knees": len({cmap[c]["knee"] for c in seen}),
+                        "test_knees_seen": len({cmap[c]["knee"] for c in seen if cmap[c]["knee"] in set(d["test"])}),
+                        "train_losses": r.get("train_losses"), "val_losses": r.get("val_losses")}
+    return pre
+
+
+def analyse(work: Path, args, d: dict, state: dict) -> None:
+    """Tables (pooled Dice with patient-bootstrap CIs, paired differences, per-seed means), figures, goals."""
+    cmap = case_map(work)
+    results = load_arm_results(work)
     complete = {k: v for k, v in results.items() if len(v) == args.seeds}
     out: dict = {"note": NOTE, "command": command_line(), "machine": machine(_device(args)),
                  "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="minutes"),
@@ -754,74 +912,14 @@ def analyse(work: Path, args, d: dict, state: dict) -> None:
     if state.get("mae_not_run"):
         out["mae_not_run"] = state["mae_not_run"]
     for key in ("internal", "external"):
-        table, diffs, per_seed = {}, {}, {}
-        for (init, frac), arms in complete.items():
-            name = f"{init} {frac:.0%}"
-            scans, _ = _per_scan_values(arms, key, _structure_value(1))
-            knees = [cmap[c]["knee"] for c in scans]
-            table[name], per_seed[name] = {}, {}
-            for label, _title in ROWS:
-                _, mat = _per_scan_values(arms, key, _structure_value(label))
-                m, lo, hi, n = cluster_mean_ci(np.nanmean(mat, axis=1), knees, N_BOOT, 0)
-                table[name][str(label)] = [m, lo, hi, n]
-                per_seed[name][str(label)] = [float(np.nanmean(mat[:, j])) for j in range(mat.shape[1])]
-            if init != "scratch" and ("scratch", frac) in complete:
-                diffs[name] = {}
-                for label, _title in ROWS:
-                    _, a = _per_scan_values(arms, key, _structure_value(label))
-                    _, b = _per_scan_values(complete[("scratch", frac)], key, _structure_value(label))
-                    m, lo, hi, n = cluster_mean_ci(np.nanmean(a - b, axis=1), knees, N_BOOT, 0)
-                    diffs[name][str(label)] = [m, lo, hi, n]
-            out["n_scans_" + key] = len(scans)
-            out["n_knees_" + key] = len(set(knees))
+        table, diffs, per_seed = test_site_tables(key, complete, cmap, out)
         out["tables"][key], out["differences"][key], out["per_seed"][key] = table, diffs, per_seed
-        # goals: with 10 % labels, pretrained >= scratch + 0.02 (CI excluding 0) and >= 95 % of its own 100 %
-        for init in ("diffusion", "mae"):
-            if (init, 0.1) not in complete or ("scratch", 0.1) not in complete:
-                continue
-            diff = diffs[f"{init} 10%"]["mean of 6"]
-            goal = {"difference_to_scratch": diff, "goal1_met": bool(diff[0] >= 0.02 and diff[1] > 0)}
-            if (init, 1.0) in complete:
-                _, m10 = _per_scan_values(complete[(init, 0.1)], key, _structure_value("mean of 6"))
-                scans, m100 = _per_scan_values(complete[(init, 1.0)], key, _structure_value("mean of 6"))
-                a, b = np.nanmean(m10, axis=1), np.nanmean(m100, axis=1)
-                ratio = float(np.mean(a) / np.mean(b))
-                lo, hi, _ = bootstrap_ci(lambda idx: float(np.mean(a[idx]) / np.mean(b[idx])), len(a), N_BOOT, 0,
-                                         clusters=[cmap[c]["knee"] for c in scans])
-                goal.update({"ratio_10_to_100": [ratio, lo, hi], "goal2_met": bool(ratio >= 0.95)})
-            out["goals"][f"{key} {init}"] = goal
-    # learning curves (pseudo-Dice on the validation knees, per epoch)
-    for (init, frac), arms in results.items():
-        ema = np.array([a["logs"]["ema_fg_dice"] for a in arms], dtype=float)
-        mean_fg = np.array([a["logs"]["mean_fg_dice"] for a in arms], dtype=float)
-        tl = np.array([a["logs"]["train_losses"] for a in arms], dtype=float)
-        first = [float(x) for x in mean_fg[:, :5].mean(axis=0)]
-        reach = [next((e for e, v in enumerate(row) if v >= 0.8), None) for row in ema]
-        out["curves"][f"{init} {frac:.0%}"] = {
-            "pseudo_dice_first_5_epochs": first, "pseudo_dice_final_ema": [float(x) for x in ema[:, -1]],
-            "pseudo_dice_last5_mean": float(mean_fg[:, -5:].mean()), "epoch_ema_reaches_0.8": reach,
-            "train_loss_first": float(tl[:, 0].mean()), "train_loss_final": float(tl[:, -1].mean()),
-            "train_seconds": [_train_wall(a) for a in arms],
-            "train_cpu_seconds": [a["seconds"]["train_cpu"] for a in arms],
-            "iterations": (arms[0]["schedule"] or {}).get("num_epochs", 0)
-                          * (arms[0]["schedule"] or {}).get("num_iterations_per_epoch", 0),
-            "training_cases": [len(a["training_cases"]) for a in arms]}
-    pre = {}
-    for obj in ("diffusion", "mae"):
-        recs = list((work / "results_pretrain" / obj).glob("*/*/fold_all/orthodiff_*run*.json"))
-        if recs:
-            r = json.loads(recs[0].read_text())
-            pre[obj] = {"iterations": r.get("iterations_done"), "train_scans": len(r.get("train_cases", [])),
-                        "held_out_scans": len(r.get("held_out_cases", [])),
-                        "knees": len({cmap[c]["knee"] for c in r.get("train_cases", []) + r.get("held_out_cases", [])}),
-                        "test_knees_seen": len({cmap[c]["knee"] for c in r.get("train_cases", [])
-                                                + r.get("held_out_cases", []) if cmap[c]["knee"] in set(d["test"])}),
-                        "train_losses": r.get("train_losses"), "val_losses": r.get("val_losses")}
-    out["pretraining"] = pre
+        out["goals"].update(goals_of(key, complete, diffs, cmap))
+    out["curves"] = learning_curves(results)
+    out["pretraining"] = pre = pretraining_summary(work, cmap, d)
     out["arm_cpu_seconds"] = sum(a["seconds"]["train_cpu"] + a["seconds"]["predict_cpu"]
                                  for v in results.values() for a in v)
-    figures = make_figures(work, results, pre)
-    out["figures"] = [str(f) for f in figures]
+    out["figures"] = [str(f) for f in make_figures(work, results, pre)]
     write_json(work / "results.json", out)
     md = markdown(out, args)
     (work / "results.md").write_text(md)
@@ -899,44 +997,34 @@ def make_figures(work: Path, results: dict, pre: dict) -> list[Path]:
     return figs
 
 
-def markdown(r: dict, args) -> str:
-    L = []
-    st = r["state"]
-    L.append(f"**{NOTE[0].upper() + NOTE[1:]}.** Dice on held-out knees; 95 % intervals: percentile bootstrap "
-             f"({N_BOOT} resamples) over test KNEES (both time points of a knee drawn together); the seeds of an arm "
-             "pooled as the mean over seeds per scan before resampling. Prediction without mirroring (for time).")
-    L.append("")
-    de = r["design"]
-    L.append(f"Design: {de['test_knees']} test knees ({r.get('n_scans_internal', '?')} scans), {de['val_knees']} "
-             f"validation knees (learning curves only), {de['pool_knees']} pool knees. 10 % = "
-             f"{len(next(iter(de['subset_10_knees'].values())))} whole knees per seed (subset drawn per seed). "
-             "Arms (init x label fraction) trained with seeds 0-" + str(args.seeds - 1) + ".")
-    if r.get("mae_not_run"):
-        L.append("")
-        L.append(f"**MAE arms not run**: {r['mae_not_run']}.")
-    for key, title in (("internal", "Internal test site (SiteA 3 T, the labeled site)"),
-                       ("external", "External test site (1.5 T, other vendor/contrast/noise/bias/thickness; "
-                                    "not in the pretraining corpus)")):
-        table = r["tables"].get(key, {})
-        if not table:
-            continue
-        names = [f"{i} {f:.0%}" for i, f in ARM_ORDER if f"{i} {f:.0%}" in table]
-        L += ["", f"#### {title}: Dice, mean [95 % CI] over {r.get('n_knees_' + key)} knees / "
-                  f"{r.get('n_scans_' + key)} scans", "",
-              "| structure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+def _markdown_test_site(r: dict, key: str, title: str) -> list[str]:
+    """One test site: Dice per structure and arm, the paired differences to scratch, per-seed means."""
+    table = r["tables"].get(key, {})
+    if not table:
+        return []
+    names = [f"{i} {f:.0%}" for i, f in ARM_ORDER if f"{i} {f:.0%}" in table]
+    L = ["", f"#### {title}: Dice, mean [95 % CI] over {r.get('n_knees_' + key)} knees / "
+             f"{r.get('n_scans_' + key)} scans", "",
+         "| structure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, rowname in ROWS:
+        L.append(f"| {rowname} | " + " | ".join(_fmt_ci(*table[n][str(label)][:3]) for n in names) + " |")
+    diffs = r["differences"].get(key, {})
+    if diffs:
+        dn = [n for n in names if n in diffs]
+        L += ["", f"Paired difference to scratch (same scan, seed and fraction; mean over seeds per scan, "
+                  f"knee bootstrap), {key} test:", "",
+              "| structure | " + " | ".join(f"{n} − scratch" for n in dn) + " |", "|---|" + "---|" * len(dn)]
         for label, rowname in ROWS:
-            L.append(f"| {rowname} | " + " | ".join(_fmt_ci(*table[n][str(label)][:3]) for n in names) + " |")
-        diffs = r["differences"].get(key, {})
-        if diffs:
-            dn = [n for n in names if n in diffs]
-            L += ["", f"Paired difference to scratch (same scan, seed and fraction; mean over seeds per scan, "
-                      f"knee bootstrap), {key} test:", "",
-                  "| structure | " + " | ".join(f"{n} − scratch" for n in dn) + " |", "|---|" + "---|" * len(dn)]
-            for label, rowname in ROWS:
-                L.append(f"| {rowname} | " + " | ".join(_fmt_ci(*diffs[n][str(label)][:3]) for n in dn) + " |")
-        ps = r["per_seed"].get(key, {})
-        L += ["", f"Per-seed mean of 6 ({key} test), seeds 0, 1, 2: "
-              + "; ".join(f"{n} " + " / ".join(f"{v:.3f}" for v in ps[n]["mean of 6"]) for n in names)]
+            L.append(f"| {rowname} | " + " | ".join(_fmt_ci(*diffs[n][str(label)][:3]) for n in dn) + " |")
+    ps = r["per_seed"].get(key, {})
+    L += ["", f"Per-seed mean of 6 ({key} test), seeds 0, 1, 2: "
+          + "; ".join(f"{n} " + " / ".join(f"{v:.3f}" for v in ps[n]["mean of 6"]) for n in names)]
+    return L
+
+
+def _markdown_goals_and_curves(r: dict) -> list[str]:
+    """The goals table and the learning-curve table (each when there is something to show)."""
+    L = []
     if r["goals"]:
         L += ["", "#### Goals (primary endpoint: mean Dice of the 6 structures)", "",
               "| test site, init | 10 %: pretrained − scratch [CI] | goal 1 (≥ +0.02, CI > 0) | 10 % / 100 % [CI] | "
@@ -961,6 +1049,26 @@ def markdown(r: dict, args) -> str:
                      + " / ".join(str(x) for x in c["epoch_ema_reaches_0.8"]) + " | "
                      + f"{c['train_loss_first']:.3f} → {c['train_loss_final']:.3f} | "
                      + " / ".join(f"{x:.0f}" for x in c["train_seconds"]) + " |")
+    return L
+
+
+def markdown(r: dict, args) -> str:
+    """``results.md``: design, per test site the tables, goals, curves, pretraining, command, machine, times."""
+    st, de = r["state"], r["design"]
+    L = [f"**{NOTE[0].upper() + NOTE[1:]}.** Dice on held-out knees; 95 % intervals: percentile bootstrap "
+         f"({N_BOOT} resamples) over test KNEES (both time points of a knee drawn together); the seeds of an arm "
+         "pooled as the mean over seeds per scan before resampling. Prediction without mirroring (for time).", "",
+         f"Design: {de['test_knees']} test knees ({r.get('n_scans_internal', '?')} scans), {de['val_knees']} "
+         f"validation knees (learning curves only), {de['pool_knees']} pool knees. 10 % = "
+         f"{len(next(iter(de['subset_10_knees'].values())))} whole knees per seed (subset drawn per seed). "
+         "Arms (init x label fraction) trained with seeds 0-" + str(args.seeds - 1) + "."]
+    if r.get("mae_not_run"):
+        L += ["", f"**MAE arms not run**: {r['mae_not_run']}."]
+    for key, title in (("internal", "Internal test site (SiteA 3 T, the labeled site)"),
+                       ("external", "External test site (1.5 T, other vendor/contrast/noise/bias/thickness; "
+                                    "not in the pretraining corpus)")):
+        L += _markdown_test_site(r, key, title)
+    L += _markdown_goals_and_curves(r)
     if r.get("pretraining"):
         L += ["", "Pretraining (each objective once, same corpus, network and iterations; not per seed):"]
         for obj, p in r["pretraining"].items():
@@ -977,7 +1085,6 @@ def markdown(r: dict, args) -> str:
           f"CPU time of the arms (training + prediction, from each arm's own process): "
           f"{r.get('arm_cpu_seconds', 0) / 60:.0f} CPU-min."]
     return "\n".join(L) + "\n"
-
 
 if __name__ == "__main__":
     sys.exit(main())

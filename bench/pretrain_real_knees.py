@@ -35,8 +35,8 @@ new folder under the system's temporary folder, kept so the run can be inspected
 
 Usage::
 
-    python bench/pretrain_real_knees.py --minutes 18
-    nice -n 10 python bench/pretrain_real_knees.py --objective both --iterations 40 --minutes 6
+    python -m bench.pretrain_real_knees --minutes 18
+    nice -n 10 python -m bench.pretrain_real_knees --objective both --iterations 40 --minutes 6
 """
 
 from __future__ import annotations
@@ -50,23 +50,16 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import common
-
+from bench import common
+from orthodiff_nnunet.conventions import DIFFUSION_CONFIGURATION
 from orthodiff_nnunet.utils import save_figure
 
 DICOM_DATASET_ID = 751  # the combined sagittal corpus
 MRNET_DATASET_ID = 744  # convert_mrnet: 744 sag, 745 cor, 746 ax
-RESULTS = common.REPO / "bench" / "results"
-
-
-def shared_data_folder(given: Path | None) -> Path | None:
-    env = os.environ.get("ORTHODIFF_SHARED_DATA")
-    for cand in [given, Path(env) if env else None, common.REPO.parent / "shared" / "data"]:
-        if cand is not None and cand.is_dir():
-            return cand
-    return None
+RESULTS = common.RESULTS
 
 
 def convert_corpus(shared: Path, raw: Path, spacing: tuple[float, float, float], work: Path) -> tuple[Path, dict]:
@@ -113,7 +106,7 @@ def time_per_iteration(dataset: str, plans_id: str, steps: int = 3, objective: s
 
     plans, dataset_json = common.load_plans_and_dataset_json(dataset, plans_id)
     cls = nnUNetTrainerOrthoDiffMAE if objective == "mae" else nnUNetTrainerOrthoDiffPretrain
-    trainer = common.make_trainer(cls, plans, "3d_diffusion", dataset_json, torch.device("cpu"))
+    trainer = common.make_trainer(cls, plans, DIFFUSION_CONFIGURATION, dataset_json, torch.device("cpu"))
     dl, dl_val = trainer.get_dataloaders()
     trainer.train_step(next(dl))  # warm-up
     t0 = time.perf_counter()
@@ -210,103 +203,160 @@ def write_curve(checkpoint: Path, csv_path: Path, png_path: Path, title: str, ev
     return rows
 
 
-def run_objective(objective: str, args: argparse.Namespace, dataset: str, small: str, plans_id: str, diff: dict,
-                  block, counts: dict, t_convert: float, t_plan: float, work: Path) -> str:
-    """One pretraining run of ``objective`` on the planned corpus: loss curve files and the markdown section."""
+@dataclass
+class Corpus:
+    """The converted and planned corpus every objective pretrains on."""
+
+    dataset: str
+    plans_id: str
+    small: str  # the shrunk plans the runs use
+    diff: dict  # their resolved 3d_diffusion configuration
+    block: object  # the plans' orthodiff block
+    counts: dict
+    t_convert: float
+    t_plan: float
+    work: Path
+
+
+def prepare_corpus(args: argparse.Namespace, shared: Path) -> Corpus:
+    """Convert the real knees into one sagittal dataset, plan it, shrink the network (see the module docstring)."""
+    from orthodiff_nnunet.networks.build import write_shrunk_plans
+    from orthodiff_nnunet.paths import preprocessed_dir
+    from orthodiff_nnunet.planning import plan_and_preprocess
+    from orthodiff_nnunet.plans import read_orthodiff_block, resolve_configuration
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_real_knees_"))
+    folders = common.use_work_folder(work)
+    t0 = time.perf_counter()
+    raw_folder, counts = convert_corpus(shared, folders["raw"], tuple(args.mrnet_spacing), work)
+    dataset = raw_folder.name
+    t_convert = time.perf_counter() - t0
+    with common.with_planning_env():
+        planned = plan_and_preprocess([DICOM_DATASET_ID], num_processes=min(2, common.usable_cores()),
+                                      gpu_memory_gb=args.gpu_memory_gb, show_progress=False)
+    plans_id = common.plans_identifier_of(planned)
+    t_plan = time.perf_counter() - t0 - t_convert
+    print(planned.summary())
+    small = write_shrunk_plans(preprocessed_dir() / dataset, plans_id, f"{plans_id}_cpu{args.features}f{args.stages}s",
+                               max_features=args.features, max_stages=args.stages, max_batch_size=None)
+    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
+    plans, _ = common.load_plans_and_dataset_json(dataset, small)
+    return Corpus(dataset, plans_id, small, resolve_configuration(plans, DIFFUSION_CONFIGURATION),
+                  read_orthodiff_block(plans), counts, t_convert, t_plan, work)
+
+
+def plan_iterations(objective: str, args: argparse.Namespace, c: Corpus) -> tuple[int, float | None, float]:
+    """(iterations, measured seconds per iteration or None, deadline in seconds) of one run."""
+    every = args.checkpoint_every
+    if args.iterations:
+        return args.iterations, None, args.minutes * 60
+    # The shared cores make the speed swing by 10x within minutes (other jobs, OpenMP threads
+    # waiting on each other), so the run is planned from a measurement with some headroom and
+    # stopped at the deadline after a whole checkpoint interval (see deadline_training).
+    est = time_per_iteration(c.dataset, c.small, steps=5, objective=objective)
+    per_it = est * (1 + args.val_iterations / (3 * every))  # validation: forward passes, ~1/3 of a step each
+    iterations = max(every, int(1.5 * args.minutes * 60 / per_it) // every * every)
+    print(f"{est:.2f} s per training iteration -> planning {iterations} iterations, stopping after "
+          f"{args.minutes:g} min")
+    return iterations, est, args.minutes * 60
+
+
+def run_objective(objective: str, args: argparse.Namespace, c: Corpus) -> dict:
+    """One pretraining run of ``objective`` on the planned corpus; its loss curve files; what the section needs."""
     import torch
 
     from orthodiff_nnunet.pretraining import pretrain
+    from orthodiff_nnunet.trainers.mae_pretraining import nnUNetTrainerOrthoDiffMAE
 
-    kw = diff["architecture"]["arch_kwargs"]
-    every = args.checkpoint_every
-    if args.iterations:
-        iterations, est, deadline = args.iterations, None, args.minutes * 60
-    else:
-        # The shared cores make the speed swing by 10x within minutes (other jobs, OpenMP threads
-        # waiting on each other), so the run is planned from a measurement with some headroom and
-        # stopped at the deadline after a whole checkpoint interval (see deadline_training).
-        est = time_per_iteration(dataset, small, steps=5, objective=objective)
-        per_it = est * (1 + args.val_iterations / (3 * every))  # validation: forward passes, ~1/3 of a step each
-        iterations = max(every, int(1.5 * args.minutes * 60 / per_it) // every * every)
-        deadline = args.minutes * 60
-        print(f"{est:.2f} s per training iteration -> planning {iterations} iterations, stopping after "
-              f"{args.minutes:g} min")
-
+    iterations, est, deadline = plan_iterations(objective, args, c)
     torch.manual_seed(0)
     t_train = time.perf_counter()
     with deadline_training(deadline):
-        result = pretrain(dataset, plans=small, iterations=iterations, checkpoint_every=every,
+        result = pretrain(c.dataset, plans=c.small, iterations=iterations, checkpoint_every=args.checkpoint_every,
                           learning_rate=args.learning_rate, device="cpu", val_iterations=args.val_iterations,
                           sample_steps=10, objective=objective, mask_ratio=args.mask_ratio)
     minutes = (time.perf_counter() - t_train) / 60
     print(result.summary())
+    r = {"objective": objective, "mae": objective == "mae", "iterations": iterations, "est": est,
+         "minutes": minutes, "result": result, "mask_text": ""}
+    if r["mae"]:
+        mcfg = json.loads((result.output_folder / nnUNetTrainerOrthoDiffMAE.CONFIG_FILE).read_text())
+        r["mask_text"] = f"{mcfg['mask_ratio']:g} of {' x '.join(map(str, mcfg['mask_block']))}-voxel blocks masked"
+    stem = "pretraining_real_knees_loss" + ("_mae" if r["mae"] else "")
+    folder = args.out.parent if not args.no_write else c.work
+    r["csv"], r["png"] = folder / f"{stem}.csv", folder / f"{stem}.png"
+    r["csv"].parent.mkdir(parents=True, exist_ok=True)
+    r["rows"] = write_curve(result.output_folder / "checkpoint_final.pth", r["csv"], r["png"], curve_title(r, args, c),
+                            args.checkpoint_every, "MSE on masked voxels" if r["mae"] else "epsilon MSE",
+                            "validation, EMA weights, fixed masks" if r["mae"] else
+                            "validation, EMA weights, fixed noise")
+    r["params"] = sum(p.numel() for p in torch.load(result.encoder_path, map_location="cpu",
+                                                    weights_only=False)["state_dict"].values())
+    return r
 
-    patch = " x ".join(map(str, diff["patch_size"]))
-    spacing = " x ".join(f"{v:.3g}" for v in diff["spacing"])
+
+def curve_title(r: dict, args: argparse.Namespace, c: Corpus) -> str:
+    """The loss-curve figure's title: objective, corpus, patch, network."""
+    kw = c.diff["architecture"]["arch_kwargs"]
+    patch = " x ".join(map(str, c.diff["patch_size"]))
+    spacing = " x ".join(f"{v:.3g}" for v in c.diff["spacing"])
     s = " x ".join(f"{v:g}" for v in args.mrnet_spacing)
-    n_cases = sum(counts.values())
-    mae = objective == "mae"
-    if mae:
-        mcfg = json.loads((result.output_folder / "mae_config.json").read_text())
-        mask_text = f"{mcfg['mask_ratio']:g} of {' x '.join(map(str, mcfg['mask_block']))}-voxel blocks masked"
-    name = "MAE pretraining" if mae else "Diffusion pretraining"
-    title = (f"{name}, {n_cases} real unlabeled sagittal knee series (CPU)\n"
-             + (f"{mask_text}, MSE on them\n" if mae else "cosine schedule, epsilon prediction\n") +
-             f"DESS 1 + MESE {counts['MESE echoes']} echoes + MRNet {counts['MRNet sag']} (assumed {s} mm)\n"
-             f"patch {patch} @ {spacing} mm, batch {diff['batch_size']}, {kw['n_stages']} stages x "
-             f"{max(kw['features_per_stage'])} features")
-    stem = "pretraining_real_knees_loss" + ("_mae" if mae else "")
-    csv_path = args.out.parent / f"{stem}.csv" if not args.no_write else work / f"{stem}.csv"
-    png_path = args.out.parent / f"{stem}.png" if not args.no_write else work / f"{stem}.png"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    ylabel = "MSE on masked voxels" if mae else "epsilon MSE"
-    val_label = "validation, EMA weights, fixed masks" if mae else "validation, EMA weights, fixed noise"
-    rows = write_curve(result.output_folder / "checkpoint_final.pth", csv_path, png_path, title, every, ylabel,
-                       val_label)
+    name = "MAE pretraining" if r["mae"] else "Diffusion pretraining"
+    return (f"{name}, {sum(c.counts.values())} real unlabeled sagittal knee series (CPU)\n"
+            + (f"{r['mask_text']}, MSE on them\n" if r["mae"] else "cosine schedule, epsilon prediction\n") +
+            f"DESS 1 + MESE {c.counts['MESE echoes']} echoes + MRNet {c.counts['MRNet sag']} (assumed {s} mm)\n"
+            f"patch {patch} @ {spacing} mm, batch {c.diff['batch_size']}, {kw['n_stages']} stages x "
+            f"{max(kw['features_per_stage'])} features")
 
-    params = sum(p.numel() for p in torch.load(result.encoder_path, map_location="cpu",
-                                              weights_only=False)["state_dict"].values())
+
+def objective_section(r: dict, args: argparse.Namespace, c: Corpus) -> str:
+    """The Markdown section of one run: machine, command, corpus, plans, run, result, curve files."""
+    import torch
+
+    kw, mae, rows, result = c.diff["architecture"]["arch_kwargs"], r["mae"], r["rows"], r["result"]
+    every, est, iterations = args.checkpoint_every, r["est"], r["iterations"]
+    s = " x ".join(f"{v:g}" for v in args.mrnet_spacing)
     lines = [
         f"## {common.now()}: {'MAE' if mae else 'diffusion'} pretraining on the real unlabeled knees (CPU)",
         "",
         f"- machine: {common.machine(torch.device('cpu'))}; load average at the end "
-        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (the 2 cores are shared)",
+        f"{common.load_average()} (the 2 cores are shared)",
         f"- command: `{common.command_line()}`",
-        f"- corpus: {n_cases} sagittal series, all unlabeled: pyKNEEr DESS echo 1 (DICOM, 1 case), pymskt MESE T2 "
-        f"(DICOM, echo=all: {counts['MESE echoes']} cases of one knee), MRNet train exams' sagittal volumes "
-        f"({counts['MRNet sag']} cases) via convert_mrnet with spacing {s} mm (in-plane x, in-plane y, slice): "
-        "**an assumption**, MRNet publishes none; MRNet's sag output and the DICOM series then converted together "
-        f"into {dataset}. Conversion {t_convert:.0f} s.",
+        f"- corpus: {sum(c.counts.values())} sagittal series, all unlabeled: pyKNEEr DESS echo 1 (DICOM, 1 case), "
+        f"pymskt MESE T2 (DICOM, echo=all: {c.counts['MESE echoes']} cases of one knee), MRNet train exams' sagittal "
+        f"volumes ({c.counts['MRNet sag']} cases) via convert_mrnet with spacing {s} mm (in-plane x, in-plane y, "
+        "slice): **an assumption**, MRNet publishes none; MRNet's sag output and the DICOM series then converted "
+        f"together into {c.dataset}. Conversion {c.t_convert:.0f} s.",
         f"- plans: planned directly on the all-background corpus (intensity statistics: "
-        f"`{block.intensity_statistics}`, the planner's no-foreground fallback; no plans transfer needed), GPU memory "
-        f"target {args.gpu_memory_gb:g} GB to get a CPU-sized patch -> `{plans_id}` ({t_plan:.0f} s incl. "
-        f"preprocessing); `3d_diffusion`: spacing {spacing} mm, patch {patch}, batch {diff['batch_size']}; network "
-        f"shrunk with write_shrunk_plans to {kw['n_stages']} stages, features {kw['features_per_stage']}, "
-        f"blocks per stage {kw.get('n_blocks_per_stage', 'n/a')}, planned batch kept "
-        f"(`{small}`)",
-        f"- run: pretrain(objective='{objective}', iterations={iterations}, checkpoint_every={every}, "
+        f"`{c.block.intensity_statistics}`, the planner's no-foreground fallback; no plans transfer needed), GPU "
+        f"memory target {args.gpu_memory_gb:g} GB to get a CPU-sized patch -> `{c.plans_id}` ({c.t_plan:.0f} s incl. "
+        f"preprocessing); `3d_diffusion`: spacing {' x '.join(f'{v:.3g}' for v in c.diff['spacing'])} mm, patch "
+        f"{' x '.join(map(str, c.diff['patch_size']))}, batch {c.diff['batch_size']}; network shrunk with "
+        f"write_shrunk_plans to {kw['n_stages']} stages, features {kw['features_per_stage']}, blocks per stage "
+        f"{kw.get('n_blocks_per_stage', 'n/a')}, planned batch kept (`{c.small}`)",
+        f"- run: pretrain(objective='{r['objective']}', iterations={iterations}, checkpoint_every={every}, "
         f"learning_rate={args.learning_rate:g}, val_iterations={args.val_iterations}, device='cpu'), "
-        + (f"{mask_text} (block = the encoder's total stride from the plans), MSE on the masked voxels, "
+        + (f"{r['mask_text']} (block = the encoder's total stride from the plans), MSE on the masked voxels, "
            if mae else "cosine schedule, epsilon prediction, ") + "EMA 0.995, fp32"
         + (f"; {est:.2f} s/iteration measured beforehand -> {iterations} iterations planned (LR schedule length), "
            f"stopped at the first checkpoint after {args.minutes:g} min" if est else
            f"; time limit {args.minutes:g} min (stop at the first checkpoint after it)"),
         f"- result: **{result.iterations} iterations in {rows[-1]['elapsed_min']:.1f} min of training** "
         f"({60 * rows[-1]['elapsed_min'] / result.iterations:.2f} s/iteration incl. augmentation and validation; "
-        f"{minutes:.1f} min for the whole pretrain() call with start-up, encoder export and the "
+        f"{r['minutes']:.1f} min for the whole pretrain() call with start-up, encoder export and the "
         f"{'reconstruction' if mae else 'DDIM'} sanity picture); train loss (mean of {every} iterations) "
         f"**{rows[0]['train_loss']:.4f} -> {rows[-1]['train_loss']:.4f}**; EMA validation loss "
         f"{rows[0]['val_loss_ema']:.4f} -> {rows[-1]['val_loss_ema']:.4f} (EMA 0.995 lags on a run this short; "
         f"{'masked-voxel reconstruction MSE' if mae else 'epsilon MSE'}: not comparable in value with the other "
         "objective's loss); "
-        f"encoder exported ({params / 1e6:.2f} M parameters) and loaded strictly by the 3d_fullres network: "
+        f"encoder exported ({r['params'] / 1e6:.2f} M parameters) and loaded strictly by the 3d_fullres network: "
         f"{result.load_report.splitlines()[0] if result.load_report else 'n/a'}",
-        f"- curve: `bench/results/{png_path.name}`, values `bench/results/{csv_path.name}` (loss values only)",
+        f"- curve: `bench/results/{r['png'].name}`, values `bench/results/{r['csv'].name}` (loss values only)",
     ]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", type=Path, default=None,
                         help="the shared data folder (default: $ORTHODIFF_SHARED_DATA, else ../shared/data)")
@@ -329,48 +379,40 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: new temporary folder, kept)")
     parser.add_argument("--out", type=Path, default=RESULTS / "pretraining.md")
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/results")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return parser.parse_args(argv)
 
-    shared = shared_data_folder(args.shared)
+
+def run(args: argparse.Namespace) -> tuple[Corpus, list[dict]] | None:
+    """The corpus and one run per objective (None when the shared data is absent)."""
+    shared = common.shared_data(args.shared)
     if shared is None:
         print("skipped: the shared real-data folder (../shared/data) is absent; set ORTHODIFF_SHARED_DATA or --shared")
-        return 0
+        return None
     os.environ.setdefault("OMP_NUM_THREADS", str(common.usable_cores()))
-    import torch  # noqa: F401  (after OMP_NUM_THREADS is set)
+    __import__("torch")  # after OMP_NUM_THREADS is set (torch reads it once)
 
-    from orthodiff_nnunet.networks.build import write_shrunk_plans
-    from orthodiff_nnunet.paths import preprocessed_dir
-    from orthodiff_nnunet.planning import plan_and_preprocess
-    from orthodiff_nnunet.plans import read_orthodiff_block, resolve_configuration
-
-    work = args.work or Path(tempfile.mkdtemp(prefix="orthodiff_real_knees_"))
-    folders = common.use_work_folder(work)
-    t0 = time.perf_counter()
-    raw_folder, counts = convert_corpus(shared, folders["raw"], tuple(args.mrnet_spacing), work)
-    dataset = raw_folder.name
-    t_convert = time.perf_counter() - t0
-
-    with common.with_planning_env():
-        planned = plan_and_preprocess([DICOM_DATASET_ID], num_processes=min(2, common.usable_cores()),
-                                      gpu_memory_gb=args.gpu_memory_gb, show_progress=False)
-    plans_id = common.plans_identifier_of(planned)
-    t_plan = time.perf_counter() - t0 - t_convert
-    print(planned.summary())
-    small = write_shrunk_plans(preprocessed_dir() / dataset, plans_id, f"{plans_id}_cpu{args.features}f{args.stages}s",
-                               max_features=args.features, max_stages=args.stages, max_batch_size=None)
-    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
-    plans, _ = common.load_plans_and_dataset_json(dataset, small)
-    block = read_orthodiff_block(plans)
-    diff = resolve_configuration(plans, "3d_diffusion")
-
+    corpus = prepare_corpus(args, shared)
     objectives = ["diffusion", "mae"] if args.objective == "both" else [args.objective]
-    for objective in objectives:
-        text = run_objective(objective, args, dataset, small, plans_id, diff, block, counts, t_convert, t_plan, work)
+    return corpus, [run_objective(objective, args, corpus) for objective in objectives]
+
+
+def record(measured: tuple[Corpus, list[dict]] | None, args: argparse.Namespace) -> None:
+    """Print each objective's section and append it to ``--out`` (unless ``--no-write``)."""
+    if measured is None:
+        return
+    corpus, runs = measured
+    for r in runs:
+        text = objective_section(r, args, corpus)
         print(text)
         if not args.no_write:
             common.append_markdown(args.out, text)
-    print(f"work folder (converted data, run, sanity picture): {work}")
+    print(f"work folder (converted data, run, sanity picture): {corpus.work}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    record(run(args), args)
     return 0
 
 
