@@ -258,15 +258,44 @@ def read_manifest(
         raise ConversionError([f"manifest {path} does not exist: pass the path of the site's manifest CSV"])
     site_dir = Path(site_dir) if site_dir is not None else path.parent
     header, numbered_rows = _read_table(path)
-    raw_rows = [r for _, r in numbered_rows]
 
-    problems: list[str] = []
+    labels, problems = _check_columns(path, header, abnormality_labels)
+    if not numbered_rows:
+        problems.append(f"manifest {path.name} has no rows")
+    rows: list[ManifestRow] = []
+    for i, r in numbered_rows:
+        where = f"manifest line {i} (case {r.get('case_id', '') or '?'})"
+        fs, orientation, echo, targets, value_problems = _row_values(where, r, labels)
+        image, label, path_problems = _row_paths(where, r, site_dir, allow_outside_site)
+        label_remap, remap_problems = _row_remap(where, r, site_dir)
+        problems += value_problems + path_problems + remap_problems
+        rows.append(
+            ManifestRow(
+                row=i, case_id=r.get("case_id", ""), patient_id=r.get("patient_id", ""), site=r.get("site", ""),
+                field_strength_t=fs, vendor=r.get("vendor", ""), image=image, orientation=orientation,
+                label=label, label_remap=label_remap, series=r.get("series") or None,
+                echo=echo, targets=targets, image_text=r.get("image", ""),
+            )
+        )
+    problems += _open_choices(numbered_rows) + _disagreeing_exams(rows)
+    if problems:
+        raise ConversionError(problems, header=f"manifest {path.name} refused")
+    return rows, labels
+
+
+def _check_columns(path: Path, header: list[str], abnormality_labels: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The abnormality label columns in use and the header's problems.
+
+    Raises:
+        ConversionError: a required column is missing (no row can be read without it).
+    """
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise ConversionError(
             [f"manifest {path.name} lacks required column(s) {', '.join(missing)}; "
              f"required: {', '.join(REQUIRED_COLUMNS)} (see the README's manifest section)"]
         )
+    problems: list[str] = []
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     if abnormality_labels is None:
         labels = [c for c in KNEE_ABNORMALITIES if c in header]
@@ -282,112 +311,123 @@ def read_manifest(
             f"unknown column(s) {', '.join(unknown)}: to use them as abnormality labels pass "
             f"--labels {','.join(labels + unknown)}; otherwise remove them"
         )
-    if not raw_rows:
-        problems.append(f"manifest {path.name} has no rows")
+    return labels, problems
 
+
+def _row_values(where: str, r: dict[str, str], labels: list[str],
+                ) -> tuple[float, str | None, int | str | None, dict[str, int | None], list[str]]:
+    """A row's field strength (tesla, NaN when unreadable), orientation, echo and targets, and its value problems."""
+    problems: list[str] = []
+    if "\0extra" in r:
+        problems.append(f"{where}: more values than header columns; quote values that contain the separator")
+    for c in REQUIRED_COLUMNS:
+        if not r.get(c):
+            problems.append(f"{where}: empty {c}")
+    fs = _parse_field_strength(r.get("field_strength", ""))
+    if r.get("field_strength") and not (MIN_FIELD_T <= fs <= MAX_FIELD_T):
+        hint = " (it looks like millitesla: give tesla, e.g. 1.5)" if fs > 100 else ""
+        problems.append(f"{where}: field_strength {r.get('field_strength')!r} is not a field strength in tesla{hint}")
+    orientation = None
+    if r.get("orientation"):
+        try:
+            orientation = normalize_orientation(r["orientation"])
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    echo: int | str | None = None
+    if r.get("echo"):
+        e = r["echo"].lower()
+        if e == "all":
+            echo = "all"
+        elif e.isdigit() and int(e) >= 1:
+            echo = int(e)
+        else:
+            problems.append(f"{where}: echo {r['echo']!r} must be a 1-based echo number or 'all'")
+    targets: dict[str, int | None] = {}
+    for lab in labels:
+        try:
+            targets[lab] = _parse_target(r.get(lab, ""))
+        except ValueError:
+            problems.append(f"{where}: label {lab} = {r.get(lab)!r}; use 0, 1 or blank (unknown)")
+    return fs, orientation, echo, targets, problems
+
+
+def _row_paths(where: str, r: dict[str, str], site_dir: Path, allow_outside_site: bool,
+               ) -> tuple[Path, Path | None, list[str]]:
+    """A row's image and label map paths under ``site_dir``, and their problems (outside, missing, format)."""
+    problems: list[str] = []
+    for column in ("image", "label"):
+        text = r.get(column, "")
+        if text and not allow_outside_site and not _inside(text, site_dir):
+            problems.append(
+                f"{where}: {column} {text} lies outside the site folder {site_dir} ('../' or an absolute path); "
+                "move it into the site folder, point --site-dir at a folder that holds it, or pass "
+                "--allow-outside-site if this is intended"
+            )
+    image = _resolve(site_dir, r["image"]) if r.get("image") else site_dir
+    if r.get("image") and not image.exists():
+        problems.append(f"{where}: image {r['image']} not found under {site_dir}; fix the path or --site-dir")
+    elif r.get("image") and image.is_file() and not image.name.lower().endswith(IMAGE_SUFFIXES) \
+            and not looks_like_dicom_file(image):
+        fmt = "".join(image.suffixes[-1:]) or "this"
+        problems.append(
+            f"{where}: image {r['image']}: the {fmt} format is not accepted; {ACCEPTED_IMAGES} (convert it, "
+            "e.g. to .nii.gz, or give the DICOM series)"
+        )
+    label = _resolve(site_dir, r["label"]) if r.get("label") else None
+    if label is not None and not label.exists():
+        problems.append(f"{where}: label map {r['label']} not found under {site_dir}; fix the path")
+    elif label is not None and not (label.is_file() and label.name.lower().endswith(IMAGE_SUFFIXES)):
+        problems.append(
+            f"{where}: label map {r['label']} is not a {', '.join(IMAGE_SUFFIXES)} file; save the label map "
+            "in one of these formats on the image's grid"
+        )
+    return image, label, problems
+
+
+def _row_remap(where: str, r: dict[str, str], site_dir: Path) -> tuple[str | None, list[str]]:
+    """A row's label remap table (a JSON path under ``site_dir`` or a built-in name), loaded once to check it."""
     from orthodiff_nnunet.remap import RemapError, builtin_remap_tables, load_remap_table
 
-    rows: list[ManifestRow] = []
-    for i, r in numbered_rows:
-        case = r.get("case_id", "")
-        where = f"manifest line {i} (case {case or '?'})"
-        if "\0extra" in r:
-            problems.append(f"{where}: more values than header columns; quote values that contain the separator")
-        for c in REQUIRED_COLUMNS:
-            if not r.get(c):
-                problems.append(f"{where}: empty {c}")
-        fs = _parse_field_strength(r.get("field_strength", ""))
-        if r.get("field_strength") and not (MIN_FIELD_T <= fs <= MAX_FIELD_T):
-            hint = " (it looks like millitesla: give tesla, e.g. 1.5)" if fs > 100 else ""
-            problems.append(f"{where}: field_strength {r.get('field_strength')!r} is not a field strength in tesla{hint}")
-        orientation = None
-        if r.get("orientation"):
-            try:
-                orientation = normalize_orientation(r["orientation"])
-            except ValueError as exc:
-                problems.append(f"{where}: {exc}")
-        echo: int | str | None = None
-        if r.get("echo"):
-            e = r["echo"].lower()
-            if e == "all":
-                echo = "all"
-            elif e.isdigit() and int(e) >= 1:
-                echo = int(e)
-            else:
-                problems.append(f"{where}: echo {r['echo']!r} must be a 1-based echo number or 'all'")
-        targets: dict[str, int | None] = {}
-        for lab in labels:
-            try:
-                targets[lab] = _parse_target(r.get(lab, ""))
-            except ValueError:
-                problems.append(f"{where}: label {lab} = {r.get(lab)!r}; use 0, 1 or blank (unknown)")
-        for column in ("image", "label"):
-            text = r.get(column, "")
-            if text and not allow_outside_site and not _inside(text, site_dir):
-                problems.append(
-                    f"{where}: {column} {text} lies outside the site folder {site_dir} ('../' or an absolute path); "
-                    "move it into the site folder, point --site-dir at a folder that holds it, or pass "
-                    "--allow-outside-site if this is intended"
-                )
-        image = _resolve(site_dir, r["image"]) if r.get("image") else site_dir
-        if r.get("image") and not image.exists():
-            problems.append(f"{where}: image {r['image']} not found under {site_dir}; fix the path or --site-dir")
-        elif r.get("image") and image.is_file() and not image.name.lower().endswith(IMAGE_SUFFIXES) \
-                and not looks_like_dicom_file(image):
-            fmt = "".join(image.suffixes[-1:]) or "this"
-            problems.append(
-                f"{where}: image {r['image']}: the {fmt} format is not accepted; {ACCEPTED_IMAGES} (convert it, "
-                "e.g. to .nii.gz, or give the DICOM series)"
-            )
-        label = _resolve(site_dir, r["label"]) if r.get("label") else None
-        if label is not None and not label.exists():
-            problems.append(f"{where}: label map {r['label']} not found under {site_dir}; fix the path")
-        elif label is not None and not (label.is_file() and label.name.lower().endswith(IMAGE_SUFFIXES)):
-            problems.append(
-                f"{where}: label map {r['label']} is not a {', '.join(IMAGE_SUFFIXES)} file; save the label map "
-                "in one of these formats on the image's grid"
-            )
-        label_remap: str | None = None
-        if r.get("label_remap"):
-            remap_text = r["label_remap"]
-            remap_path = _resolve(site_dir, remap_text)
-            if remap_path.is_file():
-                label_remap = str(remap_path)
-            elif remap_text in builtin_remap_tables():
-                label_remap = remap_text
-            else:
-                problems.append(
-                    f"{where}: label_remap {remap_text!r} is neither a built-in table ({', '.join(builtin_remap_tables())}) "
-                    f"nor a JSON file under {site_dir} (paths start from the site folder); fix the name or the path"
-                )
-            if label_remap is not None:
-                try:
-                    load_remap_table(label_remap)
-                except RemapError as exc:
-                    problems.append(f"{where}: {exc}")
-        rows.append(
-            ManifestRow(
-                row=i, case_id=case, patient_id=r.get("patient_id", ""), site=r.get("site", ""),
-                field_strength_t=fs, vendor=r.get("vendor", ""), image=image, orientation=orientation,
-                label=label, label_remap=label_remap, series=r.get("series") or None,
-                echo=echo, targets=targets, image_text=r.get("image", ""),
-            )
+    if not r.get("label_remap"):
+        return None, []
+    problems: list[str] = []
+    label_remap: str | None = None
+    remap_text = r["label_remap"]
+    remap_path = _resolve(site_dir, remap_text)
+    if remap_path.is_file():
+        label_remap = str(remap_path)
+    elif remap_text in builtin_remap_tables():
+        label_remap = remap_text
+    else:
+        problems.append(
+            f"{where}: label_remap {remap_text!r} is neither a built-in table ({', '.join(builtin_remap_tables())}) "
+            f"nor a JSON file under {site_dir} (paths start from the site folder); fix the name or the path"
         )
+    if label_remap is not None:
+        try:
+            load_remap_table(label_remap)
+        except RemapError as exc:
+            problems.append(f"{where}: {exc}")
+    return label_remap, problems
 
-    # Choices left open by `orthodiff scan`: rows of one exam with the same 'choose:' note.
+
+def _open_choices(numbered_rows: list[tuple[int, dict[str, str]]]) -> list[str]:
+    """Choices left open by ``orthodiff scan``: rows of one exam with the same ``choose:`` note."""
     open_choices: dict[tuple[str, str], list[int]] = {}
     for i, r in numbered_rows:
         note = r.get(NOTE_COLUMN, "")
         if note.lower().startswith(CHOOSE_PREFIX):
             open_choices.setdefault((r.get("case_id", ""), note.split("|")[0].strip()), []).append(i)
-    for (case, note), lines in open_choices.items():
-        if len(lines) > 1:
-            problems.append(
-                f"manifest lines {', '.join(map(str, lines))} (case {case}) leave a choice open: {note} "
-                "(or delete the rows you do not keep)"
-            )
+    return [
+        f"manifest lines {', '.join(map(str, lines))} (case {case}) leave a choice open: {note} "
+        "(or delete the rows you do not keep)"
+        for (case, note), lines in open_choices.items() if len(lines) > 1
+    ]
 
-    # One exam = one case_id: its rows must agree on everything but the series.
+
+def _disagreeing_exams(rows: list[ManifestRow]) -> list[str]:
+    """One exam = one case_id: its rows must agree on everything but the series."""
+    problems: list[str] = []
     by_case: dict[str, list[ManifestRow]] = {}
     for row in rows:
         by_case.setdefault(row.case_id, []).append(row)
@@ -402,6 +442,4 @@ def read_manifest(
                         f"manifest lines {first.row} and {other.row} (case {case}) disagree on {what}: "
                         "all series of one exam must share patient, site, field strength, vendor and labels"
                     )
-    if problems:
-        raise ConversionError(problems, header=f"manifest {path.name} refused")
-    return rows, labels
+    return problems

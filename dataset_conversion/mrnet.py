@@ -318,7 +318,24 @@ def convert_mrnet(
         shown = ", ".join(unlabeled[:10]) + (" ..." if len(unlabeled) > 10 else "")
         log.warning("%d exam(s) have no label in the %s CSVs (%s): their targets are left unknown", len(unlabeled), split, shown)
 
-    spacing_text = ", ".join(f"{o} {' x '.join(f'{v:g}' for v in spacing_by_plane[o])}" for o in needed)
+    notes = _assumption_notes(planes_by_case, needed, spacing_by_plane, field_strength_t)
+    with tempfile.TemporaryDirectory(prefix="orthodiff_mrnet_", dir=work_dir) as tmp:
+        staged = Path(tmp)
+        manifest = _stage_exams(staged, root, split, planes_by_case, labels, spacing_by_plane, field_strength_t)
+        result = convert(
+            manifest, dataset_id, name, site_dir=staged, raw=raw, external=external,
+            abnormality_labels=list(MRNET_LABELS), dry_run=dry_run, key_file=key_file,
+            pseudonym_key=pseudonym_key, num_folds=num_folds, num_processes=num_processes,
+            spacing_source="user-supplied",
+        )
+    result.warnings.extend(notes)
+    return result
+
+
+def _assumption_notes(planes_by_case: Mapping[str, Sequence[str]], planes: Sequence[str],
+                      spacing_by_plane: Mapping[str, Sequence[float]], field_strength_t: float) -> list[str]:
+    """What the conversion assumes (user-supplied spacing, one field strength) and which exams lack a plane; logged."""
+    spacing_text = ", ".join(f"{o} {' x '.join(f'{v:g}' for v in spacing_by_plane[o])}" for o in planes)
     notes = [
         f"MRNet: voxel spacing is user-supplied ({spacing_text} mm); orientation is a convention (no header)",
         f"MRNet: field strength per exam is unknown; every exam is recorded at {float(field_strength_t):g} T",
@@ -329,35 +346,36 @@ def convert_mrnet(
     if missing_note:
         log.warning(missing_note)
         notes.append(missing_note)
+    return notes
 
-    with tempfile.TemporaryDirectory(prefix="orthodiff_mrnet_", dir=work_dir) as tmp:
-        staged = Path(tmp)
-        (staged / "images").mkdir()
-        rows: list[dict[str, str]] = []
-        for case in case_ids:
-            targets = {col: labels[col].get(case) for col in LABEL_FILES}
-            for o in planes_by_case[case]:
-                arr = _load_volume(root, f"{split}/{PLANE_FOLDERS[o]}/{case}.npy")
-                rel = f"images/{case}_{o}.nii.gz"
-                sitk.WriteImage(plane_image(arr, o, spacing_by_plane[o]), str(staged / rel), True)
-                rows.append({
-                    "case_id": case, "patient_id": case, "site": SITE, "field_strength": f"{float(field_strength_t):g}",
-                    "vendor": VENDOR, "image": rel, "orientation": o,
-                    **{col: "" if v is None else str(v) for col, v in targets.items()},
-                })
-        manifest = staged / "manifest.csv"
-        with open(manifest, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        result = convert(
-            manifest, dataset_id, name, site_dir=staged, raw=raw, external=external,
-            abnormality_labels=list(MRNET_LABELS), dry_run=dry_run, key_file=key_file,
-            pseudonym_key=pseudonym_key, num_folds=num_folds, num_processes=num_processes,
-            spacing_source="user-supplied",
-        )
-    result.warnings.extend(notes)
-    return result
+
+def _stage_exams(staged: Path, root: Path, split: str, planes_by_case: Mapping[str, Sequence[str]],
+                 labels: Mapping[str, Mapping[str, int]], spacing_by_plane: Mapping[str, Sequence[float]],
+                 field_strength_t: float) -> Path:
+    """Write each exam's planes as NIfTI under ``staged/images`` and the manifest that lists them.
+
+    Returns:
+        The manifest (``staged/manifest.csv``; paths relative to ``staged``).
+    """
+    (staged / "images").mkdir()
+    rows: list[dict[str, str]] = []
+    for case, planes in planes_by_case.items():
+        targets = {col: labels[col].get(case) for col in LABEL_FILES}
+        for o in planes:
+            arr = _load_volume(root, f"{split}/{PLANE_FOLDERS[o]}/{case}.npy")
+            rel = f"images/{case}_{o}.nii.gz"
+            sitk.WriteImage(plane_image(arr, o, spacing_by_plane[o]), str(staged / rel), True)
+            rows.append({
+                "case_id": case, "patient_id": case, "site": SITE, "field_strength": f"{float(field_strength_t):g}",
+                "vendor": VENDOR, "image": rel, "orientation": o,
+                **{col: "" if v is None else str(v) for col, v in targets.items()},
+            })
+    manifest = staged / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------

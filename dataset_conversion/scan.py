@@ -244,17 +244,7 @@ def read_header(path: str) -> dict[str, Any]:
     sop_class = f.text("SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "")
     if sop_class == _DICOMDIR_SOP_CLASS:
         return out | {"kind": "dicomdir"}
-    iop = f.numbers("ImageOrientationPatient", 6)
-    ipp = f.numbers("ImagePositionPatient", 3)
-    pixel = f.numbers("PixelSpacing", 2)
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared and (iop is None or pixel is None):  # enhanced multi-frame: geometry in the functional groups
-        item = shared[0]
-        if iop is None and item.get("PlaneOrientationSequence"):
-            iop = _floats(item.PlaneOrientationSequence[0].get("ImageOrientationPatient"), 6)
-        if item.get("PixelMeasuresSequence"):
-            pm = item.PixelMeasuresSequence[0]
-            pixel = pixel or _floats(pm.get("PixelSpacing"), 2)
+    iop, ipp, pixel = _geometry(ds, f)
     rows, cols = int(f.number("Rows") or 0), int(f.number("Columns") or 0)
     frames = int(f.number("NumberOfFrames") or 1)
     series_number = f.number("SeriesNumber")
@@ -286,6 +276,25 @@ def read_header(path: str) -> dict[str, Any]:
         "scan_options": f.text("ScanOptions").upper(),
         "acquisition": f.text("MRAcquisitionType").upper(),
     }
+
+
+def _geometry(ds: Any, f: _Fast) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None, tuple[float, ...] | None]:
+    """ImageOrientationPatient, ImagePositionPatient and PixelSpacing of a header (``None`` where absent).
+
+    An enhanced multi-frame file keeps orientation and pixel spacing in its shared functional groups.
+    """
+    iop = f.numbers("ImageOrientationPatient", 6)
+    ipp = f.numbers("ImagePositionPatient", 3)
+    pixel = f.numbers("PixelSpacing", 2)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and (iop is None or pixel is None):  # enhanced multi-frame: geometry in the functional groups
+        item = shared[0]
+        if iop is None and item.get("PlaneOrientationSequence"):
+            iop = _floats(item.PlaneOrientationSequence[0].get("ImageOrientationPatient"), 6)
+        if item.get("PixelMeasuresSequence"):
+            pm = item.PixelMeasuresSequence[0]
+            pixel = pixel or _floats(pm.get("PixelSpacing"), 2)
+    return iop, ipp, pixel
 
 
 def _pixel_problem(ds: Any, size: int, at: int, header: bytes) -> str:
@@ -650,14 +659,50 @@ def _convert_plane(s: SeriesScan, iop: Sequence[float], normal: np.ndarray, max_
     return False
 
 
+def _flag(s: SeriesScan, key: str, detail: str) -> None:
+    """Add the reason ``key`` (a :data:`REASONS` key) with its detail to ``s``, once."""
+    if key not in s.flags:
+        s.flags.append(key)
+        s.details.append(detail)
+
+
 def _judge(s: SeriesScan, headers: list[dict[str, Any]], min_slices: int, max_obliquity_deg: float) -> None:
     """Fill in the derived values of ``s`` and its flags (in the order of :data:`REASONS`)."""
+    _sequence_values(s, headers)
+    _flag_kind(s)
+    iop, normal = _plane_values(s, headers)
+    frames = sum(h["frames"] for h in headers)
+    per_echo = Counter(round(h["te"], 3) if h["te"] is not None else None for h in headers)
+    s.slices = (frames if len(headers) == 1 else max(per_echo.values()))
+    types = set(s.image_type)
+    if "LOCALIZER" in types or "SCOUT" in types:
+        _flag(s, "localizer", "localizer (ImageType LOCALIZER)")
+    elif s.orientations > 1:
+        _flag(s, "localizer", f"{s.orientations} slice orientations in one series (a localizer)")
+    elif s.slices < min_slices and "secondary_capture" not in s.flags:
+        _flag(s, "localizer", f"{s.slices} slice(s), fewer than {min_slices} (a localizer or a single image)")
+    if s.matrix is None:
+        sizes = {(h["rows"], h["cols"]) for h in headers}
+        _flag(s, "mixed_matrix", "files of " + ", ".join(f"{r}x{c}" for r, c in sorted(sizes)) + " pixels")
 
-    def flag(key: str, detail: str) -> None:
-        if key not in s.flags:
-            s.flags.append(key)
-            s.details.append(detail)
+    geometry = [h for h in headers if h["iop"] is not None and h["ipp"] is not None]
+    _stack_spacing(s, headers, geometry, normal)
+    ambiguous = s.obliquity_deg is not None and s.obliquity_deg > max_obliquity_deg
+    if iop is not None and normal is not None and s.spacing_mm is not None and min(s.spacing_mm) > 0:
+        # the plane as convert will decide it (orientation.detect_plane: thickest spacing, else the slice axis)
+        ambiguous = _convert_plane(s, iop, normal, max_obliquity_deg)
+    if len(s.folders) > 1:
+        _flag(s, "several_folders", f"files in {len(s.folders)} folders: convert reads one folder; move them into one")
+    if not geometry and not s.flags:
+        _flag(s, "no_geometry", "no ImageOrientationPatient/ImagePositionPatient")
+    if ambiguous:
+        _flag(s, "oblique", f"{s.obliquity_deg:.0f} degrees oblique (limit {max_obliquity_deg:.0f}): the plane is "
+              "ambiguous; set the orientation column (sag, cor or ax) and remove the #")
 
+
+def _sequence_values(s: SeriesScan, headers: list[dict[str, Any]]) -> None:
+    """Set what the headers say about the acquisition: modality, SOP class, image type, vendor, field, TE/TR/TI,
+    fat saturation and matrix (the most common value where files disagree)."""
     h0 = headers[0]
     s.modality = h0["modality"]
     s.sop_class = h0["sop_class"]
@@ -679,21 +724,30 @@ def _judge(s: SeriesScan, headers: list[dict[str, Any]], min_slices: int, max_ob
         s.fat_sat = False
     sizes = {(h["rows"], h["cols"]) for h in headers}
     s.matrix = next(iter(sizes)) if len(sizes) == 1 else None
-    frames = sum(h["frames"] for h in headers)
 
+
+def _flag_kind(s: SeriesScan) -> None:
+    """Flag what is not an original MR image: secondary captures, derived images, other modalities, damaged files."""
     types = set(s.image_type)
     if s.sop_class.startswith(_SECONDARY_CAPTURE_PREFIX):
-        flag("secondary_capture", "secondary capture (SOP class Secondary Capture)")
+        _flag(s, "secondary_capture", "secondary capture (SOP class Secondary Capture)")
     if "DERIVED" in types or "SECONDARY" in types:
-        flag("derived", f"derived image (ImageType {'/'.join(s.image_type[:3])})")
+        _flag(s, "derived", f"derived image (ImageType {'/'.join(s.image_type[:3])})")
     if s.modality and s.modality != "MR" and "secondary_capture" not in s.flags:
-        flag("not_mr", f"modality {s.modality}, not MR")
+        _flag(s, "not_mr", f"modality {s.modality}, not MR")
     if s.damaged:
-        flag("damaged", f"{len(s.damaged)} damaged file(s): replace them from the archive")
+        _flag(s, "damaged", f"{len(s.damaged)} damaged file(s): replace them from the archive")
 
+
+def _plane_values(s: SeriesScan, headers: list[dict[str, Any]]) -> tuple[tuple[float, ...] | None, np.ndarray | None]:
+    """Set ``s.orientations`` and, for one slice orientation, the nearest plane and obliquity.
+
+    Returns:
+        (the series' ImageOrientationPatient, the unit slice normal); both ``None`` unless the
+        series has one non-degenerate orientation.
+    """
     iops = {tuple(round(v, 3) for v in h["iop"]) for h in headers if h["iop"] is not None}
     s.orientations = len(iops)
-    geometry = [h for h in headers if h["iop"] is not None and h["ipp"] is not None]
     iop: tuple[float, ...] | None = None
     normal = None
     if len(iops) == 1:
@@ -702,17 +756,16 @@ def _judge(s: SeriesScan, headers: list[dict[str, Any]], min_slices: int, max_ob
             s.plane, s.obliquity_deg, normal = _plane_of(iop)
         except ValueError:
             iop = None
-    per_echo = Counter(round(h["te"], 3) if h["te"] is not None else None for h in headers)
-    s.slices = (frames if len(headers) == 1 else max(per_echo.values()))
-    if "LOCALIZER" in types or "SCOUT" in types:
-        flag("localizer", "localizer (ImageType LOCALIZER)")
-    elif s.orientations > 1:
-        flag("localizer", f"{s.orientations} slice orientations in one series (a localizer)")
-    elif s.slices < min_slices and "secondary_capture" not in s.flags:
-        flag("localizer", f"{s.slices} slice(s), fewer than {min_slices} (a localizer or a single image)")
-    if s.matrix is None:
-        flag("mixed_matrix", "files of " + ", ".join(f"{r}x{c}" for r, c in sorted(sizes)) + " pixels")
+    return iop, normal
 
+
+def _stack_spacing(s: SeriesScan, headers: list[dict[str, Any]], geometry: list[dict[str, Any]],
+                   normal: np.ndarray | None) -> None:
+    """Set ``s.spacing_mm`` and flag several stacks (repeated slice positions, irregular gaps) per echo.
+
+    The slice spacing is the median gap of the slice positions along the normal when every file has
+    geometry, else the SliceThickness.
+    """
     pixel = next((h["pixel"] for h in headers if h["pixel"] is not None), None)
     if normal is not None and len(geometry) == len(headers) and s.orientations == 1 and len(headers) > 1:
         by_echo: dict[float | None, list[float]] = {}
@@ -723,32 +776,21 @@ def _judge(s: SeriesScan, headers: list[dict[str, Any]], min_slices: int, max_ob
             locs = sorted(locs)
             distinct = np.unique(np.round(locs, 3))
             if len(distinct) < len(locs):
-                flag("several_stacks", f"{len(locs) - len(distinct)} repeated slice position(s)"
-                     + (f" at echo time {te:g} ms" if te is not None and len(by_echo) > 1 else "")
-                     + ": several stacks (or repetitions) in one series")
+                _flag(s, "several_stacks", f"{len(locs) - len(distinct)} repeated slice position(s)"
+                      + (f" at echo time {te:g} ms" if te is not None and len(by_echo) > 1 else "")
+                      + ": several stacks (or repetitions) in one series")
             gaps = np.diff(distinct)
             if len(gaps):
                 med = float(np.median(gaps))
                 if med > 0 and float(gaps.max()) > 1.5 * med:
-                    flag("several_stacks", f"slice gaps of {med:.3g} and {float(gaps.max()):.3g} mm: several stacks "
-                         "or missing slices")
+                    _flag(s, "several_stacks", f"slice gaps of {med:.3g} and {float(gaps.max()):.3g} mm: several "
+                          "stacks or missing slices")
                 gaps_all += list(gaps)
         if gaps_all:
             slice_mm = float(np.median(gaps_all))
             s.spacing_mm = ((pixel[0], pixel[1], round(slice_mm, 4)) if pixel else None)
     elif pixel is not None and headers[0]["thickness"] is not None:
         s.spacing_mm = (pixel[0], pixel[1], headers[0]["thickness"])
-    ambiguous = s.obliquity_deg is not None and s.obliquity_deg > max_obliquity_deg
-    if iop is not None and normal is not None and s.spacing_mm is not None and min(s.spacing_mm) > 0:
-        # the plane as convert will decide it (orientation.detect_plane: thickest spacing, else the slice axis)
-        ambiguous = _convert_plane(s, iop, normal, max_obliquity_deg)
-    if len(s.folders) > 1:
-        flag("several_folders", f"files in {len(s.folders)} folders: convert reads one folder; move them into one")
-    if not geometry and not s.flags:
-        flag("no_geometry", "no ImageOrientationPatient/ImagePositionPatient")
-    if ambiguous:
-        flag("oblique", f"{s.obliquity_deg:.0f} degrees oblique (limit {max_obliquity_deg:.0f}): the plane is "
-             "ambiguous; set the orientation column (sag, cor or ax) and remove the #")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,16 +841,7 @@ def scan_export(
     headers = _read_all(files, executor, workers, progress)
 
     dicomdirs = [Path(h["path"]) for h in headers if h["kind"] == "dicomdir"]
-    missing: list[Path] = []
-    present = {str(f) for f in files}
-    for d in dicomdirs:
-        try:
-            listed = _dicomdir_files(d)
-        except Exception as exc:  # noqa: BLE001 - a broken DICOMDIR must not stop the scan of the files
-            log.warning("a DICOMDIR could not be read (%s); the export's files are scanned without it", type(exc).__name__)
-            continue
-        present_lower = {p.lower() for p in present}  # IDs are upper case; a copy from CD may be lower case
-        missing += [p for p in listed if str(p.absolute()) not in present and str(p.absolute()).lower() not in present_lower]
+    missing = _missing_from_dicomdirs(dicomdirs, files)
     not_dicom = [Path(h["path"]) for h in headers if h["kind"] == "not_dicom"]
     non_image = [Path(h["path"]) for h in headers if h["kind"] == "not_image"]
     damaged = [(Path(h["path"]), h["reason"]) for h in headers if h["kind"] == "damaged"]
@@ -820,6 +853,38 @@ def scan_export(
             f"{len(damaged)} damaged, {len(non_image)} DICOM without an image, {len(dicomdirs)} DICOMDIR); pass the "
             "folder that holds the exported series")
 
+    series = _group_series(images, damaged, min_slices, max_obliquity_deg)
+    exams = _group_exams(series, images)
+    seconds = time.perf_counter() - t0
+    result = ScanResult(
+        root=root, exams=exams, num_files=len(files), not_dicom=not_dicom, damaged=damaged, non_image=non_image,
+        dicomdirs=dicomdirs, missing_from_dicomdir=missing, seconds=seconds,
+        workers=1 if (executor == "serial" or len(files) < 64) else workers,
+        executor="serial" if (executor == "serial" or len(files) < 64 or workers <= 1) else executor,
+    )
+    log.info("scanned %d files: %d exams, %d series (%d kept)", len(files), len(exams), len(series),
+             sum(s.kept for s in series))
+    return result
+
+
+def _missing_from_dicomdirs(dicomdirs: list[Path], files: list[Path]) -> list[Path]:
+    """The files the export's DICOMDIRs list that are not among ``files`` (an unreadable DICOMDIR is skipped)."""
+    missing: list[Path] = []
+    present = {str(f) for f in files}
+    for d in dicomdirs:
+        try:
+            listed = _dicomdir_files(d)
+        except Exception as exc:  # noqa: BLE001 - a broken DICOMDIR must not stop the scan of the files
+            log.warning("a DICOMDIR could not be read (%s); the export's files are scanned without it", type(exc).__name__)
+            continue
+        present_lower = {p.lower() for p in present}  # IDs are upper case; a copy from CD may be lower case
+        missing += [p for p in listed if str(p.absolute()) not in present and str(p.absolute()).lower() not in present_lower]
+    return missing
+
+
+def _group_series(images: list[dict[str, Any]], damaged: list[tuple[Path, str]], min_slices: int,
+                  max_obliquity_deg: float) -> list[SeriesScan]:
+    """The image headers grouped by (study, series), each series judged (:func:`_judge`)."""
     by_series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for h in images:
         key = (h["study_uid"], h["series_uid"] or f"no series uid: {Path(h['path']).parent}")
@@ -838,8 +903,14 @@ def scan_export(
         )
         _judge(s, hs, min_slices, max_obliquity_deg)
         series.append(s)
+    return series
 
-    # exams: one per study; case_id = the accession number when it names this study alone
+
+def _group_exams(series: list[SeriesScan], images: list[dict[str, Any]]) -> list[ExamScan]:
+    """One exam per study, in (patient, case id) order, its series by series number.
+
+    The case_id is the accession number when it names this study alone, else the StudyInstanceUID.
+    """
     studies: dict[str, list[SeriesScan]] = {}
     for s in series:
         studies.setdefault(s.study_uid, []).append(s)
@@ -855,16 +926,7 @@ def scan_export(
         ss.sort(key=lambda s: (s.series_number is None, s.series_number or 0, len(s.files)))
         exams.append(ExamScan(case_id=case_id, patient_id=h["patient_id"], study_uid=study_uid, series=ss))
     exams.sort(key=lambda e: (e.patient_id, e.case_id))
-    seconds = time.perf_counter() - t0
-    result = ScanResult(
-        root=root, exams=exams, num_files=len(files), not_dicom=not_dicom, damaged=damaged, non_image=non_image,
-        dicomdirs=dicomdirs, missing_from_dicomdir=missing, seconds=seconds,
-        workers=1 if (executor == "serial" or len(files) < 64) else workers,
-        executor="serial" if (executor == "serial" or len(files) < 64 or workers <= 1) else executor,
-    )
-    log.info("scanned %d files: %d exams, %d series (%d kept)", len(files), len(exams), len(series),
-             sum(s.kept for s in series))
-    return result
+    return exams
 
 
 _NNUNET_DIR_NAMES = {"nnunet_raw", "nnunet_preprocessed", "nnunet_results"}
@@ -935,31 +997,14 @@ def write_manifest(
     check_manifest_location(path)
     if not site.strip() or "," in site:
         raise ScanError(f"site {site!r} is not a short site name (letters, digits); pass --site, e.g. --site SiteA")
-    root = result.root.absolute().resolve()
-    if site_dir is None:
-        manifest_dir = path.absolute().parent.resolve()
-        site_dir = manifest_dir if (root == manifest_dir or manifest_dir in root.parents) else root
-    site_dir = Path(site_dir).absolute().resolve()
-    if not (root == site_dir or site_dir in root.parents):
-        raise ScanError(f"the export {root} is not inside the site folder {site_dir}; give a site folder that holds it")
+    site_dir = _manifest_site_dir(result.root, path, site_dir)
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS + HINT_COLUMNS)
     line = 1
     for exam in result.exams:
-        kept = [s for s in exam.kept]
-        vendors = Counter(s.manufacturer for s in kept if s.manufacturer)
-        fields = Counter(s.field_strength_t for s in kept if s.field_strength_t is not None)
-        vendor = vendors.most_common(1)[0][0] if vendors else ""
-        field_t = fields.most_common(1)[0][0] if fields else None
-        exam_notes = []
-        if not exam.patient_id:
-            exam_notes.append("no PatientID in the headers: fill in patient_id")
-        if field_t is None and kept:
-            exam_notes.append("no MagneticFieldStrength in the headers: fill in field_strength (tesla)")
-        if len(fields) > 1:
-            exam_notes.append(f"series disagree on the field strength ({', '.join(f'{f:g}' for f in fields)} T)")
+        vendor, field_t, exam_notes = _exam_values(exam)
         choices = exam.choices
         order = sorted(exam.series, key=lambda s: (not s.kept, ("sag", "cor", "ax", None).index(s.plane)
                                                    if s.plane in ("sag", "cor", "ax") else 3, s.series_number or 0))
@@ -967,30 +1012,12 @@ def write_manifest(
         for s in order:
             folder = s.folders[0]
             rel = os.path.relpath(folder.absolute().resolve(), site_dir).replace(os.sep, "/")
-            series_col = ""
-            if any(t is not s and folder in t.folders for t in result.series):  # several series in the folder
-                same_number = [t for t in result.series if t is not s and t.series_number == s.series_number
-                               and folder in t.folders]
-                series_col = str(s.series_number) if s.series_number is not None and not same_number else s.uid
-            notes: list[str] = []
-            if not s.kept:
-                notes.append("left out: " + "; ".join(s.details))
-            else:
-                if s.plane in choices:
-                    n = len(choices[s.plane])
-                    notes.append(f"choose: {n} {_PLANE_NAMES[s.plane]} series in this exam; keep one, put # before "
-                                 "the case_id of the others")
-                if s.num_echoes > 1:
-                    notes.append(f"{s.num_echoes} echoes (TE {', '.join(f'{t:g}' for t in s.echo_times_ms)} ms): echo 1 "
-                                 "is converted; set echo to another number or to all")
-                if s.obliquity_deg is not None and s.obliquity_deg >= 5:
-                    notes.append(f"{s.obliquity_deg:.0f} degrees oblique")
-                notes += exam_notes
+            notes = _series_notes(s, choices, exam_notes)
             case = exam.case_id if s.kept else f"#{exam.case_id}"
             spacing = "x".join(f"{v:.4g}" for v in s.spacing_mm) if s.spacing_mm else ""
             writer.writerow([
                 case, exam.patient_id, site, _num(field_t if s.kept else s.field_strength_t), vendor if s.kept
-                else s.manufacturer, rel, "", series_col, "", " | ".join(notes),
+                else s.manufacturer, rel, "", _series_column(s, folder, result.series), "", " | ".join(notes),
                 s.plane or "", "" if s.obliquity_deg is None else f"{s.obliquity_deg:.1f}",
                 "" if s.series_number is None else s.series_number, s.description, s.slices, s.num_echoes,
                 ";".join(f"{t:g}" for t in s.echo_times_ms), _num(s.tr_ms), _num(s.ti_ms),
@@ -1002,3 +1029,57 @@ def write_manifest(
     atomic_write_text(path, buf.getvalue())
     log.info("draft manifest written: %d rows", line - 1)
     return site_dir
+
+
+def _manifest_site_dir(export: Path, path: Path, site_dir: Path | None) -> Path:
+    """The folder the ``image`` paths start from (see :func:`write_manifest`); it must hold the export."""
+    root = export.absolute().resolve()
+    if site_dir is None:
+        manifest_dir = path.absolute().parent.resolve()
+        site_dir = manifest_dir if (root == manifest_dir or manifest_dir in root.parents) else root
+    site_dir = Path(site_dir).absolute().resolve()
+    if not (root == site_dir or site_dir in root.parents):
+        raise ScanError(f"the export {root} is not inside the site folder {site_dir}; give a site folder that holds it")
+    return site_dir
+
+
+def _exam_values(exam: ExamScan) -> tuple[str, float | None, list[str]]:
+    """The exam's vendor and field strength (most common over its kept series) and the notes its rows carry."""
+    kept = [s for s in exam.kept]
+    vendors = Counter(s.manufacturer for s in kept if s.manufacturer)
+    fields = Counter(s.field_strength_t for s in kept if s.field_strength_t is not None)
+    vendor = vendors.most_common(1)[0][0] if vendors else ""
+    field_t = fields.most_common(1)[0][0] if fields else None
+    exam_notes = []
+    if not exam.patient_id:
+        exam_notes.append("no PatientID in the headers: fill in patient_id")
+    if field_t is None and kept:
+        exam_notes.append("no MagneticFieldStrength in the headers: fill in field_strength (tesla)")
+    if len(fields) > 1:
+        exam_notes.append(f"series disagree on the field strength ({', '.join(f'{f:g}' for f in fields)} T)")
+    return vendor, field_t, exam_notes
+
+
+def _series_column(s: SeriesScan, folder: Path, all_series: list[SeriesScan]) -> str:
+    """The ``series`` column: empty when ``s`` is alone in its folder, else its number (or UID when the number repeats)."""
+    if not any(t is not s and folder in t.folders for t in all_series):
+        return ""
+    same_number = [t for t in all_series if t is not s and t.series_number == s.series_number and folder in t.folders]
+    return str(s.series_number) if s.series_number is not None and not same_number else s.uid
+
+
+def _series_notes(s: SeriesScan, choices: dict[str, list[SeriesScan]], exam_notes: list[str]) -> list[str]:
+    """The ``note`` column's parts: why a flagged series is left out, or a kept one's choice, echoes and obliquity."""
+    if not s.kept:
+        return ["left out: " + "; ".join(s.details)]
+    notes: list[str] = []
+    if s.plane in choices:
+        n = len(choices[s.plane])
+        notes.append(f"choose: {n} {_PLANE_NAMES[s.plane]} series in this exam; keep one, put # before "
+                     "the case_id of the others")
+    if s.num_echoes > 1:
+        notes.append(f"{s.num_echoes} echoes (TE {', '.join(f'{t:g}' for t in s.echo_times_ms)} ms): echo 1 "
+                     "is converted; set echo to another number or to all")
+    if s.obliquity_deg is not None and s.obliquity_deg >= 5:
+        notes.append(f"{s.obliquity_deg:.0f} degrees oblique")
+    return notes + exam_notes

@@ -48,6 +48,7 @@ from orthodiff_nnunet.errors import ConversionError, OrthodiffError
 from orthodiff_nnunet.orientation import (
     THROUGH_PLANE_NUMPY_AXIS,
     OrientationError,
+    PlaneInfo,
     detect_plane,
     to_canonical,
 )
@@ -267,10 +268,106 @@ def convert_series(task: dict) -> SeriesOutcome:
     return out
 
 
+class _EchoRefused(Exception):
+    """One echo of a series is refused; the message (without the row's place) says why and what to do."""
+
+
+def _read_label(row: ManifestRow) -> sitk.Image | None:
+    """The row's label map (``None`` without one); a label map that is not scalar 3D refuses the row."""
+    if row.label is None:
+        return None
+    _verify_nifti(row.label)
+    label_img = sitk.ReadImage(str(row.label))
+    if label_img.GetNumberOfComponentsPerPixel() != 1 or label_img.GetDimension() != 3:
+        raise SeriesProblem(f"label map {row.label.name} is not a scalar 3D image")
+    return label_img
+
+
+def _decide_orientation(image: sitk.Image, row: ManifestRow, max_obliquity_deg: float) -> tuple[str, PlaneInfo | None]:
+    """The series' orientation from its slice normal, checked against the manifest's column.
+
+    Returns:
+        (orientation, plane); plane is ``None`` when the geometry is ambiguous and the manifest's
+        orientation was taken instead (the caller warns).
+
+    Raises:
+        _EchoRefused: the plane cannot be decided and the manifest gives none, or the two disagree.
+    """
+    try:
+        plane = detect_plane(image, max_obliquity_deg)
+    except OrientationError as exc:
+        if row.orientation is None:
+            raise _EchoRefused(f"plane cannot be decided: {exc}") from None
+        return row.orientation, None
+    if row.orientation is not None and row.orientation != plane.orientation:
+        raise _EchoRefused(
+            f"the manifest says {row.orientation} but the slice normal says {plane.orientation} "
+            f"({plane.obliquity_deg:.0f} degrees oblique); fix or clear the orientation column"
+        )
+    return plane.orientation, plane
+
+
+def _label_values(image: sitk.Image, label_img: sitk.Image, label_name: str, remap, allowed: set[int],
+                  tol: GeometryTolerance) -> np.ndarray:
+    """The label map's voxels in the dataset's label scheme, after the grid, integer and value checks.
+
+    Args:
+        remap: the row's label remap table (:class:`orthodiff_nnunet.remap.RemapTable`) or ``None``.
+        allowed: the label values of the dataset's scheme.
+
+    Raises:
+        _EchoRefused: the label map does not fit the image, or holds values the scheme lacks.
+    """
+    diffs = _same_grid(image, label_img, tol)
+    if diffs:
+        raise _EchoRefused(
+            f"label map {label_name} does not match the image grid ({'; '.join(diffs)}); "
+            "resample the label map onto the image (nearest neighbour) or fix its header"
+        )
+    lab = sitk.GetArrayFromImage(label_img)
+    if lab.dtype.kind == "f":
+        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise _EchoRefused(f"label map {label_name} holds non-integer values; labels must be integers")
+        lab = lab.astype(np.int64)
+    if remap is not None:
+        missing = remap.unknown_values(lab)
+        if missing:
+            raise _EchoRefused(
+                f"label values {[int(v) for v in missing]} are not in the remap table {remap.name}; add them to the table"
+            )
+        lab = remap.apply(lab)
+    unknown = sorted(set(np.unique(lab).tolist()) - allowed)
+    if unknown:
+        raise _EchoRefused(
+            f"label values {unknown} are not in the dataset's labels {sorted(allowed)}; "
+            "give a label_remap table for this source or a --label-scheme that declares them"
+        )
+    return lab
+
+
+def _stage_case(task: dict, case: str, orientation: str, image: sitk.Image, label: sitk.Image) -> None:
+    """Write one case, in the canonical LPS layout, into its dataset's staging folder.
+
+    ITK reports no error when the disk fills up, so every file is decompressed and checked.
+
+    Raises:
+        OSError: the files could not be written (ImageWriteError, ENOSPC, EDQUOT, EROFS, ...).
+    """
+    image_c, label_c = to_canonical(image), to_canonical(label)
+    if image_c.GetPixelID() == sitk.sitkFloat64:
+        image_c = sitk.Cast(image_c, sitk.sitkFloat32)
+    folder = Path(task["staging"]) / task["dataset_names"][orientation]
+    img_dir, lab_dir = task["subdirs"]
+    (folder / img_dir).mkdir(parents=True, exist_ok=True)
+    (folder / lab_dir).mkdir(parents=True, exist_ok=True)
+    write_image_checked(image_c, folder / img_dir / f"{case}_0000{FILE_ENDING}")
+    write_image_checked(label_c, folder / lab_dir / f"{case}{FILE_ENDING}")
+
+
 def _convert_series(task: dict, out: SeriesOutcome) -> None:
+    """Convert one row into ``out``: per echo, check, decide the plane, check the labels and stage the case."""
     row: ManifestRow = task["row"]
     where = row.where()
-    tol: GeometryTolerance = task["tolerance"]
     allowed = set(task["allowed_labels"])
 
     previous = task.get("previous")  # same digest already converted: keep those files
@@ -279,13 +376,7 @@ def _convert_series(task: dict, out: SeriesOutcome) -> None:
         return
 
     images = _read_images(row)
-    label_img = None
-    if row.label is not None:
-        _verify_nifti(row.label)
-        label_img = sitk.ReadImage(str(row.label))
-        if label_img.GetNumberOfComponentsPerPixel() != 1 or label_img.GetDimension() != 3:
-            out.problems.append(f"{where}: label map {row.label.name} is not a scalar 3D image")
-            return
+    label_img = _read_label(row)
     remap = None
     if row.label_remap:
         from orthodiff_nnunet.remap import load_remap_table
@@ -299,86 +390,38 @@ def _convert_series(task: dict, out: SeriesOutcome) -> None:
             out.problems += [f"{tag}: {p}" for p in problems]
             continue
         try:
-            plane = detect_plane(image, task["max_obliquity_deg"])
-            orientation = plane.orientation
-            if row.orientation is not None and row.orientation != orientation:
-                out.problems.append(
-                    f"{tag}: the manifest says {row.orientation} but the slice normal says {orientation} "
-                    f"({plane.obliquity_deg:.0f} degrees oblique); fix or clear the orientation column"
-                )
-                continue
-        except OrientationError as exc:
-            if row.orientation is None:
-                out.problems.append(f"{tag}: plane cannot be decided: {exc}")
-                continue
-            orientation = row.orientation
-            out.warnings.append(f"{tag}: plane taken from the manifest ({orientation}); geometry is ambiguous")
-            plane = None
-
-        labeled = label_img is not None
-        if labeled:
-            diffs = _same_grid(image, label_img, tol)
-            if diffs:
-                out.problems.append(
-                    f"{tag}: label map {row.label.name} does not match the image grid ({'; '.join(diffs)}); "
-                    "resample the label map onto the image (nearest neighbour) or fix its header"
-                )
-                continue
-            lab = sitk.GetArrayFromImage(label_img)
-            if lab.dtype.kind == "f":
-                if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
-                    out.problems.append(f"{tag}: label map {row.label.name} holds non-integer values; labels must be integers")
-                    continue
-                lab = lab.astype(np.int64)
-            if remap is not None:
-                missing = remap.unknown_values(lab)
-                if missing:
-                    out.problems.append(
-                        f"{tag}: label values {[int(v) for v in missing]} are not in the remap table {remap.name}; add them to the table"
-                    )
-                    continue
-                lab = remap.apply(lab)
-            unknown = sorted(set(np.unique(lab).tolist()) - allowed)
-            if unknown:
-                out.problems.append(
-                    f"{tag}: label values {unknown} are not in the dataset's labels {sorted(allowed)}; "
-                    "give a label_remap table for this source or a --label-scheme that declares them"
-                )
-                continue
-            if not np.any(lab):
-                out.warnings.append(f"{tag}: label map is all background")
-        else:
-            lab = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
+            orientation, plane = _decide_orientation(image, row, task["max_obliquity_deg"])
+            if plane is None:
+                out.warnings.append(f"{tag}: plane taken from the manifest ({orientation}); geometry is ambiguous")
+            if label_img is not None:
+                lab = _label_values(image, label_img, row.label.name, remap, allowed, task["tolerance"])
+            else:
+                lab = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
+        except _EchoRefused as exc:
+            out.problems.append(f"{tag}: {exc}")
+            continue
+        if label_img is not None and not np.any(lab):
+            out.warnings.append(f"{tag}: label map is all background")
         label_out = sitk.GetImageFromArray(lab.astype(np.uint8 if max(allowed) < 256 else np.uint16))
         label_out.CopyInformation(image)
 
         case = task["case"] + (f"e{echo}" if echo is not None else "")
-        info = {
+        if task["staging"] is not None:
+            try:
+                _stage_case(task, case, orientation, image, label_out)
+            except OSError as exc:
+                out.write_errors.append(f"{tag}: {exc}")
+                return
+        out.cases.append({
             "case": case,
             "exam": task["case"],
             "orientation": orientation,
             "echo": echo,
-            "labeled": labeled,
+            "labeled": label_img is not None,
             "digest": task["digest"],
             "obliquity_deg": None if plane is None else round(plane.obliquity_deg, 2),
             "status": "new",
-        }
-        if task["staging"] is not None:
-            image_c, label_c = to_canonical(image), to_canonical(label_out)
-            if image_c.GetPixelID() == sitk.sitkFloat64:
-                image_c = sitk.Cast(image_c, sitk.sitkFloat32)
-            folder = Path(task["staging"]) / task["dataset_names"][orientation]
-            img_dir, lab_dir = task["subdirs"]
-            try:
-                (folder / img_dir).mkdir(parents=True, exist_ok=True)
-                (folder / lab_dir).mkdir(parents=True, exist_ok=True)
-                # ITK reports no error when the disk fills up: every file is decompressed and checked
-                write_image_checked(image_c, folder / img_dir / f"{case}_0000{FILE_ENDING}")
-                write_image_checked(label_c, folder / lab_dir / f"{case}{FILE_ENDING}")
-            except OSError as exc:  # ImageWriteError, ENOSPC, EDQUOT, EROFS, ...
-                out.write_errors.append(f"{tag}: {exc}")
-                return
-        out.cases.append(info)
+        })
 
 
 # ----------------------------------------------------------------------------------------------
@@ -736,8 +779,6 @@ def _convert_locked(
     cleanup_notes: list[str],
 ) -> ConversionResult:
     """The conversion proper; runs while this process holds the raw folder's lock (or writes nothing)."""
-    from tqdm import tqdm
-
     names = {o: _dataset_folder_name(dataset_id, name, o) for o in ORIENTATIONS}
     existing = _existing_group(raw, dataset_id, names)
 
@@ -746,43 +787,15 @@ def _convert_locked(
     key, key_is_new = read_or_new_key(key_path)
     subdirs = ("imagesTs", "labelsTs") if external else ("imagesTr", "labelsTr")
 
-    # what earlier runs converted, by series digest
-    previous_by_digest: dict[str, list[dict]] = {}
-    old_targets: dict[str, dict] = {}
-    for o, folder in existing.items():
-        record = load_json(folder / RECORD_FILE) if (folder / RECORD_FILE).exists() else {"cases": {}}
-        for case, info in record["cases"].items():
-            previous_by_digest.setdefault(info["digest"], []).append(dict(info, case=case, orientation=o))
-        if (folder / TARGETS_FILE).exists():
-            old_targets.update(load_json(folder / TARGETS_FILE)["cases"])
-
+    previous_by_digest, old_targets = _previous_conversions(existing)
     staging = None if dry_run else raw / TMP_DIRNAME / uuid.uuid4().hex[:12]
-    tasks = []
-    for row in rows:
-        case = pseudonym(key, "case", f"{row.site}/{row.case_id}", prefix=f"{name}_")
-        digest = _series_digest(row, key)
-        previous = [c for c in previous_by_digest.get(digest, []) if c.get("exam") == case] or None
-        tasks.append({
-            "row": row, "case": case, "digest": digest, "previous": previous,
-            "staging": None if staging is None else str(staging), "dataset_names": names, "subdirs": subdirs,
-            "allowed_labels": sorted(scheme.values()), "max_obliquity_deg": max_obliquity_deg, "tolerance": tolerance,
-        })
+    tasks = [{
+        **_row_task(row, key, name, previous_by_digest),
+        "staging": None if staging is None else str(staging), "dataset_names": names, "subdirs": subdirs,
+        "allowed_labels": sorted(scheme.values()), "max_obliquity_deg": max_obliquity_deg, "tolerance": tolerance,
+    } for row in rows]
+    needed, space_problem = _check_space(manifest, raw, tasks, disk_reserve_bytes, dry_run)
 
-    needed = _space_needed(tasks, disk_reserve_bytes)
-    free = free_bytes(raw)
-    space_problem = None
-    if free < needed:
-        space_problem = (
-            f"not enough free space in {raw}: {format_bytes(free)} free, this conversion needs about "
-            f"{format_bytes(needed)} ({sum(t['previous'] is None for t in tasks)} series to write, estimated from "
-            f"their source files, plus {format_bytes(disk_reserve_bytes)} to spare); free space or use another nnUNet_raw"
-        )
-        if not dry_run:
-            raise ConversionError([space_problem], header=f"conversion of {Path(manifest).name} refused, nothing was written")
-    log.info("about %s to write (and %s kept in reserve), %s free in %s", format_bytes(needed - disk_reserve_bytes),
-             format_bytes(disk_reserve_bytes), format_bytes(free), raw)
-
-    outcomes: list[SeriesOutcome] = []
     try:
         if staging is not None:
             try:
@@ -790,67 +803,15 @@ def _convert_locked(
                 atomic_write_json(staging / STAGING_OWNER, _owner_record())
             except OSError as exc:
                 raise _write_refusal(manifest, raw, needed, [f"{staging}: {exc.strerror or exc}"]) from exc
-        if num_processes > 1 and len(tasks) > 1:
-            with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn")) as pool:
-                outcomes = list(tqdm(pool.map(convert_series, tasks), total=len(tasks), desc="converting series", unit="series"))
-        else:
-            outcomes = [convert_series(t) for t in tqdm(tasks, desc="converting series", unit="series")]
+        outcomes = _run_series(tasks, num_processes)
+        _refuse_failed_series(manifest, raw, needed, dry_run, tasks, outcomes)
 
-        problems = [p for o in outcomes for p in o.problems]
-        warnings = [w for o in outcomes for w in o.warnings]
-        # duplicates: one exam may have one series per orientation (per echo)
-        seen: dict[tuple[str, str], int] = {}
-        for task, outcome in zip(tasks, outcomes):
-            for c in outcome.cases:
-                k = (c["case"], c["orientation"])
-                if k in seen:
-                    problems.append(
-                        f"manifest lines {seen[k]} and {outcome.row} (case {task['row'].case_id}) both give a "
-                        f"{c['orientation']} series of the same exam: keep one (or use distinct case_id values)"
-                    )
-                else:
-                    seen[k] = outcome.row
-        if problems:
-            raise ConversionError(
-                problems,
-                header=f"conversion of {Path(manifest).name} refused, nothing was written"
-                + ("" if dry_run else " (no dataset, pseudonym key or staging folder)"),
-            )
-        write_errors = [e for o in outcomes for e in o.write_errors]
-        if write_errors:
-            raise _write_refusal(manifest, raw, needed, write_errors)
-
-        by_orientation: dict[str, dict[str, dict]] = {}
-        targets_new: dict[str, dict] = {}
-        key_rows: list[dict[str, str]] = []
-        for task, outcome in zip(tasks, outcomes):
-            row: ManifestRow = task["row"]
-            patient = pseudonym(key, "patient", row.patient_id, prefix="P")
-            for c in outcome.cases:
-                by_orientation.setdefault(c["orientation"], {})[c["case"]] = c
-                targets_new[c["case"]] = {
-                    "exam": c["exam"], "echo": c["echo"], "targets": dict(row.targets), "site": row.site,
-                    "field_strength_t": row.field_strength_t, "vendor": row.vendor or None, "patient": patient,
-                }
-                key_rows.append({"pseudonym": c["exam"], "case_id": row.case_id, "patient_pseudonym": patient,
-                                 "patient_id": row.patient_id, "site": row.site,
-                                 "cases": f"{c['case']} ({c['orientation']})",
-                                 "series": f"{c['orientation']}: {_site_relative(row, site_base)}"})
-
-        counts = {"new": 0, "updated": 0, "unchanged": 0}
-        for o, cases in by_orientation.items():
-            old_record = existing.get(o)
-            old_cases = set()
-            if old_record is not None and (old_record / RECORD_FILE).exists():
-                old_cases = set(load_json(old_record / RECORD_FILE)["cases"])
-            for case, c in cases.items():
-                status = c["status"]
-                if status == "new" and case in old_cases:
-                    status = "updated"
-                counts[status] += 1
+        by_orientation, targets_new, key_rows = _collect_cases(tasks, outcomes, key, site_base)
+        counts = _status_counts(by_orientation, existing)
         result = ConversionResult(
             datasets={o: raw / names[o] for o in by_orientation}, num_cases={}, added=counts["new"],
-            updated=counts["updated"], unchanged=counts["unchanged"], dry_run=dry_run, warnings=warnings,
+            updated=counts["updated"], unchanged=counts["unchanged"], dry_run=dry_run,
+            warnings=[w for o in outcomes for w in o.warnings],
             orientations_detected={o: len(c) for o, c in by_orientation.items()}, notes=list(cleanup_notes),
         )
         if dry_run:
@@ -859,32 +820,9 @@ def _convert_locked(
                 result.warnings.append(space_problem)
             return result
 
-        # one split over every exam of the group, so the three views of an exam share a fold;
-        # exams of earlier conversions keep their folds
         all_targets = {**old_targets, **targets_new}
-        all_cases_by_o: dict[str, dict[str, dict]] = {}
-        for o in set(by_orientation) | set(existing):
-            merged: dict[str, dict] = {}
-            if o in existing and (existing[o] / RECORD_FILE).exists():
-                merged.update(load_json(existing[o] / RECORD_FILE)["cases"])
-            merged.update({k: {kk: vv for kk, vv in v.items() if kk not in ("case", "orientation", "status")}
-                           for k, v in by_orientation.get(o, {}).items()})
-            all_cases_by_o[o] = merged
-        exams = sorted({all_targets[c]["exam"] for cs in all_cases_by_o.values() for c in cs})
-        exam_patient = {all_targets[c]["exam"]: all_targets[c]["patient"] for cs in all_cases_by_o.values() for c in cs}
-        exam_site = {all_targets[c]["exam"]: all_targets[c]["site"] for cs in all_cases_by_o.values() for c in cs}
-        exam_folds: list[dict[str, list[str]]] = []
-        if not external:
-            previous_folds, previous_k, fold_warnings = _previous_folds(existing, old_targets)
-            update = extend_patient_grouped_splits(exams, exam_patient, exam_site, previous_folds, previous_k, num_folds)
-            exam_folds = update.folds
-            for w in fold_warnings + update.changes:
-                log.warning("splits_final.json: %s", w)
-                result.warnings.append(f"splits_final.json: {w}")
-            for n in update.notes:
-                log.info("splits_final.json: %s", n)
-                result.notes.append(f"splits_final.json: {n}")
-
+        all_cases_by_o = _merged_cases(by_orientation, existing)
+        exam_folds = [] if external else _group_folds(all_targets, all_cases_by_o, existing, old_targets, num_folds, result)
         try:
             for o in by_orientation:
                 _assemble_dataset(
@@ -897,32 +835,204 @@ def _convert_locked(
         except OSError as exc:  # disk full, quota, read-only: the staged copy is dropped below
             raise _write_refusal(manifest, raw, needed, [f"{exc.filename or raw}: {exc.strerror or exc}"]) from exc
         if key_file is not None:
-            try:
-                write_key_file(Path(key_file), key_rows, forbidden_root=raw)
-            except OSError as exc:
-                raise ConversionError(
-                    [f"cannot write the key file {key_file}: {exc.strerror or exc}; choose a writable place with "
-                     "free space (or leave out --key-file)"],
-                    header=f"conversion of {Path(manifest).name} stopped, no dataset was changed",
-                ) from exc
-        moved: list[str] = []
-        try:
-            for o in by_orientation:
-                _move_into_place(staging / names[o], raw / names[o], raw)
-                moved.append(names[o])
-        except OSError as exc:
-            raise ConversionError(
-                [f"moving {names[o]} into {raw} failed: {exc.strerror or exc}. "
-                 + (f"Already updated: {', '.join(moved)}; " if moved else "No dataset was changed; ")
-                 + "run the same conversion again once the folder is writable (it completes the others)"],
-                header=f"conversion of {Path(manifest).name} stopped",
-            ) from exc
+            _write_key_rows(manifest, key_file, key_rows, raw)
+        _move_all_into_place(manifest, staging, raw, [names[o] for o in by_orientation])
         return result
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         if staging is not None:
             _remove_if_empty(staging.parent)
+
+
+def _previous_conversions(existing: dict[str, Path]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """What earlier runs converted into the group's datasets.
+
+    Returns:
+        (series digest -> the cases written from it, each with its case name and orientation;
+        case -> its entry of the targets file).
+    """
+    previous_by_digest: dict[str, list[dict]] = {}
+    old_targets: dict[str, dict] = {}
+    for o, folder in existing.items():
+        record = load_json(folder / RECORD_FILE) if (folder / RECORD_FILE).exists() else {"cases": {}}
+        for case, info in record["cases"].items():
+            previous_by_digest.setdefault(info["digest"], []).append(dict(info, case=case, orientation=o))
+        if (folder / TARGETS_FILE).exists():
+            old_targets.update(load_json(folder / TARGETS_FILE)["cases"])
+    return previous_by_digest, old_targets
+
+
+def _row_task(row: ManifestRow, key: bytes, name: str, previous_by_digest: Mapping[str, list[dict]]) -> dict:
+    """The row's exam pseudonym, series digest and, when that series was converted before, its earlier cases."""
+    case = pseudonym(key, "case", f"{row.site}/{row.case_id}", prefix=f"{name}_")
+    digest = _series_digest(row, key)
+    previous = [c for c in previous_by_digest.get(digest, []) if c.get("exam") == case] or None
+    return {"row": row, "case": case, "digest": digest, "previous": previous}
+
+
+def _check_space(manifest: Path, raw: Path, tasks: list[dict], reserve_bytes: int, dry_run: bool) -> tuple[int, str | None]:
+    """Compare the free space in ``raw`` with the estimated output; refuses a real run that would not fit.
+
+    Returns:
+        (bytes needed, the shortage message or ``None``); a dry run reports the shortage as a warning.
+    """
+    needed = _space_needed(tasks, reserve_bytes)
+    free = free_bytes(raw)
+    space_problem = None
+    if free < needed:
+        space_problem = (
+            f"not enough free space in {raw}: {format_bytes(free)} free, this conversion needs about "
+            f"{format_bytes(needed)} ({sum(t['previous'] is None for t in tasks)} series to write, estimated from "
+            f"their source files, plus {format_bytes(reserve_bytes)} to spare); free space or use another nnUNet_raw"
+        )
+        if not dry_run:
+            raise ConversionError([space_problem], header=f"conversion of {Path(manifest).name} refused, nothing was written")
+    log.info("about %s to write (and %s kept in reserve), %s free in %s", format_bytes(needed - reserve_bytes),
+             format_bytes(reserve_bytes), format_bytes(free), raw)
+    return needed, space_problem
+
+
+def _run_series(tasks: list[dict], num_processes: int) -> list[SeriesOutcome]:
+    """:func:`convert_series` over every task, in ``num_processes`` spawned workers when it pays."""
+    from tqdm import tqdm
+
+    if num_processes > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn")) as pool:
+            return list(tqdm(pool.map(convert_series, tasks), total=len(tasks), desc="converting series", unit="series"))
+    return [convert_series(t) for t in tqdm(tasks, desc="converting series", unit="series")]
+
+
+def _refuse_failed_series(manifest: Path, raw: Path, needed: int, dry_run: bool, tasks: list[dict],
+                          outcomes: list[SeriesOutcome]) -> None:
+    """Raise :class:`ConversionError` naming every invalid series, duplicate exam view or failed write."""
+    problems = [p for o in outcomes for p in o.problems]
+    # duplicates: one exam may have one series per orientation (per echo)
+    seen: dict[tuple[str, str], int] = {}
+    for task, outcome in zip(tasks, outcomes):
+        for c in outcome.cases:
+            k = (c["case"], c["orientation"])
+            if k in seen:
+                problems.append(
+                    f"manifest lines {seen[k]} and {outcome.row} (case {task['row'].case_id}) both give a "
+                    f"{c['orientation']} series of the same exam: keep one (or use distinct case_id values)"
+                )
+            else:
+                seen[k] = outcome.row
+    if problems:
+        raise ConversionError(
+            problems,
+            header=f"conversion of {Path(manifest).name} refused, nothing was written"
+            + ("" if dry_run else " (no dataset, pseudonym key or staging folder)"),
+        )
+    write_errors = [e for o in outcomes for e in o.write_errors]
+    if write_errors:
+        raise _write_refusal(manifest, raw, needed, write_errors)
+
+
+def _collect_cases(tasks: list[dict], outcomes: list[SeriesOutcome], key: bytes, site_base: Path,
+                   ) -> tuple[dict[str, dict[str, dict]], dict[str, dict], list[dict[str, str]]]:
+    """Sort the converted cases by orientation and build their targets entries and key-file rows.
+
+    Returns:
+        (orientation -> case -> case record; case -> targets entry (pseudonyms only); one key-file
+        row per case, the only place where pseudonyms meet the site's identifiers).
+    """
+    by_orientation: dict[str, dict[str, dict]] = {}
+    targets_new: dict[str, dict] = {}
+    key_rows: list[dict[str, str]] = []
+    for task, outcome in zip(tasks, outcomes):
+        row: ManifestRow = task["row"]
+        patient = pseudonym(key, "patient", row.patient_id, prefix="P")
+        for c in outcome.cases:
+            by_orientation.setdefault(c["orientation"], {})[c["case"]] = c
+            targets_new[c["case"]] = {
+                "exam": c["exam"], "echo": c["echo"], "targets": dict(row.targets), "site": row.site,
+                "field_strength_t": row.field_strength_t, "vendor": row.vendor or None, "patient": patient,
+            }
+            key_rows.append({"pseudonym": c["exam"], "case_id": row.case_id, "patient_pseudonym": patient,
+                             "patient_id": row.patient_id, "site": row.site,
+                             "cases": f"{c['case']} ({c['orientation']})",
+                             "series": f"{c['orientation']}: {_site_relative(row, site_base)}"})
+    return by_orientation, targets_new, key_rows
+
+
+def _status_counts(by_orientation: dict[str, dict[str, dict]], existing: dict[str, Path]) -> dict[str, int]:
+    """How many cases are new, updated (a new series under an existing case name) or unchanged."""
+    counts = {"new": 0, "updated": 0, "unchanged": 0}
+    for o, cases in by_orientation.items():
+        old_record = existing.get(o)
+        old_cases = set()
+        if old_record is not None and (old_record / RECORD_FILE).exists():
+            old_cases = set(load_json(old_record / RECORD_FILE)["cases"])
+        for case, c in cases.items():
+            status = c["status"]
+            if status == "new" and case in old_cases:
+                status = "updated"
+            counts[status] += 1
+    return counts
+
+
+def _merged_cases(by_orientation: dict[str, dict[str, dict]], existing: dict[str, Path]) -> dict[str, dict[str, dict]]:
+    """Per orientation, the earlier conversion record's cases updated with this run's (their record entries)."""
+    all_cases_by_o: dict[str, dict[str, dict]] = {}
+    for o in set(by_orientation) | set(existing):
+        merged: dict[str, dict] = {}
+        if o in existing and (existing[o] / RECORD_FILE).exists():
+            merged.update(load_json(existing[o] / RECORD_FILE)["cases"])
+        merged.update({k: {kk: vv for kk, vv in v.items() if kk not in ("case", "orientation", "status")}
+                       for k, v in by_orientation.get(o, {}).items()})
+        all_cases_by_o[o] = merged
+    return all_cases_by_o
+
+
+def _group_folds(all_targets: dict[str, dict], all_cases_by_o: dict[str, dict[str, dict]], existing: dict[str, Path],
+                 old_targets: dict[str, dict], num_folds: int, result: ConversionResult) -> list[dict[str, list[str]]]:
+    """One patient-grouped split over every exam of the group, so the three views of an exam share a fold.
+
+    Exams of earlier conversions keep their folds; what moved is added to ``result.warnings``, how
+    new exams were placed to ``result.notes`` (both also logged).
+    """
+    exams = sorted({all_targets[c]["exam"] for cs in all_cases_by_o.values() for c in cs})
+    exam_patient = {all_targets[c]["exam"]: all_targets[c]["patient"] for cs in all_cases_by_o.values() for c in cs}
+    exam_site = {all_targets[c]["exam"]: all_targets[c]["site"] for cs in all_cases_by_o.values() for c in cs}
+    previous_folds, previous_k, fold_warnings = _previous_folds(existing, old_targets)
+    update = extend_patient_grouped_splits(exams, exam_patient, exam_site, previous_folds, previous_k, num_folds)
+    for w in fold_warnings + update.changes:
+        log.warning("splits_final.json: %s", w)
+        result.warnings.append(f"splits_final.json: {w}")
+    for n in update.notes:
+        log.info("splits_final.json: %s", n)
+        result.notes.append(f"splits_final.json: {n}")
+    return update.folds
+
+
+def _write_key_rows(manifest: Path, key_file: Path, key_rows: list[dict[str, str]], raw: Path) -> None:
+    """Write the site's private key file (never inside ``raw``); a failure stops before any dataset moves."""
+    try:
+        write_key_file(Path(key_file), key_rows, forbidden_root=raw)
+    except OSError as exc:
+        raise ConversionError(
+            [f"cannot write the key file {key_file}: {exc.strerror or exc}; choose a writable place with "
+             "free space (or leave out --key-file)"],
+            header=f"conversion of {Path(manifest).name} stopped, no dataset was changed",
+        ) from exc
+
+
+def _move_all_into_place(manifest: Path, staging: Path, raw: Path, names: list[str]) -> None:
+    """Move each staged dataset into ``raw``; a failure names the datasets already updated."""
+    moved: list[str] = []
+    for dataset in names:
+        try:
+            _move_into_place(staging / dataset, raw / dataset, raw)
+        except OSError as exc:
+            raise ConversionError(
+                [f"moving {dataset} into {raw} failed: {exc.strerror or exc}. "
+                 + (f"Already updated: {', '.join(moved)}; " if moved else "No dataset was changed; ")
+                 + "run the same conversion again once the folder is writable (it completes the others)"],
+                header=f"conversion of {Path(manifest).name} stopped",
+            ) from exc
+        moved.append(dataset)
 
 
 def _assemble_dataset(

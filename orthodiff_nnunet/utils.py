@@ -33,7 +33,7 @@ def save_figure(fig, path: Path, dpi: int = 90) -> Path:
     return Path(path)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, tmp_dir: Path | None = None) -> None:
     """Bytes written to a temporary file beside ``path``, flushed to disk and renamed into place.
 
     Every failure (disk full, quota, read-only file system: ``OSError``) propagates after the
@@ -43,10 +43,12 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         path: destination.
         data: the content.
         mode: permission bits (e.g. ``0o600`` for secrets); default ``0o666`` minus the umask.
+        tmp_dir: where the temporary file goes (default: beside ``path``; it must be on the same file
+            system): a folder that a later run clears keeps a killed process's leftover out of ``path``'s folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     if mode is None:
         umask = os.umask(0)
         os.umask(umask)

@@ -30,7 +30,6 @@ series holds (:func:`_check_complete`).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -760,27 +759,11 @@ def read_series(
             holds (see :func:`_check_complete`), missing or repeated slices, mixed image sizes or
             orientations, undecodable pixels.
     """
-    path = Path(path)
-    wanted: str | int | None = series
-    if path.is_file():
-        file_uid = _series_of_file(path)
-        if wanted is not None and str(wanted).strip() != "":
-            # the file and the 'series' column must agree
-            chosen = _select_series(_scan_folder(path.parent), wanted)
-            if chosen.uid != file_uid:
-                raise DicomError(
-                    "the DICOM file given as 'image' belongs to another series than the manifest's 'series' "
-                    "column names; give the series folder, or clear the 'series' column"
-                )
-        wanted = file_uid
-        path = path.parent
-    elif not path.exists():
-        raise DicomError("the DICOM path does not exist; check the manifest's 'image' path")
-    info = _select_series(_scan_folder(path), wanted)
+    folder, wanted = _series_folder(Path(path), series)
+    info = _select_series(_scan_folder(folder), wanted)
     what = info.describe()
     if info.damaged:
         raise DicomError(_damaged_message(info.damaged, f"{what}: "))
-
     if info.rows is None:
         sizes: dict[tuple[int, int], int] = {}
         for h in info._headers:
@@ -790,45 +773,79 @@ def read_series(
             f"{what}: the files mix image sizes ({listing}), e.g. a localizer stored in the series; "
             "export the volume alone as its own series or choose another series"
         )
-
     groups = _echo_groups(info)
+    return [_read_echo(groups, k, what) for k in _echo_indices(groups, echo, what)]
+
+
+def _series_folder(path: Path, series: str | int | None) -> tuple[Path, str | int | None]:
+    """The folder to read and the series to pick in it: a file stands for its folder and its own series.
+
+    Raises:
+        DicomError: the path does not exist, the file is not DICOM, or it belongs to another series
+            than ``series`` names.
+    """
+    if path.is_file():
+        file_uid = _series_of_file(path)
+        if series is not None and str(series).strip() != "":
+            # the file and the 'series' column must agree
+            chosen = _select_series(_scan_folder(path.parent), series)
+            if chosen.uid != file_uid:
+                raise DicomError(
+                    "the DICOM file given as 'image' belongs to another series than the manifest's 'series' "
+                    "column names; give the series folder, or clear the 'series' column"
+                )
+        return path.parent, file_uid
+    if not path.exists():
+        raise DicomError("the DICOM path does not exist; check the manifest's 'image' path")
+    return path, series
+
+
+def _echo_indices(groups: list[tuple[float | None, list[_FileHeader]]], echo: int | str | None, what: str) -> list[int]:
+    """The 1-based echoes to read: echo 1 by default (logged when there are more), all, or the one asked for.
+
+    Args:
+        groups: :func:`_echo_groups`' (echo time, headers) pairs, by ascending echo time.
+
+    Raises:
+        DicomError: an invalid echo, or one beyond the series' echoes.
+    """
     n_echoes = len(groups)
     choice = _parse_echo(echo)
     if choice is None:
-        indices = [1]
         if n_echoes > 1:
             log.info(
                 "%s has %d echoes (echo times %s ms); using echo 1: the manifest's 'echo' column chooses "
                 "another one or 'all'",
                 what, n_echoes, ", ".join(f"{t:g}" for t, _ in groups if t is not None),
             )
-    elif choice == "all":
-        indices = list(range(1, n_echoes + 1))
-    else:
-        if choice > n_echoes:
-            raise DicomError(
-                f"{what}: echo {choice} was asked for but the series has {n_echoes} echo(es); "
-                f"set the manifest's 'echo' column to 1..{n_echoes} or 'all'"
-            )
-        indices = [choice]
-
-    out: list[EchoImage] = []
-    for k in indices:
-        te, headers = groups[k - 1]
-        label = what if n_echoes == 1 else f"{what}, echo {k} of {n_echoes}"
-        if any(h.frames > 1 for h in headers) and len(headers) > 1:
-            raise DicomError(
-                f"{label}: several multi-frame files in one echo are not supported; export one volume per file"
-            )
-        _check_complete(groups, k, label)
-        ordered, slice_spacing = _sort_and_check(headers, label)
-        image = _read_volume(ordered, slice_spacing, label)
-        log.debug(
-            "read %s: size %s, spacing %s mm",
-            label, "x".join(str(s) for s in image.GetSize()), "x".join(f"{s:.4g}" for s in image.GetSpacing()),
+        return [1]
+    if choice == "all":
+        return list(range(1, n_echoes + 1))
+    if choice > n_echoes:
+        raise DicomError(
+            f"{what}: echo {choice} was asked for but the series has {n_echoes} echo(es); "
+            f"set the manifest's 'echo' column to 1..{n_echoes} or 'all'"
         )
-        out.append(EchoImage(echo_index=k, echo_time_ms=te, number_of_echoes=n_echoes, image=image))
-    return out
+    return [choice]
+
+
+def _read_echo(groups: list[tuple[float | None, list[_FileHeader]]], k: int, what: str) -> EchoImage:
+    """Echo ``k`` (1-based) of the series as one checked volume (complete, sorted, evenly spaced)."""
+    n_echoes = len(groups)
+    te, headers = groups[k - 1]
+    label = what if n_echoes == 1 else f"{what}, echo {k} of {n_echoes}"
+    if any(h.frames > 1 for h in headers) and len(headers) > 1:
+        raise DicomError(
+            f"{label}: several multi-frame files in one echo are not supported; export one volume per file"
+        )
+    _check_complete(groups, k, label)
+    ordered, slice_spacing = _sort_and_check(headers, label)
+    image = _read_volume(ordered, slice_spacing, label)
+    log.debug(
+        "read %s: size %s, spacing %s mm",
+        label, "x".join(str(s) for s in image.GetSize()), "x".join(f"{s:.4g}" for s in image.GetSpacing()),
+    )
+    return EchoImage(echo_index=k, echo_time_ms=te, number_of_echoes=n_echoes, image=image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -894,9 +911,46 @@ def write_series(
         FileExistsError: a file of the series exists already.
     """
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
+
+    plugin = _encoder_plugin(transfer_syntax)
+    arr, signed = _pixel_array(array, echo_times)
+    sx, sy, sz = (float(s) for s in spacing)
+    arr, o, row, col, k_axis = _right_handed(arr, origin, direction, sz)
+    normal = np.cross(row, col)
+    nz, ny, nx = arr.shape[1:]
+    _check_frame_size(transfer_syntax, ny, nx)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ts_uid = pydicom.uid.UID(TRANSFER_SYNTAXES[transfer_syntax])
+    common = _series_attributes(
+        patient_name=patient_name, patient_id=patient_id, birth_date=birth_date, study_date=study_date,
+        institution=institution, series_description=series_description, series_number=series_number,
+        series_uid=series_uid, row=row, col=col, matrix=(ny, nx), spacing=(sx, sy, sz), signed=signed,
+    )
+    paths: list[Path] = []
+    instance = 0
+    for e in range(arr.shape[0]):
+        for z in range(nz):
+            instance += 1
+            pos = o + z * sz * k_axis
+            path = folder / f"IM_S{series_number:04d}_{instance:05d}.dcm"
+            if path.exists():
+                raise FileExistsError(f"{path} exists; write each series into its own names (series_number)")
+            ds = _slice_dataset(common, ts_uid, instance, pos, normal, (float(echo_times[e]), e + 1) if echo_times else None)
+            _set_pixel_data(ds, np.ascontiguousarray(arr[e, z]), transfer_syntax, ts_uid, plugin)
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+    return paths
+
+
+def _encoder_plugin(transfer_syntax: str) -> str:
+    """The pydicom encoding plugin a compressed transfer syntax needs ("" for an uncompressed one).
+
+    Raises:
+        ValueError: an unknown transfer syntax.
+        ModuleNotFoundError: the plugin's packages are not installed (named with the pip command).
+    """
     from pydicom.pixels import get_encoder
-    from pydicom.uid import generate_uid
 
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer_syntax must be one of {', '.join(TRANSFER_SYNTAXES)}")
@@ -906,6 +960,34 @@ def write_series(
             f"transfer_syntax {transfer_syntax!r} needs {' and '.join(packages)}: pip install {' '.join(packages)} "
             "(or install this package with its 'test' extra)"
         )
+    return plugin
+
+
+def _check_frame_size(transfer_syntax: str, ny: int, nx: int) -> None:
+    """Refuse slices too small for the JPEG 2000 encoder (it always encodes 6 wavelet resolutions)."""
+    if transfer_syntax == "jpeg2000_lossless" and min(ny, nx) < _J2K_MIN_SIDE:
+        raise ValueError(
+            f"jpeg2000_lossless needs slices of at least {_J2K_MIN_SIDE}x{_J2K_MIN_SIDE} pixels (pylibjpeg-openjpeg "
+            f"always encodes 6 wavelet resolutions); these are {ny}x{nx}: choose another transfer_syntax"
+        )
+
+
+def _set_pixel_data(ds, frame: np.ndarray, transfer_syntax: str, ts_uid: str, plugin: str) -> None:
+    """Store one slice's pixels: compressed by ``plugin``, else raw in the transfer syntax's byte order."""
+    if plugin:
+        ds.compress(ts_uid, frame, encoding_plugin=plugin, generate_instance_uid=False)
+    else:
+        little = transfer_syntax != "explicit_be"
+        ds.PixelData = frame.astype(frame.dtype.newbyteorder("<" if little else ">")).tobytes()
+        ds["PixelData"].VR = "OW"
+
+
+def _pixel_array(array: np.ndarray, echo_times: Sequence[float] | None) -> tuple[np.ndarray, int]:
+    """``(echoes, z, y, x)`` 16-bit pixels and the PixelRepresentation (0 unsigned, 1 signed).
+
+    Raises:
+        ValueError: a shape that does not fit the echo times, non-integer values, values beyond 16 bits.
+    """
     arr = np.asarray(array)
     n_echo = len(echo_times) if echo_times else 1
     if arr.ndim == 3:
@@ -922,98 +1004,105 @@ def write_series(
         pixel_dtype, signed = np.int16, 1
     else:
         raise ValueError("array values must fit into 16 bits (int16 or uint16)")
-    arr = arr.astype(pixel_dtype)
+    return arr.astype(pixel_dtype), signed
 
-    sx, sy, sz = (float(s) for s in spacing)
+
+def _right_handed(arr: np.ndarray, origin: Sequence[float], direction: Sequence[float], sz: float,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels, origin, row, column and slice axes with the slice axis along row x column.
+
+    A left-handed direction (k = -(i x j)) becomes its right-handed equivalent: slices reversed,
+    the origin moved to the last slice (how any DICOM reader returns such a volume).
+    """
     d = np.asarray(direction, dtype=float).reshape(3, 3)
     o = np.asarray(origin, dtype=float)
     row, col, k_axis = d[:, 0], d[:, 1], d[:, 2]
-    normal = np.cross(row, col)
-    if float(np.dot(normal, k_axis)) < 0:
-        # left-handed: write the right-handed equivalent (last slice first)
+    if float(np.dot(np.cross(row, col), k_axis)) < 0:
         o = o + (arr.shape[1] - 1) * sz * k_axis
         k_axis = -k_axis
         arr = arr[:, ::-1]
-    nz, ny, nx = arr.shape[1:]
-    if transfer_syntax == "jpeg2000_lossless" and min(ny, nx) < _J2K_MIN_SIDE:
-        raise ValueError(
-            f"jpeg2000_lossless needs slices of at least {_J2K_MIN_SIDE}x{_J2K_MIN_SIDE} pixels (pylibjpeg-openjpeg "
-            f"always encodes 6 wavelet resolutions); these are {ny}x{nx}: choose another transfer_syntax"
-        )
+    return arr, o, row, col, k_axis
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    ts_uid = pydicom.uid.UID(TRANSFER_SYNTAXES[transfer_syntax])
+
+def _series_attributes(*, patient_name: str, patient_id: str, birth_date: str, study_date: str, institution: str,
+                       series_description: str, series_number: int, series_uid: str | None,
+                       row: np.ndarray, col: np.ndarray, matrix: tuple[int, int], spacing: tuple[float, float, float],
+                       signed: int) -> dict[str, object]:
+    """The attributes every slice of a synthetic MR series shares: a table, keyword -> value.
+
+    New study and frame-of-reference UIDs; a new series UID unless ``series_uid`` is given.
+    """
+    from pydicom.uid import generate_uid
+
+    sx, sy, sz = spacing
     study_uid, frame_uid = generate_uid(), generate_uid()
     series_uid = series_uid or generate_uid()
-    paths: list[Path] = []
-    instance = 0
-    for e in range(n_echo):
-        for z in range(nz):
-            instance += 1
-            pos = o + z * sz * k_axis
-            path = folder / f"IM_S{series_number:04d}_{instance:05d}.dcm"
-            if path.exists():
-                raise FileExistsError(f"{path} exists; write each series into its own names (series_number)")
-            sop_uid = generate_uid()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ts_uid
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SpecificCharacterSet = "ISO_IR 100"
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-            ds.SOPClassUID = _MR_IMAGE_STORAGE
-            ds.SOPInstanceUID = sop_uid
-            ds.StudyDate = study_date
-            ds.SeriesDate = study_date
-            ds.StudyTime = ""
-            ds.AccessionNumber = ""
-            ds.Modality = "MR"
-            ds.Manufacturer = "orthodiff synthetic"
-            ds.InstitutionName = institution
-            ds.ReferringPhysicianName = ""
-            ds.SeriesDescription = series_description
-            ds.PatientName = patient_name
-            ds.PatientID = patient_id
-            ds.PatientBirthDate = birth_date
-            ds.PatientSex = ""
-            ds.ScanningSequence = "SE"
-            ds.SequenceVariant = "NONE"
-            ds.ScanOptions = ""
-            ds.MRAcquisitionType = "2D"
-            ds.SliceThickness = _ds_number(sz)
-            ds.SpacingBetweenSlices = _ds_number(sz)
-            if echo_times:
-                ds.EchoTime = _ds_number(float(echo_times[e]))
-                ds.EchoNumbers = str(e + 1)
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.StudyID = ""
-            ds.SeriesNumber = str(series_number)
-            ds.InstanceNumber = str(instance)
-            ds.ImagePositionPatient = [_ds_number(v) for v in pos]
-            ds.ImageOrientationPatient = [_ds_number(v) for v in (*row, *col)]
-            ds.FrameOfReferenceUID = frame_uid
-            ds.PositionReferenceIndicator = ""
-            ds.SliceLocation = _ds_number(float(np.dot(normal, pos)))
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows = ny
-            ds.Columns = nx
-            ds.PixelSpacing = [_ds_number(sy), _ds_number(sx)]  # row spacing (y), column spacing (x)
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = signed
-            frame = np.ascontiguousarray(arr[e, z])
-            if plugin:
-                ds.compress(ts_uid, frame, encoding_plugin=plugin, generate_instance_uid=False)
-            else:
-                little = transfer_syntax != "explicit_be"
-                ds.PixelData = frame.astype(frame.dtype.newbyteorder("<" if little else ">")).tobytes()
-                ds["PixelData"].VR = "OW"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
-    return paths
+    return {
+        "SpecificCharacterSet": "ISO_IR 100",
+        "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"],
+        "SOPClassUID": _MR_IMAGE_STORAGE,
+        "StudyDate": study_date,
+        "SeriesDate": study_date,
+        "StudyTime": "",
+        "AccessionNumber": "",
+        "Modality": "MR",
+        "Manufacturer": "orthodiff synthetic",
+        "InstitutionName": institution,
+        "ReferringPhysicianName": "",
+        "SeriesDescription": series_description,
+        "PatientName": patient_name,
+        "PatientID": patient_id,
+        "PatientBirthDate": birth_date,
+        "PatientSex": "",
+        "ScanningSequence": "SE",
+        "SequenceVariant": "NONE",
+        "ScanOptions": "",
+        "MRAcquisitionType": "2D",
+        "SliceThickness": _ds_number(sz),
+        "SpacingBetweenSlices": _ds_number(sz),
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
+        "StudyID": "",
+        "SeriesNumber": str(series_number),
+        "ImageOrientationPatient": [_ds_number(v) for v in (*row, *col)],
+        "FrameOfReferenceUID": frame_uid,
+        "PositionReferenceIndicator": "",
+        "SamplesPerPixel": 1,
+        "PhotometricInterpretation": "MONOCHROME2",
+        "Rows": matrix[0],
+        "Columns": matrix[1],
+        "PixelSpacing": [_ds_number(sy), _ds_number(sx)],  # row spacing (y), column spacing (x)
+        "BitsAllocated": 16,
+        "BitsStored": 16,
+        "HighBit": 15,
+        "PixelRepresentation": signed,
+    }
+
+
+def _slice_dataset(common: dict[str, object], ts_uid: str, instance: int, pos: np.ndarray, normal: np.ndarray,
+                   echo: tuple[float, int] | None):
+    """One slice's dataset (no pixel data yet): the series' attributes, a new SOP instance, its position and echo.
+
+    Args:
+        echo: (EchoTime in ms, EchoNumbers) or ``None`` for a series without echo times.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ts_uid
+    ds = Dataset()
+    ds.file_meta = meta
+    for keyword, value in common.items():
+        setattr(ds, keyword, value)
+    ds.SOPInstanceUID = sop_uid
+    if echo is not None:
+        ds.EchoTime = _ds_number(echo[0])
+        ds.EchoNumbers = str(echo[1])
+    ds.InstanceNumber = str(instance)
+    ds.ImagePositionPatient = [_ds_number(v) for v in pos]
+    ds.SliceLocation = _ds_number(float(np.dot(normal, pos)))
+    return ds

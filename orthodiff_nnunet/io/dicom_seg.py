@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -381,7 +382,6 @@ def build_dicom_seg(
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     from orthodiff_nnunet import __version__
 
@@ -389,7 +389,25 @@ def build_dicom_seg(
     if not names:
         raise DicomSegError("no foreground label names given; pass the labels of the model's dataset.json")
     datasets = source_datasets(source_series_dir, series, echo)
-    mapped = labels_on_source_slices(labels, datasets)
+    values, pixel = _segment_pixels(labels_on_source_slices(labels, datasets), names)
+    version = algorithm_version or __version__
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=PRODUCT_NAME, family=codes.cid7162.ArtificialIntelligence, version=version,
+        parameters=dict(algorithm_parameters) if algorithm_parameters else None,
+    )
+    descriptions = [_segment_description(number, value, names[value], segment_codes, algorithm)
+                    for number, value in enumerate(values, start=1)]
+    seg = _segmentation(datasets, pixel, descriptions, int(series_number), version, series_description[:64])
+    seg.SeriesDescription = series_description[:64]
+    return seg
+
+
+def _segment_pixels(mapped: np.ndarray, names: Mapping[int, str]) -> tuple[list[int], np.ndarray]:
+    """The named label values, ascending, and the label map as segment numbers (value -> 1.. in that order).
+
+    Raises:
+        DicomSegError: the label map holds a value without a name.
+    """
     present = set(np.unique(mapped).tolist()) - {0}
     unnamed = sorted(present - set(names))
     if unnamed:
@@ -399,41 +417,52 @@ def build_dicom_seg(
     segment_of = np.zeros(max(values) + 1, dtype=np.uint16)
     for number, value in enumerate(values, start=1):
         segment_of[value] = number
-    pixel = segment_of[mapped.astype(np.int64)]
+    return values, segment_of[mapped.astype(np.int64)]
 
-    version = algorithm_version or __version__
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=PRODUCT_NAME, family=codes.cid7162.ArtificialIntelligence, version=version,
-        parameters=dict(algorithm_parameters) if algorithm_parameters else None,
+
+def _segment_description(number: int, value: int, name: str, segment_codes: Mapping[str, SegmentCode] | None,
+                         algorithm):
+    """The SEG's description of segment ``number`` (label ``value``, structure ``name``), coded as :func:`segment_code` says."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    code = segment_code(name, segment_codes)
+    desc = hd.seg.SegmentDescription(
+        segment_number=number, segment_label=code.label[:64],
+        segmented_property_category=code.category, segmented_property_type=code.property_type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        anatomic_regions=[code.anatomic_region] if code.anatomic_region is not None else None,
+        tracking_uid=generate_uid(), tracking_id=f"{name} (label {value})"[:64],
     )
-    descriptions = []
-    for number, value in enumerate(values, start=1):
-        code = segment_code(names[value], segment_codes)
-        desc = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=code.label[:64],
-            segmented_property_category=code.category, segmented_property_type=code.property_type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            anatomic_regions=[code.anatomic_region] if code.anatomic_region is not None else None,
-            tracking_uid=generate_uid(), tracking_id=f"{names[value]} (label {value})"[:64],
-        )
-        if code.type_modifiers:
-            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-                hd.sr.CodedConcept.from_code(m) for m in code.type_modifiers
-            ]
-        descriptions.append(desc)
+    if code.type_modifiers:
+        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(m) for m in code.type_modifiers
+        ]
+    return desc
+
+
+def _segmentation(datasets: Sequence, pixel: np.ndarray, descriptions: list, series_number: int, version: str,
+                  content_description: str):
+    """``highdicom.seg.Segmentation`` (BINARY, empty frames omitted) with highdicom's INFO log silenced.
+
+    highdicom logs the source SOPInstanceUIDs at INFO: they never reach this package's logs.
+    """
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
     hd_log = logging.getLogger("highdicom")
     level = hd_log.level
-    hd_log.setLevel(logging.WARNING)  # highdicom logs source SOPInstanceUIDs at INFO: never in our logs
+    hd_log.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            seg = hd.seg.Segmentation(
+            return hd.seg.Segmentation(
                 source_images=datasets,
                 pixel_array=pixel,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=descriptions,
                 series_instance_uid=generate_uid(),
-                series_number=int(series_number),
+                series_number=series_number,
                 sop_instance_uid=generate_uid(),
                 instance_number=1,
                 manufacturer=PRODUCT_NAME,
@@ -441,13 +470,11 @@ def build_dicom_seg(
                 software_versions=version,
                 device_serial_number="0",
                 content_label="SEGMENTATION",
-                content_description=series_description[:64],
+                content_description=content_description,
                 omit_empty_frames=True,
             )
     finally:
         hd_log.setLevel(level)
-    seg.SeriesDescription = series_description[:64]
-    return seg
 
 
 def write_dicom_seg(
@@ -456,20 +483,17 @@ def write_dicom_seg(
     out_path: Path,
     label_names: Mapping[int, str],
     *,
-    series: str | int | None = None,
-    echo: int | None = None,
-    segment_codes: Mapping[str, SegmentCode] | None = None,
-    series_number: int = 901,
-    series_description: str = "OrthoDiff segmentation",
-    algorithm_version: str | None = None,
-    algorithm_parameters: Mapping[str, str] | None = None,
     forbidden_roots: Sequence[Path] | None = None,
+    **options: Any,
 ) -> Path:
     """Write one DICOM Segmentation of ``labels`` on the source series' slices to ``out_path`` (atomically).
 
     Args:
         out_path: the ``.dcm`` file to write (parent folders are created); refused inside the nnU-Net folders.
         forbidden_roots: folders the SEG must not be inside (default: the nnU-Net folders where set).
+        options: :func:`build_dicom_seg`'s keyword arguments (``series``, ``echo``, ``segment_codes``,
+            ``series_number``, ``series_description``, ``algorithm_version``, ``algorithm_parameters``),
+            with its defaults.
         others: as :func:`build_dicom_seg`.
 
     Returns:
@@ -482,11 +506,7 @@ def write_dicom_seg(
 
     out_path = Path(out_path)
     check_seg_destination(out_path, forbidden_roots)
-    seg = build_dicom_seg(
-        labels, source_series_dir, label_names, series=series, echo=echo, segment_codes=segment_codes,
-        series_number=series_number, series_description=series_description, algorithm_version=algorithm_version,
-        algorithm_parameters=algorithm_parameters,
-    )
+    seg = build_dicom_seg(labels, source_series_dir, label_names, **options)
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(out_path, buf.getvalue())

@@ -29,6 +29,7 @@ and ``ORTHODIFF_DICOMWEB_TOKEN`` (a bearer token), in this order.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import numpy as np
 
 from orthodiff_nnunet.errors import OrthodiffError
-from orthodiff_nnunet.utils import atomic_write_json
+from orthodiff_nnunet.utils import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import pydicom
@@ -444,20 +445,14 @@ def _is_complete(folder: Path, series: RemoteSeries) -> bool:
 
 
 def _write_instance(ds: pydicom.Dataset, folder: Path, partial: Path) -> Path:
-    """``ds`` written to ``partial`` (flushed to disk), then renamed to ``folder/<SOPInstanceUID>.dcm``."""
+    """``ds`` written to a temporary file in ``partial`` (flushed to disk, owner-only permissions, as
+    ``tempfile`` creates it), then renamed to ``folder/<SOPInstanceUID>.dcm``."""
     import pydicom
 
     path = folder / f"{_safe_name(str(ds.SOPInstanceUID))}.dcm"
-    fd, tmp = tempfile.mkstemp(prefix=".instance.", suffix=".tmp", dir=partial)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pydicom.dcmwrite(f, ds, enforce_file_format=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    atomic_write_bytes(path, buf.getvalue(), mode=0o600, tmp_dir=partial)
     return path
 
 
@@ -511,13 +506,7 @@ def retrieve_series(
         log.info("%s: all %d series complete in the cache", _server(client), len(series))
         return result
     cache.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for stale in cache.glob(f"{PARTIAL_DIR}*"):  # temporary files of killed runs (not of one running now)
-        try:
-            if now - stale.stat().st_mtime > PARTIAL_STALE_S:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass
+    _remove_stale_partials(cache)
     partial = Path(tempfile.mkdtemp(prefix=PARTIAL_DIR, dir=cache))
     total = sum(s.num_instances or 0 for s, _ in todo) or None
     log.info("%s: fetching %d series (%s instances) into the cache; %d complete already",
@@ -525,42 +514,66 @@ def retrieve_series(
     bar = tqdm(total=total, desc="DICOMweb retrieve", unit="instance", disable=not show_progress)
     try:
         for s, folder in todo:
-            expected = _instance_uids(client, s)
-            if not expected:
-                raise DicomwebError(f"DICOMweb server {_server(client)}: {s.describe()} lists no instances; "
-                                    "it may have been deleted since the query: run the command again")
-            folder.mkdir(parents=True, exist_ok=True)
-            names = {uid: f"{_safe_name(uid)}.dcm" for uid in expected}
-            missing = [uid for uid in expected if not (folder / names[uid]).is_file()]
-            what = f"the retrieval (WADO-RS) of {s.describe()}"
-            if len(missing) == len(expected):
-                stream = iter(_request(client, what, client.iter_series, s.study_uid, s.series_uid,
-                                       media_types=_AS_STORED))
-                while (ds := _request(client, what, next, stream, None)) is not None:  # the stream's errors
-                    _write_instance(ds, folder, partial)  # a local write error (disk full) stays an OSError
-                    result.instances_fetched += 1
-                    bar.update(1)
-            else:
-                for uid in missing:
-                    ds = _request(client, what, client.retrieve_instance, s.study_uid, s.series_uid, uid,
-                                  media_types=_AS_STORED)
-                    _write_instance(ds, folder, partial)
-                    result.instances_fetched += 1
-                    bar.update(1)
-            still = [uid for uid in expected if not (folder / names[uid]).is_file()]
-            if still:
-                raise DicomwebError(
-                    f"DICOMweb server {_server(client)}: {s.describe()}: {len(still)} of {len(expected)} instances "
-                    "did not come back from the retrieval (WADO-RS); run the command again (what came is kept)"
-                )
-            atomic_write_json(folder / MARKER_NAME, {"files": sorted(names.values()), "instances": len(expected),
-                                                     "modality": s.modality, "series_number": s.series_number})
-            result.series_fetched += 1
+            _fetch_series(client, s, folder, partial, result, bar)
     finally:
         bar.close()
         shutil.rmtree(partial, ignore_errors=True)
     log.info("%s: %s", _server(client), result.summary())
     return result
+
+
+def _remove_stale_partials(cache: Path) -> None:
+    """Remove the temporary folders of killed runs (older than ``PARTIAL_STALE_S``: not of one running now)."""
+    now = time.time()
+    for stale in cache.glob(f"{PARTIAL_DIR}*"):
+        try:
+            if now - stale.stat().st_mtime > PARTIAL_STALE_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _fetch_series(client: DICOMwebClient, s: RemoteSeries, folder: Path, partial: Path, result: RetrieveResult,
+                  bar) -> None:
+    """Fetch the instances of ``s`` missing from ``folder``, check that all came, and mark the folder complete.
+
+    A series with nothing cached comes in one streamed WADO-RS request, a partly cached one instance
+    by instance. ``result`` counts the instances and the series; ``bar`` advances per instance.
+
+    Raises:
+        DicomwebError: a request failed, the server lists no instance, or some did not come back.
+    """
+    expected = _instance_uids(client, s)
+    if not expected:
+        raise DicomwebError(f"DICOMweb server {_server(client)}: {s.describe()} lists no instances; "
+                            "it may have been deleted since the query: run the command again")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {uid: f"{_safe_name(uid)}.dcm" for uid in expected}
+    missing = [uid for uid in expected if not (folder / names[uid]).is_file()]
+    what = f"the retrieval (WADO-RS) of {s.describe()}"
+    if len(missing) == len(expected):
+        stream = iter(_request(client, what, client.iter_series, s.study_uid, s.series_uid,
+                               media_types=_AS_STORED))
+        while (ds := _request(client, what, next, stream, None)) is not None:  # the stream's errors
+            _write_instance(ds, folder, partial)  # a local write error (disk full) stays an OSError
+            result.instances_fetched += 1
+            bar.update(1)
+    else:
+        for uid in missing:
+            ds = _request(client, what, client.retrieve_instance, s.study_uid, s.series_uid, uid,
+                          media_types=_AS_STORED)
+            _write_instance(ds, folder, partial)
+            result.instances_fetched += 1
+            bar.update(1)
+    still = [uid for uid in expected if not (folder / names[uid]).is_file()]
+    if still:
+        raise DicomwebError(
+            f"DICOMweb server {_server(client)}: {s.describe()}: {len(still)} of {len(expected)} instances "
+            "did not come back from the retrieval (WADO-RS); run the command again (what came is kept)"
+        )
+    atomic_write_json(folder / MARKER_NAME, {"files": sorted(names.values()), "instances": len(expected),
+                                             "modality": s.modality, "series_number": s.series_number})
+    result.series_fetched += 1
 
 
 def fetch_to_cache(
