@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -23,22 +22,10 @@ import pytest
 
 from test_plans_and_resume import make_sag_dataset
 
-ENV = ("nnUNet_raw", "nnUNet_preprocessed")
 PLAIN = "orthodiffPlans"
 DATASET = "Dataset521_ResumeSag"
 DATA = f"{PLAIN}_3d_fullres"
 CASES = ["resume_000", "resume_001", "resume_002"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_nnunet_env():
-    old = {k: os.environ.get(k) for k in ENV}
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +35,22 @@ def golden(tmp_path_factory):
     from orthodiff_nnunet.planning import plan_and_preprocess
 
     root = tmp_path_factory.mktemp("golden_preprocessor")
-    old = {k: os.environ.get(k) for k in ENV}
     make_sag_dataset(root / "raw", 521, "Resume", n_cases=3, tp=2.0, ip=0.6, shape_ip=(40, 32), seed=4)
-    plan_and_preprocess([521], num_processes=1, raw=root / "raw", preprocessed=root / "pre", planner="plain",
-                        show_progress=False)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # plan_and_preprocess exports nnU-Net's paths: restored after
+        mp.setenv("nnUNet_raw", str(root / "raw"))
+        mp.setenv("nnUNet_preprocessed", str(root / "pre"))
+        plan_and_preprocess([521], num_processes=1, raw=root / "raw", preprocessed=root / "pre", planner="plain",
+                            show_progress=False)
     return root
 
 
-def _copy(golden: Path, tmp_path: Path) -> Path:
-    """This test's raw and preprocessed folders, nnU-Net's paths pointing at them; returns the dataset's
-    preprocessed folder."""
+def _copy(golden: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's raw and preprocessed folders, nnU-Net's paths pointing at them (for this test only);
+    returns the dataset's preprocessed folder."""
     for sub in ("raw", "pre"):
         shutil.copytree(golden / sub, tmp_path / sub)
-    os.environ.update(nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
     return tmp_path / "pre" / DATASET
 
 
@@ -133,13 +118,13 @@ def test_nnunet_lookup_finds_ours_only_inside_the_context():
     assert issubclass(OrthodiffPreprocessor, DefaultPreprocessor)
 
 
-def test_nnunet_preprocess_resumes_an_interrupted_run(golden, tmp_path, caplog):
+def test_nnunet_preprocess_resumes_an_interrupted_run(golden, tmp_path, monkeypatch, caplog):
     """Run nnU-Net's entry on plans naming OrthodiffPreprocessor, leave its data as a run killed in the
     second case leaves it, rerun: the finished case is kept (same file, same modification time), the
     half-written and the missing one are redone, and every array equals plan_and_preprocess's."""
     from orthodiff_nnunet.preprocessing import PreprocessedDataError, check_preprocessed_data, progress_record_path
 
-    folder = _copy(golden, tmp_path)
+    folder = _copy(golden, tmp_path, monkeypatch)
     data = folder / DATA
     reference = _arrays(data)  # plan_and_preprocess, plans naming DefaultPreprocessor
     plans = _name_our_preprocessor(folder)
@@ -180,13 +165,13 @@ def test_nnunet_preprocess_resumes_an_interrupted_run(golden, tmp_path, caplog):
     assert sorted(p.name for p in (folder / "gt_segmentations").iterdir()) == [f"{k}.nii.gz" for k in CASES]
 
 
-def test_nnunet_preprocess_is_refused_while_plan_and_preprocess_runs(golden, tmp_path):
+def test_nnunet_preprocess_is_refused_while_plan_and_preprocess_runs(golden, tmp_path, monkeypatch):
     """The dataset lock of plan_and_preprocess holds nnU-Net's entry off too: refused, nothing touched."""
     from filelock import FileLock
 
     from orthodiff_nnunet.preprocessing import PlanningError
 
-    folder = _copy(golden, tmp_path)
+    folder = _copy(golden, tmp_path, monkeypatch)
     _name_our_preprocessor(folder)
     before = {p.name: p.stat().st_mtime_ns for p in (folder / DATA).iterdir()}
     lock = FileLock(str(folder / ".orthodiff_plan_and_preprocess.lock"))
