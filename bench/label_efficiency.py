@@ -344,8 +344,8 @@ def plan(work: Path, args) -> tuple[str, str]:
     if args.size == "full":
         return dataset, ident
     from orthodiff_nnunet.networks.build import write_shrunk_plans
-    from orthodiff_nnunet.planning import (_find_dataset, give_own_data_folders, list_training_cases,
-                                           preprocess_configurations)
+    from orthodiff_nnunet.planning import _find_dataset, give_own_data_folders, list_training_cases
+    from orthodiff_nnunet.preprocessing import preprocess_configurations
 
     small = write_shrunk_plans(folder, ident, CPU_PLANS, max_features=max(args.features), max_stages=args.stages,
                                max_blocks_per_stage=1, max_batch_size=args.batch)

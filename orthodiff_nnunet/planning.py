@@ -12,7 +12,7 @@ Stages, each reading and writing files under ``nnUNet_preprocessed/<dataset>/``:
    copied or transferred under another name never overwrite another plans' data: where their data
    identifier names a folder that holds other data, it is renamed to start with their plans name
    (:func:`give_own_data_folders`).
-4. Preprocessing with nnU-Net's ``DefaultPreprocessor.run_case_save``, once per data identifier
+4. Preprocessing (:mod:`orthodiff_nnunet.preprocessing`) with nnU-Net's ``run_case_save``, once per data identifier
    (the segmentation, diffusion and classification configurations share one). Cases already
    preprocessed under the same preprocessing-relevant plans (see
    :func:`orthodiff_nnunet.plans.preprocessing_hash`) are skipped; a progress record beside the
@@ -34,17 +34,14 @@ only the group's datasets whose ``dataset.json["orthodiff"]["orientation"]`` is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +64,14 @@ from orthodiff_nnunet.plans import (
     summarize_configuration,
     with_orthodiff_block,
 )
+from orthodiff_nnunet.preprocessing import (
+    PlanningError,
+    PreprocessedDataError,
+    check_preprocessed_data,
+    preprocess_configurations,
+    progress_record_path,
+)
+from orthodiff_nnunet.preprocessing import dataset_lock as _dataset_lock
 from orthodiff_nnunet.schemes import ORIENTATION_ID_OFFSET, ORIENTATION_SUFFIX, ORIENTATIONS, normalize_orientation
 from orthodiff_nnunet.utils import atomic_write_json, load_json, nnunet_stdout_to_log
 
@@ -103,21 +108,9 @@ DEFAULT_CONFIGURATIONS: tuple[str, ...] = (
 )
 _FINGERPRINT_RECORD = ".orthodiff_fingerprint_source.json"
 _FINGERPRINT_RECORD_VERSION = 1
-_PROGRESS_SUFFIX = ".orthodiff_progress.json"
-#: held (``flock``) by a plan_and_preprocess run on a preprocessed dataset folder; released by the OS when
-#: the process dies, so a killed run never leaves a stale lock
-_LOCK_FILE = ".orthodiff_plan_and_preprocess.lock"
 #: an atomic write's temporary file older than this (seconds) belongs to no live write
 _STALE_TEMPORARY_S = 60.0
 _ROLE_OF = {v: k for k, v in CONFIGURATION_ROLES.items()}
-
-
-class PlanningError(OrthodiffError):
-    """plan_and_preprocess cannot go on; the message says what to do."""
-
-
-class PreprocessedDataError(PlanningError):
-    """A preprocessed data folder was not made (or not completely) by the plans about to use it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,29 +343,6 @@ def _planner_class(planner: PlannerName):
     import orthodiff_nnunet.planners as planners
 
     return getattr(planners, PLANNERS[planner][0])
-
-
-@contextlib.contextmanager
-def _dataset_lock(pre_folder: Path) -> Iterator[None]:
-    """Hold the preprocessed dataset folder for this run; refuse when another run holds it.
-
-    ``filelock`` takes an ``flock`` on :data:`_LOCK_FILE`; the operating system releases it when
-    the process ends, however it ends, so a killed run never blocks the next one.
-    """
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(pre_folder / _LOCK_FILE), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout as exc:
-        raise PlanningError(
-            f"another plan_and_preprocess is running on {pre_folder} (it holds {pre_folder / _LOCK_FILE}): "
-            "wait for it to finish, then run this command again"
-        ) from exc
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _remove_stale_temporaries(pre_folder: Path, min_age_s: float = _STALE_TEMPORARY_S) -> list[Path]:
@@ -673,269 +643,6 @@ def transfer_plans(
     save_plans(folder / f"{plans['plans_name']}.json", plans)
     atomic_write_json(folder / "dataset.json", target.dataset_json)
     return plans
-
-
-# ----------------------------------------------------------------------------------------------
-# preprocessing (resumable)
-_CASE_FILES = (".b2nd", "_seg.b2nd", ".pkl")  # what nnUNetDatasetBlosc2.save_case writes per case
-
-
-def _case_complete(out_dir: Path, case: str) -> bool:
-    return all((out_dir / f"{case}{suffix}").is_file() for suffix in _CASE_FILES)
-
-
-def _remove_partial_case(out_dir: Path, case: str) -> None:
-    """blosc2 refuses to overwrite: clear what an interrupted run left of a case."""
-    for suffix in _CASE_FILES:
-        (out_dir / f"{case}{suffix}").unlink(missing_ok=True)
-
-
-def progress_record_path(dataset_folder: Path, data_identifier: str) -> Path:
-    """The stamp of a preprocessed data folder: ``.<data_identifier>.orthodiff_progress.json`` beside it.
-
-    Written by preprocessing before the first case and after each: ``hash`` (the plans'
-    :func:`~orthodiff_nnunet.plans.preprocessing_hash`), ``plans_name``, ``configuration``,
-    ``data_identifier``, ``cases`` (how many cases the dataset has) and ``done`` (cases complete).
-    """
-    return Path(dataset_folder) / f".{data_identifier}{_PROGRESS_SUFFIX}"
-
-
-def _fix_command(dataset_name: str, plans: dict) -> str:
-    """The plan_and_preprocess command that (re)makes ``plans``' data of ``dataset_name``."""
-    name = plans.get("plans_name", "?")
-    try:
-        source = read_orthodiff_block(plans).plans_transferred_from
-    except PlansError:
-        source = None
-    if source:
-        return (f"orthodiff plan_and_preprocess -d {dataset_name} --plans-from {source} --plans-name {name} "
-                f"(or --plans-from <the plans file they came from>)")
-    return f"orthodiff plan_and_preprocess -d {dataset_name} --plans-name {name}"
-
-
-def check_preprocessed_data(
-    dataset_folder: Path, plans: dict, configuration: str, dataset_json: dict | None = None,
-) -> Path:
-    """Refuse data that was not made, completely, by ``plans``: every trainer calls this before training.
-
-    The data folder's stamp (:func:`progress_record_path`) must hold the plans' preprocessing hash
-    (spacing, normalisation, resampling, transpose, intensity properties and labels: what changes the
-    arrays; patch and batch size do not) and list every case as done. Another plans file that shares
-    the data identifier, a plans file edited after preprocessing, a preprocessing run that was killed
-    or data made by another tool all fail here, before the first iteration, instead of training on
-    data that does not match the plans.
-
-    Args:
-        dataset_folder: ``nnUNet_preprocessed/<dataset>``.
-        plans: the plans the trainer uses.
-        configuration: the trainer's configuration (inheritance resolved).
-        dataset_json: the preprocessed ``dataset.json`` (its labels enter the hash); read from the
-            folder when None.
-
-    Returns:
-        The checked data folder.
-
-    Raises:
-        PreprocessedDataError: naming the folder, what is wrong and the command that fixes it.
-    """
-    dataset_folder = Path(dataset_folder)
-    if dataset_json is None:
-        dataset_json = load_json(dataset_folder / "dataset.json")
-    resolved = resolve_configuration(plans, configuration)
-    identifier = resolved["data_identifier"]
-    data = dataset_folder / identifier
-    stamp = progress_record_path(dataset_folder, identifier)
-    name = plans.get("plans_name", "?")
-    fix = _fix_command(dataset_folder.name, plans)
-    if not data.is_dir():
-        raise PreprocessedDataError(f"{data} does not exist: the {configuration} data of plans {name} were never "
-                                    f"preprocessed. Run `{fix}`")
-    if not stamp.is_file():
-        raise PreprocessedDataError(
-            f"{data} has no preprocessing stamp ({stamp.name}): it was not made by `orthodiff plan_and_preprocess`, "
-            f"so nothing shows it matches plans {name}. Run `{fix}`")
-    record = load_json(stamp)
-    digest = preprocessing_hash(plans, configuration, dataset_json.get("labels"))
-    if record.get("hash") != digest:
-        by = record.get("plans_name")
-        if by == name:
-            detail = f"plans {name} as they were before they were edited"
-        else:
-            detail = f"plans {by}" if by else f"another plans file, or plans {name} before an edit"
-        raise PreprocessedDataError(
-            f"{data} was preprocessed with other plans ({detail}): its spacing, normalisation or resampling "
-            f"differ from what plans {name} ({configuration}) say. Run `{fix}` to preprocess the data for "
-            "these plans")
-    done = set(record.get("done", []))
-    total = record.get("cases")
-    present = {p.name[: -len(".pkl")] for p in data.glob("*.pkl")}
-    missing = sorted(present - done)
-    if missing or (total is not None and len(done) < int(total)):
-        n_total = int(total) if total is not None else len(present)
-        raise PreprocessedDataError(
-            f"{data} is incomplete: {len(done)} of {n_total} cases preprocessed (the preprocessing was "
-            f"interrupted?). Run `{fix}`: it resumes with the missing cases")
-    return data
-
-
-def _preprocess_data_identifier(
-    dataset_name: str, plans: dict, configuration: str, cases: dict[str, dict[str, Any]], pre_root: Path,
-    num_processes: int, clean: bool, show_progress: bool,
-) -> tuple[int, int, int]:
-    """Preprocess the cases of one data identifier that are not done yet. Returns (cases, new, skipped)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from tqdm import tqdm
-
-    folder = pre_root / dataset_name
-    dataset_json = load_json(folder / "dataset.json")
-    plans_manager = PlansManager(plans)
-    cm = plans_manager.get_configuration(configuration)
-    out_dir = folder / cm.data_identifier
-    progress_file = progress_record_path(folder, cm.data_identifier)
-    digest = preprocessing_hash(plans, configuration, dataset_json.get("labels"))
-    plans_name = str(plans.get("plans_name"))
-
-    record = load_json(progress_file) if progress_file.is_file() else None
-    if record is not None and record.get("hash") != digest:
-        _refuse_taking_over(folder, out_dir, record, plans_name)
-    if clean or record is None or record.get("hash") != digest:
-        if out_dir.exists():
-            log.info("%s: %s was made with other plans (or is incomplete): redoing it", dataset_name, out_dir.name)
-            shutil.rmtree(out_dir)
-        done: set[str] = set()
-    else:
-        done = set(record.get("done", []))
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    done = {k for k in done if k in cases and _case_complete(out_dir, k)}
-    todo = [k for k in cases if k not in done]
-    skipped = len(cases) - len(todo)
-    for k in todo:
-        _remove_partial_case(out_dir, k)
-
-    last_write = [0.0]
-
-    def write_record(force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - last_write[0] > 2.0:
-            atomic_write_json(progress_file, {"hash": digest, "plans_name": plans_name, "configuration": configuration,
-                                              "data_identifier": cm.data_identifier, "cases": len(cases),
-                                              "done": sorted(done)})
-            last_write[0] = now
-
-    write_record(force=True)
-    if not todo:
-        return len(cases), 0, skipped
-    preprocessor = cm.preprocessor_class(verbose=False)
-    args = {k: (str(out_dir / k), cases[k]["images"], cases[k]["label"], plans_manager, cm, dataset_json)
-            for k in todo}
-    bar = tqdm(total=len(todo), desc=f"Preprocessing {dataset_name}", unit="case", disable=not show_progress)
-    try:
-        if num_processes <= 1 or len(todo) == 1:
-            for k in todo:
-                preprocessor.run_case_save(*args[k])
-                done.add(k)
-                bar.update()
-                write_record()
-        else:
-            import multiprocessing
-
-            ctx = multiprocessing.get_context("spawn")  # as nnU-Net: torch and fork do not mix
-            with ProcessPoolExecutor(max_workers=min(num_processes, len(todo)), mp_context=ctx) as pool:
-                futures = {pool.submit(preprocessor.run_case_save, *args[k]): k for k in todo}
-                for fut in as_completed(futures):
-                    k = futures[fut]
-                    try:
-                        fut.result()
-                    except Exception as exc:
-                        for f in futures:
-                            f.cancel()
-                        raise PlanningError(
-                            f"{dataset_name}: preprocessing case {k} failed: {exc!r} (a killed worker usually "
-                            "means out of memory: lower -np). Cases done so far are kept; rerun to resume."
-                        ) from exc
-                    done.add(k)
-                    bar.update()
-                    write_record()
-    finally:
-        bar.close()
-        write_record(force=True)
-    return len(cases), len(todo), skipped
-
-
-def _refuse_taking_over(folder: Path, out_dir: Path, record: dict, plans_name: str) -> None:
-    """Never redo a data folder that another, still present plans file of the dataset owns.
-
-    Plans names own their data identifiers (:func:`~orthodiff_nnunet.plans.own_data_identifiers`),
-    so this only fires for hand-edited plans whose identifier was made to point at another plans'
-    folder: rebuilding it would silently change the data the other plans' models train on.
-    """
-    owner = record.get("plans_name")
-    if not owner or owner == plans_name:
-        return
-    owner_file = folder / f"{owner}.json"
-    if not owner_file.is_file():
-        return
-    try:
-        owner_plans = load_plans(owner_file)
-        configuration = record.get("configuration")
-        owns = (resolve_configuration(owner_plans, configuration)["data_identifier"] == out_dir.name
-                and preprocessing_hash(owner_plans, configuration, load_json(folder / "dataset.json").get("labels"))
-                == record.get("hash"))
-    except (PlansError, KeyError, ValueError):
-        return
-    if owns:
-        raise PlanningError(
-            f"{out_dir} holds the data of plans {owner} ({owner_file}), and plans {plans_name} name the same "
-            f"folder (data_identifier {out_dir.name!r}) with other spacing or normalisation: preprocessing them "
-            f"would overwrite {owner}'s data. Give plans {plans_name} their own data_identifier (e.g. "
-            f"'{plans_name}_3d_fullres' in {folder / (plans_name + '.json')}) and run plan_and_preprocess again")
-
-
-def _copy_gt_segmentations(dataset_name: str, cases: dict[str, dict[str, Any]], pre_root: Path) -> None:
-    """As nnU-Net: labels copied to ``gt_segmentations`` for validation without the raw data."""
-    folder = pre_root / dataset_name
-    dataset_json = load_json(folder / "dataset.json")
-    gt = folder / "gt_segmentations"
-    gt.mkdir(parents=True, exist_ok=True)
-    for k, v in cases.items():
-        src, dst = Path(v["label"]), gt / f"{k}{dataset_json['file_ending']}"
-        s = src.stat()
-        if dst.is_file():
-            d = dst.stat()
-            if d.st_size == s.st_size and d.st_mtime_ns == s.st_mtime_ns:
-                continue
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-
-
-def preprocess_configurations(
-    dataset_name: str, plans: dict, configurations: Sequence[str], cases: dict[str, dict[str, Any]],
-    pre_root: Path, num_processes: int, clean: bool = False, show_progress: bool = True,
-) -> tuple[int, int, int]:
-    """Preprocess ``configurations`` of one dataset, once per distinct data identifier (resumable).
-
-    Args:
-        cases: the raw training cases (:func:`list_training_cases`).
-
-    Returns:
-        (number of cases, newly preprocessed, skipped as already done), summed over data identifiers.
-    """
-    by_identifier: dict[str, str] = {}
-    for c in configurations:
-        if c not in plans.get("configurations", {}):
-            log.info("%s: no configuration %s in the plans; skipped", dataset_name, c)
-            continue
-        by_identifier.setdefault(resolve_configuration(plans, c)["data_identifier"], c)
-    totals = [0, 0, 0]
-    for identifier, c in by_identifier.items():
-        n, new, skipped = _preprocess_data_identifier(dataset_name, plans, c, cases, pre_root,
-                                                      num_processes, clean, show_progress)
-        log.info("%s: %s: %d cases, %d preprocessed now, %d already done", dataset_name, identifier, n, new, skipped)
-        totals = [totals[0] + n, totals[1] + new, totals[2] + skipped]
-    _copy_gt_segmentations(dataset_name, cases, pre_root)
-    return totals[0], totals[1], totals[2]
 
 
 # ----------------------------------------------------------------------------------------------

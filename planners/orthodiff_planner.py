@@ -34,6 +34,13 @@ What differs from nnU-Net's planners (and why):
   different topology). Set ``plan_lowres = True`` on a subclass to get nnU-Net's behaviour.
 * **Atomic plans writes** and a typed ``plans["orthodiff"]`` block
   (:class:`orthodiff_nnunet.plans.OrthodiffPlansBlock`).
+* **Preprocessor name** stays nnU-Net's ``DefaultPreprocessor`` (what ``plan_experiment_dataset``
+  passes). ``orthodiff plan_and_preprocess`` preprocesses with the resumable
+  :class:`orthodiff_nnunet.preprocessing.OrthodiffPreprocessor` (the same arrays) whatever the plans
+  name. A plans file may name it (:data:`orthodiff_nnunet.preprocessing.PREPROCESSOR_NAME`) to make
+  nnU-Net's own ``preprocess`` resume inside ``nnunet_finds_orthodiff_preprocessor``; written by
+  default it would stop a fresh ``nnUNetv2_preprocess`` or ``nnUNetv2_predict`` (nnU-Net looks the
+  name up inside ``nnunetv2`` only) and change every dataset's preprocessing hash.
 """
 
 from __future__ import annotations

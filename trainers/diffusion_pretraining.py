@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
-from orthodiff_nnunet.planning import check_preprocessed_data
+from orthodiff_nnunet.preprocessing import check_preprocessed_data
 from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")

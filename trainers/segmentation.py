@@ -68,7 +68,7 @@ from orthodiff_nnunet.data.splits import SPLIT_SEED, label_fraction_subset
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.encoder_io import EncoderLoadReport, encoder_of, load_encoder
-from orthodiff_nnunet.planning import check_preprocessed_data
+from orthodiff_nnunet.preprocessing import check_preprocessed_data
 from orthodiff_nnunet.utils import atomic_write_json
 
 INITS = ("diffusion", "scratch")
