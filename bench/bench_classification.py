@@ -132,7 +132,8 @@ def throughput(args, device) -> str:
 
     from orthodiff_nnunet.classification import _view_data, resolve_views
     from orthodiff_nnunet.data.targets import load_dataset_targets
-    from orthodiff_nnunet.trainers.classification import MultiViewExamLoader, nnUNetTrainerOrthoDiffCls
+    from orthodiff_nnunet.data.exam_loaders import MultiViewExamLoader
+    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
 
     full = args.size == "full"
     names = phantom_group(args.work, THROUGHPUT_ID + (100 if full else 0), "ClsBenchFull" if full else "ClsBench",
