@@ -1,7 +1,7 @@
 """The seams of the classifier's modules (issue 17): each against a known answer.
 
-* the learning-rate schedule is nnU-Net's polynomial decay per step, per parameter group, equal to
-  the formula the trainer used before (and resumes a run saved with that scheduler);
+* the learning-rate schedule is nnU-Net's polynomial decay (its PolyLRScheduler's rates) per step, per
+  parameter group, and a run resumed with more steps follows the new length;
 * the optimizer groups of each mode, the positive weights, one training step without fp16;
 * the records of a run: predictions CSV, the progress CSV, thresholds chosen on the selection
   exams and applied unchanged to the test exams;
@@ -54,7 +54,7 @@ from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
 
 
 def _old_poly(step: int, total: int) -> float:
-    """The trainer's schedule before the switch: ``LambdaLR`` with this factor."""
+    """The trainer's schedule factor as written before the refactor."""
     return (1 - min(step, total - 1) / total) ** 0.9
 
 
@@ -75,34 +75,48 @@ def _tiny_classifier(num_labels: int = 2) -> MultiViewClassifier:
 # ----------------------------------------------------------------------------------------------
 # learning rate
 @pytest.mark.parametrize("total", [1, 7, 250])
-def test_poly_lr_schedule_equals_the_old_formula_at_every_training_step(total: int) -> None:
+def test_poly_lr_schedule_is_nnunets_polylr_per_group(total: int) -> None:
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
     opt = _two_groups()
     sched = poly_lr_schedule(opt, total)
-    for k in range(total):  # the rate of the k-th optimizer step, per group from its own initial rate
+    one = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    nnunet = PolyLRScheduler(one, 1e-3, total)  # one group only: it sets the same rate for every group
+    for k in range(total):  # the rate of the k-th optimizer step
+        assert opt.param_groups[0]["lr"] == pytest.approx(one.param_groups[0]["lr"], rel=1e-12, abs=0)
         assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * _old_poly(k, total), rel=1e-12, abs=0)
         assert opt.param_groups[1]["lr"] == pytest.approx(5e-5 * _old_poly(k, total), rel=1e-12, abs=0)
         opt.step()
         sched.step()
-    # after the last step (no update uses it) the rate is 0; the old clamp kept (1/total)^0.9 of it
-    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+        one.step()
+        nnunet.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(5e-5 * (1 / total) ** 0.9, rel=1e-12)  # clamped, never 0
 
 
-def test_poly_lr_schedule_resumes_a_run_saved_with_the_old_scheduler() -> None:
-    total = 100
-    old_opt = _two_groups()
-    old = torch.optim.lr_scheduler.LambdaLR(old_opt, lambda step: _old_poly(step, total))
-    for _ in range(40):
-        old_opt.step()
+def test_poly_lr_schedule_resumed_with_more_steps_follows_the_new_length() -> None:
+    """``--resume`` with more epochs: the rate goes on from the step count (torch's PolynomialLR would stay at 0)."""
+    finished = _two_groups()
+    old = poly_lr_schedule(finished, 10)
+    chained = _two_groups()
+    poly = torch.optim.lr_scheduler.PolynomialLR(chained, total_iters=10, power=0.9)
+    for _ in range(10):
+        finished.step()
         old.step()
+        chained.step()
+        poly.step()
     opt = _two_groups()
-    sched = poly_lr_schedule(opt, total)
-    opt.load_state_dict(old_opt.state_dict())
+    sched = poly_lr_schedule(opt, 20)
+    opt.load_state_dict(finished.state_dict())
     sched.load_state_dict(old.state_dict())
-    for k in range(40, total):
-        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * _old_poly(k, total), rel=1e-12, abs=0)
-        assert opt.param_groups[1]["lr"] == pytest.approx(5e-5 * _old_poly(k, total), rel=1e-12, abs=0)
+    poly.total_iters = 20
+    for k in range(11, 20):
         opt.step()
         sched.step()
+        chained.step()
+        poly.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * _old_poly(k, 20), rel=1e-12, abs=0)
+        assert opt.param_groups[1]["lr"] == pytest.approx(5e-5 * _old_poly(k, 20), rel=1e-12, abs=0)
+        assert chained.param_groups[0]["lr"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------

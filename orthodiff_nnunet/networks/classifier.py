@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import PolynomialLR
+from torch.optim.lr_scheduler import LambdaLR
 
 from orthodiff_nnunet.diffusion import make_schedule, q_sample
 from orthodiff_nnunet.errors import ClassificationError
@@ -354,20 +354,27 @@ def param_groups(network: MultiViewClassifier, mode: str, lr: float, encoder_lr_
     return [{"params": network.head_parameters(), "lr": lr}, {"params": enc, "lr": lr * factor}]
 
 
-def poly_lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, exponent: float = 0.9) -> PolynomialLR:
+def poly_lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, exponent: float = 0.9) -> LambdaLR:
     """nnU-Net's polynomial learning-rate decay, stepped once per training step.
 
-    After ``k`` steps every parameter group ``g`` trains at ``lr_g * (1 - k / total_steps) ** exponent``
-    from its *own* initial rate (the encoders' lower rate stays a fixed share of the head's); after
-    the last step the rate is 0. It is torch's ``PolynomialLR``: nnU-Net's ``PolyLRScheduler`` sets one
-    rate for every group (the encoders would lose their factor) and, past ``max_steps``, a complex one.
+    After ``k`` steps every parameter group ``g`` trains at ``lr_g * (1 - k / total_steps) ** exponent``,
+    the formula of nnU-Net's ``PolyLRScheduler`` (the tests compare the two step by step), each group
+    from its *own* initial rate (the encoders' rate stays a fixed share of the head's); ``k`` is
+    clamped to ``total_steps - 1``.
+
+    Why torch's ``LambdaLR`` with that formula rather than a library polynomial scheduler: nnU-Net's
+    ``PolyLRScheduler`` sets one rate for every group (the encoders would lose their factor) and keeps
+    ``max_steps`` in its state; torch's ``PolynomialLR`` computes each rate from the previous one, so a
+    run resumed with more epochs would go on at the finished run's final rate, 0. ``LambdaLR`` keeps only
+    the step count in a checkpoint, so a resumed run follows the length it is given.
 
     Args:
         optimizer: its groups' ``lr`` are the initial rates.
         total_steps: steps of the whole run (at least 1).
         exponent: the decay exponent (nnU-Net's 0.9).
     """
-    return PolynomialLR(optimizer, total_iters=max(1, int(total_steps)), power=exponent)
+    total = max(1, int(total_steps))
+    return LambdaLR(optimizer, lambda step: (1 - min(step, total - 1) / total) ** exponent)
 
 
 def encoder_schedule(encoder_path: Path | None) -> dict:
