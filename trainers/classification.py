@@ -58,7 +58,7 @@ class nnUNetTrainerOrthoDiffCls(prec.TrainerPrecision):
     ``runtime_precision``, autocast) come from :class:`~orthodiff_nnunet.networks.precision.TrainerPrecision`.
 
     Args:
-        views: ordered view -> :class:`exam_loaders.ViewData` (fusion order, e.g. sag, cor, ax).
+        views: ordered view -> :class:`~orthodiff_nnunet.data.exam_loaders.ViewData` (fusion order: sag, cor, ax).
         targets: view -> that dataset's targets file (exams are matched by their ``exam`` field).
         fold: cross-validation fold of ``splits_final.json`` whose validation exams are the selection set
             (or ``"all"``: train and select on all exams, no test set).
