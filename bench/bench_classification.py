@@ -191,9 +191,9 @@ def time_inference(trainer, args, device) -> tuple[float, float, int]:
     """(exams/s of ``predict_exams`` with loading, exams/s of the forward pass alone, exams)."""
     import torch
 
-    from orthodiff_nnunet.trainers.classification import MultiViewExamLoader
+    from orthodiff_nnunet.data.exam_loaders import MultiViewExamLoader
 
-    exams = trainer.exams_train + trainer.exams_val
+    exams = trainer.exams_train + trainer.exams_selection
     t = time.perf_counter()
     trainer.predict_exams(exams)
     infer_e2e = len(exams) / (time.perf_counter() - t)

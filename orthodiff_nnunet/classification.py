@@ -142,7 +142,7 @@ def resolve_views(datasets: Sequence[int | str] | int | str, views: Sequence[str
 
 
 def _view_data(view: str, dataset_name: str, plans_identifier: str | None, configuration: str):
-    from orthodiff_nnunet.trainers.classification import ViewData
+    from orthodiff_nnunet.data.exam_loaders import ViewData
 
     ident, plans = find_plans(dataset_name, plans_identifier)
     if configuration not in plans["configurations"]:
@@ -477,11 +477,9 @@ def predict_classification(
     from orthodiff_nnunet.data.targets import TargetsError, TargetsFile, load_dataset_targets, match_exams
     from orthodiff_nnunet.evaluation.classification import classification_metrics
     from orthodiff_nnunet.plans import preprocessing_hash
-    from orthodiff_nnunet.trainers.classification import (
-        ViewData,
-        nnUNetTrainerOrthoDiffCls,
-        write_predictions_csv,
-    )
+    from orthodiff_nnunet.data.exam_loaders import ViewData
+    from orthodiff_nnunet.evaluation.classification import write_predictions_csv
+    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
     from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
 
     model_folder = Path(model_folder)

@@ -14,3 +14,7 @@ class ConversionError(OrthodiffError):
         self.problems = list(problems)
         text = f"{header}: {len(self.problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(text)
+
+
+class ClassificationError(OrthodiffError):
+    """Classification training or prediction cannot go on (splits, precision, checkpoints); the message says what to do."""

@@ -175,8 +175,7 @@ def test_targets_reader_and_exam_matching(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # network
 def test_fusion_handles_missing_views_and_loss_masks_unknowns(knee) -> None:
-    from orthodiff_nnunet.networks.classifier import build_classifier
-    from orthodiff_nnunet.trainers.classification import masked_bce
+    from orthodiff_nnunet.networks.classifier import build_classifier, masked_bce
 
     plans = {v: _plans(knee, v) for v in ("sag", "cor", "ax")}
     patch = {v: tuple(p["configurations"]["3d_fullres"]["patch_size"]) for v, p in plans.items()}
@@ -315,7 +314,7 @@ def test_three_view_training_detects_effusion_on_held_out_exams(knee, tmp_path: 
 
 def test_gated_fusion_label_fraction_and_usage_errors(knee) -> None:
     from orthodiff_nnunet.classification import ClassificationUsageError, _per_view, resolve_views, train_classification
-    from orthodiff_nnunet.trainers.classification import ClassificationError
+    from orthodiff_nnunet.errors import ClassificationError
 
     assert resolve_views(KNEE) == {"sag": knee.names["sag"], "cor": knee.names["cor"], "ax": knee.names["ax"]}
     assert list(resolve_views([knee.names["ax"], knee.names["sag"]], ["ax", "sag"])) == ["ax", "sag"]

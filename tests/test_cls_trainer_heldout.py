@@ -20,16 +20,16 @@ import torch
 
 from orthodiff_nnunet.data.phantom import write_site
 from orthodiff_nnunet.data.sites import SITE_3T
-from orthodiff_nnunet.trainers.classification import (
+from orthodiff_nnunet.data.exam_loaders import three_way_split
+from orthodiff_nnunet.errors import ClassificationError
+from orthodiff_nnunet.networks.precision import (
     PRECISIONS,
-    ClassificationError,
     autocast_dtype,
-    nnUNetTrainerOrthoDiffCls,
     precision_candidates,
     resolve_precision,
     tf32_context,
-    three_way_split,
 )
+from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
 
 DATASET = 571
 PLANS = "tinyPlans"

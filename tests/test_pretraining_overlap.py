@@ -16,7 +16,9 @@ from orthodiff_nnunet.classification import default_test_folds
 from orthodiff_nnunet.data.targets import Exam
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.pretraining import fold_cases
-from orthodiff_nnunet.trainers.classification import ClassificationError, ExamSplit, nnUNetTrainerOrthoDiffCls
+from orthodiff_nnunet.data.exam_loaders import ExamSplit
+from orthodiff_nnunet.errors import ClassificationError
+from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
 
 
 def _encoder(path: Path, train_cases: list[str] | None) -> Path:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from orthodiff_nnunet.networks.encoder_io import FORMAT, EncoderMismatchError, read_encoder_checkpoint
-from orthodiff_nnunet.trainers.classification import CHECKPOINT_FORMAT, ClassificationError, read_classifier_checkpoint
+from orthodiff_nnunet.errors import ClassificationError
+from orthodiff_nnunet.networks.classifier import CHECKPOINT_FORMAT, read_classifier_checkpoint
 
 
 class _Payload:

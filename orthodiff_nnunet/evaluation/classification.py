@@ -36,12 +36,24 @@ estimate.
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from orthodiff_nnunet.conventions import CLS_THRESHOLDS_FILE
+from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
+
+if TYPE_CHECKING:
+    from orthodiff_nnunet.data.targets import Exam
+
+log = logging.getLogger(__name__)
 
 ThresholdMethod = Literal["youden", "f1", "fixed"]
 METRICS: tuple[str, ...] = ("auroc", "auprc", "sensitivity", "specificity")
@@ -50,7 +62,8 @@ DEFAULT_THRESHOLD = 0.5
 __all__ = [
     "METRICS", "ThresholdMethod", "LabelMetrics", "ClassificationMetrics", "auroc", "average_precision",
     "binary_metrics", "bootstrap_ci", "choose_threshold", "choose_thresholds", "classification_metrics",
-    "cluster_ids", "cluster_members", "mean_auroc", "resample_clusters",
+    "cluster_ids", "cluster_members", "mean_auroc", "resample_clusters", "PredictedSet", "mean_known_bce",
+    "patient_clusters", "write_heldout_results", "write_predictions_csv", "write_training_progress",
 ]
 
 
@@ -374,6 +387,100 @@ def _undefined_reasons(n: int, n_pos: int) -> dict[str, str]:
     return out
 
 
+def _metric_inputs(y_true: np.ndarray, y_score: np.ndarray, label_names: Sequence[str],
+                   thresholds: Mapping[str, float] | None, decisions: np.ndarray | None):
+    """``(y_true, y_score, thresholds, decisions)`` as ``(N, L)`` float64 arrays and one threshold per label.
+
+    With ``decisions`` every threshold is NaN: the decisions were made per exam elsewhere.
+
+    Raises:
+        ValueError: shapes that disagree with each other or with the label names.
+    """
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim == 1 and y_true.size == 0:  # no exam at all
+        y_true = y_score = np.zeros((0, len(label_names)))
+    y_true, y_score = np.atleast_2d(y_true), np.atleast_2d(y_score)
+    if y_true.shape != y_score.shape or y_true.shape[1] != len(label_names):
+        raise ValueError(f"y_true {y_true.shape}, y_score {y_score.shape} and {len(label_names)} label names disagree")
+    thr = {n: float((thresholds or {}).get(n, DEFAULT_THRESHOLD)) for n in label_names}
+    if decisions is not None:
+        decisions = np.atleast_2d(np.asarray(decisions, dtype=np.float64))
+        if decisions.shape != y_true.shape:
+            raise ValueError(f"decisions {decisions.shape} and y_true {y_true.shape} differ")
+        thr = {name: math.nan for name in label_names}  # per-exam decisions: no single threshold
+    return y_true, y_score, thr, decisions
+
+
+def _label_metrics(y_true: np.ndarray, y_score: np.ndarray, label_names: Sequence[str], thr: Mapping[str, float],
+                   decisions: np.ndarray | None) -> list[LabelMetrics]:
+    """Point estimates of every label (no intervals yet), with the reasons of the undefined ones."""
+    labels = []
+    for j, name in enumerate(label_names):
+        m = binary_metrics(y_true[:, j], y_score[:, j], thr[name])
+        if decisions is not None:
+            keep = np.isfinite(y_true[:, j])
+            m["sensitivity"], m["specificity"] = _sens_spec(y_true[keep, j].astype(np.int64), y_score[keep, j], 0.0,
+                                                            decisions[keep, j])
+        labels.append(LabelMetrics(name=name, n=m["n"], n_pos=m["n_pos"], threshold=thr[name], auroc=m["auroc"],
+                                   auprc=m["auprc"], sensitivity=m["sensitivity"], specificity=m["specificity"],
+                                   undefined=_undefined_reasons(m["n"], m["n_pos"])))
+    return labels
+
+
+def _bootstrap_values(y_true: np.ndarray, y_score: np.ndarray, label_names: Sequence[str], thr: Mapping[str, float],
+                      decisions: np.ndarray | None, members: Sequence[np.ndarray], n_boot: int,
+                      seed: int) -> np.ndarray:
+    """``(n_boot, L, len(METRICS))`` metric values of each resample; NaN = undefined in that resample.
+
+    One pass over the resamples computes every label's metrics on the same exam indices.
+    """
+    rng = np.random.default_rng(seed)
+    values = np.full((int(n_boot), len(label_names), len(METRICS)), np.nan)
+    known = [np.isfinite(y_true[:, j]) for j in range(len(label_names))]
+    for b in range(int(n_boot)):
+        idx = resample_clusters(rng, members)
+        for j, name in enumerate(label_names):
+            sel = idx[known[j][idx]]
+            if sel.size == 0:
+                continue
+            y = y_true[sel, j].astype(np.int64)
+            s = y_score[sel, j]
+            sens, spec = _sens_spec(y, s, thr[name], None if decisions is None else decisions[sel, j])
+            values[b, j] = (_rank_auroc(y, s), _step_average_precision(y, s), sens, spec)
+    return values
+
+
+def _percentile_interval(v: np.ndarray, n_boot: int, alpha: float) -> tuple[tuple[float, float], int]:
+    """``((low, high), n_defined)`` of the defined values; NaN bounds when fewer than half are defined."""
+    v = v[~np.isnan(v)]
+    if v.size < max(1, n_boot // 2):
+        return (math.nan, math.nan), int(v.size)
+    lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return (float(lo), float(hi)), int(v.size)
+
+
+def _attach_intervals(labels: Sequence[LabelMetrics], values: np.ndarray, macro_idx: Mapping[str, list[int]],
+                      n_boot: int, alpha: float) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:
+    """Fill every label's ``ci``/``ci_valid`` from the resampled ``values``; return the macro intervals.
+
+    A resample's macro value is the mean over the fixed label set of that metric; NaN (skipped,
+    counted) where one of them is undefined.
+    """
+    for j, m in enumerate(labels):
+        for i, k in enumerate(METRICS):
+            m.ci[k], m.ci_valid[k] = _percentile_interval(values[:, j, i], n_boot, alpha)
+    macro_ci: dict[str, tuple[float, float]] = {}
+    macro_valid: dict[str, int] = {}
+    for i, k in enumerate(METRICS):
+        idx = macro_idx[k]
+        if not idx:
+            macro_ci[k], macro_valid[k] = (math.nan, math.nan), 0
+            continue
+        macro_ci[k], macro_valid[k] = _percentile_interval(values[:, idx, i].mean(axis=1), n_boot, alpha)
+    return macro_ci, macro_valid
+
+
 def classification_metrics(
     y_true: np.ndarray,
     y_score: np.ndarray,
@@ -403,32 +510,9 @@ def classification_metrics(
             ``None``: every exam is its own cluster (recorded as ``resampling.unit = "exam"``).
         n_without_patient: how many exams had no patient id (recorded in ``resampling``).
     """
-    y_true = np.asarray(y_true, dtype=np.float64)
-    y_score = np.asarray(y_score, dtype=np.float64)
-    if y_true.ndim == 1 and y_true.size == 0:  # no exam at all
-        y_true = y_score = np.zeros((0, len(label_names)))
-    y_true, y_score = np.atleast_2d(y_true), np.atleast_2d(y_score)
-    if y_true.shape != y_score.shape or y_true.shape[1] != len(label_names):
-        raise ValueError(f"y_true {y_true.shape}, y_score {y_score.shape} and {len(label_names)} label names disagree")
-    thr = {n: float((thresholds or {}).get(n, DEFAULT_THRESHOLD)) for n in label_names}
+    y_true, y_score, thr, decisions = _metric_inputs(y_true, y_score, label_names, thresholds, decisions)
     n = y_true.shape[0]
-    if decisions is not None:
-        decisions = np.atleast_2d(np.asarray(decisions, dtype=np.float64))
-        if decisions.shape != y_true.shape:
-            raise ValueError(f"decisions {decisions.shape} and y_true {y_true.shape} differ")
-        thr = {name: math.nan for name in label_names}  # per-exam decisions: no single threshold
-
-    labels = []
-    for j, name in enumerate(label_names):
-        m = binary_metrics(y_true[:, j], y_score[:, j], thr[name])
-        if decisions is not None:
-            keep = np.isfinite(y_true[:, j])
-            m["sensitivity"], m["specificity"] = _sens_spec(y_true[keep, j].astype(np.int64), y_score[keep, j], 0.0,
-                                                            decisions[keep, j])
-        labels.append(LabelMetrics(name=name, n=m["n"], n_pos=m["n_pos"], threshold=thr[name], auroc=m["auroc"],
-                                   auprc=m["auprc"], sensitivity=m["sensitivity"], specificity=m["specificity"],
-                                   undefined=_undefined_reasons(m["n"], m["n_pos"])))
-
+    labels = _label_metrics(y_true, y_score, label_names, thr, decisions)
     # one definition of macro: the labels where the metric is defined on the full data
     macro_idx = {k: [j for j, m in enumerate(labels) if not math.isnan(getattr(m, k))] for k in METRICS}
     macro = {k: float(np.mean([getattr(labels[j], k) for j in idx])) if idx else math.nan
@@ -439,39 +523,146 @@ def classification_metrics(
     macro_ci: dict[str, tuple[float, float]] = {}
     macro_valid: dict[str, int] = {}
     if n_boot > 0 and n > 0:
-        # one pass over the resamples computes every label's metrics on the same exam indices
-        rng = np.random.default_rng(seed)
-        values = np.full((int(n_boot), len(label_names), len(METRICS)), np.nan)
-        known = [np.isfinite(y_true[:, j]) for j in range(len(label_names))]
-        for b in range(int(n_boot)):
-            idx = resample_clusters(rng, members)
-            for j, name in enumerate(label_names):
-                sel = idx[known[j][idx]]
-                if sel.size == 0:
-                    continue
-                y = y_true[sel, j].astype(np.int64)
-                s = y_score[sel, j]
-                sens, spec = _sens_spec(y, s, thr[name], None if decisions is None else decisions[sel, j])
-                values[b, j] = (_rank_auroc(y, s), _step_average_precision(y, s), sens, spec)
-
-        def interval(v: np.ndarray) -> tuple[tuple[float, float], int]:
-            v = v[~np.isnan(v)]
-            if v.size < max(1, n_boot // 2):
-                return (math.nan, math.nan), int(v.size)
-            lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-            return (float(lo), float(hi)), int(v.size)
-
-        for j, m in enumerate(labels):
-            for i, k in enumerate(METRICS):
-                m.ci[k], m.ci_valid[k] = interval(values[:, j, i])
-        for i, k in enumerate(METRICS):
-            idx = macro_idx[k]
-            if not idx:
-                macro_ci[k], macro_valid[k] = (math.nan, math.nan), 0
-                continue
-            # the mean over the fixed label set; NaN (skipped, counted) where one of them is undefined
-            macro_ci[k], macro_valid[k] = interval(values[:, idx, i].mean(axis=1))
+        values = _bootstrap_values(y_true, y_score, label_names, thr, decisions, members, n_boot, seed)
+        macro_ci, macro_valid = _attach_intervals(labels, values, macro_idx, n_boot, alpha)
     return ClassificationMetrics(labels=labels, macro=macro, macro_ci=macro_ci, n_exams=n, n_boot=int(n_boot),
                                  seed=int(seed), alpha=float(alpha),
                                  macro_labels={k: [labels[j].name for j in idx] for k, idx in macro_idx.items()},
                                  macro_ci_valid=macro_valid, resampling=resampling)
+
+
+# ----------------------------------------------------------------------------------------------
+# a training run's predictions and records
+def patient_clusters(exams: Sequence[Exam]) -> dict:
+    """:func:`classification_metrics` keywords that make its bootstrap resample patients, not exams."""
+    clusters, missing = cluster_ids([e.patient for e in exams], [e.exam for e in exams])
+    return {"clusters": clusters, "n_without_patient": missing}
+
+
+def mean_known_bce(y_true: np.ndarray, y_prob: np.ndarray, eps: float = 1e-6) -> float:
+    """Binary cross-entropy of probabilities, averaged over the known targets (NaN = unknown; 0 without any)."""
+    known = np.isfinite(y_true)
+    y = np.nan_to_num(y_true)
+    bce = -(y * np.log(y_prob + eps) + (1 - y) * np.log(1 - y_prob + eps))
+    return float((bce * known).sum() / max(known.sum(), 1))
+
+
+def write_predictions_csv(path: Path, exams: Sequence[Exam], probs: np.ndarray, label_names: Sequence[str],
+                          thresholds: Mapping[str, float], views: Sequence[str],
+                          sets: Mapping[str, str] | None = None) -> Path:
+    """One row per exam: ids, site facts, views present/missing, ``p_<label>``, ``pred_<label>``, ``target_<label>``.
+
+    With ``sets`` (exam -> ``selection``/``test``) a ``set`` column follows ``exam``: which set of the
+    training run the exam belongs to. Written atomically.
+    """
+    buf = io.StringIO()
+    cols = (["exam"] + (["set"] if sets is not None else []) + ["site", "field_strength_t", "vendor", "views_present",
+                                                                "views_missing"]
+            + [f"p_{n}" for n in label_names] + [f"pred_{n}" for n in label_names] + [f"target_{n}" for n in label_names])
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for e, p in zip(exams, probs):
+        targets = ["" if not np.isfinite(t) else int(t) for t in e.targets]
+        w.writerow([e.exam] + ([sets[e.exam]] if sets is not None else [])
+                   + [e.site or "", "" if e.field_strength_t is None else f"{e.field_strength_t:g}", e.vendor or "",
+                      " ".join(v for v in views if e.has(v)), " ".join(e.missing_views(views))]
+                   + [f"{x:.6f}" for x in p] + [int(x >= thresholds[n]) for x, n in zip(p, label_names)] + targets)
+    atomic_write_text(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def write_training_progress(folder: Path, history: Sequence[Mapping[str, object]]) -> None:
+    """``progress.csv`` (one row per epoch, floats to 6 significant digits) and ``progress.png``.
+
+    The plot shows the training and selection BCE and the selection mean AUROC per epoch; a plot
+    that fails is logged at debug level and never stops training.
+    """
+    keys = list(history[0])
+    rows = [",".join(keys)] + [",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+                               for r in history]
+    atomic_write_text(Path(folder) / "progress.csv", "\n".join(rows) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ep = [r["epoch"] for r in history]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(ep, [r["train_loss"] for r in history], label="train loss")
+        ax.plot(ep, [r["selection_loss"] for r in history], label="selection loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("BCE")
+        ax2 = ax.twinx()
+        ax2.plot(ep, [r["selection_mean_auroc"] for r in history], "g--", label="selection mean AUROC")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("mean AUROC")
+        fig.legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, Path(folder) / "progress.png")
+    except Exception as exc:  # a plot must never stop training
+        log.debug("progress plot failed: %s", exc)
+
+
+@dataclass
+class PredictedSet:
+    """One set of a training run's exams with their ``(N, L)`` probabilities.
+
+    Attributes:
+        exams: the exams, in row order.
+        probs: ``(N, L)`` probabilities of the best checkpoint.
+        source: where the set comes from, in words (e.g. ``fold 1 validation``).
+    """
+
+    exams: Sequence[Exam]
+    probs: np.ndarray
+    source: str
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.stack([e.targets for e in self.exams])
+
+
+def write_heldout_results(folder: Path, selection: PredictedSet, test: PredictedSet | None,
+                          label_names: Sequence[str], views: Sequence[str], threshold_method: ThresholdMethod,
+                          n_boot: int, seed: int, sets_record: Mapping | None) -> dict:
+    """Thresholds chosen on the selection exams, applied unchanged to the test exams; every record of a run.
+
+    Writes ``thresholds.json`` (chosen on the selection exams only), ``predictions.csv`` (selection
+    and test exams, column ``set``), ``metrics.json`` (``selection`` and ``test`` metrics apart, the
+    selection's marked optimistic) and, with a test set, ``test_predictions.csv`` and
+    ``test_metrics.{json,md}`` (test exams only). Intervals resample patients (:func:`patient_clusters`).
+
+    Returns:
+        ``thresholds``, ``selection`` (:class:`ClassificationMetrics`) and with a test set ``test``.
+    """
+    folder = Path(folder)
+    thresholds = choose_thresholds(selection.targets, selection.probs, label_names, threshold_method)
+    atomic_write_json(folder / CLS_THRESHOLDS_FILE,
+                      {"method": threshold_method, "chosen_on": "selection", "selection_source": selection.source,
+                       "num_exams": len(selection.exams), "checkpoint": "checkpoint_best.pth",
+                       "thresholds": thresholds})
+    metrics = classification_metrics(selection.targets, selection.probs, label_names, thresholds, n_boot, seed,
+                                     **patient_clusters(selection.exams))
+    out = {"thresholds": thresholds, "selection": metrics}
+    record = {"selection": {"note": "the checkpoint and the thresholds were chosen on these exams: optimistic, "
+                                    "not an estimate of performance on new exams",
+                            "source": selection.source, **metrics.to_dict()},
+              "test": None, "sets": sets_record}
+    sets = {e.exam: "selection" for e in selection.exams}
+    if test is not None:
+        out["test"] = classification_metrics(test.targets, test.probs, label_names, thresholds, n_boot, seed,
+                                             **patient_clusters(test.exams))
+        record["test"] = {"note": "held out: never trained on, never used to choose the checkpoint or the "
+                                  "thresholds (applied unchanged from the selection exams)",
+                          "source": test.source, **out["test"].to_dict()}
+        write_predictions_csv(folder / "test_predictions.csv", test.exams, test.probs, label_names, thresholds, views,
+                              sets={e.exam: "test" for e in test.exams})
+        atomic_write_json(folder / "test_metrics.json", out["test"].to_dict())
+        atomic_write_text(folder / "test_metrics.md", out["test"].to_markdown() + "\n")
+        sets.update({e.exam: "test" for e in test.exams})
+    both = [selection] + ([test] if test is not None else [])
+    write_predictions_csv(folder / "predictions.csv", [e for s in both for e in s.exams],
+                          np.concatenate([s.probs for s in both]), label_names, thresholds, views, sets=sets)
+    atomic_write_json(folder / "metrics.json", record)
+    return out

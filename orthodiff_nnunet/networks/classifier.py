@@ -26,27 +26,38 @@ at every ``t``, ``t = 0`` included. The encoder contract (``encoder.pt`` format 
 network's encoder computed at that ``t``, the same contract the segmentation network uses at
 ``t = 0``. ``film=False`` is an ablation: the identity affine (scale = shift = 0), a state the
 pretraining never saw; training from scratch has the identity too.
+
+Training it: :func:`masked_bce` (the loss, unknown targets left out) with :func:`positive_weights`,
+:func:`param_groups` of a mode (fine-tune, probe, scratch), :func:`poly_lr_schedule`, and its checkpoints
+(:func:`write_classifier_checkpoint`, :func:`read_classifier_checkpoint`: ``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from orthodiff_nnunet.diffusion import make_schedule, q_sample
+from orthodiff_nnunet.errors import ClassificationError
 from orthodiff_nnunet.networks.conditioning import _stage_channels, install_stage_affine
 from orthodiff_nnunet.networks.encoder_io import load_encoder
 
 FusionName = Literal["concat", "gated"]
 FUSIONS: tuple[str, ...] = ("concat", "gated")
 EVAL_NOISE_SEED = 20240531
+CHECKPOINT_FORMAT = "orthodiff-classifier/1"
 
 __all__ = ["FUSIONS", "FusionName", "AttentionPooling", "FeatureStandardizer", "ViewBranch", "ConcatFusion", "GatedFusion",
-           "MultiViewClassifier", "build_classifier", "load_timestep_film"]
+           "MultiViewClassifier", "build_classifier", "load_timestep_film", "CHECKPOINT_FORMAT", "masked_bce",
+           "positive_weights", "param_groups", "poly_lr_schedule", "encoder_schedule", "read_classifier_checkpoint",
+           "write_classifier_checkpoint"]
 
 
 class AttentionPooling(nn.Module):
@@ -303,3 +314,97 @@ def load_timestep_film(branch: ViewBranch, encoder_path: Path, architecture_hash
         return report.summary().rsplit(", timestep conditioning", 1)[0] + \
             f"; no timestep conditioning (identity, --no-film), input at t={branch.noise_timestep}"
     return report.summary()
+
+
+# ----------------------------------------------------------------------------------------------
+# training: loss, optimizer groups, checkpoints
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean binary cross-entropy over the *known* targets (NaN = unknown), per-label positive weights."""
+    known = torch.isfinite(target)
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), torch.nan_to_num(target, nan=0.0), pos_weight=pos_weight, reduction="none")
+    return (loss * known).sum() / known.sum().clamp_min(1)
+
+
+def positive_weights(targets: np.ndarray) -> torch.Tensor:
+    """Per-label negatives/positives of ``(N, L)`` targets (NaN = unknown): 1 without positives, in [0.01, 100]."""
+    y = np.asarray(targets, dtype=np.float64)
+    pos = np.nansum(y, axis=0)
+    neg = np.sum(np.isfinite(y), axis=0) - pos
+    w = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
+    return torch.tensor(np.clip(w, 1e-2, 100.0), dtype=torch.float32)
+
+
+def param_groups(network: MultiViewClassifier, mode: str, lr: float, encoder_lr_factor: float) -> list[dict]:
+    """Optimizer parameter groups of a training mode; ``probe`` freezes the encoders.
+
+    Args:
+        network: the classifier.
+        mode: ``finetune`` (encoders at ``lr * encoder_lr_factor``), ``probe`` (encoders frozen,
+            head only) or ``scratch`` (everything at ``lr``).
+        lr: the head's learning rate.
+        encoder_lr_factor: the encoders' share of it when fine-tuning (the method: 0.05).
+    """
+    enc = network.encoder_parameters()
+    if mode == "probe":
+        for p in enc:
+            p.requires_grad_(False)
+        return [{"params": network.head_parameters(), "lr": lr}]
+    factor = encoder_lr_factor if mode == "finetune" else 1.0
+    return [{"params": network.head_parameters(), "lr": lr}, {"params": enc, "lr": lr * factor}]
+
+
+def poly_lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, exponent: float = 0.9) -> LambdaLR:
+    """nnU-Net's polynomial learning-rate decay, stepped once per training step.
+
+    After ``k`` steps every parameter group ``g`` trains at ``lr_g * (1 - k / total_steps) ** exponent``,
+    the formula of nnU-Net's ``PolyLRScheduler`` (the tests compare the two step by step), each group
+    from its *own* initial rate (the encoders' rate stays a fixed share of the head's); ``k`` is
+    clamped to ``total_steps - 1``.
+
+    Why torch's ``LambdaLR`` with that formula rather than a library polynomial scheduler: nnU-Net's
+    ``PolyLRScheduler`` sets one rate for every group (the encoders would lose their factor) and keeps
+    ``max_steps`` in its state; torch's ``PolynomialLR`` computes each rate from the previous one, so a
+    run resumed with more epochs would go on at the finished run's final rate, 0. ``LambdaLR`` keeps only
+    the step count in a checkpoint, so a resumed run follows the length it is given.
+
+    Args:
+        optimizer: its groups' ``lr`` are the initial rates.
+        total_steps: steps of the whole run (at least 1).
+        exponent: the decay exponent (nnU-Net's 0.9).
+    """
+    total = max(1, int(total_steps))
+    return LambdaLR(optimizer, lambda step: (1 - min(step, total - 1) / total) ** exponent)
+
+
+def encoder_schedule(encoder_path: Path | None) -> dict:
+    """The pretraining's noise schedule recorded in ``encoder.pt`` (cosine, 1000 steps without one)."""
+    from orthodiff_nnunet.networks.encoder_io import read_encoder_checkpoint
+
+    sched = {"name": "cosine", "num_steps": 1000}
+    if encoder_path is not None and Path(encoder_path).is_file():
+        sched = dict(read_encoder_checkpoint(encoder_path)["provenance"].get("schedule") or sched)
+    return sched
+
+
+def write_classifier_checkpoint(path: Path, payload: Mapping[str, object]) -> Path:
+    """``torch.save`` of a checkpoint payload, atomic: written to a temporary name, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_classifier_checkpoint(path: Path) -> dict:
+    """A classifier checkpoint's payload, loaded with ``weights_only=True`` (tensors and plain values only).
+
+    Raises:
+        ClassificationError: naming the file when it is not a plain orthodiff classifier checkpoint.
+    """
+    from orthodiff_nnunet.networks.encoder_io import safe_torch_load
+
+    payload = safe_torch_load(Path(path), "classifier checkpoint", ClassificationError)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ClassificationError(f"{path} is not an orthodiff classifier checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
