@@ -154,15 +154,6 @@ def test_convert_reaches_the_converter_with_its_renamed_options(monkeypatch):
     assert kw["max_obliquity_deg"] == 20.0 and kw["lock_timeout_s"] == 0.0 and kw["dry_run"] is True
 
 
-def test_predict_seg_refuses_dicom_seg_options_before_predicting(tmp_path, capsys):
-    base = ["predict", "seg", "-i", str(tmp_path), "-o", str(tmp_path / "masks"), "-m", str(tmp_path / "no_model")]
-    assert main([*base, "--key-file", str(tmp_path / "key.csv")]) == 2
-    assert "--key-file, --site-root and --dicom-seg-to apply to --dicom-seg OUT_DIR only" in capsys.readouterr().err
-    assert main([*base, "--dicom-seg", str(tmp_path / "segs")]) == 2
-    assert "--dicom-seg needs --key-file KEY.csv" in capsys.readouterr().err
-    assert not (tmp_path / "masks").exists()  # refused before anything was predicted
-
-
 def test_help_builds_every_parser_without_torch_or_nnunetv2():
     code = ("import sys; from orthodiff_nnunet.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'nnunetv2') if m in sys.modules))")
