@@ -83,18 +83,6 @@ def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     return p
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    """Multi-label abnormality classification: each view's (sag/cor/ax) diffusion-pretrained encoder, attention +
-    average pooling, fusion of the views of one exam, masked BCE with per-label positive weights, nnU-Net's
-    augmentation. Three patient-disjoint sets: train, selection (best checkpoint by mean AUROC, decision thresholds)
-    and a held-out test set whose metrics are reported apart. Labels come from the datasets' targets file.
-    """
-    result = opt.call(train_classification, args, dataset=opt.one_or_many(args.dataset), encoders=args.encoder,
-                      film=not args.no_film, learning_rate=args.lr, augment=not args.no_augment,
-                      quiet=not getattr(args, "verbose", False))
-    return opt.report(result)
-
-
 def add_predict_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``cls`` to ``orthodiff predict``'s subcommands; ``func`` returns an exit code."""
     p = opt.add_command(subparsers, "cls", _run_predict,
@@ -107,6 +95,18 @@ def add_predict_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     opt.add_n_boot(p)
     opt.add_device(p, None)
     return p
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """Multi-label abnormality classification: each view's (sag/cor/ax) diffusion-pretrained encoder, attention +
+    average pooling, fusion of the views of one exam, masked BCE with per-label positive weights, nnU-Net's
+    augmentation. Three patient-disjoint sets: train, selection (best checkpoint by mean AUROC, decision thresholds)
+    and a held-out test set whose metrics are reported apart. Labels come from the datasets' targets file.
+    """
+    result = opt.call(train_classification, args, dataset=opt.one_or_many(args.dataset), encoders=args.encoder,
+                      film=not args.no_film, learning_rate=args.lr, augment=not args.no_augment,
+                      quiet=not opt.verbose(args))
+    return opt.report(result)
 
 
 def _run_predict(args: argparse.Namespace) -> int:

@@ -31,6 +31,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     """Generate two phantom knee sites (3 T training site, 1.5 T external site) and run the pipeline on them."""
     from orthodiff_nnunet.api import demo
 
-    opt.call(demo, args, cases_per_site=args.cases, verbose=getattr(args, "verbose", False),
+    opt.call(demo, args, cases_per_site=args.cases, verbose=opt.verbose(args),
              write=lambda text: print(text, flush=True))
     return 0

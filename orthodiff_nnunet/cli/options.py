@@ -77,6 +77,11 @@ def report(result: Any) -> int:
     return 0
 
 
+def verbose(args: argparse.Namespace) -> bool:
+    """``-v`` given (``orthodiff -v`` or the subcommand's own): the stage's console lines here, not in its log."""
+    return getattr(args, "verbose", False)  # a parser without orthodiff's top level may lack it
+
+
 def one_or_many(values: Sequence[str]) -> str | Sequence[str]:
     """``-d A`` as ``A`` and ``-d A B`` as ``[A, B]``: a dataset group, or one dataset per view."""
     return values if len(values) > 1 else values[0]

@@ -71,7 +71,7 @@ def _run_train_seg(args: argparse.Namespace) -> int:
     """
     result = opt.call(train_segmentation, args, val_iterations_per_epoch=args.val_iterations, learning_rate=args.lr,
                       validate=not args.no_validation, validation_mirroring=not args.no_validation_mirroring,
-                      quiet=not getattr(args, "verbose", False))
+                      quiet=not opt.verbose(args))
     return opt.report(result)
 
 
