@@ -11,7 +11,7 @@ from pathlib import Path
 
 from orthodiff_nnunet.cli import options as opt
 from orthodiff_nnunet.classification import CONSOLE_LOG, predict_classification, train_classification
-from orthodiff_nnunet.conventions import CLASSIFICATION_CONFIGURATION
+from orthodiff_nnunet.conventions import CLASSIFICATION_CONFIGURATION, RESENC_M_PLANS
 
 
 def _fold(text: str) -> int | str:
@@ -34,7 +34,7 @@ def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         help="train the multi-view abnormality classifier on the diffusion encoders")
     opt.add_dataset(p, "a dataset id/name standing for its sag/cor/ax group, or one dataset per view", nargs="+")
     p.add_argument("--views", nargs="+", default=None, help="views to fuse, in order (default: all found)")
-    opt.add_plans(p, "plans identifier (default orthodiffResEncMPlans)")
+    opt.add_plans(p, f"plans identifier (default {RESENC_M_PLANS})")
     opt.add_configuration(p, CLASSIFICATION_CONFIGURATION, f"default {CLASSIFICATION_CONFIGURATION}")
     p.add_argument("-f", "--fold", type=_fold, default=0,
                    help="fold of splits_final.json: its validation exams select the checkpoint and thresholds; "

@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from orthodiff_nnunet.conventions import DEFAULT_PLANS_ORDER
 from orthodiff_nnunet.schemes import ORIENTATIONS
 
 DEVICE_HELP = "default: cuda when available"
-PLANS_HELP = "plans identifier (default: orthodiffResEncMPlans, else orthodiffPlans)"
+PLANS_HELP = f"plans identifier (default: {', else '.join(DEFAULT_PLANS_ORDER)})"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 Run = Callable[[argparse.Namespace], int]

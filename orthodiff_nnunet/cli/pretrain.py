@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from orthodiff_nnunet.cli import options as opt
-from orthodiff_nnunet.conventions import DEFAULT_PLANS_ORDER, DIFFUSION_CONFIGURATION
+from orthodiff_nnunet.conventions import DIFFUSION_CONFIGURATION
 
 
 def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                              "(unlabeled) scans")
     opt.add_dataset(p, "dataset id or name (one orientation)")
     opt.add_orientation(p, "check that the dataset has this orientation")
-    opt.add_plans(p, f"plans identifier (default: {', else '.join(DEFAULT_PLANS_ORDER)})")
+    opt.add_plans(p)
     opt.add_configuration(p, DIFFUSION_CONFIGURATION, f"diffusion configuration (default {DIFFUSION_CONFIGURATION})")
     p.add_argument("--objective", choices=["diffusion", "mae"], default="diffusion",
                    help="diffusion: denoising diffusion (the method, default); mae: masked autoencoder on the same "
