@@ -731,13 +731,36 @@ def convert_site(
     lock_timeout_s: float | None = None,
     disk_reserve_bytes: int = DISK_RESERVE_BYTES,
 ) -> ConversionResult:
-    """Convert one site's manifest into nnU-Net raw datasets; see :func:`orthodiff_nnunet.api.convert`.
+    """Convert a site's series into nnU-Net raw datasets, one per orientation (``orthodiff_nnunet.api.convert``).
 
-    Args (beyond the API's):
+    Args:
+        manifest: CSV with one row per series (columns in the README / docs/CONTRACTS.md).
+        dataset_id: base id: sagittal -> ``dataset_id``, coronal -> +1, axial -> +2.
+        name: dataset name (letters, digits); folders are ``Dataset{id:03d}_{name}{Sag|Cor|Ax}``.
+        site_dir: folder the manifest's relative paths start from (default: the manifest's folder).
+        raw: the nnUNet_raw folder (default: environment variable ``nnUNet_raw``).
+        external: an external validation site (imagesTs/labelsTs, no splits).
+        abnormality_labels: label columns (default: the 8 knee abnormalities present in the manifest).
+        label_scheme: segmentation labels ``{name: value}`` or a JSON path (default: 11 knee structures).
+        dry_run: validate everything, write nothing.
+        key_file: also write the pseudonym -> source id CSV here (refused inside ``raw``).
+        pseudonym_key: secret key file (default ``<raw>/.orthodiff/pseudonym.key``, created once).
+        num_folds: patient-grouped folds of ``splits_final.json``.
+        max_obliquity_deg: largest accepted slice-normal obliquity; beyond it the plane must be given.
+        num_processes: worker processes reading series.
+        spacing_source: recorded in ``dataset.json`` (``"user-supplied"`` when the header has none).
         tolerance: label/image geometry tolerance.
-        lock_timeout_s: how long to wait for another conversion into the same ``raw`` (``None``:
-            as long as it takes; ``0``: refuse at once).
+        allow_outside_site: accept ``image``/``label`` paths leading out of the site folder (``../``,
+            absolute paths); refused by default so that no other site's images slip in.
+        lock_timeout_s: one conversion at a time writes into a ``raw`` folder; another one waits this
+            many seconds for it (``None``: as long as it takes, ``0``: refused at once).
         disk_reserve_bytes: free space to keep beyond the estimated output (refused below it).
+
+    Returns:
+        What was written (or, for a dry run, what would be).
+
+    Raises:
+        ConversionError: listing every bad series and how to fix it; nothing is written then.
     """
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", name):
         raise ConversionError([f"dataset name {name!r}: use letters and digits only, starting with a letter (e.g. KneeSiteA)"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,62 +15,12 @@ log = logging.getLogger(__name__)
 __all__ = ["ConversionResult", "DemoResult", "convert", "demo"]
 
 
-def convert(
-    manifest: Path,
-    dataset_id: int,
-    name: str,
-    *,
-    site_dir: Path | None = None,
-    raw: Path | None = None,
-    external: bool = False,
-    abnormality_labels: Sequence[str] | None = None,
-    label_scheme: Path | Mapping[str, int] | None = None,
-    dry_run: bool = False,
-    key_file: Path | None = None,
-    pseudonym_key: Path | None = None,
-    num_folds: int = 5,
-    max_obliquity_deg: float = 35.0,
-    num_processes: int = 2,
-    spacing_source: str = "image header",
-    allow_outside_site: bool = False,
-    lock_timeout_s: float | None = None,
-) -> ConversionResult:
-    """Convert a site's series into nnU-Net raw datasets, one per orientation.
+convert = convert_site
+"""Convert a site's series into nnU-Net raw datasets, one per orientation: ``orthodiff convert``.
 
-    Args:
-        manifest: CSV with one row per series (columns in the README / docs/CONTRACTS.md).
-        dataset_id: base id: sagittal -> ``dataset_id``, coronal -> +1, axial -> +2.
-        name: dataset name (letters, digits); folders are ``Dataset{id:03d}_{name}{Sag|Cor|Ax}``.
-        site_dir: folder the manifest's relative paths start from (default: the manifest's folder).
-        raw: the nnUNet_raw folder (default: environment variable ``nnUNet_raw``).
-        external: an external validation site (imagesTs/labelsTs, no splits).
-        abnormality_labels: label columns (default: the 8 knee abnormalities present in the manifest).
-        label_scheme: segmentation labels ``{name: value}`` or a JSON path (default: 11 knee structures).
-        dry_run: validate everything, write nothing.
-        key_file: also write the pseudonym -> source id CSV here (refused inside ``raw``).
-        pseudonym_key: secret key file (default ``<raw>/.orthodiff/pseudonym.key``, created once).
-        num_folds: patient-grouped folds of ``splits_final.json``.
-        max_obliquity_deg: largest accepted slice-normal obliquity; beyond it the plane must be given.
-        num_processes: worker processes reading series.
-        spacing_source: recorded in ``dataset.json`` (``"user-supplied"`` when the header has none).
-        allow_outside_site: accept ``image``/``label`` paths leading out of the site folder (``../``,
-            absolute paths); refused by default so that no other site's images slip in.
-        lock_timeout_s: one conversion at a time writes into a ``raw`` folder; another one waits this
-            many seconds for it (``None``: as long as it takes, ``0``: refused at once).
-
-    Returns:
-        What was written (or, for a dry run, what would be).
-
-    Raises:
-        ConversionError: listing every bad series and how to fix it; nothing is written then.
-    """
-    return convert_site(
-        manifest, dataset_id, name, site_dir=site_dir, raw=raw, external=external,
-        abnormality_labels=abnormality_labels, label_scheme=label_scheme, dry_run=dry_run, key_file=key_file,
-        pseudonym_key=pseudonym_key, num_folds=num_folds, max_obliquity_deg=max_obliquity_deg,
-        num_processes=num_processes, spacing_source=spacing_source, allow_outside_site=allow_outside_site,
-        lock_timeout_s=lock_timeout_s,
-    )
+The converter itself (:func:`orthodiff_nnunet.dataset_conversion.site_converter.convert_site`, whose
+docstring lists the arguments), under the API's name.
+"""
 
 
 @dataclass

@@ -32,7 +32,6 @@ computes in the precision recorded in ``classifier.json`` (fp16/bf16 autocast, T
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -60,7 +59,7 @@ log = logging.getLogger(__name__)
 CONSOLE_LOG = "console.log"  # a quiet run's console output (per-epoch lines), in its output folder
 
 __all__ = ["ClassificationTrainResult", "ClassificationPredictResult", "train_classification",
-           "predict_classification", "add_train_cls_parser", "add_predict_cls_parser", "resolve_views"]
+           "predict_classification", "resolve_views"]
 
 
 class ClassificationUsageError(OrthodiffError):
@@ -624,143 +623,11 @@ def _on_labels(tf, label_names: Sequence[str]):
 
 # ----------------------------------------------------------------------------------------------
 # command line
-def _fold(text: str) -> int | str:
-    return "all" if text == "all" else int(text)
-
-
-def _test_fold(text: str) -> int | str | None:
-    text = text.strip().lower()
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give auto, none or a fold number") from None
-
-
-def add_train_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``cls`` to ``orthodiff train``'s subcommands; ``func`` returns an exit code."""
-    p = subparsers.add_parser(
-        "cls", help="train the multi-view abnormality classifier on the diffusion encoders",
-        description=("Multi-label abnormality classification: each view's (sag/cor/ax) diffusion-pretrained encoder, "
-                     "attention + average pooling, fusion of the views of one exam, masked BCE with per-label "
-                     "positive weights, nnU-Net's augmentation. Three patient-disjoint sets: train, selection "
-                     "(best checkpoint by mean AUROC, decision thresholds) and a held-out test set whose metrics "
-                     "are reported apart. Labels come from the datasets' targets file."))
-    p.add_argument("-d", "--dataset", nargs="+", required=True,
-                   help="a dataset id/name standing for its sag/cor/ax group, or one dataset per view")
-    p.add_argument("--views", nargs="+", default=None, help="views to fuse, in order (default: all found)")
-    p.add_argument("-p", "--plans", default=None, help="plans identifier (default orthodiffResEncMPlans)")
-    p.add_argument("-c", "--configuration", default=CLASSIFICATION_CONFIGURATION, help=f"default {CLASSIFICATION_CONFIGURATION}")
-    p.add_argument("-f", "--fold", type=_fold, default=0,
-                   help="fold of splits_final.json: its validation exams select the checkpoint and thresholds; "
-                        "or 'all' (default 0)")
-    p.add_argument("--mode", choices=["finetune", "probe", "scratch"], default="finetune",
-                   help="finetune (encoder at a lower lr, default), probe (frozen encoder) or scratch")
-    p.add_argument("--encoder", nargs="+", default=None, metavar="VIEW=PATH",
-                   help="encoder checkpoints per view (default: each view's `orthodiff pretrain` output)")
-    p.add_argument("--encoders-from", default=None,
-                   help="take the encoders from this dataset group's pretraining (transfer, e.g. knee -> ankle)")
-    p.add_argument("--noise-timestep", nargs="+", default=["0"], metavar="T|VIEW=T",
-                   help="noise the input to timestep T (0 = clean, default); the method: 100, or sag=200 cor=150 ax=50")
-    p.add_argument("--no-film", action="store_true",
-                   help="ablation: run the pretrained encoders without the pretraining's timestep conditioning "
-                        "(default: encoder.pt's conditioning at the noise timestep, 0 included)")
-    p.add_argument("--fusion", choices=["concat", "gated"], default="concat", help="view fusion (default concat)")
-    p.add_argument("--feature-stages", type=int, default=1, help="last encoder stages pooled (default 1: bottleneck)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout before the fusion layer")
-    p.add_argument("--epochs", type=int, default=50, help="epochs (default 50)")
-    p.add_argument("--iterations-per-epoch", type=int, default=50, help="steps per epoch (default 50)")
-    p.add_argument("--batch-size", type=int, default=None, help="exams per step (default: the plans' batch size)")
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate, AdamW (default 1e-3)")
-    p.add_argument("--encoder-lr-factor", type=float, default=0.05, help="fine-tune encoder lr factor (default 0.05)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
-    p.add_argument("--label-fraction", type=float, default=1.0, help="fraction of training exams used (default 1)")
-    p.add_argument("--test-fold", type=_test_fold, default="auto",
-                   help="held-out test set: auto (default: the next fold's validation exams; with 2 folds half of "
-                        "the selection fold's patients), a fold number, or none (no test set: optimistic figures)")
-    p.add_argument("--allow-pretraining-overlap", action="store_true",
-                   help="accept encoders whose pretraining saw scans of the test exams (refused by default: pretrain "
-                        "with --exclude-fold TEST_FOLD); the overlap is recorded with the metrics")
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp16"], default="auto",
-                   help="CUDA precision; auto = the fastest measured at start (CPU: fp32)")
-    p.add_argument("--mirror-axes", choices=["lr", "all", "none"], default="lr",
-                   help="mirroring augmentation: left-right only (default), all axes (nnU-Net), none")
-    p.add_argument("--no-augment", action="store_true", help="no augmentation (centre crop only)")
-    p.add_argument("--threshold-method", choices=["youden", "f1", "fixed"], default="youden",
-                   help="decision threshold per label, chosen on the selection exams (default youden)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("-o", "--output-folder", type=Path, default=None, help="explicit output folder")
-    p.add_argument("--run-name", default=None, help="run folder name (default from views, mode, fraction, timestep)")
-    p.add_argument("--resume", action="store_true", help="continue the run from checkpoint_latest.pth")
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help=f"per-epoch lines on the console (default: in <output folder>/{CONSOLE_LOG})")
-    p.set_defaults(func=_run_train)
-    return p
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    result = train_classification(
-        args.dataset if len(args.dataset) > 1 else args.dataset[0], views=args.views, plans=args.plans,
-        configuration=args.configuration, fold=args.fold, mode=args.mode, encoders=args.encoder,
-        encoders_from=args.encoders_from, noise_timestep=args.noise_timestep, film=not args.no_film,
-        fusion=args.fusion, feature_stages=args.feature_stages, dropout=args.dropout, epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, learning_rate=args.lr,
-        encoder_lr_factor=args.encoder_lr_factor, weight_decay=args.weight_decay, label_fraction=args.label_fraction,
-        test_fold=args.test_fold, allow_pretraining_overlap=args.allow_pretraining_overlap, precision=args.precision, mirror_axes=args.mirror_axes, augment=not args.no_augment,
-        threshold_method=args.threshold_method, n_boot=args.n_boot, seed=args.seed, device=args.device,
-        output_folder=args.output_folder, run_name=args.run_name, resume=args.resume,
-        quiet=not getattr(args, "verbose", False))
-    print(result.summary())
-    return 0
-
-
-def add_predict_cls_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``cls`` to ``orthodiff predict``'s subcommands; ``func`` returns an exit code."""
-    p = subparsers.add_parser(
-        "cls", help="per-exam abnormality probabilities with a trained classifier",
-        description=("Predict every exam of preprocessed datasets (preprocessed with the model's plans: "
-                     "plan_and_preprocess --plans-from). Writes a CSV: per-label probabilities, decisions at the "
-                     "thresholds chosen on validation, views present/missing, targets when known; with known targets "
-                     "also metrics with bootstrap CIs (<csv>_metrics.json/.md)."))
-    p.add_argument("-m", "--model", type=Path, required=True, help="the training run's fold folder")
-    p.add_argument("-d", "--dataset", nargs="+", required=True, help="a dataset group id, or one dataset per view")
-    p.add_argument("-o", "--output", type=Path, required=True, help="CSV to write")
-    p.add_argument("--checkpoint", choices=["best", "final", "latest"], default="best")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.set_defaults(func=_run_predict)
-    return p
-
-
-def _run_predict(args: argparse.Namespace) -> int:
-    result = predict_classification(args.model, args.dataset if len(args.dataset) > 1 else args.dataset[0],
-                                    args.output, checkpoint=args.checkpoint, device=args.device,
-                                    batch_size=args.batch_size, n_boot=args.n_boot)
-    print(result.summary())
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m orthodiff_nnunet.classification {train,predict} ...`` (same as ``orthodiff train/predict cls``)."""
-    import sys
+    """``python -m orthodiff_nnunet.classification {train,predict} cls ...``: as ``orthodiff train/predict cls``."""
+    from orthodiff_nnunet.cli.classification import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m orthodiff_nnunet.classification")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train").add_subparsers(dest="what", required=True)
-    add_train_cls_parser(train)
-    predict = sub.add_parser("predict").add_subparsers(dest="what", required=True)
-    add_predict_cls_parser(predict)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return int(args.func(args) or 0)
-    except OrthodiffError as exc:
-        print(f"orthodiff {args.command} cls: error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

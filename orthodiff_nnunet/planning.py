@@ -33,7 +33,6 @@ only the group's datasets whose ``dataset.json["orthodiff"]["orientation"]`` is 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -47,7 +46,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orthodiff_nnunet.conventions import PLAIN_PLANS, RESENC_M_PLANS
-from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.paths import preprocessed_dir, raw_dir, set_nnunet_paths
 from orthodiff_nnunet.plans import (
     CLASSIFICATION_CONFIGURATION,
@@ -86,7 +84,6 @@ __all__ = [
     "PlanningError",
     "PlanningResult",
     "PreprocessedDataError",
-    "add_plan_and_preprocess_parser",
     "check_preprocessed_data",
     "default_plans_name",
     "give_own_data_folders",
@@ -848,100 +845,11 @@ def _refuse_replacing_own_plans(target_file: Path, target_name: str, source_name
 
 # ----------------------------------------------------------------------------------------------
 # command line
-def add_plan_and_preprocess_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``plan_and_preprocess`` to ``orthodiff``'s subcommands; its ``func`` returns an exit code."""
-    p = subparsers.add_parser(
-        "plan_and_preprocess",
-        help="fingerprint, plan per orientation (segmentation, diffusion, classification) and preprocess",
-        description=(
-            "Fingerprint each dataset, plan it with an orthodiff planner (through-plane axis from the orientation, "
-            "thick slices never resampled to in-plane spacing; 3d_fullres, 3d_diffusion and 3d_classification of "
-            "one topology) and preprocess it. Resumable: cases already preprocessed with the same plans are skipped."
-        ),
-        epilog=(
-            "Examples: -d 501 502 503 (the three datasets of one conversion); -d 501 --orientations sag cor "
-            "(501's group filtered by dataset.json orientation); -d 511 512 513 --plans-from 501 (an unlabeled "
-            "corpus or external site preprocessed with the plans of 501/502/503, matched by orientation); "
-            "-d 601 --plans-from /other/nnUNet_preprocessed/Dataset501_KneeSag/orthodiffResEncMPlans.json "
-            "--plans-name siteAPlans (another run's plans, kept beside 601's own)."
-        ),
-    )
-    _add_arguments(p)
-    p.set_defaults(func=_run_from_args)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-d", "--dataset-ids", nargs="+", required=True, metavar="ID",
-                   help="dataset ids (e.g. 501) or names (Dataset501_KneeSag)")
-    p.add_argument("--orientations", nargs="+", default=None, metavar="ORIENT",
-                   help="sag, cor and/or ax: process these orientations of each given dataset's group "
-                        "(ids base+0/1/2), selected by dataset.json orthodiff.orientation (default: exactly the "
-                        "given datasets)")
-    p.add_argument("-np", "--num-processes", type=int, default=2,
-                   help="worker processes for fingerprinting and preprocessing (default 2; RAM bounds this)")
-    p.add_argument("--gpu-memory-gb", type=float, default=None,
-                   help="GPU memory target in GB that patch and batch sizes are fitted to (default 8)")
-    p.add_argument("--planner", choices=sorted(PLANNERS), default="resenc_m",
-                   help="resenc_m: residual-encoder U-Net, nnU-Net's recommended preset (default); plain: plain U-Net")
-    p.add_argument("--plans-from", default=None, metavar="ID|PLANS.json",
-                   help="use the plans of this planned dataset (the dataset of the same orientation in its group) "
-                        "instead of planning: unlabeled corpora, external sites, other joints. Or a plans file "
-                        "(e.g. another run's nnUNet_preprocessed/<Dataset>/<plans>.json or a model folder's "
-                        "plans.json): that run's raw and preprocessed folders are then not needed")
-    p.add_argument("--plans-name", default=None,
-                   help="plans identifier (default orthodiffResEncMPlans / orthodiffPlans, with _<G>G for a "
-                        "non-default --gpu-memory-gb; with --plans-from FILE, the file's plans name). With "
-                        "--plans-from FILE it is the name the transferred plans get, e.g. to keep them beside the "
-                        "dataset's own plans")
-    p.add_argument("-c", "--configurations", nargs="+", default=list(DEFAULT_CONFIGURATIONS),
-                   help="configurations to preprocess (default: 3d_fullres 3d_diffusion 3d_classification, one "
-                        "shared data folder); add 2d for nnU-Net's 2D configuration")
-    p.add_argument("--raw", type=Path, default=None, help="nnUNet_raw folder (default: $nnUNet_raw)")
-    p.add_argument("--preprocessed", type=Path, default=None,
-                   help="nnUNet_preprocessed folder (default: $nnUNet_preprocessed)")
-    p.add_argument("--no-preprocess", action="store_true", help="fingerprint and plan only")
-    p.add_argument("--clean", action="store_true", help="re-extract fingerprints and re-preprocess every case")
-    p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _run_from_args(args: argparse.Namespace) -> int:
-    if args.num_processes < 1:
-        raise PlanningError(f"-np must be at least 1, got {args.num_processes}")
-    result = plan_and_preprocess(
-        dataset_ids=args.dataset_ids,
-        orientations=args.orientations,
-        num_processes=args.num_processes,
-        gpu_memory_gb=args.gpu_memory_gb,
-        planner=args.planner,
-        plans_from=args.plans_from,
-        raw=args.raw,
-        preprocessed=args.preprocessed,
-        plans_name=args.plans_name,
-        configurations=args.configurations,
-        preprocess=not args.no_preprocess,
-        clean=args.clean,
-        verify_dataset_integrity=args.verify,
-        show_progress=not args.no_progress,
-    )
-    print(result.summary())
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m orthodiff_nnunet.planning ...``: the same command without the orthodiff CLI."""
-    parser = argparse.ArgumentParser(prog="python -m orthodiff_nnunet.planning",
-                                     description="orthodiff plan_and_preprocess")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        return _run_from_args(args)
-    except OrthodiffError as exc:
-        print(f"plan_and_preprocess: error: {exc}", file=sys.stderr)
-        return 2
+    from orthodiff_nnunet.cli.planning import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ seed, the training cases used and the schedule.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -30,10 +29,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from unittest import mock
 
 from orthodiff_nnunet import paths
 from orthodiff_nnunet.data.splits import SPLIT_SEED
@@ -49,6 +49,9 @@ from orthodiff_nnunet.conventions import (
 )
 from orthodiff_nnunet.utils import nnunet_stdout_to_log
 
+if TYPE_CHECKING:
+    from orthodiff_nnunet.io.dicom_seg import DicomSegExport
+
 log = logging.getLogger(__name__)
 
 Init = Literal["diffusion", "scratch"]
@@ -60,8 +63,7 @@ __all__ = [
     "SegmentationError",
     "SegmentationPredictResult",
     "SegmentationTrainResult",
-    "add_predict_seg_parser",
-    "add_train_seg_parser",
+    "export_dicom_segs_of",
     "model_folder",
     "predict_segmentation",
     "results_root_for",
@@ -147,19 +149,9 @@ def trainers_folder() -> Path:
     return Path(trainers.__file__).resolve().parent
 
 
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for nnunetv2 (read at call time) and restore them afterwards."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _environment(**values: str) -> contextlib.AbstractContextManager:
+    """Set environment variables for nnunetv2 (read at call time); the environment is restored afterwards."""
+    return mock.patch.dict(os.environ, values)
 
 
 def _with_our_trainers() -> contextlib.AbstractContextManager:
@@ -688,159 +680,30 @@ def predict_segmentation(
 
 
 # ----------------------------------------------------------------------------------------------
-# command line
-def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``seg`` to ``orthodiff train``'s subcommands; its ``func`` returns an exit code."""
-    p = subparsers.add_parser(
-        "seg",
-        help="nnU-Net segmentation warm-started from the diffusion encoder (or its from-scratch twin)",
-        description=(
-            "Train nnU-Net's 3d_fullres segmentation on the labeled cases of one orientation's dataset, with the "
-            "encoder initialised from `orthodiff pretrain` (--init diffusion) or at random (--init scratch, the "
-            "baseline twin: same plans, data, schedule and iterations). Everything but the init and a linear "
-            "learning-rate warm-up is nnU-Net's."
-        ),
-        epilog=(
-            "Examples: orthodiff train seg -d 501 --orientation sag --fold 0; "
-            "orthodiff train seg -d 501 --orientation sag --fold 0 --init scratch --label-fraction 0.1. "
-            "Models: $nnUNet_results/<Dataset>/nnUNetTrainerOrthoDiffSeg[Scratch]__<plans>__3d_fullres "
-            "($nnUNet_results/label_fraction_<F>/... for F < 1)."
-        ),
+# DICOM SEG export of predicted masks
+def export_dicom_segs_of(result: SegmentationPredictResult, model: Path, out_dir: Path, key_file: Path, *,
+                         site_root: Path | None = None) -> DicomSegExport:
+    """Write each predicted mask as a DICOM SEG on its source DICOM series.
+
+    Args:
+        result: what :func:`predict_segmentation` wrote.
+        model: the model folder it predicted with (or one of its ``fold_X`` folders): its
+            ``dataset.json`` names the labels and the file ending, its ``plans.json`` the orientation.
+        out_dir: a private folder at the site (a SEG carries the source study's identifiers).
+        key_file: the key table ``orthodiff convert --key-file`` wrote (pseudonym -> source series).
+        site_root: the folder the key table's series paths are relative to (default: its folder).
+
+    Returns:
+        The export (what was written, what was skipped and why).
+    """
+    from orthodiff_nnunet.io.dicom_seg import export_dicom_segs, label_names_from_dataset_json
+
+    model = Path(model).resolve()
+    model = model.parent if model.name.startswith("fold_") else model
+    dataset_json = json.loads((model / "dataset.json").read_text())
+    plans = json.loads((model / "plans.json").read_text())
+    return export_dicom_segs(
+        result.masks, out_dir, key_file, label_names_from_dataset_json(dataset_json),
+        orientation=(plans.get("orthodiff") or {}).get("orientation"), site_root=site_root,
+        file_ending=dataset_json["file_ending"], algorithm_parameters={"model": model.name},
     )
-    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    p.add_argument("--orientation", choices=["sag", "cor", "ax"], default=None,
-                   help="train the dataset of this orientation in -d's convert group (and check it)")
-    p.add_argument("-f", "--fold", default="0", help="cross-validation fold 0-4 or 'all' (default 0)")
-    p.add_argument("--init", choices=list(SEG_TRAINER_OF_INIT), default="diffusion",
-                   help="diffusion: encoder from the pretraining (default); scratch: nnU-Net's random init")
-    p.add_argument("--encoder", type=Path, default=None,
-                   help="encoder checkpoint (default: orthodiff pretrain's encoder.pt for this dataset and plans)")
-    p.add_argument("--label-fraction", type=float, default=1.0,
-                   help="share of the fold's labeled training cases, per site, in (0, 1] (default 1)")
-    p.add_argument("--seed", type=int, default=SPLIT_SEED, help=f"label-fraction subset seed (default {SPLIT_SEED})")
-    p.add_argument("-p", "--plans", default=None, help="plans identifier (default: orthodiffResEncMPlans, else orthodiffPlans)")
-    p.add_argument("-c", "--configuration", default=SEGMENTATION_CONFIGURATION,
-                   help="segmentation configuration (default 3d_fullres)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default nnU-Net's 1000)")
-    p.add_argument("--iterations-per-epoch", type=int, default=None, help="iterations per epoch (default 250)")
-    p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
-    p.add_argument("--lr", type=float, default=1e-2, help="SGD initial learning rate (default 1e-2, nnU-Net's)")
-    p.add_argument("--warmup-epochs", type=int, default=None,
-                   help="linear learning-rate warm-up epochs (default 5%% of the epochs; 0: nnU-Net's schedule)")
-    p.add_argument("--freeze-encoder-epochs", type=int, default=0,
-                   help="first epochs with the encoder frozen (default 0; diffusion init only)")
-    p.add_argument("--continue", dest="continue_training", action="store_true",
-                   help="continue the run from its latest checkpoint")
-    p.add_argument("--checkpoint-minutes", type=float, default=None,
-                   help="write checkpoint_latest.pth at the end of the first epoch after this many minutes since the "
-                        "last one (default 3; 0: every epoch): a killed run continued with --continue loses at most "
-                        "that plus one epoch")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
-    p.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation")
-    p.add_argument("--no-validation-mirroring", action="store_true",
-                   help="final validation without mirroring test-time augmentation")
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help=f"nnU-Net's configuration and per-epoch lines on the console (default: in "
-                        f"<fold folder>/{NNUNET_CONSOLE_LOG})")
-    p.set_defaults(func=_run_train_seg)
-    return p
-
-
-def _run_train_seg(args: argparse.Namespace) -> int:
-    result = train_segmentation(
-        args.dataset, fold=args.fold, init=args.init, encoder=args.encoder, label_fraction=args.label_fraction,
-        seed=args.seed, orientation=args.orientation, plans=args.plans, configuration=args.configuration,
-        epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations,
-        learning_rate=args.lr, warmup_epochs=args.warmup_epochs, freeze_encoder_epochs=args.freeze_encoder_epochs,
-        continue_training=args.continue_training, device=args.device, validate=not args.no_validation,
-        validation_mirroring=not args.no_validation_mirroring, checkpoint_minutes=args.checkpoint_minutes,
-        quiet=not getattr(args, "verbose", False),
-    )
-    print(result.summary())
-    return 0
-
-
-def add_predict_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``seg`` to ``orthodiff predict``'s subcommands; its ``func`` returns an exit code."""
-    p = subparsers.add_parser(
-        "seg",
-        help="segment images with a trained model (nnU-Net's predictor; masks on the source grid)",
-        description=(
-            "Segment every image in -i with the model folder -m (written by `orthodiff train seg`) through "
-            "nnU-Net's nnUNetPredictor. Masks keep each image's size, spacing, origin and direction. The images "
-            "must be laid out as `orthodiff convert` writes them (e.g. an external site's imagesTs)."
-        ),
-    )
-    p.add_argument("-i", "--input", type=Path, required=True, help="folder of images (CASE_0000.nii.gz ...)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the masks (created)")
-    p.add_argument("-m", "--model", type=Path, required=True,
-                   help="model folder <Trainer>__<plans>__<configuration> (or one of its fold_X folders)")
-    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained folds)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda when available")
-    p.add_argument("--disable-tta", action="store_true",
-                   help="no mirroring test-time augmentation: up to 8x faster on a CPU for a 3D model (8 mirrored "
-                        "passes per tile), at some cost in accuracy")
-    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
-    p.add_argument("-np", "--num-processes", type=int, default=2,
-                   help="processes for preprocessing and export (default 2; 0: in this process)")
-    p.add_argument("--no-layout-check", action="store_true",
-                   help="do not refuse images outside the converter's canonical layout")
-    p.add_argument("--dicom-seg", type=Path, default=None, metavar="OUT_DIR",
-                   help="also write each mask as a DICOM SEG on its source DICOM series (found through --key-file): "
-                        "OUT_DIR/<exam pseudonym>/seg_<orientation>.dcm. A SEG carries the source study's identifiers: "
-                        "OUT_DIR must be a private folder at the site, outside the nnU-Net folders")
-    p.add_argument("--key-file", type=Path, default=None,
-                   help="with --dicom-seg: the key table `orthodiff convert --key-file` wrote")
-    p.add_argument("--site-root", type=Path, default=None,
-                   help="with --dicom-seg: the site folder the key table's series paths are relative to "
-                        "(default: the key table's folder)")
-    from orthodiff_nnunet.io.dicomweb import add_store_argument
-
-    add_store_argument(p)
-    p.set_defaults(func=_run_predict_seg)
-    return p
-
-
-def _run_predict_seg(args: argparse.Namespace) -> int:
-    dicom_seg = getattr(args, "dicom_seg", None)
-    if dicom_seg is not None:  # refuse a wrong destination or key table before predicting
-        from orthodiff_nnunet.io.dicom_seg import check_seg_destination, read_key_table
-
-        if args.key_file is None:
-            raise SegmentationError("--dicom-seg needs --key-file KEY.csv (the key table `orthodiff convert "
-                                    "--key-file` wrote) to find each case's source DICOM series")
-        check_seg_destination(dicom_seg)
-        read_key_table(args.key_file)
-        if getattr(args, "dicom_seg_to", None):
-            from orthodiff_nnunet.io.dicomweb import check_server
-
-            check_server(args.dicom_seg_to)  # a wrong URL or credentials fail now, not after predicting
-    elif any(getattr(args, k, None) is not None for k in ("key_file", "site_root", "dicom_seg_to")):
-        raise SegmentationError("--key-file, --site-root and --dicom-seg-to apply to --dicom-seg OUT_DIR only: "
-                                "add it or leave them out")
-    result = predict_segmentation(
-        args.input, args.output, args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
-        mirroring=not args.disable_tta, tile_step_size=args.step_size, num_processes=args.num_processes,
-        check_layout=not args.no_layout_check,
-    )
-    print(result.summary())
-    if dicom_seg is not None:
-        from orthodiff_nnunet.io.dicom_seg import export_dicom_segs, label_names_from_dataset_json
-
-        model = Path(args.model).resolve()
-        model = model.parent if model.name.startswith("fold_") else model
-        dataset_json = json.loads((model / "dataset.json").read_text())
-        plans = json.loads((model / "plans.json").read_text())
-        export = export_dicom_segs(
-            result.masks, dicom_seg, args.key_file, label_names_from_dataset_json(dataset_json),
-            orientation=(plans.get("orthodiff") or {}).get("orientation"), site_root=args.site_root, file_ending=dataset_json["file_ending"],
-            algorithm_parameters={"model": model.name},
-        )
-        print(export.summary())
-        if getattr(args, "dicom_seg_to", None) and export.written:
-            from orthodiff_nnunet.io.dicomweb import redact_url, store_files
-
-            stored = store_files(args.dicom_seg_to, sorted(export.written.values()))
-            print(f"DICOM SEG: {stored.instances} stored on {redact_url(args.dicom_seg_to)} (STOW-RS)")
-    return 0

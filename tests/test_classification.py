@@ -247,7 +247,7 @@ def test_noised_input_uses_pretrained_film(knee, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # training and prediction on phantoms
 def _cls_parser(kind: str) -> argparse.ArgumentParser:
-    from orthodiff_nnunet.classification import add_predict_cls_parser, add_train_cls_parser
+    from orthodiff_nnunet.cli.classification import add_predict_cls_parser, add_train_cls_parser
 
     parser = argparse.ArgumentParser(prog=f"orthodiff {kind}")
     sub = parser.add_subparsers(dest="what", required=True)

@@ -92,7 +92,7 @@ def test_three_way_split_known_answers() -> None:
 def test_test_fold_option_parses_auto_none_and_a_fold() -> None:
     import argparse
 
-    from orthodiff_nnunet.classification import add_train_cls_parser
+    from orthodiff_nnunet.cli.classification import add_train_cls_parser
 
     parser = argparse.ArgumentParser(prog="orthodiff train")
     add_train_cls_parser(parser.add_subparsers(dest="what", required=True))

@@ -407,7 +407,7 @@ def test_plans_transfer_to_an_unlabeled_corpus_and_an_external_site(planned):
 
 
 def test_cli_parser_runs_and_prints_the_summary(planned, capsys, monkeypatch):
-    from orthodiff_nnunet.planning import add_plan_and_preprocess_parser
+    from orthodiff_nnunet.cli.planning import add_plan_and_preprocess_parser
 
     raw, pre, _, _ = planned
     # in-process augmentation (set for training) must not break planning's memory estimate

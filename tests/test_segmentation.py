@@ -159,7 +159,8 @@ def test_encoder_round_trip_twin_differs_only_in_encoder(planned):
 
 def test_encoder_of_other_plans_and_missing_encoder_are_refused(planned, tmp_path):
     from orthodiff_nnunet.errors import OrthodiffError
-    from orthodiff_nnunet.segmentation import SegmentationError, add_train_seg_parser, train_segmentation
+    from orthodiff_nnunet.cli.segmentation import add_train_seg_parser
+    from orthodiff_nnunet.segmentation import SegmentationError, train_segmentation
 
     root = planned["root"]
     other_id = write_shrunk_plans(root / "pre" / DATASET, PLANS, "otherPlans", max_features=4)
