@@ -32,6 +32,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
@@ -44,28 +45,58 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 class DiffusionModel(nn.Module):
     """The trained denoiser and its EMA copy; one module so both travel in nnU-Net's checkpoint.
 
-    ``forward`` runs the trained denoiser. ``ema`` is excluded from the optimizer and from
-    gradients; :meth:`update_ema` blends it towards the denoiser after each step.
+    ``forward`` runs the trained denoiser. The EMA is torch's
+    ``AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(ema_decay))`` (``ema_model``; ``ema`` is the
+    averaged network itself), excluded from the optimizer and from gradients. It starts equal to
+    the denoiser (W_0^EMA = W_0) and :meth:`update_ema` blends it after each step,
+    ``W^EMA <- decay W^EMA + (1 - decay) W`` (one ``torch._foreach_lerp_``), with the buffers
+    copied, as the hand-written update it replaced did, bit for bit
+    (``tests/test_trainer_library.py``). The EMA network is built by a second ``make_denoiser()``
+    call rather than a deep copy of the denoiser so that a seeded run draws the same random
+    numbers as before the switch.
+
+    Checkpoints: the EMA tensors are stored under ``ema_model.module.*`` with ``ema_model.n_averaged``;
+    a checkpoint of the earlier layout (``ema.*``) is renamed on load, so an old run resumes.
     """
 
     def __init__(self, make_denoiser, ema_decay: float = 0.995) -> None:
         super().__init__()
         self.denoiser: TimestepConditionedNetwork = make_denoiser()
-        self.ema: TimestepConditionedNetwork = make_denoiser()
-        self.ema.load_state_dict(self.denoiser.state_dict())
-        self.ema.requires_grad_(False)
+        self.ema_model = AveragedModel(make_denoiser())
+        self.ema_model.requires_grad_(False)
         self.ema_decay = ema_decay
+        self.ema_model.update_parameters(self.denoiser)  # n_averaged 0: copies weights and buffers
+        self.register_load_state_dict_pre_hook(_rename_old_ema_keys)
+
+    @property
+    def ema(self) -> nn.Module:
+        """The EMA network (call it like the denoiser)."""
+        return self.ema_model.module
+
+    @property
+    def ema_decay(self) -> float:
+        return self._ema_decay
+
+    @ema_decay.setter
+    def ema_decay(self, decay: float) -> None:
+        self._ema_decay = float(decay)
+        self.ema_model.multi_avg_fn = get_ema_multi_avg_fn(self._ema_decay)
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, *args)
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        ema = [p for p in self.ema.parameters()]
-        cur = [p.detach() for p in self.denoiser.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - self.ema_decay)
-        for e, c in zip(self.ema.buffers(), self.denoiser.buffers()):
-            e.copy_(c)
+        self.ema_model.update_parameters(self.denoiser)
+
+
+def _rename_old_ema_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: ``ema.*`` (the hand-written EMA's layout) -> ``ema_model.module.*``, EMA counted as started."""
+    old = [k for k in state_dict if k.startswith(prefix + "ema.")]
+    for k in old:
+        state_dict[prefix + "ema_model.module." + k[len(prefix + "ema."):]] = state_dict.pop(k)
+    if old:
+        state_dict.setdefault(prefix + "ema_model.n_averaged", torch.tensor(1, dtype=torch.long))
 
 
 class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nnunetv2.paths import nnUNet_raw, nnUNet_results
+from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.optim.lr_scheduler import _LRScheduler
 
@@ -98,42 +99,41 @@ def plain_numbers(value):
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
-    """Linear warm-up, then nnU-Net's polynomial decay; stepped once per epoch like nnU-Net's.
+    """nnU-Net's linear warm-up, then nnU-Net's polynomial decay; stepped once per epoch like nnU-Net's.
 
-    ``lr(s) = initial_lr * (s + 1) / (W + 1)`` for ``s < W = warmup_steps``: a straight line from
-    0 (at step -1) to ``initial_lr`` (at step W), so the first epoch already trains, at
-    ``initial_lr / (W + 1)``, and every one of the W warm-up epochs is below the target. Then
-    ``lr(s) = initial_lr * (1 - (s - W) / (max_steps - W)) ** exponent``, nnU-Net's polynomial decay
-    over the remaining epochs, starting at ``initial_lr``. With ``W = 0`` it equals nnU-Net's
-    ``PolyLRScheduler``.
+    For epoch ``s < W = warmup_steps`` it steps nnU-Net's ``Lin_incr_LRScheduler`` with
+    ``max_steps = W + 1``: ``lr(s) = initial_lr / (W + 1) * (s + 1)``, a straight line from 0 (at
+    step -1) to ``initial_lr`` (at step W), so the first epoch already trains, at
+    ``initial_lr / (W + 1)``, and every one of the W warm-up epochs is below the target. From ``W`` on
+    it steps nnU-Net's ``PolyLRScheduler_offset``: ``lr(s) = initial_lr * (1 - (s - W) / (max_steps -
+    W)) ** exponent``, nnU-Net's decay over the remaining epochs, starting at ``initial_lr``. With
+    ``W = 0`` it equals nnU-Net's ``PolyLRScheduler``. Both parts take the epoch (nnU-Net's
+    ``on_train_epoch_start`` passes ``current_epoch``), so a resumed run continues the same curve;
+    torch's ``SequentialLR`` takes no epoch, which is why it is not used.
+
+    nnU-Net's own ``nnUNetTrainer_warmup`` uses ``Lin_incr_LRScheduler(max_steps=W)``: the warm-up
+    reaches ``initial_lr`` at its last epoch, so two epochs run at the peak. The denominator ``W + 1``
+    keeps this trainer's curve as it was before it used nnU-Net's classes (recorded runs and their
+    ``warmup_epochs`` mean the same); it equals the hand-written one to 1 ulp in the warm-up and exactly
+    after it (``tests/test_trainer_library.py``).
     """
 
     def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int = 0,
                  exponent: float = 0.9, current_step: int | None = None):
         if not 0 <= warmup_steps < max(max_steps, 1):
             raise ValueError(f"warm-up of {warmup_steps} epochs must be shorter than the {max_steps} epochs")
-        self.optimizer = optimizer
-        self.initial_lr = initial_lr
-        self.max_steps = max_steps
         self.warmup_steps = warmup_steps
-        self.exponent = exponent
+        self.warmup = Lin_incr_LRScheduler(optimizer, initial_lr, warmup_steps + 1)
+        self.decay = PolyLRScheduler_offset(optimizer, initial_lr, max_steps, warmup_steps, exponent)
         self.ctr = 0
         super().__init__(optimizer, current_step if current_step is not None else -1)
-
-    def lr_at(self, step: int) -> float:
-        w = self.warmup_steps
-        if step < w:
-            return self.initial_lr * (step + 1) / (w + 1)
-        return self.initial_lr * max(0.0, 1 - (step - w) / (self.max_steps - w)) ** self.exponent
 
     def step(self, current_step: int | None = None) -> None:
         if current_step is None or current_step == -1:
             current_step = self.ctr
             self.ctr += 1
-        lr = self.lr_at(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr for _ in self.optimizer.param_groups]
+        (self.warmup if current_step < self.warmup_steps else self.decay).step(current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def get_last_lr(self) -> list[float]:
         return self._last_lr
