@@ -167,3 +167,26 @@ def test_warmup_not_shorter_than_the_run_is_refused():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="warm-up of 10 epochs must be shorter than the 10 epochs"):
         WarmupPolyLRScheduler(opt, 1e-2, 10, 10)
+
+
+# -- noise schedules: the pure module against MONAI (orthodiff_nnunet/diffusion/schedules.py says why it stays) --
+
+@pytest.mark.parametrize("name,monai_kwargs", [("cosine", {"schedule": "cosine"}),
+                                               ("linear", {"schedule": "linear_beta", "beta_start": 1e-4,
+                                                           "beta_end": 0.02})])
+def test_schedules_and_forward_process_agree_with_monai_ddpm(name, monai_kwargs):
+    from monai.networks.schedulers import DDPMScheduler
+
+    from orthodiff_nnunet.diffusion import make_schedule, q_sample, training_target
+
+    ours, theirs = make_schedule(name, 1000), DDPMScheduler(1000, **monai_kwargs)
+    assert (ours.alphas_cumprod - theirs.alphas_cumprod).abs().max().item() < 5e-7
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1000, 1, 64, generator=g), torch.randn(1000, 1, 64, generator=g)
+    t = torch.arange(1000)
+    # x_t and v at every t: MONAI's float32 sqrt(1 - abar) makes the few-1e-6 differences
+    assert (q_sample(ours, x0, t, noise) - theirs.add_noise(x0, noise, t)).abs().max().item() < 3e-5
+    assert (training_target(ours, x0, t, noise, "v") - theirs.get_velocity(x0, noise, t)).abs().max().item() < 3e-5
+    # MONAI 1.6.1's add_noise casts its stored schedule to a float16 input (bench/results/noise_schedule.md); ours not
+    q_sample(ours, x0[:1].half(), t[:1], noise[:1].half())
+    assert ours.alphas_cumprod.dtype == torch.float32
