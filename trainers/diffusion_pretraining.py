@@ -37,6 +37,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
 from orthodiff_nnunet.planning import check_preprocessed_data
+from orthodiff_nnunet.trainers.progress import TrainingProgressMixin
 from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -99,18 +100,21 @@ def _rename_old_ema_keys(module: nn.Module, state_dict: dict, prefix: str, *args
         state_dict.setdefault(prefix + "ema_model.n_averaged", torch.tensor(1, dtype=torch.long))
 
 
-class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
+class nnUNetTrainerOrthoDiffPretrain(TrainingProgressMixin, nnUNetTrainer):
     """Denoising-diffusion pretraining on (unlabeled) preprocessed scans of one orientation.
 
     Set the public attributes below before :meth:`initialize` (the ``orthodiff pretrain`` API does).
     Another objective on the same network and data path (the masked-autoencoder control,
     ``trainers/mae_pretraining.py``) overrides the hooks :meth:`objective_config`,
-    :meth:`_step_inputs`, :meth:`_loss_label` and :meth:`build_network_architecture`.
+    :meth:`_step_inputs`, :meth:`_build_loss` and :meth:`_loss_label`, and sets
+    :attr:`TIMESTEP_CONDITIONED` to False.
     """
 
     #: what ``objective_config`` is written to beside the checkpoints (checked on --resume)
     OBJECTIVE = "diffusion"
     CONFIG_FILE = "diffusion_config.json"
+    #: the network takes (x, t): the plans' U-Net wrapped in :class:`TimestepConditionedNetwork`
+    TIMESTEP_CONDITIONED = True
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -143,7 +147,6 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         self._schedule = None
         self._pretrain_split: tuple[list[str], list[str], list[str]] | None = None
         self._rng_to_restore: dict | None = None
-        self._progress = None  # tqdm bar (rank 0)
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -169,14 +172,15 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         """The objective's settings, written to :attr:`CONFIG_FILE` and compared on --resume."""
         return self.diffusion_config()
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """The plans' network with ``num_input_channels`` outputs (a denoiser), timestep-conditioned, plus EMA."""
+        """The plans' network with ``num_input_channels`` outputs, timestep-conditioned if
+        :attr:`TIMESTEP_CONDITIONED`, plus EMA (a classmethod: nnU-Net calls it on the class or an instance)."""
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-        def make() -> TimestepConditionedNetwork:
+        def make() -> nn.Module:
             net = get_network_from_plans(
                 configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
                 configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_input_channels,
@@ -184,7 +188,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             # without deep supervision only the last output layer is used; the others would stall DDP
             for layer in list(net.decoder.seg_layers)[:-1]:
                 layer.requires_grad_(False)
-            return TimestepConditionedNetwork(net)
+            return TimestepConditionedNetwork(net) if cls.TIMESTEP_CONDITIONED else net
 
         return DiffusionModel(make)
 
@@ -339,10 +343,13 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
-    def _noised(self, batch: dict, generator: torch.Generator | None = None):
+    def clean_patch(self, batch: dict) -> torch.Tensor:
+        """The batch's clean patches x0 on the device (channels-last if asked)."""
         x0 = batch["data"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last_3d)
+        return x0.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x0
+
+    def _noised(self, batch: dict, generator: torch.Generator | None = None):
+        x0 = self.clean_patch(batch)
         n = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (n,), generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device) if generator is not None else torch.randn_like(x0)
@@ -376,9 +383,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             self.optimizer.step()
         self._model().update_ema()
         out = {"loss": loss.detach().cpu().numpy()}
-        if self._progress is not None:
-            self._progress.update(1)
-            self._progress.set_postfix(loss=f"{float(out['loss']):.4f}", refresh=False)
+        self.advance_progress(loss=f"{float(out['loss']):.4f}")
         return out
 
     def on_validation_epoch_start(self):
@@ -510,18 +515,8 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
                 random.seed(c)
             self._rng_to_restore = None
         self.num_iterations_per_epoch = self.iterations_in_epoch(self.current_epoch)
-        if self._progress is None and self.local_rank == 0:
-            from tqdm import tqdm
-
-            self._progress = tqdm(total=int(self.total_iterations), initial=self.iterations_done(), unit="it",
-                                  desc="pretraining", mininterval=1.0, dynamic_ncols=True)
+        self.start_progress(self.total_iterations, self.iterations_done(), "pretraining")
         super().on_train_epoch_start()
-
-    def on_train_end(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        super().on_train_end()
 
     def iterations_done(self) -> int:
         """Training iterations taken so far (epochs done, the last one possibly shorter)."""

@@ -70,6 +70,7 @@ from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.encoder_io import EncoderLoadReport, encoder_of, load_encoder
 from orthodiff_nnunet.planning import check_preprocessed_data
+from orthodiff_nnunet.trainers.progress import TrainingProgressMixin
 from orthodiff_nnunet.utils import atomic_write_json
 
 INITS = ("diffusion", "scratch")
@@ -139,7 +140,7 @@ class WarmupPolyLRScheduler(_LRScheduler):
         return self._last_lr
 
 
-class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
+class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
     """nnU-Net segmentation warm-started from the diffusion encoder (``init = "diffusion"``).
 
     Public attributes, set before :meth:`initialize` (the ``orthodiff train seg`` API does):
@@ -172,7 +173,6 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         self._encoder_frozen = False
         self.checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
         self._last_latest_checkpoint = time.monotonic()
-        self._progress = None  # tqdm bar of the training iterations (rank 0)
 
     def print_to_log_file(self, *args, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
         """nnU-Net's log line, with numpy scalars printed as plain numbers (see :func:`plain_numbers`)."""
@@ -321,28 +321,18 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         if self.local_rank == 0:
             self._remove_stale_checkpoint_temporaries()
             atomic_write_json(Path(self.output_folder) / SEG_RUN_RECORD, self.run_record())
-            from tqdm import tqdm
+        from orthodiff_nnunet.console import BAR_FORMAT
 
-            from orthodiff_nnunet.console import BAR_FORMAT
-
-            # on standard error, so that it stays on the console when nnU-Net's prints go to a log file
-            per_epoch = int(self.num_iterations_per_epoch)
-            self._progress = tqdm(total=int(self.num_epochs) * per_epoch, initial=int(self.current_epoch) * per_epoch,
-                                  unit="it", desc="train seg", mininterval=1.0, dynamic_ncols=True, bar_format=BAR_FORMAT)
+        # on standard error, so that it stays on the console when nnU-Net's prints go to a log file
+        per_epoch = int(self.num_iterations_per_epoch)
+        self.start_progress(int(self.num_epochs) * per_epoch, int(self.current_epoch) * per_epoch, "train seg",
+                            bar_format=BAR_FORMAT)
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step; the progress bar advances and shows the loss."""
         out = super().train_step(batch)
-        if self._progress is not None:
-            self._progress.set_postfix(epoch=self.current_epoch, loss=f"{float(out['loss']):.3f}", refresh=False)
-            self._progress.update(1)
+        self.advance_progress(epoch=self.current_epoch, loss=f"{float(out['loss']):.3f}")
         return out
-
-    def on_train_end(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        super().on_train_end()
 
     def on_epoch_end(self) -> None:
         """nnU-Net's epoch end; ``checkpoint_latest.pth`` also when ``checkpoint_minutes`` have passed.
