@@ -14,11 +14,12 @@ Measures, for the cosine (the pretraining default) and the linear schedule of T 
   ``predict_x0``, ``predict_eps``, ``min_snr_weights``, ``diffusion_loss`` and DDIM sampling have no MONAI
   counterpart of that form and stay either way.
 
-Usage::
+Usage (from the repository root)::
 
-    OMP_NUM_THREADS=1 python bench/bench_noise_schedule.py --out bench/results/noise_schedule.md
+    OMP_NUM_THREADS=1 python -m bench.bench_noise_schedule
 
-Appends one section (machine, command, date, tables) to ``--out`` and prints it.
+Shape of every bench script: :func:`parse_args`, :func:`run` (the measurement), :func:`record` (prints the
+section: machine, command, date, tables, and appends it to ``--out``), :func:`main`.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import argparse
 import ast
 import inspect
 import statistics
-import sys
 import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import common
 
-import common  # noqa: E402
+RESULT_FILE = Path(__file__).resolve().parent / "results" / "noise_schedule.md"
 
 #: The smallest MONAI-based schedule module with the pure module's API (counted, and checked to run).
 MONAI_VARIANT = '''
@@ -202,6 +202,7 @@ def monai_variant_runs(steps: int) -> float:
 
 
 def report(args, results: dict, variant_diff: float) -> str:
+    """The Markdown section of one run."""
     fmt_ms = lambda s: f"{1000 * s:.3f} ms"  # noqa: E731
     rows = []
     for name, r in results.items():
@@ -246,21 +247,32 @@ def _version(pkg: str) -> str:
     return version(pkg)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1000, help="T, the number of diffusion steps")
     p.add_argument("--shape", type=int, nargs="+", default=[2, 1, 32, 64, 64], help="batch shape (B, C, *spatial)")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--out", type=Path, default=None, help="Markdown file to append the section to")
-    args = p.parse_args(argv)
-    import torch
+    p.add_argument("--out", type=Path, default=RESULT_FILE, help="Markdown file to append the section to")
+    return p.parse_args(argv)
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+def run(args: argparse.Namespace) -> dict:
+    """Both schedules compared, and the MONAI-based variant's difference to the pure module."""
     results = {name: compare(name, args.steps, tuple(args.shape), args.repeats) for name in ("cosine", "linear")}
-    text = report(args, results, monai_variant_runs(args.steps))
+    return {"schedules": results, "variant_diff": monai_variant_runs(args.steps)}
+
+
+def record(result: dict, args: argparse.Namespace) -> str:
+    """Print the section and append it to ``args.out``."""
+    text = report(args, result["schedules"], result["variant_diff"])
     print(text)
-    if args.out is not None:
-        common.append_markdown(args.out, text, title="# Noise schedules: the pure module vs MONAI's DDPMScheduler")
+    common.append_markdown(args.out, text, title="# Noise schedules: the pure module vs MONAI's DDPMScheduler")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    record(run(args), args)
 
 
 if __name__ == "__main__":
