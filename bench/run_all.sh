@@ -42,6 +42,8 @@ else
 fi
 stamp "orthodiff scan of a generated PACS export (>= 10,000 files), serial vs process and thread pools"
 $PY -m bench.bench_scan --exams 48 --workers 8 --modes serial,process,thread
+stamp "noise schedules and forward process: the pure module vs MONAI's DDPMScheduler (on this machine's device: CPU)"
+$PY -m bench.bench_noise_schedule --repeats 25
 stamp "rebuilding BENCHMARKS.md"
 $PY -m bench.collect --results "$R" --out "$( [ "$R" = bench/results ] && echo BENCHMARKS.md || echo "$R/BENCHMARKS.md" )"
 stamp "done"

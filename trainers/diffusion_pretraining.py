@@ -32,10 +32,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
 from orthodiff_nnunet.preprocessing import check_preprocessed_data
+from orthodiff_nnunet.trainers.progress import TrainingProgressMixin
 from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -44,42 +46,75 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 class DiffusionModel(nn.Module):
     """The trained denoiser and its EMA copy; one module so both travel in nnU-Net's checkpoint.
 
-    ``forward`` runs the trained denoiser. ``ema`` is excluded from the optimizer and from
-    gradients; :meth:`update_ema` blends it towards the denoiser after each step.
+    ``forward`` runs the trained denoiser. The EMA is torch's
+    ``AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(ema_decay))`` (``ema_model``; ``ema`` is the
+    averaged network itself), excluded from the optimizer and from gradients. It starts equal to
+    the denoiser (W_0^EMA = W_0) and :meth:`update_ema` blends it after each step,
+    ``W^EMA <- decay W^EMA + (1 - decay) W`` (one ``torch._foreach_lerp_``), with the buffers
+    copied, as the hand-written update it replaced did, bit for bit
+    (``tests/test_trainer_library.py``). The EMA network is built by a second ``make_denoiser()``
+    call rather than a deep copy of the denoiser so that a seeded run draws the same random
+    numbers as before the switch.
+
+    Checkpoints: the EMA tensors are stored under ``ema_model.module.*`` with ``ema_model.n_averaged``;
+    a checkpoint of the earlier layout (``ema.*``) is renamed on load, so an old run resumes.
     """
 
     def __init__(self, make_denoiser, ema_decay: float = 0.995) -> None:
         super().__init__()
         self.denoiser: TimestepConditionedNetwork = make_denoiser()
-        self.ema: TimestepConditionedNetwork = make_denoiser()
-        self.ema.load_state_dict(self.denoiser.state_dict())
-        self.ema.requires_grad_(False)
+        self.ema_model = AveragedModel(make_denoiser())
+        self.ema_model.requires_grad_(False)
         self.ema_decay = ema_decay
+        self.ema_model.update_parameters(self.denoiser)  # n_averaged 0: copies weights and buffers
+        self.register_load_state_dict_pre_hook(_rename_old_ema_keys)
+
+    @property
+    def ema(self) -> nn.Module:
+        """The EMA network (call it like the denoiser)."""
+        return self.ema_model.module
+
+    @property
+    def ema_decay(self) -> float:
+        return self._ema_decay
+
+    @ema_decay.setter
+    def ema_decay(self, decay: float) -> None:
+        self._ema_decay = float(decay)
+        self.ema_model.multi_avg_fn = get_ema_multi_avg_fn(self._ema_decay)
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, *args)
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        ema = [p for p in self.ema.parameters()]
-        cur = [p.detach() for p in self.denoiser.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - self.ema_decay)
-        for e, c in zip(self.ema.buffers(), self.denoiser.buffers()):
-            e.copy_(c)
+        self.ema_model.update_parameters(self.denoiser)
 
 
-class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
+def _rename_old_ema_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: ``ema.*`` (the hand-written EMA's layout) -> ``ema_model.module.*``, EMA counted as started."""
+    old = [k for k in state_dict if k.startswith(prefix + "ema.")]
+    for k in old:
+        state_dict[prefix + "ema_model.module." + k[len(prefix + "ema."):]] = state_dict.pop(k)
+    if old:
+        state_dict.setdefault(prefix + "ema_model.n_averaged", torch.tensor(1, dtype=torch.long))
+
+
+class nnUNetTrainerOrthoDiffPretrain(TrainingProgressMixin, nnUNetTrainer):
     """Denoising-diffusion pretraining on (unlabeled) preprocessed scans of one orientation.
 
     Set the public attributes below before :meth:`initialize` (the ``orthodiff pretrain`` API does).
     Another objective on the same network and data path (the masked-autoencoder control,
     ``trainers/mae_pretraining.py``) overrides the hooks :meth:`objective_config`,
-    :meth:`_step_inputs`, :meth:`_loss_label` and :meth:`build_network_architecture`.
+    :meth:`_step_inputs`, :meth:`_build_loss` and :meth:`_loss_label`, and sets
+    :attr:`TIMESTEP_CONDITIONED` to False.
     """
 
     #: what ``objective_config`` is written to beside the checkpoints (checked on --resume)
     OBJECTIVE = "diffusion"
     CONFIG_FILE = "diffusion_config.json"
+    #: the network takes (x, t): the plans' U-Net wrapped in :class:`TimestepConditionedNetwork`
+    TIMESTEP_CONDITIONED = True
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -112,7 +147,6 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         self._schedule = None
         self._pretrain_split: tuple[list[str], list[str], list[str]] | None = None
         self._rng_to_restore: dict | None = None
-        self._progress = None  # tqdm bar (rank 0)
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -138,14 +172,15 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
         """The objective's settings, written to :attr:`CONFIG_FILE` and compared on --resume."""
         return self.diffusion_config()
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """The plans' network with ``num_input_channels`` outputs (a denoiser), timestep-conditioned, plus EMA."""
+        """The plans' network with ``num_input_channels`` outputs, timestep-conditioned if
+        :attr:`TIMESTEP_CONDITIONED`, plus EMA (a classmethod: nnU-Net calls it on the class or an instance)."""
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-        def make() -> TimestepConditionedNetwork:
+        def make() -> nn.Module:
             net = get_network_from_plans(
                 configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
                 configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_input_channels,
@@ -153,7 +188,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             # without deep supervision only the last output layer is used; the others would stall DDP
             for layer in list(net.decoder.seg_layers)[:-1]:
                 layer.requires_grad_(False)
-            return TimestepConditionedNetwork(net)
+            return TimestepConditionedNetwork(net) if cls.TIMESTEP_CONDITIONED else net
 
         return DiffusionModel(make)
 
@@ -308,10 +343,13 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
-    def _noised(self, batch: dict, generator: torch.Generator | None = None):
+    def clean_patch(self, batch: dict) -> torch.Tensor:
+        """The batch's clean patches x0 on the device (channels-last if asked)."""
         x0 = batch["data"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last_3d)
+        return x0.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x0
+
+    def _noised(self, batch: dict, generator: torch.Generator | None = None):
+        x0 = self.clean_patch(batch)
         n = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (n,), generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device) if generator is not None else torch.randn_like(x0)
@@ -345,9 +383,7 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
             self.optimizer.step()
         self._model().update_ema()
         out = {"loss": loss.detach().cpu().numpy()}
-        if self._progress is not None:
-            self._progress.update(1)
-            self._progress.set_postfix(loss=f"{float(out['loss']):.4f}", refresh=False)
+        self.advance_progress(loss=f"{float(out['loss']):.4f}")
         return out
 
     def on_validation_epoch_start(self):
@@ -479,18 +515,8 @@ class nnUNetTrainerOrthoDiffPretrain(nnUNetTrainer):
                 random.seed(c)
             self._rng_to_restore = None
         self.num_iterations_per_epoch = self.iterations_in_epoch(self.current_epoch)
-        if self._progress is None and self.local_rank == 0:
-            from tqdm import tqdm
-
-            self._progress = tqdm(total=int(self.total_iterations), initial=self.iterations_done(), unit="it",
-                                  desc="pretraining", mininterval=1.0, dynamic_ncols=True)
+        self.start_progress(self.total_iterations, self.iterations_done(), "pretraining")
         super().on_train_epoch_start()
-
-    def on_train_end(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        super().on_train_end()
 
     def iterations_done(self) -> int:
         """Training iterations taken so far (epochs done, the last one possibly shorter)."""

@@ -30,10 +30,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import nn
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from orthodiff_nnunet.trainers.diffusion_pretraining import DiffusionModel, nnUNetTrainerOrthoDiffPretrain
+from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
 
 
 def encoder_total_stride(configuration_manager: ConfigurationManager) -> tuple[int, ...]:
@@ -123,6 +122,7 @@ class nnUNetTrainerOrthoDiffMAE(nnUNetTrainerOrthoDiffPretrain):
 
     OBJECTIVE = "mae"
     CONFIG_FILE = "mae_config.json"
+    TIMESTEP_CONDITIONED = False  # the plans' U-Net as it is: no timestep, no FiLM
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -144,24 +144,6 @@ class nnUNetTrainerOrthoDiffMAE(nnUNetTrainerOrthoDiffPretrain):
                 "masked_value": 0.0, "loss": "MSE over masked voxels", "ema_decay": self.ema_decay,
                 "precision": self.precision}
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        """The plans' network with ``num_input_channels`` outputs, no timestep conditioning, plus EMA."""
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-        def make() -> nn.Module:
-            net = get_network_from_plans(
-                configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-                configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_input_channels,
-                allow_init=True, deep_supervision=False)
-            for layer in list(net.decoder.seg_layers)[:-1]:  # unused without deep supervision (would stall DDP)
-                layer.requires_grad_(False)
-            return net
-
-        return DiffusionModel(make)
-
     def initialize(self) -> None:
         if not 0 < float(self.mask_ratio) < 1:
             raise ValueError(f"mask ratio {self.mask_ratio} must be in (0, 1)")
@@ -170,9 +152,7 @@ class nnUNetTrainerOrthoDiffMAE(nnUNetTrainerOrthoDiffPretrain):
 
     def masked_batch(self, batch: dict, generator: torch.Generator | None = None):
         """(masked input, clean target, mask) of a batch: blocks of the clean patch set to 0."""
-        x0 = batch["data"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last_3d)
+        x0 = self.clean_patch(batch)
         mask = block_mask(x0.shape[0], x0.shape[2:], self.resolved_mask_block(), self.mask_ratio,
                           generator).to(self.device)
         return x0.masked_fill(mask, 0.0), x0, mask

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nnunetv2.paths import nnUNet_raw, nnUNet_results
+from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.optim.lr_scheduler import _LRScheduler
 
@@ -69,6 +70,7 @@ from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.encoder_io import EncoderLoadReport, encoder_of, load_encoder
 from orthodiff_nnunet.preprocessing import check_preprocessed_data
+from orthodiff_nnunet.trainers.progress import TrainingProgressMixin
 from orthodiff_nnunet.utils import atomic_write_json
 
 INITS = ("diffusion", "scratch")
@@ -98,48 +100,47 @@ def plain_numbers(value):
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
-    """Linear warm-up, then nnU-Net's polynomial decay; stepped once per epoch like nnU-Net's.
+    """nnU-Net's linear warm-up, then nnU-Net's polynomial decay; stepped once per epoch like nnU-Net's.
 
-    ``lr(s) = initial_lr * (s + 1) / (W + 1)`` for ``s < W = warmup_steps``: a straight line from
-    0 (at step -1) to ``initial_lr`` (at step W), so the first epoch already trains, at
-    ``initial_lr / (W + 1)``, and every one of the W warm-up epochs is below the target. Then
-    ``lr(s) = initial_lr * (1 - (s - W) / (max_steps - W)) ** exponent``, nnU-Net's polynomial decay
-    over the remaining epochs, starting at ``initial_lr``. With ``W = 0`` it equals nnU-Net's
-    ``PolyLRScheduler``.
+    For epoch ``s < W = warmup_steps`` it steps nnU-Net's ``Lin_incr_LRScheduler`` with
+    ``max_steps = W + 1``: ``lr(s) = initial_lr / (W + 1) * (s + 1)``, a straight line from 0 (at
+    step -1) to ``initial_lr`` (at step W), so the first epoch already trains, at
+    ``initial_lr / (W + 1)``, and every one of the W warm-up epochs is below the target. From ``W`` on
+    it steps nnU-Net's ``PolyLRScheduler_offset``: ``lr(s) = initial_lr * (1 - (s - W) / (max_steps -
+    W)) ** exponent``, nnU-Net's decay over the remaining epochs, starting at ``initial_lr``. With
+    ``W = 0`` it equals nnU-Net's ``PolyLRScheduler``. Both parts take the epoch (nnU-Net's
+    ``on_train_epoch_start`` passes ``current_epoch``), so a resumed run continues the same curve;
+    torch's ``SequentialLR`` takes no epoch, which is why it is not used.
+
+    nnU-Net's own ``nnUNetTrainer_warmup`` uses ``Lin_incr_LRScheduler(max_steps=W)``: the warm-up
+    reaches ``initial_lr`` at its last epoch, so two epochs run at the peak. The denominator ``W + 1``
+    keeps this trainer's curve as it was before it used nnU-Net's classes (recorded runs and their
+    ``warmup_epochs`` mean the same); it equals the hand-written one to 1 ulp in the warm-up and exactly
+    after it (``tests/test_trainer_library.py``).
     """
 
     def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int = 0,
                  exponent: float = 0.9, current_step: int | None = None):
         if not 0 <= warmup_steps < max(max_steps, 1):
             raise ValueError(f"warm-up of {warmup_steps} epochs must be shorter than the {max_steps} epochs")
-        self.optimizer = optimizer
-        self.initial_lr = initial_lr
-        self.max_steps = max_steps
         self.warmup_steps = warmup_steps
-        self.exponent = exponent
+        self.warmup = Lin_incr_LRScheduler(optimizer, initial_lr, warmup_steps + 1)
+        self.decay = PolyLRScheduler_offset(optimizer, initial_lr, max_steps, warmup_steps, exponent)
         self.ctr = 0
         super().__init__(optimizer, current_step if current_step is not None else -1)
-
-    def lr_at(self, step: int) -> float:
-        w = self.warmup_steps
-        if step < w:
-            return self.initial_lr * (step + 1) / (w + 1)
-        return self.initial_lr * max(0.0, 1 - (step - w) / (self.max_steps - w)) ** self.exponent
 
     def step(self, current_step: int | None = None) -> None:
         if current_step is None or current_step == -1:
             current_step = self.ctr
             self.ctr += 1
-        lr = self.lr_at(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr for _ in self.optimizer.param_groups]
+        (self.warmup if current_step < self.warmup_steps else self.decay).step(current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def get_last_lr(self) -> list[float]:
         return self._last_lr
 
 
-class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
+class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
     """nnU-Net segmentation warm-started from the diffusion encoder (``init = "diffusion"``).
 
     Public attributes, set before :meth:`initialize` (the ``orthodiff train seg`` API does):
@@ -172,7 +173,6 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         self._encoder_frozen = False
         self.checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
         self._last_latest_checkpoint = time.monotonic()
-        self._progress = None  # tqdm bar of the training iterations (rank 0)
 
     def print_to_log_file(self, *args, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
         """nnU-Net's log line, with numpy scalars printed as plain numbers (see :func:`plain_numbers`)."""
@@ -321,28 +321,18 @@ class nnUNetTrainerOrthoDiffSeg(nnUNetTrainer):
         if self.local_rank == 0:
             self._remove_stale_checkpoint_temporaries()
             atomic_write_json(Path(self.output_folder) / SEG_RUN_RECORD, self.run_record())
-            from tqdm import tqdm
+        from orthodiff_nnunet.console import BAR_FORMAT
 
-            from orthodiff_nnunet.console import BAR_FORMAT
-
-            # on standard error, so that it stays on the console when nnU-Net's prints go to a log file
-            per_epoch = int(self.num_iterations_per_epoch)
-            self._progress = tqdm(total=int(self.num_epochs) * per_epoch, initial=int(self.current_epoch) * per_epoch,
-                                  unit="it", desc="train seg", mininterval=1.0, dynamic_ncols=True, bar_format=BAR_FORMAT)
+        # on standard error, so that it stays on the console when nnU-Net's prints go to a log file
+        per_epoch = int(self.num_iterations_per_epoch)
+        self.start_progress(int(self.num_epochs) * per_epoch, int(self.current_epoch) * per_epoch, "train seg",
+                            bar_format=BAR_FORMAT)
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step; the progress bar advances and shows the loss."""
         out = super().train_step(batch)
-        if self._progress is not None:
-            self._progress.set_postfix(epoch=self.current_epoch, loss=f"{float(out['loss']):.3f}", refresh=False)
-            self._progress.update(1)
+        self.advance_progress(epoch=self.current_epoch, loss=f"{float(out['loss']):.3f}")
         return out
-
-    def on_train_end(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        super().on_train_end()
 
     def on_epoch_end(self) -> None:
         """nnU-Net's epoch end; ``checkpoint_latest.pth`` also when ``checkpoint_minutes`` have passed.

@@ -23,6 +23,7 @@ FiLM layers, shipped in ``encoder.pt`` too) gives the affine at any other timest
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -173,14 +174,20 @@ class TimestepConditionedNetwork(nn.Module):
         self._emb: torch.Tensor | None = None
 
     def _make_hook(self, index: int):
-        def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-            if self._emb is None:
-                raise RuntimeError("call the conditioned network as model(x, t)")
-            scale, shift = self.film[index](self._emb).to(output.dtype).chunk(2, dim=1)
-            shape = (output.shape[0], -1) + (1,) * (output.ndim - 2)
-            return output * (1 + scale.reshape(shape)) + shift.reshape(shape)
+        """The forward hook of conditioned stage ``index``: a partial of a bound method, not a closure.
 
-        return hook
+        ``copy.deepcopy`` (``torch.optim.swa_utils.AveragedModel`` deep-copies the denoiser for the
+        EMA) rebinds a bound method to the copy, but shares a closure with the original: the copy's
+        stages would then apply the original's FiLM and embedding.
+        """
+        return functools.partial(self._film_hook, index)
+
+    def _film_hook(self, index: int, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if self._emb is None:
+            raise RuntimeError("call the conditioned network as model(x, t)")
+        scale, shift = self.film[index](self._emb).to(output.dtype).chunk(2, dim=1)
+        shape = (output.shape[0], -1) + (1,) * (output.ndim - 2)
+        return output * (1 + scale.reshape(shape)) + shift.reshape(shape)
 
     def encoder_conditioning(self) -> EncoderConditioning:
         """A copy of the time MLP and the encoder stages' FiLM layers (what ``encoder.pt`` ships)."""
