@@ -111,30 +111,29 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
         verbose: everything on the console, no stage log files.
         write: where console lines go (default: this module's logger at INFO; the CLI prints them).
     """
-    import os
-    import shutil
-
-    from orthodiff_nnunet import paths
-    from orthodiff_nnunet.classification import train_classification
-    from orthodiff_nnunet.console import StageConsole
-    from orthodiff_nnunet.data.phantom import write_site
-    from orthodiff_nnunet.data.sites import SITE_3T, SITE_15T
-    from orthodiff_nnunet.errors import OrthodiffError
-    from orthodiff_nnunet.evaluation.external import evaluate
-    from orthodiff_nnunet.networks.build import write_shrunk_plans
-    from orthodiff_nnunet.planning import plan_and_preprocess
-    from orthodiff_nnunet.pretraining import pretrain
-    from orthodiff_nnunet.segmentation import train_segmentation
-
-    import json
-
-    from orthodiff_nnunet.classification import default_test_folds
-
     settings = dict(DEMO_SETTINGS["quick" if quick else "full"])
     for key, value in (("pretrain_iterations", pretrain_iterations), ("seg_iterations", seg_iterations),
                        ("cls_epochs", cls_epochs)):
         if value is not None:
             settings[key] = int(value)
+    run = _DemoRun(_fresh_demo_folder(output), settings, device, quick=quick, verbose=verbose, write=write,
+                   cases_per_site=cases_per_site)
+    run.convert_sites(cases_per_site, seed)
+    planning = run.plan()
+    plans_id = "orthodiffDemoPlans"
+    run.pretrain(planning, plans_id)
+    seg_models = run.train_seg(planning, plans_id)
+    cls = run.train_cls(plans_id)
+    evaluation, head = run.evaluate(seg_models, cls)
+    return run.summarise(evaluation, head)
+
+
+def _fresh_demo_folder(output: Path) -> Path:
+    """``output`` resolved, emptied if it holds an earlier demo (refused if it holds anything else), and marked."""
+    import shutil
+
+    from orthodiff_nnunet.errors import OrthodiffError
+
     output = Path(output).resolve()
     marker = output / ".orthodiff_demo"
     if output.exists() and any(output.iterdir()):
@@ -143,126 +142,188 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
         shutil.rmtree(output)  # a previous demo run: start from nothing again
     output.mkdir(parents=True, exist_ok=True)
     marker.write_text("created by orthodiff demo; removed and rebuilt by the next demo run\n")
-    raw, pre, res = output / "nnUNet_raw", output / "nnUNet_preprocessed", output / "nnUNet_results"
-    paths.set_nnunet_paths(raw, pre, res)
-    logs = output / "logs"
-    console = StageConsole(logs, total=len(DEMO_STAGES), verbose=verbose, write=write or log.info)
-    details: list[str] = [f"OrthoDiff-nnU-Net demo in {output} (synthetic phantom data)"]
-    console.say(f"OrthoDiff-nnU-Net demo{' (--quick)' if quick else ''} in {output}: synthetic phantom knees, "
-                f"{cases_per_site} exams per site; {len(DEMO_STAGES)} stages"
-                + ("" if verbose else f", nnU-Net's output in {logs}/ (-v shows it here)"))
-    console.say("Each stage's equivalent command follows its `$`; they run as shown after")
-    console.say(f"      $ export nnUNet_raw={raw} nnUNet_preprocessed={pre} nnUNet_results={res}")
-    rel = lambda p: os.path.relpath(p, output)  # noqa: E731  (commands shown relative to the demo folder)
+    return output
 
-    sites = ((SITE_3T, 501, False, seed), (SITE_15T, 511, True, seed + 1000))
-    manifests = {site.name: output / "sites" / site.name / "manifest.csv" for site, *_ in sites}
-    commands = [f"orthodiff convert {rel(manifests[site.name])} -d {base} -n Knee{site.name} -np 1"
-                + (" --external" if external else " --folds 2") for site, base, external, _ in sites]
-    with console.stage("convert", [f"cd {output}", *commands]) as stage:
-        counts = []
-        for site, base_id, external, site_seed in sites:
-            manifest = write_site(output / "sites" / site.name, site, n_cases=cases_per_site, seed=site_seed,
-                                  patients_with_two_exams=1)
-            # 2 folds: with a handful of exams, fold 0's validation still holds several exams
-            result = convert(manifest, base_id, f"Knee{site.name}", raw=raw, external=external, num_processes=1,
-                             num_folds=2)
-            details.append(result.summary())
-            counts.append(f"{site.name} ({site.field_strength_t:g} T, {'external' if external else 'training'}) "
-                          f"{max(result.num_cases.values(), default=0)} exams x {len(result.datasets)} orientations")
-        stage.figures = "; ".join(counts)
 
-    # one process: a handful of small cases are preprocessed faster in-process than by spawned workers
-    # (each imports torch and nnU-Net); nnU-Net's fingerprint extraction spawns its workers anyway
-    with console.stage("plan_and_preprocess", ["orthodiff plan_and_preprocess -d 501 502 503 -np 1"]) as stage:
-        planning = plan_and_preprocess([501, 502, 503], num_processes=1, show_progress=True)
-        details.append(planning.summary())
-        fullres = {d.orientation: d.configuration(SEGMENTATION_CONFIGURATION) for d in planning.datasets}
-        stage.figures = f"{SEGMENTATION_CONFIGURATION} patch " + ", ".join(
-            f"{o} {'x'.join(str(s) for s in c.patch_size)}" for o, c in fullres.items())
+class _DemoRun:
+    """One demo run: its folder, nnU-Net paths and console, set up once; one method per stage.
 
-    os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in-process: small data, 2 cores
-    os.environ.setdefault("nnUNet_compile", "0")
-    plans_id = "orthodiffDemoPlans"
-    n_pre = settings["pretrain_iterations"]
-    for dataset in planning.datasets:
-        folder = pre / dataset.dataset_name
-        # the plans' network with every stage's features divided by 8 (nnU-Net's 32-64-128-256-320 ->
-        # 4-8-16-32-40) and one residual block per stage: the plans' stages, kernels and strides, a third
-        # of the CPU time per step of the earlier flat cap at 16 features (measured, see DEMO_NETWORK)
-        write_shrunk_plans(folder, dataset.plans_identifier, plans_id, **DEMO_NETWORK)
-        # one nnU-Net epoch (= one validation pass and checkpoint) for the whole short run: each epoch
-        # end costs 5 validation steps, a checkpoint and a plot, more than a few training steps
-        # the classifier (fold 0) tests on exams the encoders must not have seen: they are left out here
-        test_folds = default_test_folds(len(json.loads((folder / "splits_final.json").read_text())), 0)
-        command = (f"orthodiff pretrain -d {dataset.dataset_name} -p {plans_id} --iterations {n_pre} "
-                   f"--checkpoint-every {n_pre} --lr 1e-3 --sample-steps 5 --device {device} "
-                   f"--exclude-fold {' '.join(map(str, test_folds))}")
-        with console.stage(f"pretrain {dataset.orientation}", [command]) as stage:
-            result = pretrain(dataset.dataset_name, plans=plans_id, iterations=n_pre, checkpoint_every=n_pre,
-                              learning_rate=1e-3, device=device, sample_steps=5, exclude_folds=test_folds)
-            details.append(result.summary())
-            stage.figures = (f"{result.iterations} it, train loss {_fmt(result.train_losses[-1])}, "
-                             f"EMA val loss {_fmt(result.val_losses[-1])}" if result.train_losses and result.val_losses
-                             else f"{result.iterations} it")
+    Each stage method shows the equivalent ``orthodiff`` command, runs the typed API function,
+    appends its summary to :attr:`details` and puts its figures on the stage's console line.
+    """
 
-    n_seg = settings["seg_iterations"]
-    seg_epochs, seg_per_epoch = 2, max(1, n_seg // 2)
-    seg_commands = [f"orthodiff train seg -d {d.dataset_name} -f all -p {plans_id} --epochs {seg_epochs} "
-                    f"--iterations-per-epoch {seg_per_epoch} --val-iterations 2 --no-validation --device {device}"
-                    for d in planning.datasets]
-    seg_models = {}
-    with console.stage("train seg", seg_commands) as stage:
-        figures = []
+    def __init__(self, output: Path, settings: dict[str, int], device: str, *, quick: bool, verbose: bool,
+                 write: Callable[[str], None] | None, cases_per_site: int) -> None:
+        from orthodiff_nnunet import paths
+        from orthodiff_nnunet.console import StageConsole
+
+        self.output, self.settings, self.device, self.verbose = output, settings, device, verbose
+        self.raw, self.pre, self.res = output / "nnUNet_raw", output / "nnUNet_preprocessed", output / "nnUNet_results"
+        paths.set_nnunet_paths(self.raw, self.pre, self.res)
+        self.logs = output / "logs"
+        self.console = StageConsole(self.logs, total=len(DEMO_STAGES), verbose=verbose, write=write or log.info)
+        self.details: list[str] = [f"OrthoDiff-nnU-Net demo in {output} (synthetic phantom data)"]
+        self.console.say(f"OrthoDiff-nnU-Net demo{' (--quick)' if quick else ''} in {output}: synthetic phantom knees, "
+                         f"{cases_per_site} exams per site; {len(DEMO_STAGES)} stages"
+                         + ("" if verbose else f", nnU-Net's output in {self.logs}/ (-v shows it here)"))
+        self.console.say("Each stage's equivalent command follows its `$`; they run as shown after")
+        self.console.say(f"      $ export nnUNet_raw={self.raw} nnUNet_preprocessed={self.pre} nnUNet_results={self.res}")
+
+    def rel(self, p: Path) -> str:
+        """``p`` relative to the demo folder (commands are shown so)."""
+        import os
+
+        return os.path.relpath(p, self.output)
+
+    def convert_sites(self, cases_per_site: int, seed: int) -> None:
+        """Stage 1: write the 3 T training and 1.5 T external phantom sites and convert them."""
+        from orthodiff_nnunet.data.phantom import write_site
+        from orthodiff_nnunet.data.sites import SITE_3T, SITE_15T
+
+        output = self.output
+        sites = ((SITE_3T, 501, False, seed), (SITE_15T, 511, True, seed + 1000))
+        manifests = {site.name: output / "sites" / site.name / "manifest.csv" for site, *_ in sites}
+        commands = [f"orthodiff convert {self.rel(manifests[site.name])} -d {base} -n Knee{site.name} -np 1"
+                    + (" --external" if external else " --folds 2") for site, base, external, _ in sites]
+        with self.console.stage("convert", [f"cd {output}", *commands]) as stage:
+            counts = []
+            for site, base_id, external, site_seed in sites:
+                manifest = write_site(output / "sites" / site.name, site, n_cases=cases_per_site, seed=site_seed,
+                                      patients_with_two_exams=1)
+                # 2 folds: with a handful of exams, fold 0's validation still holds several exams
+                result = convert(manifest, base_id, f"Knee{site.name}", raw=self.raw, external=external,
+                                 num_processes=1, num_folds=2)
+                self.details.append(result.summary())
+                counts.append(f"{site.name} ({site.field_strength_t:g} T, {'external' if external else 'training'}) "
+                              f"{max(result.num_cases.values(), default=0)} exams x {len(result.datasets)} orientations")
+            stage.figures = "; ".join(counts)
+
+    def plan(self):
+        """Stage 2: plan and preprocess the training site's three orientations."""
+        from orthodiff_nnunet.planning import plan_and_preprocess
+
+        # one process: a handful of small cases are preprocessed faster in-process than by spawned workers
+        # (each imports torch and nnU-Net); nnU-Net's fingerprint extraction spawns its workers anyway
+        with self.console.stage("plan_and_preprocess", ["orthodiff plan_and_preprocess -d 501 502 503 -np 1"]) as stage:
+            planning = plan_and_preprocess([501, 502, 503], num_processes=1, show_progress=True)
+            self.details.append(planning.summary())
+            fullres = {d.orientation: d.configuration(SEGMENTATION_CONFIGURATION) for d in planning.datasets}
+            stage.figures = f"{SEGMENTATION_CONFIGURATION} patch " + ", ".join(
+                f"{o} {'x'.join(str(s) for s in c.patch_size)}" for o, c in fullres.items())
+        return planning
+
+    def pretrain(self, planning, plans_id: str) -> None:
+        """Stages 3-5: shrink each orientation's plans and pretrain its diffusion model (the test fold left out)."""
+        import json
+        import os
+
+        from orthodiff_nnunet.classification import default_test_folds
+        from orthodiff_nnunet.networks.build import write_shrunk_plans
+        from orthodiff_nnunet.pretraining import pretrain
+
+        device = self.device
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in-process: small data, 2 cores
+        os.environ.setdefault("nnUNet_compile", "0")
+        n_pre = self.settings["pretrain_iterations"]
         for dataset in planning.datasets:
-            trained = train_segmentation(dataset.dataset_name, fold="all", init="diffusion", plans=plans_id,
-                                         epochs=seg_epochs, iterations_per_epoch=seg_per_epoch,
-                                         val_iterations_per_epoch=2, device=device, validate=False)
-            seg_models[dataset.orientation] = trained.model_folder
-            details.append(trained.summary())
-            figures.append(f"{dataset.orientation} loss {_fmt(trained.train_loss)}, pseudo Dice "
-                           f"{_fmt(trained.pseudo_dice)}")
-        stage.figures = "; ".join(figures)
+            folder = self.pre / dataset.dataset_name
+            # the plans' network with every stage's features divided by 8 (nnU-Net's 32-64-128-256-320 ->
+            # 4-8-16-32-40) and one residual block per stage: the plans' stages, kernels and strides, a third
+            # of the CPU time per step of the earlier flat cap at 16 features (measured, see DEMO_NETWORK)
+            write_shrunk_plans(folder, dataset.plans_identifier, plans_id, **DEMO_NETWORK)
+            # one nnU-Net epoch (= one validation pass and checkpoint) for the whole short run: each epoch
+            # end costs 5 validation steps, a checkpoint and a plot, more than a few training steps
+            # the classifier (fold 0) tests on exams the encoders must not have seen: they are left out here
+            test_folds = default_test_folds(len(json.loads((folder / "splits_final.json").read_text())), 0)
+            command = (f"orthodiff pretrain -d {dataset.dataset_name} -p {plans_id} --iterations {n_pre} "
+                       f"--checkpoint-every {n_pre} --lr 1e-3 --sample-steps 5 --device {device} "
+                       f"--exclude-fold {' '.join(map(str, test_folds))}")
+            with self.console.stage(f"pretrain {dataset.orientation}", [command]) as stage:
+                result = pretrain(dataset.dataset_name, plans=plans_id, iterations=n_pre, checkpoint_every=n_pre,
+                                  learning_rate=1e-3, device=device, sample_steps=5, exclude_folds=test_folds)
+                self.details.append(result.summary())
+                stage.figures = (f"{result.iterations} it, train loss {_fmt(result.train_losses[-1])}, "
+                                 f"EMA val loss {_fmt(result.val_losses[-1])}"
+                                 if result.train_losses and result.val_losses else f"{result.iterations} it")
 
-    cls_epochs_n, cls_iters = settings["cls_epochs"], settings["cls_iterations"]
-    cls_command = (f"orthodiff train cls -d 501 -p {plans_id} -f 0 --mode finetune --epochs {cls_epochs_n} "
-                   f"--iterations-per-epoch {cls_iters} --batch-size 2 --n-boot {settings['cls_boot']} "
-                   f"--device {device}")
-    with console.stage("train cls", [cls_command]) as stage:
-        cls = train_classification(501, plans=plans_id, fold=0, mode="finetune", epochs=cls_epochs_n,
-                                   iterations_per_epoch=cls_iters, batch_size=2, n_boot=settings["cls_boot"],
-                                   device=device)
-        details.append(cls.summary())
-        last = cls.history[-1] if cls.history else {}
-        stage.figures = (f"loss {_fmt(last.get('train_loss'))}, selection mean AUROC "
-                         f"{_fmt(cls.best_selection_mean_auroc)} (epoch {cls.best_epoch})")
+    def train_seg(self, planning, plans_id: str) -> dict[str, Path]:
+        """Stage 6: segmentation per orientation from its pretrained encoder; orientation -> model folder."""
+        from orthodiff_nnunet.segmentation import train_segmentation
 
-    report_dir = output / "report"
-    seg_args = " ".join(f"{o}={rel(m)}" for o, m in seg_models.items())
-    eval_command = (f"orthodiff evaluate -d 511 --seg {seg_args} --cls {rel(cls.output_folder)} -o report "
-                    f"--bootstrap {settings['n_boot']} --disable-tta -np 1 --device {device}")
-    with console.stage("evaluate", [eval_command]) as stage:
-        # Without mirroring (8 flips per patch) to keep the demo short on a CPU; the report records the choice.
-        # `orthodiff evaluate` mirrors by default, like `predict seg` and nnU-Net.
-        evaluation = evaluate([511], report_dir, seg_models=seg_models, cls_model=cls.output_folder,
-                              n_boot=settings["n_boot"], device=device, num_processes=1, mirroring=False)
-        details.append(evaluation.summary())
-        head = _report_headline(evaluation.output_folder / "report.json")
-        stage.figures = (f"mean Dice {_fmt(head['mean_dice'])}, macro AUROC {_fmt(head['macro_auroc'])} "
-                         f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
+        device = self.device
+        n_seg = self.settings["seg_iterations"]
+        seg_epochs, seg_per_epoch = 2, max(1, n_seg // 2)
+        seg_commands = [f"orthodiff train seg -d {d.dataset_name} -f all -p {plans_id} --epochs {seg_epochs} "
+                        f"--iterations-per-epoch {seg_per_epoch} --val-iterations 2 --no-validation --device {device}"
+                        for d in planning.datasets]
+        seg_models = {}
+        with self.console.stage("train seg", seg_commands) as stage:
+            figures = []
+            for dataset in planning.datasets:
+                trained = train_segmentation(dataset.dataset_name, fold="all", init="diffusion", plans=plans_id,
+                                             epochs=seg_epochs, iterations_per_epoch=seg_per_epoch,
+                                             val_iterations_per_epoch=2, device=device, validate=False)
+                seg_models[dataset.orientation] = trained.model_folder
+                self.details.append(trained.summary())
+                figures.append(f"{dataset.orientation} loss {_fmt(trained.train_loss)}, pseudo Dice "
+                               f"{_fmt(trained.pseudo_dice)}")
+            stage.figures = "; ".join(figures)
+        return seg_models
 
-    total = sum(s.seconds for s in console.stages)
-    next_command = ("orthodiff convert my_site/manifest.csv -d 601 -n KneeMySite   "
-                    "(manifest columns: README, section \"Converting a site's data\")")
-    console.say("")
-    console.say(f"Done in {total / 60:.1f} min. Report: {evaluation.report_html}")
-    console.say(f"  external site (1.5 T): Dice femur {_fmt(head['dice_femur'])}, tibia {_fmt(head['dice_tibia'])}, "
-                f"patella {_fmt(head['dice_patella'])}; mean Dice over {int(head['n_structures'] or 0)} structures "
-                f"{_fmt(head['mean_dice'])}; macro AUROC {_fmt(head['macro_auroc'])} "
-                f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
-    console.say("  tiny networks trained for seconds on synthetic data: the pipeline, not clinical accuracy "
-                "(BENCHMARKS.md has measured figures)")
-    console.say(f"Next, on your own data: {next_command}")
-    return DemoResult(output=output, report_html=evaluation.report_html, headline=head,
-                      stages=[s.line() for s in console.stages], details="\n\n".join(details),
-                      next_command=next_command, logs=None if verbose else logs)
+    def train_cls(self, plans_id: str):
+        """Stage 7: fine-tune the three-view classifier on fold 0."""
+        from orthodiff_nnunet.classification import train_classification
+
+        device, settings = self.device, self.settings
+        cls_epochs_n, cls_iters = settings["cls_epochs"], settings["cls_iterations"]
+        cls_command = (f"orthodiff train cls -d 501 -p {plans_id} -f 0 --mode finetune --epochs {cls_epochs_n} "
+                       f"--iterations-per-epoch {cls_iters} --batch-size 2 --n-boot {settings['cls_boot']} "
+                       f"--device {device}")
+        with self.console.stage("train cls", [cls_command]) as stage:
+            cls = train_classification(501, plans=plans_id, fold=0, mode="finetune", epochs=cls_epochs_n,
+                                       iterations_per_epoch=cls_iters, batch_size=2, n_boot=settings["cls_boot"],
+                                       device=device)
+            self.details.append(cls.summary())
+            last = cls.history[-1] if cls.history else {}
+            stage.figures = (f"loss {_fmt(last.get('train_loss'))}, selection mean AUROC "
+                             f"{_fmt(cls.best_selection_mean_auroc)} (epoch {cls.best_epoch})")
+        return cls
+
+    def evaluate(self, seg_models: dict[str, Path], cls):
+        """Stage 8: evaluate both models on the external site; the evaluation and its headline figures."""
+        from orthodiff_nnunet.evaluation.external import evaluate
+
+        device, settings = self.device, self.settings
+        report_dir = self.output / "report"
+        seg_args = " ".join(f"{o}={self.rel(m)}" for o, m in seg_models.items())
+        eval_command = (f"orthodiff evaluate -d 511 --seg {seg_args} --cls {self.rel(cls.output_folder)} -o report "
+                        f"--bootstrap {settings['n_boot']} --disable-tta -np 1 --device {device}")
+        with self.console.stage("evaluate", [eval_command]) as stage:
+            # Without mirroring (8 flips per patch) to keep the demo short on a CPU; the report records the choice.
+            # `orthodiff evaluate` mirrors by default, like `predict seg` and nnU-Net.
+            evaluation = evaluate([511], report_dir, seg_models=seg_models, cls_model=cls.output_folder,
+                                  n_boot=settings["n_boot"], device=device, num_processes=1, mirroring=False)
+            self.details.append(evaluation.summary())
+            head = _report_headline(evaluation.output_folder / "report.json")
+            stage.figures = (f"mean Dice {_fmt(head['mean_dice'])}, macro AUROC {_fmt(head['macro_auroc'])} "
+                             f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
+        return evaluation, head
+
+    def summarise(self, evaluation, head: dict[str, float | None]) -> DemoResult:
+        """The closing console lines (time, report, headline figures, next step) and the result."""
+        console = self.console
+        total = sum(s.seconds for s in console.stages)
+        next_command = ("orthodiff convert my_site/manifest.csv -d 601 -n KneeMySite   "
+                        "(manifest columns: README, section \"Converting a site's data\")")
+        console.say("")
+        console.say(f"Done in {total / 60:.1f} min. Report: {evaluation.report_html}")
+        console.say(f"  external site (1.5 T): Dice femur {_fmt(head['dice_femur'])}, tibia {_fmt(head['dice_tibia'])}, "
+                    f"patella {_fmt(head['dice_patella'])}; mean Dice over {int(head['n_structures'] or 0)} structures "
+                    f"{_fmt(head['mean_dice'])}; macro AUROC {_fmt(head['macro_auroc'])} "
+                    f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
+        console.say("  tiny networks trained for seconds on synthetic data: the pipeline, not clinical accuracy "
+                    "(BENCHMARKS.md has measured figures)")
+        console.say(f"Next, on your own data: {next_command}")
+        return DemoResult(output=self.output, report_html=evaluation.report_html, headline=head,
+                          stages=[s.line() for s in console.stages], details="\n\n".join(self.details),
+                          next_command=next_command, logs=None if self.verbose else self.logs)

@@ -256,6 +256,8 @@ def train_classification(
 ) -> ClassificationTrainResult:
     """Train the multi-view abnormality classifier.
 
+    Long (about 110 lines) only because it documents its 34 parameters; the body is named steps.
+
     Args:
         dataset: a dataset id/name standing for its sag/cor/ax group, or one dataset per view.
         views: views to fuse, in order (default: every orientation found).
@@ -300,11 +302,42 @@ def train_classification(
             progress bar and warnings stay on the console.
     """
     from orthodiff_nnunet.data.targets import load_dataset_targets
-    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
 
     view_names = resolve_views(dataset, views)
     vds = {v: _view_data(v, name, plans, configuration) for v, name in view_names.items()}
     targets = {v: load_dataset_targets(name) for v, name in view_names.items()}
+    order = list(view_names)
+    enc = _encoder_paths(encoders, encoders_from, mode, view_names, vds)
+    timesteps = _per_view(noise_timestep, order, "--noise-timestep", int)
+    if fold != "all":
+        fold = int(fold)
+    if test_fold not in (None, "auto"):
+        test_fold = int(test_fold)
+    out = _run_folder(output_folder, run_name, view_names, vds, configuration, mode, label_fraction, timesteps, fold)
+    latest = _refuse_unasked_resume(out, resume)
+    console_log = out / CONSOLE_LOG if quiet else None
+    if console_log is not None:
+        log.info("training the classifier in %s; per-epoch lines go to %s", out, console_log)
+    with output_to_log(console_log):
+        trainer = _new_trainer(
+            vds, targets, fold, out, device, mode=mode, encoder_paths=enc if mode != "scratch" else {},
+            noise_timesteps=timesteps, film=film, fusion=fusion, feature_stages=feature_stages, dropout=dropout,
+            num_epochs=epochs, num_iterations_per_epoch=iterations_per_epoch, batch_size=batch_size,
+            initial_lr=learning_rate, encoder_lr_factor=encoder_lr_factor, weight_decay=weight_decay,
+            label_fraction=label_fraction, test_fold=test_fold, allow_pretraining_overlap=allow_pretraining_overlap,
+            precision=precision, mirror_axes=mirror_axes, augment=augment, threshold_method=threshold_method,
+            n_boot=n_boot, seed=seed)
+        done = _train(trainer, out, latest if resume else None)
+    return _train_result(trainer, done, out, view_names, mode)
+
+
+def _encoder_paths(encoders: Mapping[str, Path] | Path | None, encoders_from: int | str | None, mode: str,
+                   view_names: dict[str, str], vds: dict) -> dict[str, Path]:
+    """view -> encoder checkpoint: the given ones, the others from each view's (or ``encoders_from``'s) pretraining.
+
+    Raises:
+        ClassificationUsageError: one path for several views, or a view without its pretrained encoder.
+    """
     order = list(view_names)
     if isinstance(encoders, (list, tuple)) and len(encoders) == 1 and "=" not in str(encoders[0]):
         encoders = encoders[0]  # one bare path
@@ -322,58 +355,62 @@ def train_classification(
                         f"no pretrained {v} encoder at {path}: run `orthodiff pretrain -d {source[v]}`, pass "
                         f"--encoder {v}=PATH or --encoders-from DATASET, or use --mode scratch")
                 enc[v] = path
-    timesteps = _per_view(noise_timestep, order, "--noise-timestep", int)
-    if fold != "all":
-        fold = int(fold)
-    if test_fold not in (None, "auto"):
-        test_fold = int(test_fold)
+    return enc
+
+
+def _run_folder(output_folder: Path | None, run_name: str | None, view_names: dict[str, str], vds: dict,
+                configuration: str, mode: str, label_fraction: float, timesteps: dict[str, int],
+                fold: int | str) -> Path:
+    """The run's fold folder: ``output_folder``, else under nnUNet_results (see the module docstring), in a run
+    folder named ``run_name`` or after the views, mode, label fraction and noise timesteps."""
+    order = list(view_names)
     run = run_name or "_".join([ "-".join(order), mode]
                                + ([f"lf{label_fraction:g}"] if label_fraction < 1 else [])
                                + ([f"t{'-'.join(str(timesteps.get(v, 0)) for v in order)}"] if any(timesteps.values()) else []))
-    out = Path(output_folder) if output_folder else (
+    return Path(output_folder) if output_folder else (
         paths.results_dir() / view_names[order[0]] / f"{CLS_TRAINER}__{vds[order[0]].plans_identifier}__{configuration}"
         / run / f"fold_{fold}")
+
+
+def _refuse_unasked_resume(out: Path, resume: bool) -> Path:
+    """The run's ``checkpoint_latest.pth``; refuses a folder holding a finished run, or an unfinished one
+    without ``resume``."""
     latest = out / "checkpoint_latest.pth"
     if (out / "checkpoint_final.pth").is_file() and not resume:
         raise ClassificationUsageError(f"{out} already holds a finished run: choose another --run-name or remove it")
     if latest.is_file() and not resume:
         raise ClassificationUsageError(f"{out} holds an unfinished run: pass --resume to continue it, or remove it")
+    return latest
 
-    console_log = out / CONSOLE_LOG if quiet else None
-    if console_log is not None:
-        log.info("training the classifier in %s; per-epoch lines go to %s", out, console_log)
-    with output_to_log(console_log):
-        trainer = nnUNetTrainerOrthoDiffCls(vds, targets, fold, out, resolve_device(device))
-        trainer.mode = mode
-        trainer.encoder_paths = enc if mode != "scratch" else {}
-        trainer.noise_timesteps = timesteps
-        trainer.film = film
-        trainer.fusion = fusion
-        trainer.feature_stages = feature_stages
-        trainer.dropout = dropout
-        trainer.num_epochs = epochs
-        trainer.num_iterations_per_epoch = iterations_per_epoch
-        trainer.batch_size = batch_size
-        trainer.initial_lr = learning_rate
-        trainer.encoder_lr_factor = encoder_lr_factor
-        trainer.weight_decay = weight_decay
-        trainer.label_fraction = label_fraction
-        trainer.test_fold = test_fold
-        trainer.allow_pretraining_overlap = allow_pretraining_overlap
-        trainer.precision = precision
-        trainer.mirror_axes = mirror_axes
-        trainer.augment = augment
-        trainer.threshold_method = threshold_method
-        trainer.n_boot = n_boot
-        trainer.seed = seed
-        trainer.initialize()
-        if resume:
-            if not latest.is_file():
-                raise ClassificationUsageError(f"--resume: no checkpoint in {out}; start without --resume")
-            trainer.load_checkpoint(latest)
-            log.info("resuming %s at epoch %d", out, trainer.current_epoch)
-        trainer.run_training()
-        done = trainer.finish()
+
+def _new_trainer(vds: dict, targets: dict, fold: int | str, out: Path, device: str, **settings):
+    """The classifier's trainer with its run settings (attributes read by ``initialize`` and training)."""
+    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
+
+    trainer = nnUNetTrainerOrthoDiffCls(vds, targets, fold, out, resolve_device(device))
+    for name, value in settings.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+def _train(trainer, out: Path, resume_from: Path | None) -> dict:
+    """Initialise, resume from ``resume_from`` (the run's latest checkpoint) if given, train and finish.
+
+    Returns:
+        ``trainer.finish()``'s outputs (thresholds, selection and test metrics).
+    """
+    trainer.initialize()
+    if resume_from is not None:
+        if not resume_from.is_file():
+            raise ClassificationUsageError(f"--resume: no checkpoint in {out}; start without --resume")
+        trainer.load_checkpoint(resume_from)
+        log.info("resuming %s at epoch %d", out, trainer.current_epoch)
+    trainer.run_training()
+    return trainer.finish()
+
+
+def _train_result(trainer, done: dict, out: Path, view_names: dict[str, str], mode: str) -> ClassificationTrainResult:
+    """The result of a finished run, from the trainer's history and its ``finish()`` outputs."""
     hist = trainer.history
     return ClassificationTrainResult(
         output_folder=out, views=view_names, label_names=list(trainer.label_names), mode=mode,
@@ -471,17 +508,34 @@ def predict_classification(
         exams: only these exam ids (e.g. one fold's validation exams); default every exam.
         n_boot, seed: bootstrap of the metrics written when targets are known.
     """
-    import numpy as np
-
-    from orthodiff_nnunet.data.targets import TargetsError, TargetsFile, load_dataset_targets, match_exams
-    from orthodiff_nnunet.evaluation.classification import classification_metrics
-    from orthodiff_nnunet.plans import preprocessing_hash
-    from orthodiff_nnunet.data.exam_loaders import ViewData
     from orthodiff_nnunet.evaluation.classification import write_predictions_csv
-    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
-    from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
 
     model_folder = Path(model_folder)
+    cfg, ckpt_path = _load_classifier(model_folder, checkpoint)
+    order = list(cfg["views"])
+    view_names = _views_to_predict(cfg, dataset, order)
+    vds, targets, declared = _view_inputs(model_folder, cfg, order, view_names)
+    trainer = _restored_trainer(model_folder, cfg, vds, targets, ckpt_path, device, batch_size)
+    exams = _exams_to_predict(targets, vds, exams, view_names)
+    thr_file = model_folder / CLS_THRESHOLDS_FILE
+    thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in cfg["label_names"]}
+    start = time.perf_counter()
+    probs = trainer.predict_exams(exams)
+    seconds = time.perf_counter() - start
+    output = Path(output)
+    write_predictions_csv(output, exams, probs, cfg["label_names"], thresholds, order)
+    metrics, evaluated, not_evaluated = _write_metrics(output, exams, probs, cfg["label_names"], thresholds, declared,
+                                                       n_boot, seed)
+    return ClassificationPredictResult(
+        csv=output, num_exams=len(exams), num_with_missing_views=sum(bool(e.missing_views(order)) for e in exams),
+        label_names=list(cfg["label_names"]), exams_per_s=len(exams) / max(seconds, 1e-9), metrics=metrics,
+        precision=trainer.precision,
+        labels_evaluated=[cfg["label_names"][j] for j in evaluated] if declared else [],
+        labels_not_evaluated=not_evaluated if declared else {})
+
+
+def _load_classifier(model_folder: Path, checkpoint: str) -> tuple[dict, Path]:
+    """The run's ``classifier.json`` and the checkpoint file; refuses a folder that is not a finished classifier."""
     if not (model_folder / CLS_CONFIG_FILE).is_file():
         raise ClassificationUsageError(f"{model_folder} is not a trained classifier (no classifier.json): give a "
                                        "training run's fold folder")
@@ -489,7 +543,16 @@ def predict_classification(
     ckpt_path = model_folder / f"checkpoint_{checkpoint}.pth"
     if not ckpt_path.is_file():
         raise ClassificationUsageError(f"{ckpt_path} not found (the run did not finish?)")
-    order = list(cfg["views"])
+    return cfg, ckpt_path
+
+
+def _views_to_predict(cfg: Mapping, dataset: int | str | Sequence[int | str], order: list[str]) -> dict[str, str]:
+    """view -> given dataset, for the model's views; warns about extra views and views without a dataset.
+
+    Raises:
+        ClassificationUsageError: the datasets are not preprocessed with the model's plans (with the command that
+            does it, when it can be given), or hold none of the model's views.
+    """
     try:
         given = resolve_views(dataset)
     except ClassificationUsageError as exc:
@@ -517,6 +580,21 @@ def predict_classification(
             fix = _plans_transfer_command(cfg, dataset, [v]) if isinstance(dataset, (int, str)) else None
             log.warning("no %s dataset given: every exam is predicted without its %s view%s", v, v,
                         f" (its raw dataset is there: `{fix}` preprocesses it)" if fix else "")
+    return view_names
+
+
+def _view_inputs(model_folder: Path, cfg: Mapping, order: list[str],
+                 view_names: dict[str, str]) -> tuple[dict, dict, set[str]]:
+    """Each view's data (a shape-only stand-in for an absent view) and targets on the model's labels, and the
+    labels the datasets' targets files declare.
+
+    Raises:
+        ClassificationUsageError: a dataset preprocessed with other plans than the model's (with the fix).
+    """
+    from orthodiff_nnunet.data.targets import TargetsError, TargetsFile, load_dataset_targets
+    from orthodiff_nnunet.plans import preprocessing_hash
+    from orthodiff_nnunet.data.exam_loaders import ViewData
+
     config_name = cfg["configuration"]
     vds, targets = {}, {}
     declared: set[str] = set()  # labels the datasets' targets files declare
@@ -555,6 +633,14 @@ def predict_classification(
             cases = vds[v].available_cases()
             targets[v] = TargetsFile(tuple(cfg["label_names"]),
                                      {c: CaseTargets(c, c, {n: None for n in cfg["label_names"]}) for c in cases})
+    return vds, targets, declared
+
+
+def _restored_trainer(model_folder: Path, cfg: Mapping, vds: dict, targets: dict, ckpt_path: Path, device: str,
+                      batch_size: int | None):
+    """The trainer rebuilt from ``classifier.json`` with the checkpoint's weights, in the recorded precision."""
+    from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
+
     trainer = nnUNetTrainerOrthoDiffCls(vds, targets, "all", model_folder, resolve_device(device))
     trainer.restore_config(cfg)
     trainer.network = trainer.build_network().to(trainer.device)
@@ -562,6 +648,13 @@ def predict_classification(
     # the recorded precision (fp32 where this device lacks it); predict_exams applies its autocast/TF32 locally
     trainer.precision = trainer.runtime_precision(trainer.precision)
     trainer.batch_size = batch_size or max(2, min(int(d.configuration_manager.batch_size) for d in vds.values()))
+    return trainer
+
+
+def _exams_to_predict(targets: dict, vds: dict, exams: Sequence[str] | None, view_names: dict[str, str]) -> list:
+    """The exams matched across the views (every one, or those of ``exams``; refuses ids that are not there)."""
+    from orthodiff_nnunet.data.targets import match_exams
+
     all_exams = match_exams(targets, {v: vds[v].available_cases() for v in targets})
     if exams is not None:
         wanted = set(exams)
@@ -570,20 +663,27 @@ def predict_classification(
             raise ClassificationUsageError(f"{len(unknown)} requested exam(s) are not in {list(view_names.values())}: "
                                            f"{sorted(unknown)[:3]}")
         all_exams = [e for e in all_exams if e.exam in wanted]
-    exams = all_exams
-    thr_file = model_folder / CLS_THRESHOLDS_FILE
-    thresholds = load_json(thr_file)["thresholds"] if thr_file.is_file() else {n: 0.5 for n in cfg["label_names"]}
-    start = time.perf_counter()
-    probs = trainer.predict_exams(exams)
-    seconds = time.perf_counter() - start
-    output = Path(output)
-    write_predictions_csv(output, exams, probs, cfg["label_names"], thresholds, order)
-    y = np.stack([e.targets for e in exams]) if exams else np.zeros((0, len(cfg["label_names"])))
-    evaluated = [j for j, n in enumerate(cfg["label_names"]) if n in declared]
+    return all_exams
+
+
+def _write_metrics(output: Path, exams: list, probs, label_names: list[str], thresholds: Mapping[str, float],
+                   declared: set[str], n_boot: int, seed: int) -> tuple[object | None, list[int], dict[str, str]]:
+    """Metrics of the labels both the model and the datasets have, written beside the CSV when any target is known.
+
+    Returns:
+        The metrics (None without known targets), the evaluated label indices and the labels not evaluated (why).
+    """
+    import numpy as np
+
+    from orthodiff_nnunet.evaluation.classification import classification_metrics
+    from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text
+
+    y = np.stack([e.targets for e in exams]) if exams else np.zeros((0, len(label_names)))
+    evaluated = [j for j, n in enumerate(label_names) if n in declared]
     not_evaluated = {n: "the model predicts it but the dataset does not annotate it"
-                     for n in cfg["label_names"] if n not in declared}
+                     for n in label_names if n not in declared}
     not_evaluated.update({n: "the dataset annotates it but the model does not predict it"
-                          for n in sorted(declared - set(cfg["label_names"]))})
+                          for n in sorted(declared - set(label_names))})
     if declared and not_evaluated:
         log.warning("labels not evaluated: %s", "; ".join(f"{k} ({w})" for k, w in not_evaluated.items()))
     metrics = None
@@ -592,19 +692,14 @@ def predict_classification(
 
         clusters, missing = cluster_ids([e.patient for e in exams], [e.exam for e in exams])
         metrics = classification_metrics(y[:, evaluated], probs[:, evaluated],
-                                         [cfg["label_names"][j] for j in evaluated], thresholds, n_boot, seed,
+                                         [label_names[j] for j in evaluated], thresholds, n_boot, seed,
                                          clusters=clusters, n_without_patient=missing)
         atomic_write_json(output.with_name(output.stem + "_metrics.json"),
                           {**metrics.to_dict(), "labels_not_evaluated": not_evaluated})
         notes = "".join(f"\n- not evaluated: {k} ({w})" for k, w in not_evaluated.items())
         atomic_write_text(output.with_name(output.stem + "_metrics.md"), metrics.to_markdown() + "\n" + notes
                           + ("\n" if notes else ""))
-    return ClassificationPredictResult(
-        csv=output, num_exams=len(exams), num_with_missing_views=sum(bool(e.missing_views(order)) for e in exams),
-        label_names=list(cfg["label_names"]), exams_per_s=len(exams) / max(seconds, 1e-9), metrics=metrics,
-        precision=trainer.precision,
-        labels_evaluated=[cfg["label_names"][j] for j in evaluated] if declared else [],
-        labels_not_evaluated=not_evaluated if declared else {})
+    return metrics, evaluated, not_evaluated
 
 
 def _on_labels(tf, label_names: Sequence[str]):

@@ -708,10 +708,28 @@ def plan_and_preprocess(
     pre_root = preprocessed_dir(preprocessed)
     set_nnunet_paths(raw=raw_root, preprocessed=pre_root)
     targets = resolve_datasets(dataset_ids, orientations, raw_root)
-
-    # plans_from: a planned dataset (its group gives each target the same-orientation plans), or a plans file
+    source_file, identifier = _plans_file_and_name(plans_from, plans_name, planner, gpu_memory_gb)
     sources: dict[str, DatasetInfo] = {}
-    source_file: Path | None = None
+    if plans_from is not None and source_file is None:
+        sources, targets = _same_orientation_sources(raw_root, plans_from, targets)
+    for t in targets:
+        if t.external and t.name not in sources and source_file is None:
+            raise PlanningError(
+                f"{t.name} is an external site: it never enters fingerprinting or planning. Give it the plans "
+                "of the training site: --plans-from <the training site's dataset id, or its plans file>"
+            )
+    run = _PlanningRun(identifier, planner, gpu_memory_gb, pre_root, source_file, sources, num_processes, clean,
+                       verify_dataset_integrity, show_progress, preprocess, configurations)
+    return PlanningResult(datasets=[_plan_dataset(t, run) for t in targets])
+
+
+def _plans_file_and_name(plans_from: int | str | None, plans_name: str | None, planner: PlannerName,
+                         gpu_memory_gb: float | None) -> tuple[Path | None, str]:
+    """The plans file ``plans_from`` names (None for a dataset or nothing) and the plans identifier to write.
+
+    Raises:
+        PlanningError: a plans file that does not exist or is not an nnU-Net plans file.
+    """
     if plans_from is not None and _is_plans_file(plans_from):
         source_file = Path(plans_from).expanduser().resolve()
         if not source_file.is_file():
@@ -719,104 +737,152 @@ def plan_and_preprocess(
         file_plans = load_plans(source_file)
         if "configurations" not in file_plans or "plans_name" not in file_plans:
             raise PlanningError(f"--plans-from {source_file} is not an nnU-Net plans file (no configurations)")
-        identifier = plans_name or str(file_plans["plans_name"])
-    else:
-        identifier = plans_name or default_plans_name(planner, gpu_memory_gb)
-    if plans_from is not None and source_file is None:
-        source = _find_dataset(raw_root, plans_from)
-        group = _group(raw_root, source)
-        for t in targets:
-            if t.orientation is None:
-                raise PlanningError(f"{t.name}/dataset.json has no orthodiff orientation: plans cannot be matched")
-            if t.orientation not in group:
-                raise PlanningError(
-                    f"--plans-from {source.name}: its group has no {t.orientation} dataset to give {t.name} its plans "
-                    f"(group: {', '.join(g.name for g in group.values())})"
-                )
-            if group[t.orientation].name != t.name:
-                sources[t.name] = group[t.orientation]
-        # datasets that are sources of others go first
-        targets.sort(key=lambda t: 0 if t.name in {s.name for s in sources.values()} else 1)
+        return source_file, plans_name or str(file_plans["plans_name"])
+    return None, plans_name or default_plans_name(planner, gpu_memory_gb)
 
+
+def _same_orientation_sources(raw_root: Path, plans_from: int | str,
+                              targets: list[DatasetInfo]) -> tuple[dict[str, DatasetInfo], list[DatasetInfo]]:
+    """target name -> the dataset of its orientation in ``plans_from``'s group (not for the source itself), and
+    the targets with those sources first.
+
+    Raises:
+        PlanningError: a target without an orientation, or one whose orientation the group lacks.
+    """
+    sources: dict[str, DatasetInfo] = {}
+    source = _find_dataset(raw_root, plans_from)
+    group = _group(raw_root, source)
     for t in targets:
-        if t.external and t.name not in sources and source_file is None:
+        if t.orientation is None:
+            raise PlanningError(f"{t.name}/dataset.json has no orthodiff orientation: plans cannot be matched")
+        if t.orientation not in group:
             raise PlanningError(
-                f"{t.name} is an external site: it never enters fingerprinting or planning. Give it the plans "
-                "of the training site: --plans-from <the training site's dataset id, or its plans file>"
+                f"--plans-from {source.name}: its group has no {t.orientation} dataset to give {t.name} its plans "
+                f"(group: {', '.join(g.name for g in group.values())})"
             )
+        if group[t.orientation].name != t.name:
+            sources[t.name] = group[t.orientation]
+    # datasets that are sources of others go first
+    targets = sorted(targets, key=lambda t: 0 if t.name in {s.name for s in sources.values()} else 1)
+    return sources, targets
 
+
+@dataclass(frozen=True)
+class _PlanningRun:
+    """The settings one ``plan_and_preprocess`` call applies to each of its datasets."""
+
+    identifier: str
+    planner: PlannerName
+    gpu_memory_gb: float | None
+    pre_root: Path
+    source_file: Path | None  # --plans-from a plans file
+    sources: dict[str, DatasetInfo]  # --plans-from a dataset: target name -> its same-orientation source
+    num_processes: int
+    clean: bool
+    verify_dataset_integrity: bool
+    show_progress: bool
+    preprocess: bool
+    configurations: Sequence[str]
+
+
+def _plan_dataset(t: DatasetInfo, run: _PlanningRun) -> DatasetPlanResult:
+    """Plan (or transfer plans to) one dataset and preprocess it, under its lock."""
+    start = time.perf_counter()
+    folder = run.pre_root / t.name
+    folder.mkdir(parents=True, exist_ok=True)
+    with _dataset_lock(folder):
+        _remove_stale_temporaries(folder)
+        _copy_splits(t, folder)
+        cases = list_training_cases(t)
+        fingerprint_reused = plans_reused = False
+        transferred_from: str | None = None
+        if run.source_file is not None or t.name in run.sources:
+            plans, transferred_from = _transferred_plans(t, cases, folder, run)
+            planner_used = read_orthodiff_block(plans).planner
+        else:
+            plans, fingerprint_reused, plans_reused = _own_plans(t, cases, folder, run)
+            planner_used = PLANNERS[run.planner][0]
+        n, new, skipped = len(cases), 0, 0
+        if run.preprocess:
+            n, new, skipped = preprocess_configurations(t.name, plans, run.configurations, cases, run.pre_root,
+                                                        run.num_processes, run.clean, run.show_progress)
+    shown = list(dict.fromkeys([*DEFAULT_CONFIGURATIONS, *run.configurations]))
+    return DatasetPlanResult(
+        dataset_name=t.name, orientation=read_orthodiff_block(plans).orientation, plans_identifier=run.identifier,
+        plans_file=folder / f"{run.identifier}.json", planner=planner_used, transferred_from=transferred_from,
+        configurations=_summaries(plans, shown), num_cases=n, num_preprocessed=new, num_skipped=skipped,
+        fingerprint_reused=fingerprint_reused, plans_reused=plans_reused, seconds=time.perf_counter() - start,
+    )
+
+
+def _transferred_plans(t: DatasetInfo, cases: dict[str, dict[str, Any]], folder: Path,
+                       run: _PlanningRun) -> tuple[dict, str]:
+    """The source's plans (a plans file, or the same-orientation dataset's) transferred to ``t``; and the source.
+
+    Raises:
+        PlanningError: the source dataset has no such plans, or they would replace ``t``'s own plans.
+    """
+    identifier, pre_root = run.identifier, run.pre_root
+    if run.source_file is not None:
+        source_plans, source_name, shown_source = load_plans(run.source_file), None, str(run.source_file)
+    else:
+        src = run.sources[t.name]
+        src_file = pre_root / src.name / f"{identifier}.json"
+        if not src_file.is_file():
+            have = (sorted(p.stem for p in (pre_root / src.name).glob("*.json"))
+                    if (pre_root / src.name).is_dir() else [])
+            raise PlanningError(
+                f"{src.name} has no plans {identifier!r} to transfer to {t.name} (found: {have or 'none'}): "
+                f"plan it first (orthodiff plan_and_preprocess -d {src.dataset_id}), or include it in -d"
+            )
+        source_plans, source_name, shown_source = load_plans(src_file), src.name, str(src_file)
+    source_name = source_name or str(source_plans.get("dataset_name", run.source_file))
+    _refuse_replacing_own_plans(folder / f"{identifier}.json", t.name, source_name, shown_source)
+    log.info("%s: plans %s transferred from %s", t.name, identifier, shown_source)
+    plans = transfer_plans(source_plans, source_name, t, pre_root, cases, plans_name=identifier)
+    return plans, source_name
+
+
+def _own_plans(t: DatasetInfo, cases: dict[str, dict[str, Any]], folder: Path,
+               run: _PlanningRun) -> tuple[dict, bool, bool]:
+    """``t``'s fingerprint and plans (both reused when unchanged), owning their data folders.
+
+    Returns:
+        The plans, whether the fingerprint was reused and whether the plans were.
+
+    Raises:
+        PlanningError: ``t`` was not converted by ``orthodiff convert`` (no orientation).
+    """
     from orthodiff_nnunet.planners.orthodiff_planner import n_proc_da_at_least_one
 
-    result = PlanningResult()
-    for t in targets:
-        start = time.perf_counter()
-        folder = pre_root / t.name
-        folder.mkdir(parents=True, exist_ok=True)
-        with _dataset_lock(folder):
-            _remove_stale_temporaries(folder)
-            _copy_splits(t, folder)
-            cases = list_training_cases(t)
-            fingerprint_reused = plans_reused = False
-            transferred_from: str | None = None
-            if source_file is not None or t.name in sources:
-                if source_file is not None:
-                    source_plans, source_name, shown_source = load_plans(source_file), None, str(source_file)
-                else:
-                    src = sources[t.name]
-                    src_file = pre_root / src.name / f"{identifier}.json"
-                    if not src_file.is_file():
-                        have = (sorted(p.stem for p in (pre_root / src.name).glob("*.json"))
-                                if (pre_root / src.name).is_dir() else [])
-                        raise PlanningError(
-                            f"{src.name} has no plans {identifier!r} to transfer to {t.name} (found: {have or 'none'}): "
-                            f"plan it first (orthodiff plan_and_preprocess -d {src.dataset_id}), or include it in -d"
-                        )
-                    source_plans, source_name, shown_source = load_plans(src_file), src.name, str(src_file)
-                source_name = source_name or str(source_plans.get("dataset_name", source_file))
-                _refuse_replacing_own_plans(folder / f"{identifier}.json", t.name, source_name, shown_source)
-                log.info("%s: plans %s transferred from %s", t.name, identifier, shown_source)
-                plans = transfer_plans(source_plans, source_name, t, pre_root, cases, plans_name=identifier)
-                planner_used = read_orthodiff_block(plans).planner
-                transferred_from = source_name
-            else:
-                if t.orientation is None:
-                    raise PlanningError(
-                        f"{t.name}/dataset.json has no orthodiff block with an orientation; convert the data with "
-                        "`orthodiff convert` first"
-                    )
-                fingerprint_reused = _fingerprint(t, cases, folder, num_processes, clean, verify_dataset_integrity,
-                                                  show_progress)
-                plans_file = folder / f"{identifier}.json"
-                if fingerprint_reused and _plans_are_current(plans_file, t.name, planner, gpu_memory_gb):
-                    log.info("%s: fingerprint and planner settings unchanged, reusing %s", t.name, plans_file.name)
-                    plans_reused = True
-                else:
-                    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+    identifier, planner = run.identifier, run.planner
+    if t.orientation is None:
+        raise PlanningError(
+            f"{t.name}/dataset.json has no orthodiff block with an orientation; convert the data with "
+            "`orthodiff convert` first"
+        )
+    fingerprint_reused = _fingerprint(t, cases, folder, run.num_processes, run.clean, run.verify_dataset_integrity,
+                                      run.show_progress)
+    plans_file = folder / f"{identifier}.json"
+    plans_reused = False
+    if fingerprint_reused and _plans_are_current(plans_file, t.name, planner, run.gpu_memory_gb):
+        log.info("%s: fingerprint and planner settings unchanged, reusing %s", t.name, plans_file.name)
+        plans_reused = True
+    else:
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
 
-                    log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
-                    with n_proc_da_at_least_one(), nnunet_stdout_to_log(log):
-                        plan_experiment_dataset(
-                            t.dataset_id, experiment_planner_class=_planner_class(planner),
-                            gpu_memory_target_in_gb=gpu_memory_gb, overwrite_plans_name=identifier,
-                        )
-                plans = load_plans(plans_file)
-                owned = give_own_data_folders(plans, identifier, folder, t.dataset_json.get("labels"))
-                if owned != plans:  # e.g. a plans file copied under this name, spacing edited
-                    save_plans(plans_file, owned)
-                    plans = owned
-                planner_used = PLANNERS[planner][0]
-            n, new, skipped = len(cases), 0, 0
-            if preprocess:
-                n, new, skipped = preprocess_configurations(t.name, plans, configurations, cases, pre_root,
-                                                            num_processes, clean, show_progress)
-        shown = list(dict.fromkeys([*DEFAULT_CONFIGURATIONS, *configurations]))
-        result.datasets.append(DatasetPlanResult(
-            dataset_name=t.name, orientation=read_orthodiff_block(plans).orientation, plans_identifier=identifier,
-            plans_file=folder / f"{identifier}.json", planner=planner_used, transferred_from=transferred_from,
-            configurations=_summaries(plans, shown), num_cases=n, num_preprocessed=new, num_skipped=skipped,
-            fingerprint_reused=fingerprint_reused, plans_reused=plans_reused, seconds=time.perf_counter() - start,
-        ))
-    return result
+        log.info("%s: planning (%s, %s)", t.name, PLANNERS[planner][0], identifier)
+        with n_proc_da_at_least_one(), nnunet_stdout_to_log(log):
+            plan_experiment_dataset(
+                t.dataset_id, experiment_planner_class=_planner_class(planner),
+                gpu_memory_target_in_gb=run.gpu_memory_gb, overwrite_plans_name=identifier,
+            )
+    plans = load_plans(plans_file)
+    owned = give_own_data_folders(plans, identifier, folder, t.dataset_json.get("labels"))
+    if owned != plans:  # e.g. a plans file copied under this name, spacing edited
+        save_plans(plans_file, owned)
+        plans = owned
+    return plans, fingerprint_reused, plans_reused
 
 
 def _is_plans_file(plans_from: int | str | os.PathLike) -> bool:

@@ -106,6 +106,8 @@ def pretrain(
     masked voxels only, no timestep). The diffusion settings are unused with ``mae``, the mask settings
     with ``diffusion``.
 
+    Long (about 100 lines) only because it documents its 26 parameters; the body is named steps.
+
     Args:
         dataset: nnU-Net dataset id or name (one orientation).
         plans: plans identifier (default: orthodiff's ResEnc-M plans, else orthodiff's plain plans).
@@ -145,36 +147,79 @@ def pretrain(
         mask_block: MAE: mask block edge in voxels, one or one per axis (default: the encoder's total
             stride from the plans, i.e. one bottleneck voxel, clipped to the patch).
     """
-    import torch
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-
-    from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network
-    from orthodiff_nnunet.networks.encoder_io import export_encoder, load_encoder
-    from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
-    from orthodiff_nnunet.trainers.mae_pretraining import nnUNetTrainerOrthoDiffMAE
-
     check_objective(objective, mask_ratio, mask_block)
+    inputs = _resolve_inputs(dataset, plans, configuration)
+    dev = resolve_device(device)
+    _seed_everything(seed)
+    trainer = _make_trainer(inputs, configuration, dev, resume, objective, mask_ratio, mask_block)
+    _configure(trainer, total_iterations=iterations, checkpoint_every=checkpoint_every, schedule_name=schedule,
+               prediction=prediction, min_snr_gamma=min_snr_gamma, initial_lr=learning_rate, ema_decay=ema_decay,
+               num_val_iterations_per_epoch=val_iterations, channels_last=channels_last, val_fraction=val_fraction,
+               split_seed=split_seed, seed=seed,
+               exclude_cases=list(exclude_cases or []) + fold_cases(inputs.dataset_name, exclude_folds or ()))
+    if not 0 <= reference_timestep < trainer.num_timesteps:
+        raise OrthodiffError(f"--reference-timestep {reference_timestep} outside 0..{trainer.num_timesteps - 1}")
+    if precision is not None:
+        trainer.precision = precision
+    out = Path(trainer.output_folder)
+    latest = _refuse_unasked_resume(out, resume)
+    trainer.initialize()
+    if resume:
+        _resume(trainer, out, latest, objective)
+    record = _start_record(trainer, out, inputs, configuration, iterations, checkpoint_every, seed, objective)
+    trainer.run_training()
+    return _finish(trainer, out, record, inputs, reference_timestep, sample_steps)
+
+
+@dataclass
+class _PretrainInputs:
+    """What a pretraining run reads before anything is built: the dataset, its plans and its ``dataset.json``."""
+
+    dataset_name: str
+    plans_identifier: str
+    plans: dict
+    dataset_json: dict
+
+
+def _resolve_inputs(dataset: int | str, plans: str | None, configuration: str) -> _PretrainInputs:
+    """The dataset's name, plans and ``dataset.json``; refuses plans without ``configuration``."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
     dataset_name = str(maybe_convert_to_dataset_name(dataset))  # nnU-Net returns numpy strings
     plans_identifier, plans_dict = find_plans(dataset_name, plans)
     if configuration not in plans_dict["configurations"]:
         raise OrthodiffError(f"plans {plans_identifier} of {dataset_name} have no configuration {configuration!r} "
                              f"(they have {', '.join(plans_dict['configurations'])}): re-run plan_and_preprocess")
     dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
-    dev = resolve_device(device)
-    if seed is not None:
-        import os
-        import random
+    return _PretrainInputs(dataset_name, plans_identifier, plans_dict, dataset_json)
 
-        # DDP ranks must draw different patches and noise; the weights are rank 0's (DDP broadcasts them)
-        rank_seed = int(seed) + 1000 * int(os.environ.get("RANK", "0"))
-        random.seed(rank_seed)
-        np.random.seed(rank_seed)
-        torch.manual_seed(rank_seed)  # CUDA generators too
-    trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
+
+def _seed_everything(seed: int | None) -> None:
+    """Seed torch, numpy and Python's ``random`` (per DDP rank); nothing when ``seed`` is None."""
+    if seed is None:
+        return
+    import os
+    import random
+
+    import torch
+
+    # DDP ranks must draw different patches and noise; the weights are rank 0's (DDP broadcasts them)
+    rank_seed = int(seed) + 1000 * int(os.environ.get("RANK", "0"))
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)  # CUDA generators too
+
+
+def _make_trainer(inputs: _PretrainInputs, configuration: str, dev, resume: bool, objective: str,
+                  mask_ratio: float, mask_block: int | Sequence[int] | None):
+    """The objective's trainer on a copy of the plans; for MAE with its mask settings checked and logged."""
+    from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+    from orthodiff_nnunet.trainers.mae_pretraining import nnUNetTrainerOrthoDiffMAE
+
+    trainer_plans = copy.deepcopy(inputs.plans)  # nnU-Net's trainer pops keys from the dict it is given
     trainer_plans["continue_training"] = resume
     trainer_class = nnUNetTrainerOrthoDiffMAE if objective == "mae" else nnUNetTrainerOrthoDiffPretrain
-    trainer = trainer_class(trainer_plans, configuration, PRETRAIN_FOLD, dataset_json, dev)
+    trainer = trainer_class(trainer_plans, configuration, PRETRAIN_FOLD, inputs.dataset_json, dev)
     if objective == "mae":
         trainer.mask_ratio = float(mask_ratio)
         trainer.mask_block = mask_block
@@ -184,93 +229,74 @@ def pretrain(
             raise OrthodiffError(f"--mask-block: {exc}") from None
         log.info("MAE: %g of the %s-voxel blocks of each %s patch set to 0 and reconstructed", trainer.mask_ratio,
                  "x".join(map(str, block)), "x".join(map(str, trainer.configuration_manager.patch_size)))
-    trainer.total_iterations = iterations
-    trainer.checkpoint_every = checkpoint_every
-    trainer.schedule_name = schedule
-    trainer.prediction = prediction
-    trainer.min_snr_gamma = min_snr_gamma
-    trainer.initial_lr = learning_rate
-    trainer.ema_decay = ema_decay
-    trainer.num_val_iterations_per_epoch = val_iterations
-    trainer.channels_last = channels_last
-    trainer.val_fraction = val_fraction
-    trainer.split_seed = split_seed
-    trainer.exclude_cases = list(exclude_cases or []) + fold_cases(dataset_name, exclude_folds or ())
-    trainer.seed = seed
-    if not 0 <= reference_timestep < trainer.num_timesteps:
-        raise OrthodiffError(f"--reference-timestep {reference_timestep} outside 0..{trainer.num_timesteps - 1}")
-    if precision is not None:
-        trainer.precision = precision
-    out = Path(trainer.output_folder)
+    return trainer
+
+
+def _configure(trainer, **settings) -> None:
+    """Set the trainer's run settings (attributes it reads in ``initialize`` and ``run_training``)."""
+    for name, value in settings.items():
+        setattr(trainer, name, value)
+
+
+def _refuse_unasked_resume(out: Path, resume: bool) -> list[Path]:
+    """The run folder's checkpoints (latest first); refuses a folder holding a run when ``resume`` is off."""
     latest = [out / n for n in ("checkpoint_latest.pth", "checkpoint_final.pth") if (out / n).is_file()]
     if latest and not resume:
         raise OrthodiffError(f"{out} already holds a pretraining run: pass --resume to continue it, "
                              "or remove the folder to start again")
-    trainer.initialize()
-    if resume:
-        if not latest:
-            raise OrthodiffError(f"--resume: no checkpoint in {out}; start without --resume")
-        saved = json.loads((out / trainer.CONFIG_FILE).read_text())
-        now = trainer.objective_config()
-        differs = {k: (saved[k], now.get(k)) for k in saved if k != "precision" and saved.get(k) != now.get(k)}
-        if differs:
-            raise OrthodiffError(f"--resume with other {objective} settings than the run's: {differs}")
-        if not (out / PRETRAIN_RUN_RECORD).is_file():  # a run from before held-out validation trained on every scan
-            log.warning("%s has no %s: the run trained on every scan; resuming it so (nothing held out)",
-                        out, PRETRAIN_RUN_RECORD)
-            trainer.val_fraction = 0.0
-        trainer.load_checkpoint(str(latest[0]))
-        log.info("resuming %s at iteration %d", out, trainer.iterations_done())
-        if (out / PRETRAIN_RUN_RECORD).is_file():
-            before = json.loads((out / PRETRAIN_RUN_RECORD).read_text())
-            now_split = trainer.split_record()
-            if before.get("train_cases") != now_split["train_cases"]:
-                raise OrthodiffError(f"--resume with other training scans than the run's ({out / PRETRAIN_RUN_RECORD}): "
-                                     "use the run's --val-fraction, split seed and exclusions")
-    record = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
+    return latest
+
+
+def _resume(trainer, out: Path, latest: list[Path], objective: str) -> None:
+    """Load the run's latest checkpoint into the initialised trainer, refusing other settings or scans."""
+    if not latest:
+        raise OrthodiffError(f"--resume: no checkpoint in {out}; start without --resume")
+    saved = json.loads((out / trainer.CONFIG_FILE).read_text())
+    now = trainer.objective_config()
+    differs = {k: (saved[k], now.get(k)) for k in saved if k != "precision" and saved.get(k) != now.get(k)}
+    if differs:
+        raise OrthodiffError(f"--resume with other {objective} settings than the run's: {differs}")
+    if not (out / PRETRAIN_RUN_RECORD).is_file():  # a run from before held-out validation trained on every scan
+        log.warning("%s has no %s: the run trained on every scan; resuming it so (nothing held out)",
+                    out, PRETRAIN_RUN_RECORD)
+        trainer.val_fraction = 0.0
+    trainer.load_checkpoint(str(latest[0]))
+    log.info("resuming %s at iteration %d", out, trainer.iterations_done())
+    if (out / PRETRAIN_RUN_RECORD).is_file():
+        before = json.loads((out / PRETRAIN_RUN_RECORD).read_text())
+        now_split = trainer.split_record()
+        if before.get("train_cases") != now_split["train_cases"]:
+            raise OrthodiffError(f"--resume with other training scans than the run's ({out / PRETRAIN_RUN_RECORD}): "
+                                 "use the run's --val-fraction, split seed and exclusions")
+
+
+def _start_record(trainer, out: Path, inputs: _PretrainInputs, configuration: str, iterations: int,
+                  checkpoint_every: int, seed: int | None, objective: str) -> dict:
+    """The run record (``orthodiff_pretrain_run.json``), written with status ``running`` by rank 0."""
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    record = {"dataset": inputs.dataset_name, "plans_identifier": inputs.plans_identifier,
+              "configuration": configuration,
               **trainer.split_record(), "iterations_requested": int(iterations),
               "checkpoint_every": int(checkpoint_every), "seed": seed, "objective": objective,
               ("diffusion" if objective == "diffusion" else "mae"): trainer.objective_config(),
               "data_loader_workers": get_allowed_n_proc_DA()}
     if trainer.local_rank == 0:
         atomic_write_json(out / PRETRAIN_RUN_RECORD, {**record, "status": "running"})
-    trainer.run_training()
+    return record
 
-    rank0 = trainer.local_rank == 0
-    model = trainer._model()
+
+def _finish(trainer, out: Path, record: dict, inputs: _PretrainInputs, reference_timestep: int,
+            sample_steps: int) -> PretrainResult:
+    """After training: rank 0 exports the EMA encoder, checks it loads, draws the sanity picture and closes the record."""
     train_losses = [float(x) for x in trainer.logger.get_value("train_losses", None)]
     val_losses = [float(x) for x in trainer.logger.get_value("val_losses", None)]
     encoder_path = out / ENCODER_FILE
     report = ""
     sample_png = None
-    if rank0:
-        seg_cfg = SEGMENTATION_CONFIGURATION
-        arch = architecture_of(plans_dict, configuration)
-        block = plans_dict.get("orthodiff", {})
-        provenance = {
-            "dataset": dataset_name,
-            "plans_identifier": plans_identifier,
-            "configuration": configuration,
-            "architecture": arch,
-            "architecture_hash": architecture_hash(arch),
-            "orientation": block.get("orientation") or dataset_json.get("orthodiff", {}).get("orientation"),
-            "objective": objective,
-            **({"schedule": trainer._schedule.to_dict(), "prediction": prediction} if objective == "diffusion" else
-               {"mask_ratio": float(trainer.mask_ratio), "mask_block": list(trainer.resolved_mask_block())}),
-            "ema_decay": ema_decay,
-            "weights": "ema",
-            "iterations": trainer.iterations_done(),
-            "scans": len(trainer.split_record()["train_cases"]),
-            "train_cases": trainer.split_record()["train_cases"],
-            "held_out_cases": trainer.split_record()["held_out_cases"],
-        }
-        # an MAE encoder has no timestep conditioning: exported with the identity affine at reference t = 0
-        export_encoder(model.ema, encoder_path, provenance, reference_timestep if objective == "diffusion" else 0)
-        seg_net = build_network(plans_dict, seg_cfg, trainer.num_input_channels, len(dataset_json["labels"]))
-        seg_hash = architecture_hash(architecture_of(plans_dict, seg_cfg))
-        report = load_encoder(seg_net, encoder_path, seg_hash).summary()
-        log.info("%s; the %s network of these plans loads it strictly", report, seg_cfg)
-        if objective == "mae":
+    if trainer.local_rank == 0:
+        report = _export_and_check_encoder(trainer, encoder_path, inputs, record, reference_timestep)
+        if record["objective"] == "mae":
             if sample_steps > 0:
                 sample_png = write_mae_sanity_picture(trainer, out / "reconstruction_sanity.png")
         elif sample_steps > 0:
@@ -279,6 +305,48 @@ def pretrain(
                                              "train_losses": train_losses, "val_losses": val_losses,
                                              "encoder": str(encoder_path)})
     return PretrainResult(out, encoder_path, trainer.iterations_done(), train_losses, val_losses, sample_png, report)
+
+
+def _export_and_check_encoder(trainer, encoder_path: Path, inputs: _PretrainInputs, record: dict,
+                              reference_timestep: int) -> str:
+    """Export the EMA encoder with its provenance; the segmentation network of the same plans must load it strictly.
+
+    Returns:
+        The load report's summary.
+    """
+    from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network
+    from orthodiff_nnunet.networks.encoder_io import export_encoder, load_encoder
+
+    plans_dict, dataset_json, configuration = inputs.plans, inputs.dataset_json, record["configuration"]
+    objective = record["objective"]
+    seg_cfg = SEGMENTATION_CONFIGURATION
+    arch = architecture_of(plans_dict, configuration)
+    block = plans_dict.get("orthodiff", {})
+    provenance = {
+        "dataset": inputs.dataset_name,
+        "plans_identifier": inputs.plans_identifier,
+        "configuration": configuration,
+        "architecture": arch,
+        "architecture_hash": architecture_hash(arch),
+        "orientation": block.get("orientation") or dataset_json.get("orthodiff", {}).get("orientation"),
+        "objective": objective,
+        **({"schedule": trainer._schedule.to_dict(), "prediction": trainer.prediction} if objective == "diffusion" else
+           {"mask_ratio": float(trainer.mask_ratio), "mask_block": list(trainer.resolved_mask_block())}),
+        "ema_decay": trainer.ema_decay,
+        "weights": "ema",
+        "iterations": trainer.iterations_done(),
+        "scans": len(trainer.split_record()["train_cases"]),
+        "train_cases": trainer.split_record()["train_cases"],
+        "held_out_cases": trainer.split_record()["held_out_cases"],
+    }
+    # an MAE encoder has no timestep conditioning: exported with the identity affine at reference t = 0
+    export_encoder(trainer._model().ema, encoder_path, provenance,
+                   reference_timestep if objective == "diffusion" else 0)
+    seg_net = build_network(plans_dict, seg_cfg, trainer.num_input_channels, len(dataset_json["labels"]))
+    seg_hash = architecture_hash(architecture_of(plans_dict, seg_cfg))
+    report = load_encoder(seg_net, encoder_path, seg_hash).summary()
+    log.info("%s; the %s network of these plans loads it strictly", report, seg_cfg)
+    return report
 
 
 def _middle_patch(trainer) -> "torch.Tensor":  # noqa: F821

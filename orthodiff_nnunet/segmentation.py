@@ -266,6 +266,8 @@ def train_segmentation(
 ) -> SegmentationTrainResult:
     """Train nnU-Net segmentation on labeled cases, warm-started from the diffusion encoder or from scratch.
 
+    Long (about 100 lines) only because it documents its 21 parameters; the body is named steps.
+
     Args:
         dataset: dataset id or name (one orientation), preprocessed with ``orthodiff plan_and_preprocess``.
         fold: cross-validation fold of the dataset's ``splits_final.json`` (0-4) or ``"all"``.
@@ -310,46 +312,16 @@ def train_segmentation(
     """
     import torch  # noqa: F401  (heavy imports only once a command runs)
 
-    from orthodiff_nnunet.trainers.segmentation import (
-        nnUNetTrainerOrthoDiffSeg,
-        nnUNetTrainerOrthoDiffSegScratch,
-    )
-
-    if init not in SEG_TRAINER_OF_INIT:
-        raise SegmentationError(f"--init {init!r}: use one of {', '.join(SEG_TRAINER_OF_INIT)}")
-    if encoder is not None and init == "scratch":
-        raise SegmentationError("--encoder is only used with --init diffusion; the scratch twin starts from "
-                                "nnU-Net's random initialisation")
+    _check_init(init, encoder)
     fold = _parse_fold(fold)
     root = results_root_for(label_fraction, seed)
     dataset_name = _resolve_dataset(dataset, orientation)
-    plans_identifier, plans_dict = find_plans(dataset_name, plans)
-    if configuration not in plans_dict["configurations"]:
-        raise SegmentationError(f"plans {plans_identifier} of {dataset_name} have no configuration {configuration!r} "
-                                f"(they have {', '.join(plans_dict['configurations'])}): re-run plan_and_preprocess")
-    dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
-    if init == "diffusion":
-        encoder = Path(encoder) if encoder is not None else default_encoder_path(
-            dataset_name, plans_identifier)
-        if not encoder.is_file():
-            raise SegmentationError(
-                f"no encoder checkpoint at {encoder}: run `orthodiff pretrain -d {dataset_name} -p {plans_identifier}` "
-                "first, pass --encoder, or train the from-scratch twin with --init scratch")
-        encoder = encoder.resolve()
+    plans_identifier, plans_dict, dataset_json = _training_plans(dataset_name, plans, configuration)
+    encoder = _resolve_encoder(init, encoder, dataset_name, plans_identifier)
     dev = resolve_device(device)
-
-    trainer_class = nnUNetTrainerOrthoDiffSeg if init == "diffusion" else nnUNetTrainerOrthoDiffSegScratch
+    trainer_class = _trainer_class(init)
     out = root / dataset_name / f"{trainer_class.__name__}__{plans_identifier}__{configuration}" / f"fold_{fold}"
-    checkpoints = [out / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-                   if (out / n).is_file()]  # nnU-Net's order for --c
-    if checkpoints and not continue_training:
-        raise SegmentationError(f"{out} already holds a training run: pass --continue to continue it, or remove "
-                                "the folder to start again")
-    if continue_training:
-        if not checkpoints:
-            raise SegmentationError(f"--continue: no checkpoint in {out}; start without --continue")
-        _check_same_run(out / SEG_RUN_RECORD, init, encoder, label_fraction, seed)
-
+    checkpoints = _checkpoints_to_continue(out, continue_training, init, encoder, label_fraction, seed)
     console_log = out / NNUNET_CONSOLE_LOG if quiet else None
     if console_log is not None:
         log.info("training %s (%s init); nnU-Net's configuration and per-epoch lines go to %s", dataset_name, init,
@@ -360,43 +332,125 @@ def train_segmentation(
         root.mkdir(parents=True, exist_ok=True)
         with _environment(**{paths.ENV_RESULTS: str(root)}):  # the trainer names its output folder from it
             trainer = trainer_class(trainer_plans, configuration, fold, dataset_json, dev)
-        trainer.encoder_path = None if encoder is None else str(encoder)
-        trainer.label_fraction = float(label_fraction)
-        trainer.label_fraction_seed = int(seed)
-        trainer.initial_lr = float(learning_rate)
-        trainer.warmup_epochs = warmup_epochs
-        trainer.freeze_encoder_epochs = int(freeze_encoder_epochs)
-        trainer.validation_mirroring = bool(validation_mirroring)
-        if checkpoint_minutes is not None:
-            trainer.checkpoint_minutes = float(checkpoint_minutes)
-        if epochs is not None:
-            trainer.num_epochs = int(epochs)
-        if iterations_per_epoch is not None:
-            trainer.num_iterations_per_epoch = int(iterations_per_epoch)
-        if val_iterations_per_epoch is not None:
-            trainer.num_val_iterations_per_epoch = int(val_iterations_per_epoch)
-
-        trainer.initialize()
-        if trainer.encoder_report is not None:
-            log.info("%s: %s", dataset_name, trainer.encoder_report.summary())
-        if continue_training:
-            trainer.load_checkpoint(str(checkpoints[0]))
-            log.info("continuing %s at epoch %d", out, trainer.current_epoch)
-        trainer.run_training()
-        losses = trainer.logger.get_value("train_losses", None) or [None]
-        dices = trainer.logger.get_value("ema_fg_dice", None) or [None]
-        record = json.loads((out / SEG_RUN_RECORD).read_text())
-        result = SegmentationTrainResult(model_folder=out.parent, output_folder=out, results_root=root, run_record=record,
-                                         train_loss=None if losses[-1] is None else float(losses[-1]),
-                                         pseudo_dice=None if dices[-1] is None else float(dices[-1]),
-                                         console_log=console_log)
+        _configure_trainer(trainer, encoder, label_fraction, seed, learning_rate, warmup_epochs, freeze_encoder_epochs,
+                           validation_mirroring, checkpoint_minutes, epochs, iterations_per_epoch,
+                           val_iterations_per_epoch)
+        _run_trainer(trainer, dataset_name, out, checkpoints[0] if continue_training else None)
+        result = _train_result(trainer, out, root, console_log)
         if validate:
-            trainer.perform_actual_validation()
-            summary = out / "validation" / "summary.json"
-            if summary.is_file():
-                result.validation_summary = summary
-                result.dice, result.mean_dice = _read_summary(summary, dataset_json)
+            _validate(trainer, out, dataset_json, result)
     return result
+
+
+def _check_init(init: str, encoder: Path | None) -> None:
+    """Refuse an unknown init, or an encoder given to the from-scratch twin."""
+    if init not in SEG_TRAINER_OF_INIT:
+        raise SegmentationError(f"--init {init!r}: use one of {', '.join(SEG_TRAINER_OF_INIT)}")
+    if encoder is not None and init == "scratch":
+        raise SegmentationError("--encoder is only used with --init diffusion; the scratch twin starts from "
+                                "nnU-Net's random initialisation")
+
+
+def _training_plans(dataset_name: str, plans: str | None, configuration: str) -> tuple[str, dict, dict]:
+    """The plans identifier, plans and preprocessed ``dataset.json``; refuses plans without ``configuration``."""
+    plans_identifier, plans_dict = find_plans(dataset_name, plans)
+    if configuration not in plans_dict["configurations"]:
+        raise SegmentationError(f"plans {plans_identifier} of {dataset_name} have no configuration {configuration!r} "
+                                f"(they have {', '.join(plans_dict['configurations'])}): re-run plan_and_preprocess")
+    dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
+    return plans_identifier, plans_dict, dataset_json
+
+
+def _resolve_encoder(init: str, encoder: Path | None, dataset_name: str, plans_identifier: str) -> Path | None:
+    """The encoder checkpoint of a diffusion init (default: the pretraining's output), resolved; None otherwise."""
+    if init != "diffusion":
+        return encoder
+    encoder = Path(encoder) if encoder is not None else default_encoder_path(
+        dataset_name, plans_identifier)
+    if not encoder.is_file():
+        raise SegmentationError(
+            f"no encoder checkpoint at {encoder}: run `orthodiff pretrain -d {dataset_name} -p {plans_identifier}` "
+            "first, pass --encoder, or train the from-scratch twin with --init scratch")
+    return encoder.resolve()
+
+
+def _trainer_class(init: str) -> type:
+    """The trainer of ``init``: the warm-started one, or its from-scratch twin."""
+    from orthodiff_nnunet.trainers.segmentation import (
+        nnUNetTrainerOrthoDiffSeg,
+        nnUNetTrainerOrthoDiffSegScratch,
+    )
+
+    return nnUNetTrainerOrthoDiffSeg if init == "diffusion" else nnUNetTrainerOrthoDiffSegScratch
+
+
+def _checkpoints_to_continue(out: Path, continue_training: bool, init: str, encoder: Path | None,
+                             label_fraction: float, seed: int) -> list[Path]:
+    """The fold folder's checkpoints in nnU-Net's order for ``--c``; refuses a run that exists without
+    ``continue_training``, or one to continue that is absent or was started with other settings."""
+    checkpoints = [out / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                   if (out / n).is_file()]  # nnU-Net's order for --c
+    if checkpoints and not continue_training:
+        raise SegmentationError(f"{out} already holds a training run: pass --continue to continue it, or remove "
+                                "the folder to start again")
+    if continue_training:
+        if not checkpoints:
+            raise SegmentationError(f"--continue: no checkpoint in {out}; start without --continue")
+        _check_same_run(out / SEG_RUN_RECORD, init, encoder, label_fraction, seed)
+    return checkpoints
+
+
+def _configure_trainer(trainer, encoder: Path | None, label_fraction: float, seed: int, learning_rate: float,
+                       warmup_epochs: int | None, freeze_encoder_epochs: int, validation_mirroring: bool,
+                       checkpoint_minutes: float | None, epochs: int | None, iterations_per_epoch: int | None,
+                       val_iterations_per_epoch: int | None) -> None:
+    """Set the run's settings on the trainer before ``initialize``; None keeps the trainer's default."""
+    trainer.encoder_path = None if encoder is None else str(encoder)
+    trainer.label_fraction = float(label_fraction)
+    trainer.label_fraction_seed = int(seed)
+    trainer.initial_lr = float(learning_rate)
+    trainer.warmup_epochs = warmup_epochs
+    trainer.freeze_encoder_epochs = int(freeze_encoder_epochs)
+    trainer.validation_mirroring = bool(validation_mirroring)
+    if checkpoint_minutes is not None:
+        trainer.checkpoint_minutes = float(checkpoint_minutes)
+    if epochs is not None:
+        trainer.num_epochs = int(epochs)
+    if iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
+    if val_iterations_per_epoch is not None:
+        trainer.num_val_iterations_per_epoch = int(val_iterations_per_epoch)
+
+
+def _run_trainer(trainer, dataset_name: str, out: Path, checkpoint: Path | None) -> None:
+    """Initialise (loading the encoder), continue from ``checkpoint`` if given, and train."""
+    trainer.initialize()
+    if trainer.encoder_report is not None:
+        log.info("%s: %s", dataset_name, trainer.encoder_report.summary())
+    if checkpoint is not None:
+        trainer.load_checkpoint(str(checkpoint))
+        log.info("continuing %s at epoch %d", out, trainer.current_epoch)
+    trainer.run_training()
+
+
+def _train_result(trainer, out: Path, root: Path, console_log: Path | None) -> SegmentationTrainResult:
+    """The result of a finished run: its folders, run record and last epoch's loss and pseudo Dice."""
+    losses = trainer.logger.get_value("train_losses", None) or [None]
+    dices = trainer.logger.get_value("ema_fg_dice", None) or [None]
+    record = json.loads((out / SEG_RUN_RECORD).read_text())
+    return SegmentationTrainResult(model_folder=out.parent, output_folder=out, results_root=root, run_record=record,
+                                   train_loss=None if losses[-1] is None else float(losses[-1]),
+                                   pseudo_dice=None if dices[-1] is None else float(dices[-1]),
+                                   console_log=console_log)
+
+
+def _validate(trainer, out: Path, dataset_json: dict, result: SegmentationTrainResult) -> None:
+    """nnU-Net's final validation; its Dice per structure goes into ``result``."""
+    trainer.perform_actual_validation()
+    summary = out / "validation" / "summary.json"
+    if summary.is_file():
+        result.validation_summary = summary
+        result.dice, result.mean_dice = _read_summary(summary, dataset_json)
 
 
 def _check_same_run(record_file: Path, init: str, encoder: Path | None, label_fraction: float, seed: int) -> None:
@@ -605,30 +659,8 @@ def predict_segmentation(
             says which flag or folder fixes it.
     """
 
-    model = Path(model).resolve()
-    if model.name.startswith("fold_") and (model.parent / "plans.json").is_file():
-        if folds is None:
-            folds = [model.name[len("fold_"):]]
-        model = model.parent
-    for f in ("plans.json", "dataset.json"):
-        inside = sorted(p.parent for p in model.glob("*/plans.json")) if model.is_dir() else []
-        if not (model / f).is_file() and inside:  # a dataset's results folder: its model folders are inside
-            raise SegmentationError(f"{model} is not a model folder but holds {len(inside)}: pass -m {inside[0]}"
-                                    + "".join(f" (or -m {p})" for p in inside[1:]))
-        if not (model / f).is_file():
-            raise SegmentationError(f"{model} is not a trained nnU-Net model folder ({f} missing): pass the folder "
-                                    "<Trainer>__<plans>__<configuration> that `orthodiff train seg` printed")
-    available = sorted(p.name[len("fold_"):] for p in model.glob("fold_*") if (p / checkpoint).is_file())
-    use = [str(f) for f in folds] if folds is not None else available
-    missing = [f for f in use if f not in available]
-    if not use or missing:
-        there = {p.name for f in (missing or ["*"]) for p in model.glob(f"fold_{f}/checkpoint_*.pth")}
-        preferred = ["checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth"]
-        others = [n for n in preferred if n in there] + sorted(there - set(preferred))
-        fix = (f"pass --checkpoint {others[0]} (there: {', '.join(others)})" if others
-               else "finish training first (`orthodiff train seg ... --continue` resumes it)")
-        raise SegmentationError(f"no {checkpoint} for fold(s) {', '.join(missing) or 'any'} in {model} (folds with it: "
-                                f"{', '.join(available) or 'none'}): {fix}")
+    model, folds = _resolve_model_folder(Path(model).resolve(), folds)
+    use = _folds_to_use(model, folds, checkpoint)
     folds_arg = tuple("all" if f == "all" else int(f) for f in use)
     dataset_json = json.loads((model / "dataset.json").read_text())
     plans = json.loads((model / "plans.json").read_text())
@@ -641,9 +673,6 @@ def predict_segmentation(
         _check_layout(cases, (plans.get("orthodiff") or {}).get("orientation"))
     output_folder.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-
-    from tqdm import tqdm
-
     predictor = _case_progress_predictor()(
         tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
         perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False, verbose_preprocessing=False,
@@ -651,10 +680,60 @@ def predict_segmentation(
     with _with_our_trainers():
         predictor.initialize_from_trained_model_folder(str(model), folds_arg, checkpoint_name=checkpoint)
     names = sorted(cases)
-    inputs = [[str(p) for p in cases[c]] for c in names]
-    outputs = [str(output_folder / c) for c in names]
     log.info("%s", _start_message(len(names), model.name, use, dev.type, mirroring, predictor.allowed_mirroring_axes))
-    bar = tqdm(total=len(names), desc="predict seg", unit="case", disable=not show_progress)
+    _run_predictor(predictor, [[str(p) for p in cases[c]] for c in names], [str(output_folder / c) for c in names],
+                   num_processes, show_progress)
+    masks = [output_folder / f"{c}{file_ending}" for c in names]
+    absent = [m.name for m in masks if not m.is_file()]
+    if absent:
+        raise SegmentationError(f"nnU-Net wrote no mask for {', '.join(absent)} in {output_folder}")
+    return SegmentationPredictResult(output_folder, masks)
+
+
+def _resolve_model_folder(model: Path, folds: Sequence[int | str] | None) -> tuple[Path, Sequence[int | str] | None]:
+    """The model folder and folds: a ``fold_X`` folder stands for its model folder and (by default) that fold.
+
+    Raises:
+        SegmentationError: not a model folder (naming the model folders inside a dataset's results folder).
+    """
+    if model.name.startswith("fold_") and (model.parent / "plans.json").is_file():
+        if folds is None:
+            folds = [model.name[len("fold_"):]]
+        model = model.parent
+    for f in ("plans.json", "dataset.json"):
+        inside = sorted(p.parent for p in model.glob("*/plans.json")) if model.is_dir() else []
+        if not (model / f).is_file() and inside:  # a dataset's results folder: its model folders are inside
+            raise SegmentationError(f"{model} is not a model folder but holds {len(inside)}: pass -m {inside[0]}"
+                                    + "".join(f" (or -m {p})" for p in inside[1:]))
+        if not (model / f).is_file():
+            raise SegmentationError(f"{model} is not a trained nnU-Net model folder ({f} missing): pass the folder "
+                                    "<Trainer>__<plans>__<configuration> that `orthodiff train seg` printed")
+    return model, folds
+
+
+def _folds_to_use(model: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[str]:
+    """The folds to ensemble (default: every fold with ``checkpoint``); refuses a fold without it, naming the
+    checkpoints that are there."""
+    available = sorted(p.name[len("fold_"):] for p in model.glob("fold_*") if (p / checkpoint).is_file())
+    use = [str(f) for f in folds] if folds is not None else available
+    missing = [f for f in use if f not in available]
+    if not use or missing:
+        there = {p.name for f in (missing or ["*"]) for p in model.glob(f"fold_{f}/checkpoint_*.pth")}
+        preferred = ["checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth"]
+        others = [n for n in preferred if n in there] + sorted(there - set(preferred))
+        fix = (f"pass --checkpoint {others[0]} (there: {', '.join(others)})" if others
+               else "finish training first (`orthodiff train seg ... --continue` resumes it)")
+        raise SegmentationError(f"no {checkpoint} for fold(s) {', '.join(missing) or 'any'} in {model} (folds with it: "
+                                f"{', '.join(available) or 'none'}): {fix}")
+    return use
+
+
+def _run_predictor(predictor, inputs: list[list[str]], outputs: list[str], num_processes: int,
+                   show_progress: bool) -> None:
+    """Predict ``inputs`` into ``outputs`` (file names without ending) with a per-case progress bar; logs the time."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(inputs), desc="predict seg", unit="case", disable=not show_progress)
     predictor.case_bar = bar
     start = time.perf_counter()
     try:
@@ -671,12 +750,7 @@ def predict_segmentation(
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    log.info("predicted %d case(s) in %.0f s (%.1f s per case)", len(names), seconds, seconds / max(len(names), 1))
-    masks = [output_folder / f"{c}{file_ending}" for c in names]
-    absent = [m.name for m in masks if not m.is_file()]
-    if absent:
-        raise SegmentationError(f"nnU-Net wrote no mask for {', '.join(absent)} in {output_folder}")
-    return SegmentationPredictResult(output_folder, masks)
+    log.info("predicted %d case(s) in %.0f s (%.1f s per case)", len(inputs), seconds, seconds / max(len(inputs), 1))
 
 
 # ----------------------------------------------------------------------------------------------
