@@ -733,6 +733,9 @@ def convert_site(
 ) -> ConversionResult:
     """Convert a site's series into nnU-Net raw datasets, one per orientation (``orthodiff_nnunet.api.convert``).
 
+    Long only because its docstring documents the 20 options (the public API's one list of them); the
+    body is a few lines that take the lock and call the named steps.
+
     Args:
         manifest: CSV with one row per series (columns in the README / docs/CONTRACTS.md).
         dataset_id: base id: sagittal -> ``dataset_id``, coronal -> +1, axial -> +2.
