@@ -332,8 +332,6 @@ def test_two_folds_and_too_few_patients(phantom, tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_cuda_bf16_recorded_and_reproduced_by_predict(phantom, tmp_path: Path) -> None:
     """On CUDA (capability 8.0+): a bf16 run records bf16; predict and resume compute in it again."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs compute capability 8.0 or newer")
     from orthodiff_nnunet.classification import predict_classification, train_classification
