@@ -270,11 +270,12 @@ def negative_three_label_site(tmp_path):
     from orthodiff_nnunet.planning import plan_and_preprocess
 
     with nnunet_env(tmp_path):
-        train = write_site(tmp_path / "A", SITE_3T, n_cases=4, seed=1, orientations=("sag",), prevalence=0.5)
+        train = write_site(tmp_path / "A", SITE_3T, n_cases=4, seed=1, orientations=("sag",), prevalence=0.5,
+                           scale=0.3)
         convert(train, 571, "StatA", num_processes=1, num_folds=2)
         # every exam negative for every label; two exams of one patient
         external = write_site(tmp_path / "B", SITE_15T, n_cases=5, seed=2, orientations=("sag",), prevalence=0.0,
-                              patients_with_two_exams=1)
+                              patients_with_two_exams=1, scale=0.3)
         _keep_label_columns(external, ["ACL", "MM", "EFFU"])  # the site annotates 3 labels
         convert(external, 581, "StatB", external=True, num_processes=1)
         planned = plan_and_preprocess([571], num_processes=1, show_progress=False)

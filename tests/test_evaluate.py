@@ -22,9 +22,11 @@ def two_sites(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evaluate")
     with nnunet_env(root):
-        train = write_site(root / "A", SITE_3T, n_cases=6, seed=1, orientations=("sag",), prevalence=0.5)
+        train = write_site(root / "A", SITE_3T, n_cases=6, seed=1, orientations=("sag",), prevalence=0.5,
+                           scale=0.3)
         convert(train, 541, "EvalA", num_processes=1, num_folds=2)
-        external = write_site(root / "B", SITE_15T, n_cases=6, seed=2, orientations=("sag",), prevalence=0.5)
+        external = write_site(root / "B", SITE_15T, n_cases=6, seed=2, orientations=("sag",), prevalence=0.5,
+                              scale=0.3)
         convert(external, 551, "EvalB", external=True, num_processes=1)
         planned = plan_and_preprocess([541], num_processes=1, show_progress=False)
         write_shrunk_plans(root / "pre" / "Dataset541_EvalASag", planned.datasets[0].plans_identifier, "tinyPlans")
