@@ -17,11 +17,14 @@ from conftest import nnunet_env
 
 @pytest.fixture(scope="module")
 def two_sites(tmp_path_factory):
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
     from orthodiff_nnunet.planning import plan_and_preprocess
     from orthodiff_nnunet.segmentation import train_segmentation
 
     root = tmp_path_factory.mktemp("evaluate")
-    with nnunet_env(root):
+    with nnunet_env(root), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "default_num_processes", 1)  # validation export/metrics pools: one worker
         train = write_site(root / "A", SITE_3T, n_cases=6, seed=1, orientations=("sag",), prevalence=0.5,
                            scale=0.3)
         convert(train, 541, "EvalA", num_processes=1, num_folds=2)
