@@ -11,7 +11,6 @@ import argparse
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,25 +30,13 @@ from orthodiff_nnunet.evaluation.classification import (
 )
 from orthodiff_nnunet.schemes import ANKLE_LABELS, KNEE_ABNORMALITIES
 
+from conftest import nnunet_env
+
 KNEE = 541
 ANKLE = 561
 PLANS = "tinyPlans"
 SEED = 7
 KEY = "5a" * 32  # fixed pseudonym key: fixed exam names, fixed folds
-
-
-def _set_env(env: dict[str, str]) -> dict[str, str | None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    return old
-
-
-def _restore(old: dict[str, str | None]) -> None:
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _rewrite_manifest(path: Path, keep_row=lambda row: True, rename: dict[str, str] | None = None,
@@ -72,22 +59,18 @@ def knee(tmp_path_factory):
     from orthodiff_nnunet.planning import plan_and_preprocess
 
     root = tmp_path_factory.mktemp("cls")
-    old = _set_env({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-                    "nnUNet_results": str(root / "res")})
-    old.update({k: os.environ.get(k) for k in ("nnUNet_n_proc_DA", "nnUNet_compile")})
-    key = root / "pseudonym.key"
-    key.write_text(KEY + "\n")
-    manifest = write_site(root / "site", SITE_3T, n_cases=30, seed=SEED, prevalence=0.5, scale=0.3)
-    _rewrite_manifest(manifest, keep_row=lambda r: not (r["case_id"] == "EXAM-0003" and "_ax" in r["image"]))
-    convert(manifest, KNEE, "ClsKnee", num_processes=1, pseudonym_key=key)
-    plan_and_preprocess([KNEE, KNEE + 1, KNEE + 2], num_processes=1, show_progress=False, planner="plain")
-    names = {}
-    for folder in sorted((root / "pre").glob("Dataset54[123]_*")):
-        write_shrunk_plans(folder, "orthodiffPlans", PLANS, max_features=4, max_stages=3)
-        names[json.loads((folder / "dataset.json").read_text())["orthodiff"]["orientation"]] = folder.name
-    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
-    yield SimpleNamespace(root=root, key=key, names=names)
-    _restore(old)
+    with nnunet_env(root):
+        key = root / "pseudonym.key"
+        key.write_text(KEY + "\n")
+        manifest = write_site(root / "site", SITE_3T, n_cases=30, seed=SEED, prevalence=0.5, scale=0.3)
+        _rewrite_manifest(manifest, keep_row=lambda r: not (r["case_id"] == "EXAM-0003" and "_ax" in r["image"]))
+        convert(manifest, KNEE, "ClsKnee", num_processes=1, pseudonym_key=key)
+        plan_and_preprocess([KNEE, KNEE + 1, KNEE + 2], num_processes=1, show_progress=False, planner="plain")
+        names = {}
+        for folder in sorted((root / "pre").glob("Dataset54[123]_*")):
+            write_shrunk_plans(folder, "orthodiffPlans", PLANS, max_features=4, max_stages=3)
+            names[json.loads((folder / "dataset.json").read_text())["orthodiff"]["orientation"]] = folder.name
+        yield SimpleNamespace(root=root, key=key, names=names)
 
 
 def _plans(knee, view: str) -> dict:
@@ -403,10 +386,7 @@ def test_real_mrnet_three_views_out_of_fold(shared_data: Path, tmp_path: Path) -
     root = shared_data / "mrnet"
     if not (root / "train").is_dir():
         pytest.skip(f"{root} is absent")
-    old = _set_env({"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
-                    "nnUNet_results": str(tmp_path / "res")})
-    old.update({k: os.environ.get(k) for k in ("nnUNet_n_proc_DA", "nnUNet_compile")})
-    try:
+    with nnunet_env(tmp_path):
         key = tmp_path / "pseudonym.key"
         key.write_text(KEY + "\n")
         cases = ["0001", "0003", "1123", "1127", "1128", "1129"]
@@ -415,7 +395,6 @@ def test_real_mrnet_three_views_out_of_fold(shared_data: Path, tmp_path: Path) -
         plan_and_preprocess([731, 732, 733], num_processes=1, show_progress=False, planner="plain")
         for folder in sorted((tmp_path / "pre").glob("Dataset73[123]_*")):
             write_shrunk_plans(folder, "orthodiffPlans", PLANS, max_features=4, max_stages=3)
-        os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
         rows = []
         for fold in range(3):  # train on fold k minus fold k+1, select on fold k, predict the unseen fold k+1
             res = train_classification(731, plans=PLANS, mode="scratch", fold=fold, test_fold=(fold + 1) % 3, epochs=1,
@@ -439,5 +418,3 @@ def test_real_mrnet_three_views_out_of_fold(shared_data: Path, tmp_path: Path) -
         print("\nMRNet, 6 real exams, three views fused, pooled held-out predictions of 3 runs "
               "(smoke test, no accuracy claim):\n" + metrics.to_markdown())
         assert metrics.n_exams == 6 and set(metrics.macro_ci) == {"auroc", "auprc", "sensitivity", "specificity"}
-    finally:
-        _restore(old)

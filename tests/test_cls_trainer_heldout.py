@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +29,8 @@ from orthodiff_nnunet.networks.precision import (
     tf32_context,
 )
 from orthodiff_nnunet.trainers.classification import nnUNetTrainerOrthoDiffCls
+
+from conftest import nnunet_env
 
 DATASET = 571
 PLANS = "tinyPlans"
@@ -182,11 +183,7 @@ def phantom(tmp_path_factory):
     from orthodiff_nnunet.planning import plan_and_preprocess
 
     root = tmp_path_factory.mktemp("heldout")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with nnunet_env(root):
         key = root / "pseudonym.key"
         key.write_text(KEY + "\n")
         manifest = write_site(root / "site", SITE_3T, n_cases=12, seed=3, orientations=("sag",), prevalence=0.5,
@@ -199,12 +196,6 @@ def phantom(tmp_path_factory):
         patient = {c["exam"]: c["patient"] for c in targets["cases"].values()}
         yield SimpleNamespace(root=root, folder=folder, patient=patient,
                               splits=json.loads((folder / "splits_final.json").read_text()))
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _rows(path: Path) -> list[dict]:
@@ -341,8 +332,6 @@ def test_two_folds_and_too_few_patients(phantom, tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_cuda_bf16_recorded_and_reproduced_by_predict(phantom, tmp_path: Path) -> None:
     """On CUDA (capability 8.0+): a bf16 run records bf16; predict and resume compute in it again."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs compute capability 8.0 or newer")
     from orthodiff_nnunet.classification import predict_classification, train_classification

@@ -98,25 +98,18 @@ def test_final_lines_name_the_report_the_figures_and_the_next_command(quick_demo
     assert tail[-1].startswith("Next, on your own data: orthodiff convert ")
 
 
-def test_train_seg_alone_shows_a_progress_bar_and_keeps_nnunet_in_its_log(quick_demo, tmp_path):
+def test_train_seg_alone_shows_a_progress_bar_and_keeps_nnunet_in_its_log(quick_demo, tmp_path, monkeypatch):
     out, _ = quick_demo
     env_paths = {"nnUNet_raw": out / "nnUNet_raw", "nnUNet_preprocessed": out / "nnUNet_preprocessed",
                  "nnUNet_results": tmp_path / "results"}
-    old = {k: os.environ.get(k) for k in env_paths}
-    os.environ.update({k: str(v) for k, v in env_paths.items()})
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "orthodiff_nnunet.cli", "train", "seg", "-d", "501", "-p", "orthodiffDemoPlans",
-             "-f", "0", "--init", "scratch", "--epochs", "1", "--iterations-per-epoch", "3", "--val-iterations", "1",
-             "--no-validation", "--device", "cpu"],
-            env={**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"},
-            capture_output=True, text=True, timeout=600)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for k, v in env_paths.items():
+        monkeypatch.setenv(k, str(v))
+    proc = subprocess.run(
+        [sys.executable, "-m", "orthodiff_nnunet.cli", "train", "seg", "-d", "501", "-p", "orthodiffDemoPlans",
+         "-f", "0", "--init", "scratch", "--epochs", "1", "--iterations-per-epoch", "3", "--val-iterations", "1",
+         "--no-validation", "--device", "cpu"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"},
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bar = re.findall(r"train seg: 100%\|[^|]*\| 3/3 \[[\d:]+<[\d:]+, +(\d+\.\d+)it/s, epoch=0, loss=(-?\d\.\d{3})\]",
                      proc.stderr)

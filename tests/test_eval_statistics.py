@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -27,6 +26,8 @@ from orthodiff_nnunet.evaluation.segmentation import (
     image_diagonal_mm,
     structure_metrics,
 )
+
+from conftest import nnunet_env
 
 # ----------------------------------------------------------------------------------------------
 # resample patients, not rows
@@ -268,16 +269,13 @@ def negative_three_label_site(tmp_path):
     from orthodiff_nnunet.networks.build import write_shrunk_plans
     from orthodiff_nnunet.planning import plan_and_preprocess
 
-    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
-           "nnUNet_results": str(tmp_path / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        train = write_site(tmp_path / "A", SITE_3T, n_cases=4, seed=1, orientations=("sag",), prevalence=0.5)
+    with nnunet_env(tmp_path):
+        train = write_site(tmp_path / "A", SITE_3T, n_cases=4, seed=1, orientations=("sag",), prevalence=0.5,
+                           scale=0.3)
         convert(train, 571, "StatA", num_processes=1, num_folds=2)
         # every exam negative for every label; two exams of one patient
         external = write_site(tmp_path / "B", SITE_15T, n_cases=5, seed=2, orientations=("sag",), prevalence=0.0,
-                              patients_with_two_exams=1)
+                              patients_with_two_exams=1, scale=0.3)
         _keep_label_columns(external, ["ACL", "MM", "EFFU"])  # the site annotates 3 labels
         convert(external, 581, "StatB", external=True, num_processes=1)
         planned = plan_and_preprocess([571], num_processes=1, show_progress=False)
@@ -285,12 +283,6 @@ def negative_three_label_site(tmp_path):
         classifier = train_classification(571, plans="tinyPlans", mode="scratch", fold=0, epochs=1,
                                           iterations_per_epoch=1, batch_size=2, device="cpu", n_boot=0)
         yield tmp_path, classifier
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_cli_evaluate_all_negative_other_label_set_exits_0(negative_three_label_site, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,36 +12,35 @@ from orthodiff_nnunet.data.phantom import write_site
 from orthodiff_nnunet.data.sites import SITE_3T, SITE_15T
 from orthodiff_nnunet.networks.build import write_shrunk_plans
 
+from conftest import nnunet_env
+
 
 @pytest.fixture(scope="module")
 def two_sites(tmp_path_factory):
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
     from orthodiff_nnunet.planning import plan_and_preprocess
     from orthodiff_nnunet.segmentation import train_segmentation
 
     root = tmp_path_factory.mktemp("evaluate")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res")}
-    old = {k: os.environ.get(k) for k in [*env, "nnUNet_n_proc_DA", "nnUNet_compile"]}
-    os.environ.update(env)
-    train = write_site(root / "A", SITE_3T, n_cases=6, seed=1, orientations=("sag",), prevalence=0.5)
-    convert(train, 541, "EvalA", num_processes=1, num_folds=2)
-    external = write_site(root / "B", SITE_15T, n_cases=6, seed=2, orientations=("sag",), prevalence=0.5)
-    convert(external, 551, "EvalB", external=True, num_processes=1)
-    planned = plan_and_preprocess([541], num_processes=1, show_progress=False)
-    write_shrunk_plans(root / "pre" / "Dataset541_EvalASag", planned.datasets[0].plans_identifier, "tinyPlans")
-    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
-    model = train_segmentation(541, fold="all", init="scratch", plans="tinyPlans", epochs=2, iterations_per_epoch=5,
-                               val_iterations_per_epoch=1, device="cpu", validation_mirroring=False)
-    from orthodiff_nnunet.classification import train_classification
+    with nnunet_env(root), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "default_num_processes", 1)  # validation export/metrics pools: one worker
+        train = write_site(root / "A", SITE_3T, n_cases=6, seed=1, orientations=("sag",), prevalence=0.5,
+                           scale=0.3)
+        convert(train, 541, "EvalA", num_processes=1, num_folds=2)
+        external = write_site(root / "B", SITE_15T, n_cases=6, seed=2, orientations=("sag",), prevalence=0.5,
+                              scale=0.3)
+        convert(external, 551, "EvalB", external=True, num_processes=1)
+        planned = plan_and_preprocess([541], num_processes=1, show_progress=False)
+        write_shrunk_plans(root / "pre" / "Dataset541_EvalASag", planned.datasets[0].plans_identifier, "tinyPlans")
+        model = train_segmentation(541, fold="all", init="scratch", plans="tinyPlans", epochs=2,
+                                   iterations_per_epoch=5, val_iterations_per_epoch=1, device="cpu",
+                                   validation_mirroring=False)
+        from orthodiff_nnunet.classification import train_classification
 
-    classifier = train_classification(541, plans="tinyPlans", mode="scratch", fold=0, epochs=2,
-                                      iterations_per_epoch=3, batch_size=2, device="cpu", n_boot=0)
-    yield root, model, classifier
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        classifier = train_classification(541, plans="tinyPlans", mode="scratch", fold=0, epochs=2,
+                                          iterations_per_epoch=3, batch_size=2, device="cpu", n_boot=0)
+        yield root, model, classifier
 
 
 def test_evaluate_segmentation_on_external_site(two_sites):

@@ -27,9 +27,10 @@ def test_two_phantom_sites_three_orientations_pass_nnunet_plan_and_preprocess(tm
         ids += [base, base + 1, base + 2]
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"),
                nnUNet_def_n_proc="1")  # nnU-Net otherwise spawns a pool of 8+ workers on this 2-core machine
+    # -npfp: the fingerprint and integrity pools (default 8 spawned workers per dataset, whatever nnUNet_def_n_proc)
     exe = shutil.which("nnUNetv2_plan_and_preprocess", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
-        [exe, "-d", *map(str, ids), "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
+        [exe, "-d", *map(str, ids), "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"],
         env=env, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -32,19 +33,13 @@ from orthodiff_nnunet.schemes import ORIENTATION_SUFFIX
 IN_PLANE = (80, 64)  # voxels along the two in-plane axes, in array order
 SLICES = 14
 IP_MM, TP_MM = 0.4, 3.0
-ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_nnunet_env():
     """plan_and_preprocess exports nnUNet_raw/preprocessed; do not leak them into other test modules."""
-    old = {k: os.environ.get(k) for k in ENV}
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def canonical_shape_and_spacing(orientation: str, in_plane=IN_PLANE, slices=SLICES, ip=IP_MM, tp=TP_MM):

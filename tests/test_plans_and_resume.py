@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -26,20 +27,14 @@ import SimpleITK as sitk
 
 from orthodiff_nnunet.plans import own_data_identifiers, preprocessing_hash, resolve_configuration
 
-ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile")
 PLAIN = "orthodiffPlans"
 
 
 @pytest.fixture(autouse=True)
 def _restore_nnunet_env():
     """plan_and_preprocess exports nnUNet_raw/preprocessed; do not leak them into other tests."""
-    old = {k: os.environ.get(k) for k in ENV}
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def make_sag_dataset(raw: Path, dataset_id: int, name: str, *, n_cases: int = 3, tp: float = 3.0,
@@ -82,14 +77,9 @@ def golden(tmp_path_factory):
     """Dataset511_SiteBSag (3 cases, 2 mm slices, 0.6 mm pixels) converted and planned once (plain planner);
     tests work on their own copies (:func:`_copy`), so none depends on another."""
     root = tmp_path_factory.mktemp("golden")
-    old = {k: os.environ.get(k) for k in ENV}
-    make_sag_dataset(root / "raw", 511, "SiteB", tp=2.0, ip=0.6, shape_ip=(44, 36), seed=2)
-    _plan([511], root / "raw", root / "pre")
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with mock.patch.dict(os.environ):
+        make_sag_dataset(root / "raw", 511, "SiteB", tp=2.0, ip=0.6, shape_ip=(44, 36), seed=2)
+        _plan([511], root / "raw", root / "pre")
     return root
 
 
@@ -210,7 +200,7 @@ def test_plans_under_another_name_get_their_own_data_folder(golden, tmp_path):
         assert check_preprocessed_data(pre / b, plans, "3d_fullres").name == _data_id(plans)
 
 
-def test_trainers_refuse_data_made_by_other_plans(golden, tmp_path):
+def test_trainers_refuse_data_made_by_other_plans(golden, tmp_path, monkeypatch):
     """Plans edited after preprocessing, data of other plans in the folder, an interrupted preprocessing:
     pretraining and segmentation training refuse before the first iteration, naming the folder and the
     command that fixes it; plan_and_preprocess refuses to rebuild a folder another plans file owns."""
@@ -220,7 +210,8 @@ def test_trainers_refuse_data_made_by_other_plans(golden, tmp_path):
 
     raw, pre = _copy(golden, tmp_path)
     res, name = tmp_path / "res", SITE
-    os.environ.update({"nnUNet_results": str(res), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
+    for k, v in {"nnUNet_results": str(res), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"}.items():
+        monkeypatch.setenv(k, v)
     plans_file = pre / name / f"{PLAIN}.json"
     good = plans_file.read_text()
     data = pre / name / f"{PLAIN}_3d_fullres"
@@ -312,7 +303,7 @@ def _latest_epoch(path: Path) -> int | None:
         return None
 
 
-def test_segmentation_killed_mid_training_continues_from_the_latest_epoch(golden, tmp_path):
+def test_segmentation_killed_mid_training_continues_from_the_latest_epoch(golden, tmp_path, monkeypatch):
     """SIGKILL a real `orthodiff train seg` process after a few epochs; `--continue` resumes at the epoch
     of the last checkpoint_latest.pth (written every epoch here with --checkpoint-minutes 0; nnU-Net's
     every-50-epochs cadence had none yet, so it would have restarted from checkpoint_best or 0) and
@@ -356,7 +347,8 @@ def test_segmentation_killed_mid_training_continues_from_the_latest_epoch(golden
     logs_before = set(fold.glob("training_log_*.txt"))
 
     time.sleep(1.1)  # nnU-Net names training logs by the second
-    os.environ.update(env)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     train_segmentation(511, init="scratch", plans="microPlans", epochs=epochs, iterations_per_epoch=1,
                        val_iterations_per_epoch=1, checkpoint_minutes=0, device="cpu", validate=False,
                        continue_training=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import shlex
 from pathlib import Path
@@ -22,6 +21,8 @@ import pytest
 import SimpleITK as sitk
 
 from orthodiff_nnunet.cli import main as cli
+
+from conftest import nnunet_env
 
 pytestmark = pytest.mark.slow  # one shared fixture: two sites converted, one planned, two tiny models trained
 
@@ -44,34 +45,26 @@ def site(tmp_path_factory):
     from orthodiff_nnunet.segmentation import train_segmentation
 
     root = tmp_path_factory.mktemp("predict_cli")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    train = write_site(root / "siteA", dataclasses.replace(SITE_3T, in_plane_spacing_mm=1.6), n_cases=5, seed=21,
-                       orientations=("sag",), prevalence=0.5)
-    external = write_site(root / "siteB", dataclasses.replace(SITE_15T, in_plane_spacing_mm=1.6), n_cases=2,
-                          seed=22, orientations=("sag", "cor"), prevalence=0.5)
-    convert(train, TRAIN_ID, "PredTrain", num_processes=1, num_folds=2)
-    convert(external, EXTERNAL_ID, "PredExt", external=True, num_processes=1)
-    planned = plan_and_preprocess([TRAIN_ID], num_processes=1, show_progress=False)
-    name = planned.datasets[0].dataset_name
-    write_shrunk_plans(root / "pre" / name, planned.datasets[0].plans_identifier, PLANS, max_features=4,
-                       max_stages=3)
-    torch.manual_seed(0)
-    seg = train_segmentation(name, fold=0, init="scratch", plans=PLANS, epochs=1, iterations_per_epoch=2,
-                             val_iterations_per_epoch=1, device="cpu", validate=False)
-    cls = train_classification(TRAIN_ID, views=["sag"], plans=PLANS, fold=0, mode="scratch", epochs=1,
-                               iterations_per_epoch=1, batch_size=2, n_boot=10, device="cpu")
-    raw = root / "raw"
-    yield SimpleNamespace(root=root, seg_model=seg.model_folder, cls_run=cls.output_folder,
-                          ext_sag=next(raw.glob(f"Dataset{EXTERNAL_ID}_*")),
-                          ext_cor=next(raw.glob(f"Dataset{EXTERNAL_ID + 1}_*")))
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with nnunet_env(root):
+        train = write_site(root / "siteA", dataclasses.replace(SITE_3T, in_plane_spacing_mm=1.6), n_cases=5, seed=21,
+                           orientations=("sag",), prevalence=0.5)
+        external = write_site(root / "siteB", dataclasses.replace(SITE_15T, in_plane_spacing_mm=1.6), n_cases=2,
+                              seed=22, orientations=("sag", "cor"), prevalence=0.5)
+        convert(train, TRAIN_ID, "PredTrain", num_processes=1, num_folds=2)
+        convert(external, EXTERNAL_ID, "PredExt", external=True, num_processes=1)
+        planned = plan_and_preprocess([TRAIN_ID], num_processes=1, show_progress=False)
+        name = planned.datasets[0].dataset_name
+        write_shrunk_plans(root / "pre" / name, planned.datasets[0].plans_identifier, PLANS, max_features=4,
+                           max_stages=3)
+        torch.manual_seed(0)
+        seg = train_segmentation(name, fold=0, init="scratch", plans=PLANS, epochs=1, iterations_per_epoch=2,
+                                 val_iterations_per_epoch=1, device="cpu", validate=False)
+        cls = train_classification(TRAIN_ID, views=["sag"], plans=PLANS, fold=0, mode="scratch", epochs=1,
+                                   iterations_per_epoch=1, batch_size=2, n_boot=10, device="cpu")
+        raw = root / "raw"
+        yield SimpleNamespace(root=root, seg_model=seg.model_folder, cls_run=cls.output_folder,
+                              ext_sag=next(raw.glob(f"Dataset{EXTERNAL_ID}_*")),
+                              ext_cor=next(raw.glob(f"Dataset{EXTERNAL_ID + 1}_*")))
 
 
 def _suggested(stderr: str, pattern: str) -> str:

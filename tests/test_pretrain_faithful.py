@@ -5,45 +5,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from orthodiff_nnunet.api import convert
-from orthodiff_nnunet.data.phantom import write_site
-from orthodiff_nnunet.data.sites import SITE_3T
 from orthodiff_nnunet.networks.build import write_shrunk_plans
 
-DATASET_ID = 523
-DATASET = "Dataset523_FaithfulSag"
+from conftest import TINY_SAG5
+
+DATASET_ID = TINY_SAG5.dataset_id
+DATASET = TINY_SAG5.dataset
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
-    """A sagittal phantom dataset (5 scans), planned and preprocessed, with tiny-network plans."""
-    from orthodiff_nnunet.planning import plan_and_preprocess
-
-    root = tmp_path_factory.mktemp("faithful")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res")}
-    old = {k: os.environ.get(k) for k in [*env, "nnUNet_n_proc_DA", "nnUNet_compile"]}
-    os.environ.update(env)
-    manifest = write_site(root / "site", SITE_3T, n_cases=5, seed=7, orientations=("sag",))
-    convert(manifest, DATASET_ID, "Faithful", num_processes=1)
-    result = plan_and_preprocess([DATASET_ID], num_processes=1, show_progress=False)
-    ident = result.datasets[0].plans_identifier if hasattr(result, "datasets") else None
-    plans_id = write_shrunk_plans(root / "pre" / DATASET, ident or "orthodiffResEncMPlans", "tinyPlans",
-                                  max_features=4, max_stages=3)
-    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
-    yield root, plans_id
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def planned(tiny_phantom, tmp_path_factory):
+    """A sagittal phantom dataset (5 scans), planned and preprocessed, with tiny-network plans: this module's copy."""
+    with tiny_phantom(TINY_SAG5, tmp_path_factory.mktemp("faithful")) as planned:
+        yield planned
 
 
 def _trainer(root: Path, plans_id: str):
@@ -329,3 +309,76 @@ def test_old_encoder_is_re_exported_by_resuming_the_finished_run(planned):
         assert torch.equal(v, new["state_dict"][k]), k  # the same EMA weights and conditioning
     final = torch.load(again.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert {int(s["step"]) for s in final["optimizer_state"]["state"].values()} == {2}
+
+
+# -- 6. on CUDA: torch.compile through the FiLM hooks, fp16 loss scaling ------------------------------
+
+@pytest.mark.gpu
+def test_cuda_compiled_denoiser_runs_the_film_hooks_like_the_eager_one(planned, monkeypatch):
+    """nnU-Net compiles the network on CUDA (``nnUNet_compile=1``): the compiled denoiser, whose FiLM forward
+    hooks read the timestep embedding set in ``forward``, computes what the eager one computes, at every
+    timestep, and trains."""
+    from orthodiff_nnunet.trainers.diffusion_pretraining import nnUNetTrainerOrthoDiffPretrain
+
+    monkeypatch.setenv("nnUNet_compile", "1")
+    root, plans_id = planned
+    pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, "compilePlans", max_features=4, max_stages=3)
+    plans = json.loads((root / "pre" / DATASET / f"{pid}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((root / "pre" / DATASET / "dataset.json").read_text())
+    trainer = nnUNetTrainerOrthoDiffPretrain(plans, "3d_diffusion", "all", dataset_json, torch.device("cuda"))
+    trainer.precision = "fp32"
+    trainer.initialize()
+    assert hasattr(trainer.network, "_orig_mod")  # nnU-Net's torch.compile wrapper
+    eager = trainer._model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lin in eager.denoiser.film:  # FiLM layers start at zero (the identity): give them a timestep effect
+            lin.weight.normal_(0, 0.05)
+            lin.bias.normal_(0, 0.05)
+    x = torch.randn(2, 1, *trainer.configuration_manager.patch_size, device="cuda")
+    with torch.no_grad():
+        outs = {}
+        for t in (0, 700):
+            tt = torch.full((2,), t, device="cuda")
+            outs[t] = trainer.network(x, tt)
+            torch.testing.assert_close(outs[t], eager(x, tt), rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(outs[0], outs[700], atol=1e-3)  # the hooks act inside the compiled graph
+
+    dl_tr, _ = trainer.get_dataloaders()
+    film = [lin.weight.detach().clone() for lin in eager.denoiser.film]
+    losses = [float(trainer.train_step(next(dl_tr))["loss"]) for _ in range(3)]
+    assert all(np.isfinite(losses)), losses
+    assert all(not torch.equal(a, lin.weight) for a, lin in zip(film, eager.denoiser.film))  # FiLM trained
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_cuda_fp16_pretraining_scales_the_loss_and_skips_no_step_silently(planned, precision):
+    """fp16 (the default on CUDA) trains with nnU-Net's GradScaler: its state is in the checkpoint, its scale
+    is 2**16 halved once per overflowing step, and the optimizer took exactly the steps the scaler did not
+    skip; fp32 trains without one."""
+    import math
+
+    from orthodiff_nnunet.conventions import PRETRAIN_RUN_RECORD as RUN_RECORD
+    from orthodiff_nnunet.pretraining import pretrain
+
+    root, plans_id = planned
+    pid = write_shrunk_plans(root / "pre" / DATASET, plans_id, f"{precision}CudaPlans", max_features=4, max_stages=3)
+    torch.manual_seed(0)
+    res = pretrain(DATASET_ID, plans=pid, iterations=4, checkpoint_every=2, learning_rate=1e-3, device="cuda",
+                   sample_steps=0, val_iterations=1, precision=precision)
+    assert json.loads((res.output_folder / "diffusion_config.json").read_text())["precision"] == precision
+    assert json.loads((res.output_folder / RUN_RECORD).read_text())["iterations_done"] == 4
+    final = torch.load(res.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    steps = {int(s["step"]) for s in final["optimizer_state"]["state"].values()}
+    assert all(np.isfinite(res.train_losses)) and all(np.isfinite(res.val_losses))
+    assert all(bool(torch.isfinite(v).all()) for v in final["network_weights"].values() if v.is_floating_point())
+    if precision == "fp32":
+        assert final["grad_scaler_state"] is None and steps == {4}
+        return
+    scaler = final["grad_scaler_state"]
+    skipped = math.log2(2.0 ** 16 / scaler["scale"])
+    assert skipped.is_integer() and 0 <= skipped <= 4, scaler  # GradScaler's initial scale, halved per overflow
+    assert steps == {4 - int(skipped)}  # an overflowing step is skipped, every other one taken
+    assert scaler["_growth_tracker"] <= 4 - int(skipped)

@@ -5,45 +5,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from orthodiff_nnunet.api import convert
-from orthodiff_nnunet.data.phantom import write_site
-from orthodiff_nnunet.data.sites import SITE_3T
 from orthodiff_nnunet.networks.build import write_shrunk_plans
 
-DATASET_ID = 527
-DATASET = "Dataset527_MaeSag"
+from conftest import TINY_SAG5
+
+DATASET_ID = TINY_SAG5.dataset_id
+DATASET = TINY_SAG5.dataset
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
-    """A sagittal phantom dataset (5 scans), planned and preprocessed, with tiny-network plans."""
-    from orthodiff_nnunet.planning import plan_and_preprocess
-
-    root = tmp_path_factory.mktemp("mae")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res")}
-    old = {k: os.environ.get(k) for k in [*env, "nnUNet_n_proc_DA", "nnUNet_compile"]}
-    os.environ.update(env)
-    manifest = write_site(root / "site", SITE_3T, n_cases=5, seed=7, orientations=("sag",))
-    convert(manifest, DATASET_ID, "Mae", num_processes=1)
-    result = plan_and_preprocess([DATASET_ID], num_processes=1, show_progress=False)
-    ident = result.datasets[0].plans_identifier if hasattr(result, "datasets") else None
-    plans_id = write_shrunk_plans(root / "pre" / DATASET, ident or "orthodiffResEncMPlans", "tinyPlans",
-                                  max_features=4, max_stages=3)
-    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
-    yield root, plans_id
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def planned(tiny_phantom, tmp_path_factory):
+    """A sagittal phantom dataset (5 scans), planned and preprocessed, with tiny-network plans: this module's copy."""
+    with tiny_phantom(TINY_SAG5, tmp_path_factory.mktemp("mae")) as planned:
+        yield planned
 
 
 def _plans(root: Path, plans_id: str) -> tuple[dict, dict]:

@@ -8,42 +8,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from orthodiff_nnunet.api import convert
-from orthodiff_nnunet.data.phantom import write_site
-from orthodiff_nnunet.data.sites import SITE_3T
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, build_network, write_shrunk_plans
 from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, load_encoder, read_encoder_checkpoint
 
-DATASET = "Dataset521_PretrainSag"
+from conftest import TINY_SAG4
+
+DATASET = TINY_SAG4.dataset
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
-    """A sagittal phantom dataset, planned and preprocessed by orthodiff, with tiny-network plans."""
-    from orthodiff_nnunet.planning import plan_and_preprocess
-
-    root = tmp_path_factory.mktemp("pretrain")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res")}
-    old = {k: os.environ.get(k) for k in [*env, "nnUNet_n_proc_DA", "nnUNet_compile"]}
-    os.environ.update(env)
-    manifest = write_site(root / "site", SITE_3T, n_cases=4, seed=5, orientations=("sag",))
-    convert(manifest, 521, "Pretrain", num_processes=1)
-    result = plan_and_preprocess([521], num_processes=1, show_progress=False)
-    ident = result.datasets[0].plans_identifier if hasattr(result, "datasets") else None
-    plans_id = write_shrunk_plans(root / "pre" / DATASET, ident or "orthodiffResEncMPlans", "tinyPlans")
-    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
-    yield root, plans_id
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def planned(tiny_phantom, tmp_path_factory):
+    """A sagittal phantom dataset, planned and preprocessed by orthodiff, with tiny-network plans: this module's copy."""
+    with tiny_phantom(TINY_SAG4, tmp_path_factory.mktemp("pretrain")) as planned:
+        yield planned
 
 
 def _run_cli(args, **kw):

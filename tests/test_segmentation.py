@@ -25,6 +25,8 @@ from orthodiff_nnunet.networks.build import architecture_hash, architecture_of, 
 from orthodiff_nnunet.networks.encoder_io import EncoderMismatchError, export_encoder, read_encoder_checkpoint
 from orthodiff_nnunet.utils import load_json
 
+from conftest import nnunet_env
+
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 541
 DATASET = "Dataset541_SegTestSag"
@@ -39,40 +41,29 @@ def planned(tmp_path_factory):
     from orthodiff_nnunet.pretraining import pretrain
 
     root = tmp_path_factory.mktemp("seg")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res")}
-    old = {k: os.environ.get(k) for k in [*env, "nnUNet_n_proc_DA", "nnUNet_compile", "nnUNet_extTrainer"]}
-    os.environ.update(env)
-    site = dataclasses.replace(SITE_3T, in_plane_spacing_mm=1.6)
-    labeled = write_site(root / "site", site, n_cases=5, seed=5, orientations=("sag",), obliquity_deg=6)
-    rows = list(csv.DictReader(open(labeled)))
-    unlabeled = write_site(root / "site", site, n_cases=2, seed=6, orientations=("sag",), with_labels=False,
-                           case_prefix="UNL", patient_prefix="UPAT", obliquity_deg=6)
-    rows += list(csv.DictReader(open(unlabeled)))
-    with open(labeled, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    convert(labeled, DATASET_ID, "SegTest", num_processes=1)
-    result = plan_and_preprocess([DATASET_ID], num_processes=1, show_progress=False)
-    # tiny network: 3 stages, 8 features, one residual block per stage, batch 2
-    plans_id = write_shrunk_plans(root / "pre" / DATASET, result.datasets[0].plans_identifier, PLANS)
-    os.environ.update({"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"})
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+    with nnunet_env(root), pytest.MonkeyPatch.context() as mp:
+        site = dataclasses.replace(SITE_3T, in_plane_spacing_mm=1.6)
+        labeled = write_site(root / "site", site, n_cases=5, seed=5, orientations=("sag",), obliquity_deg=6)
+        rows = list(csv.DictReader(open(labeled)))
+        unlabeled = write_site(root / "site", site, n_cases=2, seed=6, orientations=("sag",), with_labels=False,
+                               case_prefix="UNL", patient_prefix="UPAT", obliquity_deg=6)
+        rows += list(csv.DictReader(open(unlabeled)))
+        with open(labeled, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        convert(labeled, DATASET_ID, "SegTest", num_processes=1)
+        result = plan_and_preprocess([DATASET_ID], num_processes=1, show_progress=False)
+        # tiny network: 3 stages, 8 features, one residual block per stage, batch 2
+        plans_id = write_shrunk_plans(root / "pre" / DATASET, result.datasets[0].plans_identifier, PLANS)
+        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
-    n_proc = trainer_module.default_num_processes
-    trainer_module.default_num_processes = 1  # validation export/metrics pools: one worker on 2 cores
-    torch.manual_seed(0)
-    pre = pretrain(DATASET_ID, plans=plans_id, iterations=4, checkpoint_every=2, device="cpu", sample_steps=0,
-                   val_iterations=1)
-    targets = load_json(root / "raw" / DATASET / "orthodiff_targets.json")["cases"]
-    yield {"root": root, "plans": plans_id, "encoder": pre.encoder_path, "targets": targets}
-    trainer_module.default_num_processes = n_proc
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        mp.setattr(trainer_module, "default_num_processes", 1)  # validation export/metrics pools: one worker on 2 cores
+        torch.manual_seed(0)
+        pre = pretrain(DATASET_ID, plans=plans_id, iterations=4, checkpoint_every=2, device="cpu", sample_steps=0,
+                       val_iterations=1)
+        targets = load_json(root / "raw" / DATASET / "orthodiff_targets.json")["cases"]
+        yield {"root": root, "plans": plans_id, "encoder": pre.encoder_path, "targets": targets}
 
 
 def _trainer(root: Path, cls_name: str = "nnUNetTrainerOrthoDiffSeg", plans_id: str = PLANS, fold=0, **attrs):
