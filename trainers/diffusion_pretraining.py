@@ -36,11 +36,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from orthodiff_nnunet.diffusion import diffusion_loss, make_schedule, min_snr_weights, q_sample, training_target
 from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
+from orthodiff_nnunet.networks.precision import PRECISIONS
 from orthodiff_nnunet.preprocessing import check_preprocessed_data
 from orthodiff_nnunet.trainers.progress import TrainingProgressMixin
 from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 class DiffusionModel(nn.Module):
