@@ -58,6 +58,9 @@ Init = Literal["diffusion", "scratch"]
 Fold = int | Literal["all"]
 NNUNET_CONSOLE_LOG = "nnunet_console.log"  # nnU-Net's console output of a quiet run, beside its training log
 _EXT_TRAINER_ENV = "nnUNet_extTrainer"
+#: initial learning rate per optimizer when none is given: nnU-Net's 1e-2 for its SGD; 3e-3 for AdamW
+#: (on the demo's phantom it learnt bones in 100-200 iterations, docs/DEMO.md)
+DEFAULT_LEARNING_RATES = {"sgd": 1e-2, "adamw": 3e-3}
 
 __all__ = [
     "SegmentationError",
@@ -254,7 +257,8 @@ def train_segmentation(
     epochs: int | None = None,
     iterations_per_epoch: int | None = None,
     val_iterations_per_epoch: int | None = None,
-    learning_rate: float = 1e-2,
+    learning_rate: float | None = None,
+    optimizer: str = "sgd",
     warmup_epochs: int | None = None,
     freeze_encoder_epochs: int = 0,
     continue_training: bool = False,
@@ -284,8 +288,9 @@ def train_segmentation(
         epochs: epochs (default nnU-Net's 1000).
         iterations_per_epoch: training iterations per epoch (default nnU-Net's 250).
         val_iterations_per_epoch: validation iterations per epoch (default nnU-Net's 50).
-        learning_rate: SGD initial learning rate (default 1e-2, nnU-Net's; see the trainer module for
-            the schedule and why).
+        optimizer: ``sgd`` (nnU-Net's) or ``adamw`` (nnU-Net's ``nnUNetTrainerAdam``; for short schedules).
+        learning_rate: initial learning rate (default: 1e-2 with SGD, nnU-Net's; 3e-3 with AdamW; see
+            the trainer module for the schedule and why).
         warmup_epochs: linear warm-up epochs (default 5% of the epochs; 0 = nnU-Net's schedule).
         freeze_encoder_epochs: epochs at the start with the encoder frozen (diffusion init only).
         continue_training: continue the run from its latest checkpoint (nnU-Net's ``--c``).
@@ -332,6 +337,11 @@ def train_segmentation(
         root.mkdir(parents=True, exist_ok=True)
         with _environment(**{paths.ENV_RESULTS: str(root)}):  # the trainer names its output folder from it
             trainer = trainer_class(trainer_plans, configuration, fold, dataset_json, dev)
+        if optimizer not in DEFAULT_LEARNING_RATES:
+            raise SegmentationError(f"optimizer {optimizer!r}: use one of {', '.join(DEFAULT_LEARNING_RATES)}")
+        if learning_rate is None:
+            learning_rate = DEFAULT_LEARNING_RATES[optimizer]
+        trainer.optimizer_name = optimizer
         _configure_trainer(trainer, encoder, label_fraction, seed, learning_rate, warmup_epochs, freeze_encoder_epochs,
                            validation_mirroring, checkpoint_minutes, epochs, iterations_per_epoch,
                            val_iterations_per_epoch)

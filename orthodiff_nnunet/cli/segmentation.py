@@ -38,7 +38,9 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--epochs", type=int, default=None, help="epochs (default nnU-Net's 1000)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="iterations per epoch (default 250)")
     p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
-    opt.add_learning_rate(p, 1e-2, "SGD initial learning rate (default 1e-2, nnU-Net's)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd: nnU-Net's SGD (default); adamw: nnU-Net's nnUNetTrainerAdam, for short runs")
+    opt.add_learning_rate(p, None, "initial learning rate (default 1e-2 with sgd, nnU-Net's; 3e-3 with adamw)")
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="linear learning-rate warm-up epochs (default 5%% of the epochs; 0: nnU-Net's schedule)")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0,
