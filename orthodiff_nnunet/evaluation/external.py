@@ -107,6 +107,7 @@ def evaluate_segmentation(
     mirroring: bool = True,
     num_processes: int = 2,
     tolerance_mm: float = 1.0,
+    subfolder: str = "segmentation",
 ) -> tuple[list[dict], list[str]]:
     """Predict each orientation with its model and score the labeled cases; returns (rows, model folders).
 
@@ -126,7 +127,7 @@ def evaluate_segmentation(
         info = datasets[orientation]
         targets = load_json(info.folder / "orthodiff_targets.json")["cases"]
         labels = info.dataset_json["labels"]
-        pred_dir = output / "segmentation" / orientation
+        pred_dir = output / subfolder / orientation
         result = predict_segmentation(_cases_folder(info, "images"), pred_dir, Path(model), device=device,
                                       mirroring=mirroring, num_processes=num_processes, show_progress=True)
         used.append(str(Path(model).resolve()))
@@ -161,6 +162,8 @@ def evaluate(
     device: str = "auto",
     mirroring: bool = True,
     num_processes: int = 2,
+    compare_seg_models: Mapping[str, Path] | None = None,
+    names: tuple[str, str] = ("--seg", "--seg-compare"),
 ) -> EvaluationResult:
     """Validate trained models on an external site's converted datasets and write the report.
 
@@ -177,6 +180,9 @@ def evaluate(
         mirroring: mirroring test-time augmentation for segmentation (default on, as
             ``orthodiff predict seg`` and nnU-Net predict; recorded in the report).
         num_processes: worker processes of nnU-Net's predictor.
+        compare_seg_models: orientation -> a second segmentation model for the same orientations (e.g.
+            the from-scratch twin); the report sets the two side by side with paired differences.
+        names: what the report calls ``seg_models`` and ``compare_seg_models``.
     """
     from orthodiff_nnunet.evaluation.report import build_report, hash_inputs
 
@@ -186,6 +192,17 @@ def evaluate(
     datasets = _external_datasets(external, raw)
     seg_rows, used = evaluate_segmentation(datasets, seg_models or {}, output, device, mirroring, num_processes) \
         if seg_models else ([], [])
+    comparison = None
+    if compare_seg_models:
+        from orthodiff_nnunet.evaluation.comparison import compare_segmentation
+
+        if set(compare_seg_models) != set(seg_models or {}):
+            raise EvaluationError(f"--seg-compare has {', '.join(sorted(compare_seg_models))} but --seg has "
+                                  f"{', '.join(sorted(seg_models or {})) or 'none'}: give both models per orientation")
+        other_rows, other_used = evaluate_segmentation(datasets, compare_seg_models, output, device, mirroring,
+                                                       num_processes, subfolder="segmentation_compared")
+        used += other_used
+        comparison = compare_segmentation(seg_rows, other_rows, names, n_boot, seed)
     cls_exams: list[dict] = []
     label_names: list[str] = []
     thresholds: dict[str, float] = {}
@@ -205,7 +222,7 @@ def evaluate(
     if seg_models:
         provenance["segmentation_mirroring"] = bool(mirroring)
     html = build_report(output, seg_rows, cls_exams, label_names, thresholds, provenance, n_boot, seed,
-                        labels_not_evaluated=not_evaluated)
+                        labels_not_evaluated=not_evaluated, seg_comparison=comparison)
     headline = _headline(load_json(output / "report.json"))
     return EvaluationResult(output, html, len({(r["case"], r["orientation"]) for r in seg_rows}), len(cls_exams),
                             headline)
@@ -302,6 +319,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument("-d", "--datasets", nargs="+", required=True, help="the external site's dataset id(s) or name(s)")
     p.add_argument("--seg", nargs="+", default=None, metavar="ORIENT=MODEL", help="segmentation model folder per orientation")
+    p.add_argument("--seg-compare", nargs="+", default=None, metavar="ORIENT=MODEL",
+                   help="a second segmentation model per orientation (e.g. the --init scratch twin): the report "
+                        "sets it beside --seg with paired Dice differences and patient-bootstrap intervals")
     p.add_argument("--cls", type=Path, default=None, metavar="MODEL", help="classification model folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -319,6 +339,6 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 def _run(args: argparse.Namespace) -> int:
     result = evaluate(args.datasets, args.output, seg_models=_model_pairs(args.seg), cls_model=args.cls,
                       n_boot=args.bootstrap, seed=args.seed, device=args.device, mirroring=not args.disable_tta,
-                      num_processes=args.num_processes)
+                      num_processes=args.num_processes, compare_seg_models=_model_pairs(args.seg_compare))
     print(result.summary())
     return 0

@@ -533,6 +533,7 @@ def build_report(
     seed: int = 0,
     title: str = "OrthoDiff-nnU-Net external validation",
     labels_not_evaluated: Mapping[str, str] | None = None,
+    seg_comparison: Mapping | None = None,
 ) -> Path:
     """Write report.json, report.md, report.html and the PNG plots into ``out_dir``; returns report.html.
 
@@ -540,6 +541,8 @@ def build_report(
     structure's ``label_value``) get case pictures: per site and orientation the best, median and
     worst case by mean Dice (PNG files under ``cases/``). The file paths are not copied into report.json.
     ``labels_not_evaluated``: label -> reason (e.g. the model predicts it but the site does not annotate it).
+    ``seg_comparison``: :func:`~orthodiff_nnunet.evaluation.comparison.compare_segmentation` of the
+    segmentation model against a second one; it gets its own section after the headline.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -553,6 +556,8 @@ def build_report(
         _draw(out_dir, seg_rows, cls_exams, label_names, thresholds, report, plots, n_boot, seed,
               labels_not_evaluated)
     report["headline"] = headline(report, seg_rows, cls_exams, n_boot, seed)
+    if seg_comparison is not None:
+        report["segmentation_comparison"] = dict(seg_comparison)
     atomic_write_json(out_dir / "report.json", _nan_to_none(report))
     return _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, title)
 
@@ -925,6 +930,11 @@ def _write_pages(out_dir, report, plots, seg_rows, cls_exams, n_boot, seed, titl
     boot_txt = _bootstrap_text(report, n_boot, seed)
     md, parts = _headline_section(report["headline"])
     md = [f"# {title}", "", f"Created {report['created']}. {boot_txt}.", ""] + md
+    if report.get("segmentation_comparison"):
+        from orthodiff_nnunet.evaluation.comparison import comparison_section
+
+        cmp_md, cmp_parts = comparison_section(report["segmentation_comparison"])
+        md, parts = md + cmp_md, parts + cmp_parts
     if seg_rows:
         seg_md, seg_parts = _segmentation_section(out_dir, report["segmentation"], plots["segmentation"], report)
         md, parts = md + seg_md, parts + seg_parts
