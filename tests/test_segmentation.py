@@ -221,6 +221,31 @@ def test_frozen_encoder_epochs_then_whole_network_trains(planned):
         _trainer(planned["root"], "nnUNetTrainerOrthoDiffSegScratch", freeze_encoder_epochs=1).initialize()
 
 
+def test_adamw_is_nnunets_adam_variant_with_the_same_schedule_and_trains(planned):
+    from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
+
+    trainer = _trainer(planned["root"], "nnUNetTrainerOrthoDiffSegScratch", optimizer_name="adamw", warmup_epochs=1,
+                       initial_lr=3e-3)
+    trainer.initialize()
+    opt = trainer.optimizer
+    assert type(opt) is torch.optim.AdamW and opt.defaults["amsgrad"] is True
+    reference, _ = nnUNetTrainerAdam.configure_optimizers(trainer)  # what nnU-Net's own variant builds
+    assert {k: v for k, v in opt.defaults.items() if k != "lr"} == \
+        {k: v for k, v in reference.defaults.items() if k != "lr"}
+    assert opt.defaults["weight_decay"] == trainer.weight_decay
+    trainer.current_epoch = 0
+    trainer.on_train_epoch_start()
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-3 / 2)  # the warm-up applies to AdamW as well
+    dl_train, _ = trainer.get_dataloaders()
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    trainer.train_step(next(dl_train))
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.network.state_dict().items())
+    assert len(opt.state) > 0 and all("max_exp_avg_sq" in st for st in opt.state.values())
+    assert trainer.run_record()["schedule"]["optimizer"] == "adamw"
+    with pytest.raises(Exception, match="optimizer 'adam'"):
+        _trainer(planned["root"], optimizer_name="adam").initialize()
+
+
 # -- the API end to end ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
