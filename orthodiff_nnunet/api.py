@@ -39,20 +39,31 @@ class DemoResult:
         return self.details
 
 
-#: the demo's settings: ``full`` (the default command) and ``quick`` (the tests' path, about a minute of
-#: training on an idle 2-core machine: the same stages and code, fewer iterations)
+#: the demo's settings: ``full`` (the default command) and ``quick`` (the tests' path: the same stages and
+#: code, fewer iterations). Segmentation trains the sagittal view only (all three views classify), twice:
+#: from the diffusion encoder and from scratch, the same iterations, data and seed (docs/DEMO.md).
 DEMO_SETTINGS = {
-    "full": {"pretrain_iterations": 30, "seg_iterations": 20, "cls_epochs": 3, "cls_iterations": 5,
-             "n_boot": 200, "cls_boot": 100},
-    "quick": {"pretrain_iterations": 4, "seg_iterations": 4, "cls_epochs": 1, "cls_iterations": 2,
+    "full": {"cases_per_site": 12, "pretrain_iterations": 50, "seg_epochs": 10, "seg_iterations": 250, "cls_epochs": 6,
+             "cls_iterations": 10, "n_boot": 500, "cls_boot": 200},
+    "quick": {"cases_per_site": 6, "pretrain_iterations": 4, "seg_epochs": 2, "seg_iterations": 4, "cls_epochs": 1, "cls_iterations": 2,
               "n_boot": 20, "cls_boot": 20},
 }
+#: the demo's sites: the tests' 3 T and 1.5 T phantom profiles at twice their in-plane pixel spacing
+#: (1.6 and 1.8 mm): a quarter of the voxels, so that a network wide enough to learn the structures
+#: trains in minutes on two cores (docs/DEMO.md)
+DEMO_IN_PLANE_MM = {"SiteA": 1.6, "SiteB": 1.8}
 #: how the demo reduces the planned network (:func:`orthodiff_nnunet.networks.build.shrink_architecture`):
-#: features / 8 on every stage, the plans' stages kept, 1 residual block per stage, batch 2. One training
-#: step on the phantom's 20x96x96 patches: 0.93 CPU s (1 thread) against 3.16 s for the earlier flat cap
-#: at 16 features and 4 stages.
-DEMO_NETWORK = {"feature_divisor": 8, "max_features": 320, "max_stages": 12, "max_blocks_per_stage": 1,
+#: features / 4 on every stage (nnU-Net's 32-64-128-256 -> 8-16-32-64), the plans' stages, kernels and
+#: strides kept, 1 residual block per stage, batch 2. Features / 8 (4 at full resolution) had learnt no
+#: structure after 350 iterations; / 2 learns per iteration a little faster but costs 2.7 times as much
+#: per iteration (docs/DEMO.md).
+DEMO_NETWORK = {"feature_divisor": 4, "max_features": 320, "max_stages": 12, "max_blocks_per_stage": 1,
                 "max_batch_size": 2}
+#: the segmentation's optimizer in the demo: nnU-Net's AdamW variant (its SGD learns too slowly for a
+#: few hundred iterations, docs/DEMO.md)
+DEMO_SEG_OPTIMIZER = "adamw"
+#: the two initialisations the demo trains and sets side by side in its report
+DEMO_SEG_INITS = ("diffusion", "scratch")
 DEMO_STAGES = ("convert", "plan_and_preprocess", "pretrain sag", "pretrain cor", "pretrain ax", "train seg",
                "train cls", "evaluate")
 
@@ -75,6 +86,11 @@ def _report_headline(report_json: Path) -> dict[str, float | None]:
     out["n_structures"] = float(len(dice))
     for name in ("femur", "tibia", "patella"):
         out[f"dice_{name}"] = dice.get(name)
+    comparison = (report.get("segmentation_comparison") or {}).get("mean") or {}
+    for key, part in (("mean_dice_first", "first"), ("scratch_mean_dice", "second"), ("dice_difference", "difference")):
+        cell = comparison.get(part) or {}
+        out[key] = cell.get("mean")
+        out[f"{key}_lo"], out[f"{key}_hi"] = (cell.get("ci") or (None, None))
     cls = report.get("classification", {}).get("overall") or {}
     out["macro_auroc"] = (cls.get("macro") or {}).get("auroc")
     ci = (cls.get("macro_ci") or {}).get("auroc") or (None, None)
@@ -82,7 +98,7 @@ def _report_headline(report_json: Path) -> dict[str, float | None]:
     return out
 
 
-def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: int = 0,
+def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int | None = None, seed: int = 0,
          pretrain_iterations: int | None = None, seg_iterations: int | None = None, cls_epochs: int | None = None,
          device: str = "auto", *, quick: bool = False, verbose: bool = False,
          write: Callable[[str], None] | None = None) -> DemoResult:
@@ -103,7 +119,7 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
 
     Args:
         output: work folder (removed and rebuilt if it holds an earlier demo).
-        cases_per_site: exams per site.
+        cases_per_site: exams per site (default 12; quick 6).
         seed: phantom seed.
         pretrain_iterations, seg_iterations, cls_epochs: override the settings' lengths.
         device: ``auto``, ``cuda`` or ``cpu``.
@@ -112,10 +128,11 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int = 6, seed: i
         write: where console lines go (default: this module's logger at INFO; the CLI prints them).
     """
     settings = dict(DEMO_SETTINGS["quick" if quick else "full"])
-    for key, value in (("pretrain_iterations", pretrain_iterations), ("seg_iterations", seg_iterations),
-                       ("cls_epochs", cls_epochs)):
+    for key, value in (("cases_per_site", cases_per_site), ("pretrain_iterations", pretrain_iterations),
+                       ("seg_iterations", seg_iterations), ("cls_epochs", cls_epochs)):
         if value is not None:
             settings[key] = int(value)
+    cases_per_site = settings["cases_per_site"]
     run = _DemoRun(_fresh_demo_folder(output), settings, device, quick=quick, verbose=verbose, write=write,
                    cases_per_site=cases_per_site)
     run.convert_sites(cases_per_site, seed)
@@ -177,11 +194,15 @@ class _DemoRun:
 
     def convert_sites(self, cases_per_site: int, seed: int) -> None:
         """Stage 1: write the 3 T training and 1.5 T external phantom sites and convert them."""
+        import dataclasses
+
         from orthodiff_nnunet.data.phantom import write_site
         from orthodiff_nnunet.data.sites import SITE_3T, SITE_15T
 
         output = self.output
-        sites = ((SITE_3T, 501, False, seed), (SITE_15T, 511, True, seed + 1000))
+        site_a, site_b = (dataclasses.replace(site, in_plane_spacing_mm=DEMO_IN_PLANE_MM[site.name])
+                          for site in (SITE_3T, SITE_15T))
+        sites = ((site_a, 501, False, seed), (site_b, 511, True, seed + 1000))
         manifests = {site.name: output / "sites" / site.name / "manifest.csv" for site, *_ in sites}
         commands = [f"orthodiff convert {self.rel(manifests[site.name])} -d {base} -n Knee{site.name} -np 1"
                     + (" --external" if external else " --folds 2") for site, base, external, _ in sites]
@@ -247,27 +268,29 @@ class _DemoRun:
                                  if result.train_losses and result.val_losses else f"{result.iterations} it")
 
     def train_seg(self, planning, plans_id: str) -> dict[str, Path]:
-        """Stage 6: segmentation per orientation from its pretrained encoder; orientation -> model folder."""
+        """Stage 6: sagittal segmentation from the diffusion encoder and from scratch; init -> model folder."""
         from orthodiff_nnunet.segmentation import train_segmentation
 
-        device = self.device
-        n_seg = self.settings["seg_iterations"]
-        seg_epochs, seg_per_epoch = 2, max(1, n_seg // 2)
-        seg_commands = [f"orthodiff train seg -d {d.dataset_name} -f all -p {plans_id} --epochs {seg_epochs} "
-                        f"--iterations-per-epoch {seg_per_epoch} --val-iterations 2 --no-validation --device {device}"
-                        for d in planning.datasets]
+        device, settings = self.device, self.settings
+        dataset = next(d for d in planning.datasets if d.orientation == "sag")
+        total = max(1, settings["seg_iterations"])
+        epochs = min(settings["seg_epochs"], total)  # a few epochs: each ends with a pseudo Dice on the bar
+        per_epoch = total // epochs
+        commands = [f"orthodiff train seg -d {dataset.dataset_name} -f all -p {plans_id} --init {init} "
+                    f"--optimizer {DEMO_SEG_OPTIMIZER} --epochs {epochs} --iterations-per-epoch {per_epoch} "
+                    f"--val-iterations 2 --no-validation --device {device}" for init in DEMO_SEG_INITS]
         seg_models = {}
-        with self.console.stage("train seg", seg_commands) as stage:
+        with self.console.stage("train seg", commands) as stage:
             figures = []
-            for dataset in planning.datasets:
-                trained = train_segmentation(dataset.dataset_name, fold="all", init="diffusion", plans=plans_id,
-                                             epochs=seg_epochs, iterations_per_epoch=seg_per_epoch,
-                                             val_iterations_per_epoch=2, device=device, validate=False)
-                seg_models[dataset.orientation] = trained.model_folder
+            for init in DEMO_SEG_INITS:
+                trained = train_segmentation(dataset.dataset_name, fold="all", init=init, plans=plans_id,
+                                             epochs=epochs, iterations_per_epoch=per_epoch,
+                                             val_iterations_per_epoch=2, device=device, validate=False,
+                                             optimizer=DEMO_SEG_OPTIMIZER)
+                seg_models[init] = trained.model_folder
                 self.details.append(trained.summary())
-                figures.append(f"{dataset.orientation} loss {_fmt(trained.train_loss)}, pseudo Dice "
-                               f"{_fmt(trained.pseudo_dice)}")
-            stage.figures = "; ".join(figures)
+                figures.append(f"{init} init loss {_fmt(trained.train_loss)}, pseudo Dice {_fmt(trained.pseudo_dice)}")
+            stage.figures = f"sag, {epochs * per_epoch} it each: " + "; ".join(figures)
         return seg_models
 
     def train_cls(self, plans_id: str):
@@ -295,17 +318,20 @@ class _DemoRun:
 
         device, settings = self.device, self.settings
         report_dir = self.output / "report"
-        seg_args = " ".join(f"{o}={self.rel(m)}" for o, m in seg_models.items())
-        eval_command = (f"orthodiff evaluate -d 511 --seg {seg_args} --cls {self.rel(cls.output_folder)} -o report "
+        main, other = ({"sag": seg_models[init]} for init in DEMO_SEG_INITS)
+        eval_command = (f"orthodiff evaluate -d 511 --seg sag={self.rel(main['sag'])} "
+                        f"--seg-compare sag={self.rel(other['sag'])} --cls {self.rel(cls.output_folder)} -o report "
                         f"--bootstrap {settings['n_boot']} --disable-tta -np 1 --device {device}")
         with self.console.stage("evaluate", [eval_command]) as stage:
             # Without mirroring (8 flips per patch) to keep the demo short on a CPU; the report records the choice.
             # `orthodiff evaluate` mirrors by default, like `predict seg` and nnU-Net.
-            evaluation = evaluate([511], report_dir, seg_models=seg_models, cls_model=cls.output_folder,
-                                  n_boot=settings["n_boot"], device=device, num_processes=1, mirroring=False)
+            evaluation = evaluate([511], report_dir, seg_models=main, cls_model=cls.output_folder,
+                                  n_boot=settings["n_boot"], device=device, num_processes=1, mirroring=False,
+                                  compare_seg_models=other, names=tuple(f"{i} init" for i in DEMO_SEG_INITS))
             self.details.append(evaluation.summary())
             head = _report_headline(evaluation.output_folder / "report.json")
-            stage.figures = (f"mean Dice {_fmt(head['mean_dice'])}, macro AUROC {_fmt(head['macro_auroc'])} "
+            stage.figures = (f"mean Dice {_fmt(head['mean_dice'])} (scratch {_fmt(head['scratch_mean_dice'])}), "
+                             f"macro AUROC {_fmt(head['macro_auroc'])} "
                              f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
         return evaluation, head
 
@@ -321,8 +347,14 @@ class _DemoRun:
                     f"patella {_fmt(head['dice_patella'])}; mean Dice over {int(head['n_structures'] or 0)} structures "
                     f"{_fmt(head['mean_dice'])}; macro AUROC {_fmt(head['macro_auroc'])} "
                     f"[{_fmt(head['macro_auroc_lo'])}, {_fmt(head['macro_auroc_hi'])}]")
-        console.say("  tiny networks trained for seconds on synthetic data: the pipeline, not clinical accuracy "
-                    "(BENCHMARKS.md has measured figures)")
+        console.say(f"  the method, same labels and iterations: mean Dice over the cases' structures, diffusion init "
+                    f"{_fmt(head['mean_dice_first'])} [{_fmt(head['mean_dice_first_lo'])}, "
+                    f"{_fmt(head['mean_dice_first_hi'])}] vs scratch init {_fmt(head['scratch_mean_dice'])} "
+                    f"[{_fmt(head['scratch_mean_dice_lo'])}, {_fmt(head['scratch_mean_dice_hi'])}]; difference "
+                    f"{_fmt(head['dice_difference'])} [{_fmt(head['dice_difference_lo'])}, "
+                    f"{_fmt(head['dice_difference_hi'])}] (95% CI, patients resampled)")
+        console.say("  synthetic phantom knees and small networks trained for minutes: the pipeline at work, not "
+                    "clinical accuracy (BENCHMARKS.md has measured figures)")
         console.say(f"Next, on your own data: {next_command}")
         return DemoResult(output=self.output, report_html=evaluation.report_html, headline=head,
                           stages=[s.line() for s in console.stages], details="\n\n".join(self.details),

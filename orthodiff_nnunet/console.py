@@ -3,8 +3,8 @@
 nnU-Net prints its plans, its configuration and a few lines per epoch through ``print_to_log_file``
 (which also prints) and plain ``print``; worker processes print too. :func:`output_to_log` sends all
 of it (file descriptor 1, so child processes and C extensions included, and ``sys.stdout``) and this
-package's log records into one log file, while progress bars (tqdm, on standard error) and warnings
-stay on the console. :class:`StageConsole` prints, per stage, the equivalent ``orthodiff`` command
+package's log records into one log file, while progress bars (tqdm, on standard error) and this
+package's warnings stay on the console (the libraries' deprecation notices go to the log). :class:`StageConsole` prints, per stage, the equivalent ``orthodiff`` command
 before it starts and one line with its time and figures when it ends.
 """
 
@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +74,13 @@ def output_to_log(log_file: Path | None) -> Iterator[Path | None]:
             h.setLevel(max(h.level, logging.WARNING))
         for lg in ours:
             lg.setLevel(logging.DEBUG)
+        saved_showwarning = warnings.showwarning
+        warnings.showwarning = _warnings_for_the_log(f, saved_showwarning)
         try:
             with contextlib.redirect_stdout(f):
                 yield log_file
         finally:
+            warnings.showwarning = saved_showwarning
             f.flush()
             if saved_fd is not None:
                 os.dup2(saved_fd, 1)
@@ -87,6 +91,24 @@ def output_to_log(log_file: Path | None) -> Iterator[Path | None]:
                 h.setLevel(level)
             for lg, level in saved_levels:
                 lg.setLevel(level)
+
+
+def _warnings_for_the_log(log, console_showwarning):
+    """A ``warnings.showwarning`` that writes what a user cannot act on to ``log``, the rest as before.
+
+    To the log: deprecation notices of the libraries (``DeprecationWarning``, ``FutureWarning``:
+    torch, MONAI, nnU-Net) and what nnU-Net's own code warns about (e.g. its pseudo Dice dividing
+    by zero for a structure absent from a validation batch). This package's warnings, and any other,
+    stay on the console.
+    """
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (DeprecationWarning, FutureWarning)) or f"{os.sep}nnunetv2{os.sep}" in str(filename):
+            log.write(warnings.formatwarning(message, category, filename, lineno, line))
+        else:
+            console_showwarning(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 @dataclass

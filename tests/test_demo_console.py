@@ -61,7 +61,8 @@ def test_one_line_per_stage_in_order_with_time_and_log(quick_demo):
     index = {m.group(3): lines.index(m.group(0)) for m in stages}
     assert "$ orthodiff convert sites/SiteA/manifest.csv -d 501 -n KneeSiteA" in "\n".join(lines[:index["convert"]])
     for title, command in (("pretrain cor", "$ orthodiff pretrain -d Dataset502_KneeSiteACor -p orthodiffDemoPlans"),
-                           ("train seg", "$ orthodiff train seg -d Dataset503_KneeSiteAAx -f all"),
+                           ("train seg", "$ orthodiff train seg -d Dataset501_KneeSiteASag -f all -p orthodiffDemoPlans "
+                                         "--init scratch --optimizer adamw"),
                            ("train cls", "$ orthodiff train cls -d 501 -p orthodiffDemoPlans"),
                            ("evaluate", "$ orthodiff evaluate -d 511 --seg sag=")):
         previous = max(i for i in index.values() if i < index[title])
@@ -69,8 +70,9 @@ def test_one_line_per_stage_in_order_with_time_and_log(quick_demo):
     # the figures that matter, at the stage's end
     figures = {m.group(3): m.group(5) for m in stages}
     assert re.search(r"4 it, train loss \d\.\d{3}, EMA val loss \d\.\d{3}", figures["pretrain sag"])
-    assert re.search(r"sag loss -?\d\.\d{3}, pseudo Dice \d\.\d{3}", figures["train seg"])
-    assert re.search(r"mean Dice \d\.\d{3}, macro AUROC", figures["evaluate"])
+    assert re.search(r"sag, 4 it each: diffusion init loss -?\d\.\d{3}, pseudo Dice \d\.\d{3}; "
+                     r"scratch init loss -?\d\.\d{3}, pseudo Dice \d\.\d{3}", figures["train seg"])
+    assert re.search(r"mean Dice \d\.\d{3} \(scratch \d\.\d{3}\), macro AUROC", figures["evaluate"])
 
 
 def test_no_nnunet_dumps_on_the_console_but_in_the_logs(quick_demo):
@@ -80,7 +82,7 @@ def test_no_nnunet_dumps_on_the_console_but_in_the_logs(quick_demo):
         assert dump not in console, dump
     assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ", console, re.M)  # nnU-Net's log-line stamp
     seg_log = (out / "logs" / "06_train_seg.log").read_text()
-    assert seg_log.count("This is the configuration used by this training") == 3  # one per orientation
+    assert seg_log.count("This is the configuration used by this training") == 2  # diffusion and scratch init
     assert "These are the global plan" in seg_log and "train_loss" in seg_log
     assert "nnU-Net said" in (out / "logs" / "02_plan_and_preprocess.log").read_text()
     # progress bars stay on the console (standard error)
@@ -90,11 +92,18 @@ def test_no_nnunet_dumps_on_the_console_but_in_the_logs(quick_demo):
 
 def test_final_lines_name_the_report_the_figures_and_the_next_command(quick_demo):
     out, proc = quick_demo
-    tail = proc.stdout.strip().splitlines()[-4:]
+    tail = proc.stdout.strip().splitlines()[-5:]
     report = re.search(r"Report: (\S+\.html)$", tail[0])
     assert report and Path(report.group(1)).is_file() and Path(report.group(1)).parent == out / "report"
     assert re.search(r"Dice femur (\d\.\d{3}|n/a), tibia (\d\.\d{3}|n/a), patella (\d\.\d{3}|n/a); "
                      r"mean Dice over 11 structures \d\.\d{3}; macro AUROC", tail[1])
+    # the side by side: diffusion init against its from-scratch twin, with the paired difference's interval
+    side = re.search(r"diffusion init (\d\.\d{3}) \[.*\] vs scratch init (\d\.\d{3}) \[.*\]; difference "
+                     r"(-?\d\.\d{3}) \[(-?\d\.\d{3}|n/a), (-?\d\.\d{3}|n/a)\]", tail[2])
+    assert side, tail[2]
+    assert float(side.group(3)) == pytest.approx(float(side.group(1)) - float(side.group(2)), abs=0.0015)
+    page = Path(report.group(1)).read_text()
+    assert "Segmentation: diffusion init vs scratch init" in page and "Dice, scratch init" in page
     assert tail[-1].startswith("Next, on your own data: orthodiff convert ")
 
 
@@ -121,14 +130,23 @@ def test_train_seg_alone_shows_a_progress_bar_and_keeps_nnunet_in_its_log(quick_
     assert f"nnU-Net's output: {logs[0]}" in proc.stdout
 
 
-def test_output_to_log_catches_prints_children_and_records_and_restores_the_console(tmp_path, capfd):
+def test_output_to_log_catches_prints_children_and_records_and_restores_the_console(tmp_path, capfd, monkeypatch):
     import logging
 
     from orthodiff_nnunet.console import output_to_log
 
+    import warnings
+
     log_file = tmp_path / "logs" / "stage.log"
     logger = logging.getLogger("orthodiff_nnunet.test_console")
-    with output_to_log(log_file) as path:
+    # as outside pytest (which records warnings instead): the console's warnings go to standard error
+    monkeypatch.setattr(warnings, "showwarning", lambda m, c, f, n, file=None, line=None:
+                        sys.stderr.write(warnings.formatwarning(m, c, f, n, line)))
+
+    with warnings.catch_warnings(), output_to_log(log_file) as path:
+        warnings.simplefilter("always")
+        warnings.warn("torch.jit.interface is deprecated", FutureWarning)
+        warnings.warn("the selection exams' AUROC was undefined", UserWarning)
         print("These are the global plan.json settings: {...}")
         subprocess.run([sys.executable, "-c", "print('configuration: from a worker process')"], check=True)
         logger.debug("nnU-Net said: a debug record")
@@ -140,6 +158,9 @@ def test_output_to_log_catches_prints_children_and_records_and_restores_the_cons
     for line in ("These are the global plan.json settings", "configuration: from a worker process",
                  "nnU-Net said: a debug record"):
         assert line in text and line not in out + err
+    assert "FutureWarning: torch.jit.interface is deprecated" in text and "deprecated" not in err
+    assert "UserWarning: the selection exams' AUROC was undefined" in err and "AUROC" not in text
+    err = err[err.index("the progress bar stays"):]
     assert out == "back on the console\n" and err == "the progress bar stays\n"
     assert logger.getEffectiveLevel() == logging.getLogger("orthodiff_nnunet").getEffectiveLevel()
     with output_to_log(None):  # verbose: nothing redirected
@@ -158,7 +179,7 @@ def test_demo_network_divides_the_planned_features():
                                                "architecture": {"arch_kwargs": arch}}}}
     small = shrink_architecture(plans, ["3d_fullres"], **DEMO_NETWORK)["configurations"]["3d_fullres"]
     kw = small["architecture"]["arch_kwargs"]
-    assert kw["features_per_stage"] == [4, 8, 16, 32, 40] and kw["n_stages"] == 5
+    assert kw["features_per_stage"] == [8, 16, 32, 64, 80] and kw["n_stages"] == 5
     assert kw["n_blocks_per_stage"] == [1, 1, 1, 1, 1] and kw["strides"] == arch["strides"]
     assert small["batch_size"] == 2 and small["patch_size"] == [20, 96, 96]
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32

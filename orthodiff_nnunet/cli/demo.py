@@ -14,12 +14,13 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="run the whole pipeline on generated phantom data (no real data needed)")
     p.add_argument("-o", "--output", type=Path, default=Path("orthodiff_demo"),
                    help="work folder (default ./orthodiff_demo); nnUNet_raw/preprocessed/results go inside")
-    p.add_argument("--cases", type=int, default=6, help="exams per site (default 6)")
+    p.add_argument("--cases", type=int, default=None, help="exams per site (default 12; --quick 6)")
     opt.add_seed(p, 0, "random seed of the phantom (default 0)")
     p.add_argument("--pretrain-iterations", type=int, default=None,
-                   help="diffusion iterations per orientation (default 30; --quick 4)")
+                   help="diffusion iterations per orientation (default 50; --quick 4)")
     p.add_argument("--seg-iterations", type=int, default=None,
-                   help="segmentation iterations per orientation (default 20; --quick 4)")
+                   help="segmentation iterations of each of the two sagittal models, diffusion and scratch init "
+                        "(default 250; --quick 4)")
     p.add_argument("--quick", action="store_true",
                    help="the shortest settings (same stages and code, fewer iterations): a first look, and the tests")
     opt.add_device(p)
