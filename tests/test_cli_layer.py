@@ -76,7 +76,11 @@ def test_train_seg_maps_renamed_and_negated_options(monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "recorded"
     main(["train", "seg", "-d", "501"])
     defaults = rec.calls[1]
-    assert defaults["quiet"] is True and defaults["validate"] is True and defaults["learning_rate"] == 1e-2
+    # no --lr: the API picks the optimizer's default (nnU-Net's 1e-2 for its SGD, the default optimizer)
+    assert defaults["quiet"] is True and defaults["validate"] is True and defaults["learning_rate"] is None
+    assert defaults["optimizer"] == inspect.signature(rec.real).parameters["optimizer"].default == "sgd"
+    main(["train", "seg", "-d", "501", "--optimizer", "adamw"])
+    assert rec.calls[2]["optimizer"] == "adamw" and rec.calls[2]["learning_rate"] is None
     assert defaults["seed"] == inspect.signature(rec.real).parameters["seed"].default  # CLI and API agree
 
 
