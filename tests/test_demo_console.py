@@ -62,7 +62,7 @@ def test_one_line_per_stage_in_order_with_time_and_log(quick_demo):
     assert "$ orthodiff convert sites/SiteA/manifest.csv -d 501 -n KneeSiteA" in "\n".join(lines[:index["convert"]])
     for title, command in (("pretrain cor", "$ orthodiff pretrain -d Dataset502_KneeSiteACor -p orthodiffDemoPlans"),
                            ("train seg", "$ orthodiff train seg -d Dataset501_KneeSiteASag -f all -p orthodiffDemoPlans "
-                                         "--init scratch --optimizer adamw"),
+                                         "--init scratch --optimizer adamw --lr 0.01"),
                            ("train cls", "$ orthodiff train cls -d 501 -p orthodiffDemoPlans"),
                            ("evaluate", "$ orthodiff evaluate -d 511 --seg sag=")):
         previous = max(i for i in index.values() if i < index[title])

@@ -20,7 +20,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="diffusion iterations per orientation (default 50; --quick 4)")
     p.add_argument("--seg-iterations", type=int, default=None,
                    help="segmentation iterations of each of the two sagittal models, diffusion and scratch init "
-                        "(default 250; --quick 4)")
+                        "(default 300; --quick 4)")
     p.add_argument("--quick", action="store_true",
                    help="the shortest settings (same stages and code, fewer iterations): a first look, and the tests")
     opt.add_device(p)
