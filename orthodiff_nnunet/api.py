@@ -70,6 +70,14 @@ DEMO_STAGES = ("convert", "plan_and_preprocess", "pretrain sag", "pretrain cor",
                "train cls", "evaluate")
 
 
+def split_iterations(total: int, max_epochs: int) -> tuple[int, int]:
+    """``(epochs, iterations per epoch)`` whose product is exactly ``total``, with as many epochs as divide it up
+    to ``max_epochs`` (each epoch ends with a pseudo Dice on the bar). E.g. 300, 10 -> (10, 30); 25, 10 -> (5, 5)."""
+    total, max_epochs = max(1, int(total)), max(1, int(max_epochs))
+    epochs = max(e for e in range(1, min(total, max_epochs) + 1) if total % e == 0)
+    return epochs, total // epochs
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     import math
 
@@ -275,9 +283,7 @@ class _DemoRun:
 
         device, settings = self.device, self.settings
         dataset = next(d for d in planning.datasets if d.orientation == "sag")
-        total = max(1, settings["seg_iterations"])
-        epochs = min(settings["seg_epochs"], total)  # a few epochs: each ends with a pseudo Dice on the bar
-        per_epoch = total // epochs
+        epochs, per_epoch = split_iterations(settings["seg_iterations"], settings["seg_epochs"])
         commands = [f"orthodiff train seg -d {dataset.dataset_name} -f all -p {plans_id} --init {init} "
                     f"--optimizer {DEMO_SEG_OPTIMIZER} --lr {DEMO_SEG_LR:g} --epochs {epochs} "
                     f"--iterations-per-epoch {per_epoch} --val-iterations 2 --no-validation --device {device}"

@@ -210,3 +210,13 @@ def test_stage_console_prints_commands_then_one_line_per_stage_and_marks_a_failu
         print("shown as nnU-Net prints it")
     assert capfd.readouterr().out == "shown as nnU-Net prints it\n" and "log:" not in lines[-1]
     assert not (tmp_path / "v").exists()
+
+
+def test_demo_iterations_are_split_exactly_into_epochs():
+    from orthodiff_nnunet.api import split_iterations
+
+    assert split_iterations(300, 10) == (10, 30) and split_iterations(4, 2) == (2, 2)
+    assert split_iterations(25, 10) == (5, 5) and split_iterations(23, 10) == (1, 23) and split_iterations(3, 10) == (3, 1)
+    for total in range(1, 60):
+        epochs, per_epoch = split_iterations(total, 10)
+        assert epochs * per_epoch == total and 1 <= epochs <= 10
