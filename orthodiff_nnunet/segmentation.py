@@ -58,7 +58,8 @@ Init = Literal["diffusion", "scratch"]
 Fold = int | Literal["all"]
 NNUNET_CONSOLE_LOG = "nnunet_console.log"  # nnU-Net's console output of a quiet run, beside its training log
 _EXT_TRAINER_ENV = "nnUNet_extTrainer"
-#: initial learning rate per optimizer when none is given: nnU-Net's 1e-2 for its SGD; 3e-3 for AdamW
+#: the optimizers ``train seg`` offers (the trainer's ``OPTIMIZERS``) and the initial learning rate of each when
+#: none is given: nnU-Net's 1e-2 for its SGD; 3e-3 for AdamW
 #: (on the demo's phantom it learnt bones in 100-200 iterations, docs/DEMO.md)
 DEFAULT_LEARNING_RATES = {"sgd": 1e-2, "adamw": 3e-3}
 

@@ -244,6 +244,10 @@ def test_adamw_is_nnunets_adam_variant_with_the_same_schedule_and_trains(planned
     assert trainer.run_record()["schedule"]["optimizer"] == "adamw"
     with pytest.raises(Exception, match="optimizer 'adam'"):
         _trainer(planned["root"], optimizer_name="adam").initialize()
+    from orthodiff_nnunet.segmentation import DEFAULT_LEARNING_RATES
+    from orthodiff_nnunet.trainers.segmentation import OPTIMIZERS
+
+    assert tuple(DEFAULT_LEARNING_RATES) == OPTIMIZERS  # the API's (and CLI's) choices are the trainer's
 
 
 # -- the API end to end ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from orthodiff_nnunet.cli import options as opt
 from orthodiff_nnunet.conventions import SEG_TRAINER_OF_INIT, SEGMENTATION_CONFIGURATION
 from orthodiff_nnunet.data.splits import SPLIT_SEED
 from orthodiff_nnunet.segmentation import (
+    DEFAULT_LEARNING_RATES,
     NNUNET_CONSOLE_LOG,
     SegmentationError,
     export_dicom_segs_of,
@@ -38,7 +39,7 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--epochs", type=int, default=None, help="epochs (default nnU-Net's 1000)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="iterations per epoch (default 250)")
     p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+    p.add_argument("--optimizer", choices=tuple(DEFAULT_LEARNING_RATES), default="sgd",
                    help="sgd: nnU-Net's SGD (default); adamw: nnU-Net's nnUNetTrainerAdam, for short runs")
     opt.add_learning_rate(p, None, "initial learning rate (default 1e-2 with sgd, nnU-Net's; 3e-3 with adamw)")
     p.add_argument("--warmup-epochs", type=int, default=None,
