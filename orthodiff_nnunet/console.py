@@ -4,8 +4,9 @@ nnU-Net prints its plans, its configuration and a few lines per epoch through ``
 (which also prints) and plain ``print``; worker processes print too. :func:`output_to_log` sends all
 of it (file descriptor 1, so child processes and C extensions included, and ``sys.stdout``) and this
 package's log records into one log file, while progress bars (tqdm, on standard error) and this
-package's warnings stay on the console (the libraries' deprecation notices go to the log). :class:`StageConsole` prints, per stage, the equivalent ``orthodiff`` command
-before it starts and one line with its time and figures when it ends.
+package's warnings stay on the console (the libraries' deprecation notices go to the log).
+:class:`StageConsole` prints, per stage, the equivalent ``orthodiff`` command before it starts and one
+line with its time and figures when it ends.
 """
 
 from __future__ import annotations

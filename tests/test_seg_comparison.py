@@ -74,3 +74,12 @@ def test_report_shows_the_comparison_section(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())["segmentation_comparison"]
     assert saved["structures"]["femur"]["difference"]["mean"] == pytest.approx(0.4)
     assert saved["structures"]["tibia"]["difference"]["ci"] == [0.0, 0.0]
+
+
+def test_models_for_other_orientations_are_refused_before_any_prediction(tmp_path):
+    from orthodiff_nnunet.evaluation.external import EvaluationError, evaluate
+
+    with pytest.raises(EvaluationError, match="--seg-compare has sag but --seg has cor"):
+        evaluate([999], tmp_path / "report", seg_models={"cor": tmp_path / "a"},
+                 compare_seg_models={"sag": tmp_path / "b"})
+    assert not (tmp_path / "report").exists()

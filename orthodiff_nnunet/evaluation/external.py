@@ -189,6 +189,9 @@ def evaluate(
     if not seg_models and cls_model is None:
         raise EvaluationError("nothing to evaluate: give segmentation models (--seg sag=MODEL ...) and/or --cls MODEL")
     output = Path(output)
+    if compare_seg_models and set(compare_seg_models) != set(seg_models or {}):  # before any prediction
+        raise EvaluationError(f"--seg-compare has {', '.join(sorted(compare_seg_models))} but --seg has "
+                              f"{', '.join(sorted(seg_models or {})) or 'none'}: give both models per orientation")
     datasets = _external_datasets(external, raw)
     seg_rows, used = evaluate_segmentation(datasets, seg_models or {}, output, device, mirroring, num_processes) \
         if seg_models else ([], [])
@@ -196,9 +199,6 @@ def evaluate(
     if compare_seg_models:
         from orthodiff_nnunet.evaluation.comparison import compare_segmentation
 
-        if set(compare_seg_models) != set(seg_models or {}):
-            raise EvaluationError(f"--seg-compare has {', '.join(sorted(compare_seg_models))} but --seg has "
-                                  f"{', '.join(sorted(seg_models or {})) or 'none'}: give both models per orientation")
         other_rows, other_used = evaluate_segmentation(datasets, compare_seg_models, output, device, mirroring,
                                                        num_processes, subfolder="segmentation_compared")
         used += other_used
