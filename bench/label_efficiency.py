@@ -480,6 +480,7 @@ def train_arm(args, work: Path, state: dict, init: str, fraction: float, seed: i
             kw = {"epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch,
                   "val_iterations_per_epoch": args.val_iterations}
         train_segmentation(dataset, fold=fold, init=seg_init, encoder=encoder, plans=plans, device=args.device,
+                           optimizer=args.optimizer, learning_rate=args.seg_lr,
                            validate=False, continue_training=(fold_dir / "checkpoint_latest.pth").is_file(),
                            checkpoint_minutes=3, **kw)
     timing = {"train_wall": time.perf_counter() - t0, "train_cpu": cpu_seconds() - c0}
@@ -556,6 +557,7 @@ def arm_command(args, init: str, fraction: float, seed: int) -> list[str]:
             "--work", str(args.work), "--size", args.size,
             "--device", args.device, "--epochs", str(args.epochs), "--iterations-per-epoch",
             str(args.iterations_per_epoch), "--val-iterations", str(args.val_iterations),
+            "--optimizer", args.optimizer, *(["--seg-lr", str(args.seg_lr)] if args.seg_lr is not None else []),
             "--arm", init, f"{fraction:g}", str(seed)]
 
 
@@ -601,10 +603,15 @@ def parse_args(argv=None):
     ap.add_argument("--pretrain-lr", type=float, default=1e-3, help="cpu: pretraining AdamW lr (default 1e-3)")
     ap.add_argument("--epochs", type=int, default=14, help="cpu: segmentation epochs (default 14)")
     ap.add_argument("--iterations-per-epoch", type=int, default=25, help="cpu: iterations per epoch (default 25)")
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw",
+                    help="segmentation optimizer of every arm (default adamw: nnU-Net's SGD learnt nothing in a few "
+                         "hundred iterations at this size, docs/DEMO.md)")
+    ap.add_argument("--seg-lr", type=float, default=1e-2,
+                    help="segmentation learning rate of every arm (default 1e-2)")
     ap.add_argument("--val-iterations", type=int, default=3, help="cpu: pseudo-Dice batches per epoch (default 3)")
-    ap.add_argument("--lanes", type=int, default=3,
+    ap.add_argument("--lanes", type=int, default=2,
                     help="runs (pretrainings, arms) side by side, each with torch threads = OMP_NUM_THREADS "
-                         "(default 3 lanes)")
+                         "(default 2 lanes: one per core of a 2-core machine with OMP_NUM_THREADS=1)")
     ap.add_argument("--render-workers", type=int, default=2, help="rendering processes (default 2)")
     ap.add_argument("--mae-wait-until", default="00:15",
                     help="UTC HH:MM: poll until then for `orthodiff pretrain --objective mae` (default 00:15)")

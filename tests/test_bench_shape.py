@@ -30,7 +30,8 @@ SCRIPTS = {
     "bench_seg_trainer": ([], "repeats", 20),
     "collect": ([], "out", REPO / "BENCHMARKS.md"),
     "compare_planners": ([], "skip_real", False),
-    "label_efficiency": (["--work", "/tmp/le_shape_test"], "lanes", 3),
+    "feature_probe": (["--work", "/tmp/le_shape_test"], "timesteps", [100, 300]),
+    "label_efficiency": (["--work", "/tmp/le_shape_test"], "lanes", 2),
     "pretrain_real_knees": ([], "objective", "diffusion"),
 }
 
@@ -163,3 +164,28 @@ def test_predict_paired_section_from_known_times(bench):
     assert "| on | 2.0 | 1.5 | **1.500** (1.00-2.00) | 5.0 | 4.0 | 1.250 (1.00-1.50) | 1/2 |" in text
     assert "mirroring on: CPU-time ratio per pair 2.000, 1.000." in text
     assert "Commands timed: `orthodiff predict seg -o OUT` and `nnUNetv2_predict -i IMG -o OUT`" in text
+
+
+def test_feature_probe_cka_and_dice_known_answers(bench):
+    """Linear CKA is 1 for the same features up to rotation and scale, 0 for features orthogonal to them; the
+    probe's Dice is undefined (nan) for a structure absent from both masks, not 0 or an error."""
+    import numpy as np
+
+    fp = bench("feature_probe")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 6))
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    assert fp.linear_cka(a, 3.0 * a @ q) == pytest.approx(1.0, abs=1e-12)
+    b = np.zeros((500, 2))
+    b[:, 0] = 1.0  # constant: no variance, nothing shared with a after centring
+    basis = np.c_[a - a.mean(0), np.ones(500)]
+    r = rng.normal(size=500)
+    b[:, 1] = r - basis @ np.linalg.lstsq(basis, r, rcond=None)[0]  # mean 0, orthogonal to a's centred columns
+    assert fp.linear_cka(a, b) == pytest.approx(0.0, abs=1e-6)
+    ref = np.array([0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 1, 0, 2, 2, 0])
+    assert fp.dice(pred, ref, 1) == pytest.approx(2 * 1 / (1 + 2))
+    assert fp.dice(pred, ref, 2) == pytest.approx(2 * 2 / (2 + 3))
+    assert np.isnan(fp.dice(pred, ref, 5))
+    picks = fp.sample_voxels(ref, [0, 1, 2, 5], 2, np.random.default_rng(0))
+    assert sorted(ref[picks].tolist()) == [0, 1, 1, 2, 2]
