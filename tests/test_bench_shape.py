@@ -189,3 +189,21 @@ def test_feature_probe_cka_and_dice_known_answers(bench):
     assert np.isnan(fp.dice(pred, ref, 5))
     picks = fp.sample_voxels(ref, [0, 1, 2, 5], 2, np.random.default_rng(0))
     assert sorted(ref[picks].tolist()) == [0, 1, 1, 2, 2]
+
+
+def test_label_efficiency_interval_over_knees_and_seeds(bench):
+    """Seeds that disagree widen the interval (the knee bootstrap alone would give [0.5, 0.5] here: every knee's
+    seed mean is 0.5); identical seeds and knees give a point; a knee's scans are drawn together."""
+    import numpy as np
+
+    le = bench("label_efficiency")
+    knees = ["K1", "K1", "K2", "K3", "K4"]
+    by_seed = np.tile([0.0, 1.0], (5, 1))  # 5 scans x 2 seeds: seed 0 scores 0, seed 1 scores 1
+    lo, hi = le.knee_and_seed_ci(by_seed, knees, 2000, 0)
+    assert (lo, hi) == (0.0, 1.0)  # both seed columns drawn alike in a quarter of the draws each way
+    assert le.knee_and_seed_ci(np.full((5, 3), 0.25), knees, 200, 0) == pytest.approx((0.25, 0.25))
+    by_knee = np.repeat(np.array([[1.0], [1.0], [0.0], [0.0], [0.0]]), 3, axis=1)  # K1 (2 scans) 1, others 0
+    # k = draws of K1 among 4 knees, Binomial(4, 1/4): P(k <= 2) = 0.949, P(k <= 3) = 0.996, so the 97.5th
+    # percentile is k = 3: 3 x 2 scans of 1 among 3 x 2 + 1 scans, 6/7 (a scan-level bootstrap would not give this)
+    lo, hi = le.knee_and_seed_ci(by_knee, knees, 4000, 0)
+    assert lo == 0.0 and hi == pytest.approx(6 / 7)
