@@ -66,20 +66,27 @@ def load_scans(folder: Path, identifiers: list[str]) -> list[tuple[np.ndarray, n
     return out
 
 
+def encoder_skips(encoder, image: np.ndarray, multiple: int) -> list:
+    """Every stage's output of ``encoder`` on ``image`` zero-padded to a multiple of the total stride
+    (tensors (1, C, *), each at its own resolution)."""
+    import torch
+
+    pad = [(0, 0)] + [(0, (-s) % multiple) for s in image.shape[1:]]
+    with torch.no_grad():
+        return encoder(torch.from_numpy(np.pad(image, pad))[None])
+
+
 def stage_features(encoder, image: np.ndarray, multiple: int) -> np.ndarray:
-    """Every stage's output of ``encoder`` on ``image``, upsampled (trilinear) to the image grid and
-    concatenated: (features, Z, Y, X). The image is zero-padded to a multiple of the total stride."""
+    """Every stage's output upsampled (trilinear) to the image grid and concatenated: (features, Z, Y, X)."""
     import torch
     import torch.nn.functional as F
 
     shape = image.shape[1:]
-    pad = [(0, 0)] + [(0, (-s) % multiple) for s in shape]
-    x = torch.from_numpy(np.pad(image, pad))[None]
+    skips = encoder_skips(encoder, image, multiple)
+    size = tuple(s + (-s) % multiple for s in shape)
     with torch.no_grad():
-        skips = encoder(x)
-        up = [F.interpolate(s, size=x.shape[2:], mode="trilinear", align_corners=False) for s in skips]
-    f = torch.cat(up, 1)[0, :, :shape[0], :shape[1], :shape[2]]
-    return f.numpy()
+        up = [F.interpolate(s, size=size, mode="trilinear", align_corners=False) for s in skips]
+    return torch.cat(up, 1)[0, :, :shape[0], :shape[1], :shape[2]].numpy()
 
 
 def sample_voxels(labels: np.ndarray, classes: list[int], per_class: int, rng) -> np.ndarray:
@@ -99,8 +106,9 @@ def dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
     return float("nan") if denom == 0 else float(2 * (a & b).sum() / denom)
 
 
-def probe(feature_fn, train, val, classes, per_class, seed) -> dict[int, float]:
-    """Fit the logistic-regression probe on ``train`` scans' sampled voxels; mean Dice per class on ``val``."""
+def probe(feature_fn, train, val, classes, per_class, seed) -> tuple[dict[int, float], int]:
+    """Fit the logistic-regression probe on ``train`` scans' sampled voxels; (mean Dice per class on ``val``,
+    feature dimensions)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -120,7 +128,8 @@ def probe(feature_fn, train, val, classes, per_class, seed) -> dict[int, float]:
         pred = model.predict(f.reshape(f.shape[0], -1).T).reshape(labels.shape)
         for c in scores:
             scores[c].append(dice(pred, labels, c))
-    return {c: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for c, v in scores.items()}
+    dice_of = {c: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for c, v in scores.items()}
+    return dice_of, int(xs[0].shape[1])
 
 
 def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
@@ -184,12 +193,11 @@ def run(args) -> dict:
     classes = sorted({int(c) for _, lab in train for c in np.unique(lab)})
     structures = [c for c in classes if c]
     rows = []
-    r = probe(lambda im: im, train, val, classes, args.voxels_per_class, args.seed)
-    rows.append(("image intensity only (the floor)", 1, r))
+    r, dims = probe(lambda im: im, train, val, classes, args.voxels_per_class, args.seed)
+    rows.append(("image intensity only (the floor)", dims, r))
     print(f"[probe] intensity: {r}", flush=True)
     for name, enc in encoder_sources(work, state, fresh, args.timesteps, args.seed):
-        dims = stage_features(enc, train[0][0], multiple).shape[0]
-        r = probe(lambda im, e=enc: stage_features(e, im, multiple), train, val, classes, args.voxels_per_class,
+        r, dims = probe(lambda im, e=enc: stage_features(e, im, multiple), train, val, classes, args.voxels_per_class,
                   args.seed)
         rows.append((name, dims, r))
         print(f"[probe] {name}: {r}", flush=True)
@@ -216,30 +224,20 @@ def similarity_after_finetuning(work: Path, state: dict, fresh, val, multiple: i
         end = fresh(seed)
         ckpt = torch.load(Path(r["model"]) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
         end.load_state_dict(ckpt["network_weights"], strict=False)
-        per_stage = []
-        for i in range(len(start.encoder.stages)):
-            a_all, b_all = [], []
-            for image, _ in val:
-                a = stage_features_of_stage(start.encoder, image, multiple, i)
-                b = stage_features_of_stage(end.encoder, image, multiple, i)
-                idx = rng.choice(a.shape[1], size=min(4000, a.shape[1]), replace=False)
-                a_all.append(a[:, idx].T)
-                b_all.append(b[:, idx].T)
-            per_stage.append(linear_cka(np.concatenate(a_all), np.concatenate(b_all)))
+        n_stages = len(start.encoder.stages)
+        a_all, b_all = [[] for _ in range(n_stages)], [[] for _ in range(n_stages)]
+        for image, _ in val:
+            sa, sb = encoder_skips(start.encoder, image, multiple), encoder_skips(end.encoder, image, multiple)
+            for i in range(n_stages):
+                fa, fb = (x[0].reshape(x.shape[1], -1).numpy() for x in (sa[i], sb[i]))
+                idx = rng.choice(fa.shape[1], size=min(4000, fa.shape[1]), replace=False)
+                a_all[i].append(fa[:, idx].T)
+                b_all[i].append(fb[:, idx].T)
+        per_stage = [linear_cka(np.concatenate(a_all[i]), np.concatenate(b_all[i])) for i in range(n_stages)]
         out.append({"arm": res.parent.name, "init": r["init"], "fraction": r["fraction"], "seed": r["seed"],
                     "cka_per_stage": per_stage})
         print(f"[probe] CKA start vs end, {res.parent.name}: {[round(x, 3) for x in per_stage]}", flush=True)
     return out
-
-
-def stage_features_of_stage(encoder, image: np.ndarray, multiple: int, stage: int) -> np.ndarray:
-    """One stage's output at its own resolution, flattened: (channels, voxels)."""
-    import torch
-
-    pad = [(0, 0)] + [(0, (-s) % multiple) for s in image.shape[1:]]
-    with torch.no_grad():
-        s = encoder(torch.from_numpy(np.pad(image, pad))[None])[stage][0]
-    return s.reshape(s.shape[0], -1).numpy()
 
 
 def record(result: dict, args) -> None:

@@ -22,8 +22,7 @@ Protocol (knees = patients; both time points of a knee always stay together):
    spacing and uses the methods' default iteration budgets (for a GPU).
 4. Pretrain each objective ONCE (not per seed) on the same corpus (every scan of the training dataset:
    pool + validation knees, all three renderings), same network, same iterations: ``orthodiff pretrain``
-   (diffusion) and ``orthodiff pretrain --objective mae`` (masked autoencoder; skipped with a recorded
-   reason when the installed orthodiff has no ``--objective``). Each run's record is checked: a test knee
+   (diffusion) and ``orthodiff pretrain --objective mae`` (masked autoencoder). Each run's record is checked: a test knee
    among its cases stops the study.
 5. Segmentation, ``orthodiff``'s ``train_segmentation``, every arm the same iterations, schedule and
    plans: init scratch / diffusion / MAE x label fraction 10 % / 100 % x seeds. The seed sets torch /
@@ -398,15 +397,6 @@ def write_folds(work: Path, dataset: str, d: dict, cmap: dict, seeds: int) -> li
 
 # ----------------------------------------------------------------------------------------------
 # pretraining
-def mae_available() -> tuple[bool, str]:
-    out = subprocess.run([console_script("orthodiff"), "pretrain", "--help"], capture_output=True, text=True).stdout
-    if "--objective" not in out:
-        return False, "the installed orthodiff has no `pretrain --objective` (the MAE control is not merged)"
-    if "mae" not in out.split("--objective", 1)[1][:400]:
-        return False, "`orthodiff pretrain --objective` offers no `mae`"
-    return True, ""
-
-
 def pretrain_objective(work: Path, dataset: str, plans: str, objective: str, args, d: dict, cmap: dict) -> dict:
     """Run ``orthodiff pretrain`` (own results root per objective), check its cases, return its record."""
     root = work / "results_pretrain" / objective
@@ -617,8 +607,6 @@ def parse_args(argv=None):
                     help="runs (pretrainings, arms) side by side, each with torch threads = OMP_NUM_THREADS "
                          "(default 2 lanes: one per core of a 2-core machine with OMP_NUM_THREADS=1)")
     ap.add_argument("--render-workers", type=int, default=2, help="rendering processes (default 2)")
-    ap.add_argument("--mae-wait-until", default="00:15",
-                    help="UTC HH:MM: poll until then for `orthodiff pretrain --objective mae` (default 00:15)")
     ap.add_argument("--stop-after", choices=["prepare", "scratch-diffusion"], help="stop after this stage")
     ap.add_argument("--only-analysis", action="store_true", help="tabulate what the work folder holds, run nothing")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -643,7 +631,7 @@ class Study:
         self.state.setdefault("stage_cpu", {})
         self.lock = threading.Lock()
         self.pre_futures: dict = {}
-        self.d = self.dataset = self.plans = self.cmap = self.mae_deadline = None
+        self.d = self.dataset = self.plans = self.cmap = None
 
     def save_stage_times(self) -> None:
         for k in self.stages.wall:
@@ -669,14 +657,6 @@ class Study:
         self.state.setdefault("encoders", {})
         self.save_stage_times()
 
-    def set_mae_deadline(self) -> None:
-        """Until when to poll for the MAE objective (``--mae-wait-until``, UTC) when it is not installed yet."""
-        if mae_available()[0]:
-            return
-        deadline = _dt.datetime.combine(_dt.date.today(), _dt.time.fromisoformat(self.args.mae_wait_until),
-                                        tzinfo=_dt.timezone.utc)
-        self.mae_deadline = deadline + _dt.timedelta(days=1) if deadline < self.started else deadline
-
     def pretrain_task(self, objective: str):
         with self.stages(f"pretrain {objective}") as st:
             pre = pretrain_objective(self.work, self.dataset, self.plans, objective, self.args, self.d, self.cmap)
@@ -687,25 +667,9 @@ class Study:
             self.save_stage_times()
         return pre
 
-    def mae_task(self):
-        ok, reason = mae_available()
-        while not ok and self.mae_deadline is not None and _dt.datetime.now(_dt.timezone.utc) < self.mae_deadline:
-            print(f"[label-efficiency {_now()}] MAE not available ({reason}); polling until "
-                  f"{self.args.mae_wait_until} UTC", flush=True)
-            time.sleep(60)
-            ok, reason = mae_available()
-        if not ok:
-            with self.lock:
-                self.state["mae_not_run"] = f"{reason} by {self.args.mae_wait_until} UTC"
-                self.save_stage_times()
-            return None
-        with self.lock:
-            self.state.pop("mae_not_run", None)
-        return self.pretrain_task("mae")
-
     def arm_task(self, init: str, fraction: float, seed: int):
-        if init != "scratch" and self.pre_futures[init].result() is None:
-            return None  # that objective was not pretrained (reason recorded)
+        if init != "scratch":
+            self.pre_futures[init].result()  # its encoder first
         with self.stages(f"arm {init} {fraction:.0%} seed {seed}") as st:
             res = launch_arm(self.args, self.work, init, fraction, seed)
             st.child_cpu = res["seconds"]["train_cpu"] + res["seconds"]["predict_cpu"]
@@ -720,7 +684,7 @@ class Study:
         with ThreadPoolExecutor(max_workers=self.args.lanes) as lanes:
             self.pre_futures["diffusion"] = lanes.submit(self.pretrain_task, "diffusion")
             if "mae" in inits:
-                self.pre_futures["mae"] = lanes.submit(self.mae_task)
+                self.pre_futures["mae"] = lanes.submit(self.pretrain_task, "mae")
             arm_futures = [lanes.submit(self.arm_task, i, f, s) for i in inits for f in (0.1, 1.0)
                            for s in range(self.args.seeds)]
             for fut in [*self.pre_futures.values(), *arm_futures]:
@@ -748,7 +712,6 @@ def run(args) -> Study | None:
     study.prepare()
     if args.stop_after == "prepare":
         return None
-    study.set_mae_deadline()
     study.run_lanes()
     study.record_invocation()
     return study
@@ -862,9 +825,8 @@ def goals_of(key: str, complete: dict, diffs: dict, cmap: dict) -> dict:
                 "difference_ci_knees_and_seeds": list(knee_and_seed_ci(a10 - s10, [cmap[c]["knee"] for c in scans],
                                                                        N_BOOT, 0))}
         if (init, 1.0) in complete:
-            _, m10 = _per_scan_values(complete[(init, 0.1)], key, _structure_value("mean of 6"))
             scans, m100 = _per_scan_values(complete[(init, 1.0)], key, _structure_value("mean of 6"))
-            a, b = np.nanmean(m10, axis=1), np.nanmean(m100, axis=1)
+            a, b = np.nanmean(a10, axis=1), np.nanmean(m100, axis=1)
             ratio = float(np.mean(a) / np.mean(b))
             lo, hi, _ = bootstrap_ci(lambda idx: float(np.mean(a[idx]) / np.mean(b[idx])), len(a), N_BOOT, 0,
                                      clusters=[cmap[c]["knee"] for c in scans])
@@ -945,8 +907,6 @@ def analyse(work: Path, args, d: dict, state: dict) -> None:
                             "subset_10_knees": d["subset_10"], "split_seed": d["split_seed"]},
                  "state": state, "arms_found": {f"{i} {f:g}": len(v) for (i, f), v in results.items()},
                  "tables": {}, "differences": {}, "per_seed": {}, "goals": {}, "curves": {}}
-    if state.get("mae_not_run"):
-        out["mae_not_run"] = state["mae_not_run"]
     for key in ("internal", "external"):
         table, diffs, per_seed = test_site_tables(key, complete, cmap, out)
         out["tables"][key], out["differences"][key], out["per_seed"][key] = table, diffs, per_seed
@@ -1100,8 +1060,6 @@ def markdown(r: dict, args) -> str:
          f"validation knees (learning curves only), {de['pool_knees']} pool knees. 10 % = "
          f"{len(next(iter(de['subset_10_knees'].values())))} whole knees per seed (subset drawn per seed). "
          "Arms (init x label fraction) trained with seeds 0-" + str(args.seeds - 1) + "."]
-    if r.get("mae_not_run"):
-        L += ["", f"**MAE arms not run**: {r['mae_not_run']}."]
     for key, title in (("internal", "Internal test site (SiteA 3 T, the labeled site)"),
                        ("external", "External test site (1.5 T, other vendor/contrast/noise/bias/thickness; "
                                     "not in the pretraining corpus)")):
