@@ -270,18 +270,8 @@ def pending_gpu_section() -> str:
 
 # ----------------------------------------------------------------------------------------------
 # probe vs fine-tune vs scratch
-def prepare_study(args, device):
-    """Labeled + corpus phantom groups and one diffusion pretraining per view (reused when present in ``--work``).
-
-    Returns ``(labeled, corpus, data_s, pretraining)``: view -> dataset name twice, data seconds, and view ->
-    ``{"seconds", "loss_first", "loss_last", "iterations", "reused"}``. The pretraining is done once and shared by
-    every classifier seed and mode; its record is kept in ``<work>/pretraining_record.json`` so that a run reusing
-    the work folder still reports what the pretraining was.
-    """
-    from orthodiff_nnunet.pretraining import pretrain
-    from orthodiff_nnunet.utils import atomic_write_json
-
-    t0 = time.perf_counter()
+def prepare_data(args) -> tuple[dict[str, str], dict[str, str]]:
+    """The labeled and the corpus phantom groups (reused when present in ``--work``), plans shrunk."""
     labeled = phantom_group(args.work, STUDY_ID, "ClsStudy", args.study_cases, args.seed, 0.3, 0.8, "plain")
     corpus = phantom_group(args.work, CORPUS_ID, "ClsCorpus", args.corpus_cases, args.seed + 1000, 0.3, 0.8, "plain",
                            plans_from=STUDY_ID)
@@ -294,24 +284,100 @@ def prepare_study(args, device):
         # fingerprint of the dataset its plans come from; nothing else reads it.
         if not (pre / name / "dataset_fingerprint.json").is_file():
             shutil.copyfile(pre / labeled[view] / "dataset_fingerprint.json", pre / name / "dataset_fingerprint.json")
+    return labeled, corpus
+
+
+def prepare_study(args, device):
+    """Labeled + corpus phantom groups and one diffusion pretraining per view (reused when present in ``--work``).
+
+    Returns ``(labeled, corpus, data_s, pretraining)``: view -> dataset name twice, data seconds, and view ->
+    ``{"seconds", "loss_first", "loss_last", "iterations", "reused"}``. The pretraining is done once and shared by
+    every classifier seed and mode; its record is kept in ``<work>/pretraining_record.json`` so that a run reusing
+    the work folder still reports what the pretraining was.
+    """
+    t0 = time.perf_counter()
+    labeled, corpus = prepare_data(args)
     data_s = time.perf_counter() - t0
+    with Lanes(1) as lanes:
+        out = collect_pretraining(args, corpus, submit_pretraining(args, corpus, device, lanes))
+    return labeled, corpus, data_s, out
+
+
+def pretrain_view(name: str, args, device) -> dict:
+    """One view's diffusion pretraining (a lane's job): seconds and first/last loss."""
+    from orthodiff_nnunet.pretraining import pretrain
+
+    t = time.perf_counter()
+    r = pretrain(name, plans=PLANS, iterations=args.pretrain_iterations,
+                 checkpoint_every=max(1, args.pretrain_iterations // 4), learning_rate=args.pretrain_lr,
+                 device=str(device.type), sample_steps=0, val_iterations=2)
+    return {"seconds": time.perf_counter() - t, "loss_first": r.train_losses[0], "loss_last": r.train_losses[-1],
+            "iterations": args.pretrain_iterations, "reused": False}
+
+
+def submit_pretraining(args, corpus: dict[str, str], device, lanes: "Lanes") -> dict:
+    """view -> future of ``pretrain_view`` for the views without an encoder in ``--work`` (the others are reused)."""
+    return {view: lanes.submit(pretrain_view, name, args, device) for view, name in corpus.items()
+            if not default_encoder_path(name, PLANS).is_file()}
+
+
+def collect_pretraining(args, corpus: dict[str, str], futures: dict) -> dict[str, dict]:
+    """Wait for the pretrainings; view -> record (kept in ``<work>/pretraining_record.json``, which a run that
+    reuses the encoders reports from)."""
+    from orthodiff_nnunet.utils import atomic_write_json
+
     record_file = args.work / "pretraining_record.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"pretrain": {}}
     out: dict[str, dict] = {}
-    for view, name in corpus.items():
-        if default_encoder_path(name, PLANS).is_file():
+    for view in corpus:
+        if view not in futures:
             out[view] = {**record["pretrain"].get(view, {}), "reused": True}
             continue
-        t = time.perf_counter()
-        r = pretrain(name, plans=PLANS, iterations=args.pretrain_iterations,
-                     checkpoint_every=max(1, args.pretrain_iterations // 4), learning_rate=args.pretrain_lr,
-                     device=str(device.type), sample_steps=0, val_iterations=2)
-        out[view] = {"seconds": time.perf_counter() - t, "loss_first": r.train_losses[0],
-                     "loss_last": r.train_losses[-1], "iterations": args.pretrain_iterations, "reused": False}
-        record["pretrain"][view] = out[view]
+        out[view] = record["pretrain"][view] = futures[view].result()
         atomic_write_json(record_file, record)
-        print(f"pretrained {view}: loss {r.train_losses[0]:.3f} -> {r.train_losses[-1]:.3f}", flush=True)
-    return labeled, corpus, data_s, out
+        print(f"pretrained {view}: loss {out[view]['loss_first']:.3f} -> {out[view]['loss_last']:.3f} "
+              f"({out[view]['seconds'] / 60:.1f} min)", flush=True)
+    return out
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class Lanes:
+    """``submit`` runs jobs in ``n`` spawned processes of one thread each (n > 1), or at once in this process (n = 1:
+    the future is already done). Torch with 2 threads on a 2-core machine is slower than 2 one-thread processes,
+    and the study's runs are independent; the children inherit the nnU-Net folders from ``os.environ``."""
+
+    def __init__(self, n: int):
+        self.n, self.pool = n, None
+
+    def __enter__(self) -> "Lanes":
+        if self.n > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_one_thread)
+        return self
+
+    def submit(self, fn, *a):
+        from concurrent.futures import Future
+
+        if self.pool is not None:
+            return self.pool.submit(fn, *a)
+        f = Future()
+        try:
+            f.set_result(fn(*a))
+        except Exception as e:  # raised by result(), as from a lane
+            f.set_exception(e)
+        return f
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=exc[0] is not None)
 
 
 def oof_runs(mode: str, seed: int, label_fraction: float, args, device) -> dict:
@@ -385,21 +451,51 @@ class StudyPool:
         return len(set(self.clusters))
 
 
-def study_runs(args, device, fractions: list[float], seeds: list[int]) -> dict:
-    """``oof_runs`` of every label fraction, mode and seed."""
+RUN_SETTINGS = ("epochs", "iterations_per_epoch", "batch_size", "lr", "folds", "features", "study_cases",
+                "corpus_cases", "pretrain_iterations", "pretrain_lr", "diffusion_batch", "seed")
+
+
+def cached_oof_runs(mode: str, seed: int, label_fraction: float, args, device) -> dict:
+    """``oof_runs``, kept in ``<work>/study_runs/`` with the settings it ran with: a killed study resumes at the
+    first missing run, and a run with other settings is redone, never mixed in."""
+    import numpy as np
+
+    from orthodiff_nnunet.utils import atomic_write_json
+
+    f = args.work / "study_runs" / f"{mode}_lf{label_fraction:g}_s{seed}.json"
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    if f.is_file():
+        kept = json.loads(f.read_text())
+        if kept["settings"] == settings:
+            r = kept["run"]
+            for k in ("p", "pred", "y"):
+                r[k] = {e: np.array(v, dtype=float) for e, v in r[k].items()}
+            return {**r, "reused": True}
+    r = oof_runs(mode, seed, label_fraction, args, device)
+    f.parent.mkdir(exist_ok=True)
+    atomic_write_json(f, {"settings": settings, "run": {
+        **r, **{k: {e: [None if x != x else float(x) for x in v] for e, v in r[k].items()} for k in ("p", "pred", "y")}}})
+    return r
+
+
+def study_runs(args, device, fractions: list[float], seeds: list[int], lanes: Lanes, pretrained) -> dict:
+    """``oof_runs`` of every label fraction, mode and seed, in ``lanes``: scratch first, beside the pretrainings;
+    the pretrained modes once ``pretrained()`` (which waits for the pretrainings) has returned."""
     import numpy as np
 
     from orthodiff_nnunet.evaluation.classification import mean_auroc
 
+    keys = [(mode, lf, s) for lf in fractions for mode in args.modes for s in seeds]
+    futures = {k: lanes.submit(cached_oof_runs, k[0], k[2], k[1], args, device) for k in keys if k[0] == "scratch"}
+    pretrained()
+    futures.update({k: lanes.submit(cached_oof_runs, k[0], k[2], k[1], args, device) for k in keys if k[0] != "scratch"})
     runs: dict[tuple[str, float], list[dict]] = {}
-    for lf in fractions:
-        for mode in args.modes:
-            for s in seeds:
-                r = oof_runs(mode, s, lf, args, device)
-                runs.setdefault((mode, lf), []).append(r)
-                print(f"{mode} lf {lf:g} seed {s}: pooled held-out macro AUROC "
-                      f"{mean_auroc(np.array(list(r['y'].values())), np.array([r['p'][e] for e in r['y']])):.3f} "
-                      f"({r['seconds']:.0f} s)", flush=True)
+    for mode, lf, s in keys:
+        r = futures[(mode, lf, s)].result()
+        runs.setdefault((mode, lf), []).append(r)
+        print(f"{mode} lf {lf:g} seed {s}: pooled held-out macro AUROC "
+              f"{mean_auroc(np.array(list(r['y'].values())), np.array([r['p'][e] for e in r['y']])):.3f} "
+              f"({r['seconds']:.0f} s{', kept from an earlier run' if r.get('reused') else ''})", flush=True)
     return runs
 
 
@@ -587,10 +683,16 @@ def study_section(pool: StudyPool, args, seeds: list[int], fractions: list[float
 
 def study(args, device) -> str:
     """Probe vs fine-tune vs scratch (see the module docstring): pretraining once, the runs, the pooled section."""
-    labeled, _corpus, data_s, pretraining = prepare_study(args, device)
+    t0 = time.perf_counter()
+    labeled, corpus = prepare_data(args)
+    data_s = time.perf_counter() - t0
     seeds = [args.seed + i for i in range(args.seeds)]
     fractions = sorted(set(args.label_fractions), reverse=True)
-    pool = pool_study(study_runs(args, device, fractions, seeds), labeled, args)
+    with Lanes(args.lanes) as lanes:
+        pre_futures, pretraining = submit_pretraining(args, corpus, device, lanes), {}
+        runs = study_runs(args, device, fractions, seeds, lanes,
+                          lambda: pretraining.update(collect_pretraining(args, corpus, pre_futures)))
+    pool = pool_study(runs, labeled, args)
     return study_section(pool, args, seeds, fractions, data_s, pretraining)
 
 
@@ -770,6 +872,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations-per-epoch", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--mrnet-pretrain-iterations", type=int, default=150)
+    p.add_argument("--lanes", type=int, default=1,
+                   help="study: runs (and pretrainings) side by side in this many one-thread processes; 2 on a "
+                        "2-core machine (default 1: one after another, in this process)")
     return p.parse_args(argv)
 
 

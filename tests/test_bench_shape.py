@@ -207,3 +207,21 @@ def test_label_efficiency_interval_over_knees_and_seeds(bench):
     # percentile is k = 3: 3 x 2 scans of 1 among 3 x 2 + 1 scans, 6/7 (a scan-level bootstrap would not give this)
     lo, hi = le.knee_and_seed_ci(by_knee, knees, 4000, 0)
     assert lo == 0.0 and hi == pytest.approx(6 / 7)
+
+
+def test_classification_lanes_run_jobs_in_one_thread_processes(bench):
+    """The study's lanes: with 2, jobs run in spawned processes of one torch thread each (results in order, a
+    failing job raises in the parent); with 1, in this process."""
+    import torch
+
+    cls = bench("bench_classification")
+    with cls.Lanes(2) as lanes:
+        futures = [lanes.submit(pow, 2, k) for k in range(4)] + [lanes.submit(torch.get_num_threads)]
+        assert [f.result() for f in futures] == [1, 2, 4, 8, 1]
+        with pytest.raises(ZeroDivisionError):
+            lanes.submit(divmod, 1, 0).result()
+    with cls.Lanes(1) as lanes:
+        assert lanes.submit(pow, 3, 2).result() == 9
+        assert lanes.submit(os.getpid).result() == os.getpid()
+        with pytest.raises(ZeroDivisionError):
+            lanes.submit(divmod, 1, 0).result()
