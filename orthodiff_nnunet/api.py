@@ -172,6 +172,44 @@ def _fresh_demo_folder(output: Path) -> Path:
     return output
 
 
+def _seg_lanes(device: str) -> int:
+    """How many segmentation runs the demo trains side by side: 2 on a CPU with 2 or more usable cores, else 1
+    (on a GPU the runs share the one device; one after the other is as fast)."""
+    import os
+
+    from orthodiff_nnunet.conventions import resolve_device
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if resolve_device(device).type == "cpu" and cores >= 2 else 1
+
+
+def _train_seg_in_lane(kwargs: dict, log_file: Path | None, bar_position: int):
+    """One ``train_segmentation`` in a spawned process: one torch thread, its own log file, its progress bar on
+    line ``bar_position`` of the console (the parent's environment, nnU-Net's folders included, is inherited)."""
+    import os
+
+    import torch
+
+    from orthodiff_nnunet.console import output_to_log
+    from orthodiff_nnunet.segmentation import train_segmentation
+
+    torch.set_num_threads(1)
+    os.environ["TQDM_POSITION"] = str(bar_position)  # tqdm reads its defaults from TQDM_* variables
+    with output_to_log(log_file):
+        return train_segmentation(**kwargs)
+
+
+def _train_seg_side_by_side(kwargs: dict[str, dict], logs: dict[str, Path | None]) -> dict:
+    """init -> ``SegmentationTrainResult``: the runs of ``kwargs`` in one spawned process each, at the same time;
+    an error in either is raised here (after both have stopped)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(kwargs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {init: pool.submit(_train_seg_in_lane, kw, logs[init], i) for i, (init, kw) in enumerate(kwargs.items())}
+        return {init: f.result() for init, f in futures.items()}
+
+
 class _DemoRun:
     """One demo run: its folder, nnU-Net paths and console, set up once; one method per stage.
 
@@ -278,9 +316,11 @@ class _DemoRun:
                                  if result.train_losses and result.val_losses else f"{result.iterations} it")
 
     def train_seg(self, planning, plans_id: str) -> dict[str, Path]:
-        """Stage 6: sagittal segmentation from the diffusion encoder and from scratch; init -> model folder."""
-        from orthodiff_nnunet.segmentation import train_segmentation
+        """Stage 6: sagittal segmentation from the diffusion encoder and from scratch; init -> model folder.
 
+        On a CPU with two or more cores the two inits train side by side, one process of one thread each (a
+        second thread makes an iteration only about 1.25 times faster, so two one-thread runs do about 1.6 times
+        the iterations in the same time; docs/DEMO.md); each run's nnU-Net output goes to its own log file."""
         device, settings = self.device, self.settings
         dataset = next(d for d in planning.datasets if d.orientation == "sag")
         epochs, per_epoch = split_iterations(settings["seg_iterations"], settings["seg_epochs"])
@@ -288,14 +328,32 @@ class _DemoRun:
                     f"--optimizer {DEMO_SEG_OPTIMIZER} --lr {DEMO_SEG_LR:g} --epochs {epochs} "
                     f"--iterations-per-epoch {per_epoch} --val-iterations 2 --no-validation --device {device}"
                     for init in DEMO_SEG_INITS]
+        lanes = _seg_lanes(device)
+        if lanes > 1:
+            commands = [f"{c} &" for c in commands] + ["wait"]
         seg_models = {}
         with self.console.stage("train seg", commands) as stage:
+            kwargs = {init: dict(dataset=dataset.dataset_name, fold="all", init=init, plans=plans_id, epochs=epochs,
+                                 iterations_per_epoch=per_epoch, val_iterations_per_epoch=2, device=device,
+                                 validate=False, optimizer=DEMO_SEG_OPTIMIZER, learning_rate=DEMO_SEG_LR)
+                      for init in DEMO_SEG_INITS}
+            if lanes > 1:
+                logs = {init: None if stage.log_file is None else stage.log_file.with_suffix(f".{init}.log")
+                        for init in DEMO_SEG_INITS}
+                log.info("training %s side by side, one process of one thread each; nnU-Net's output: %s",
+                         " and ".join(f"{i} init" for i in DEMO_SEG_INITS), ", ".join(map(str, logs.values())))
+                results = _train_seg_side_by_side(kwargs, logs)
+                for init in DEMO_SEG_INITS:
+                    log.info("%s init: %s", init, results[init].summary())
+                stage.extra += [f"{init} init: {lanes} runs side by side, one thread each; nnU-Net's output in "
+                                f"{logs[init]}" for init in DEMO_SEG_INITS if logs[init] is not None]
+            else:
+                from orthodiff_nnunet.segmentation import train_segmentation
+
+                results = {init: train_segmentation(**kw) for init, kw in kwargs.items()}
             figures = []
             for init in DEMO_SEG_INITS:
-                trained = train_segmentation(dataset.dataset_name, fold="all", init=init, plans=plans_id,
-                                             epochs=epochs, iterations_per_epoch=per_epoch,
-                                             val_iterations_per_epoch=2, device=device, validate=False,
-                                             optimizer=DEMO_SEG_OPTIMIZER, learning_rate=DEMO_SEG_LR)
+                trained = results[init]
                 seg_models[init] = trained.model_folder
                 self.details.append(trained.summary())
                 figures.append(f"{init} init loss {_fmt(trained.train_loss)}, pseudo Dice {_fmt(trained.pseudo_dice)}")

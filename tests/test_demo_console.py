@@ -81,12 +81,17 @@ def test_no_nnunet_dumps_on_the_console_but_in_the_logs(quick_demo):
     for dump in NNUNET_DUMPS:
         assert dump not in console, dump
     assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ", console, re.M)  # nnU-Net's log-line stamp
-    seg_log = (out / "logs" / "06_train_seg.log").read_text()
-    assert seg_log.count("This is the configuration used by this training") == 2  # diffusion and scratch init
-    assert "These are the global plan" in seg_log and "train_loss" in seg_log
+    # the two inits train side by side (2 cores), each with its own log, named under the stage's line
+    for init in ("diffusion", "scratch"):
+        seg_log = out / "logs" / f"06_train_seg.{init}.log"
+        text = seg_log.read_text()
+        assert text.count("This is the configuration used by this training") == 1, init
+        assert "These are the global plan" in text and "train_loss" in text
+        assert ("encoder warm start from" if init == "diffusion" else "init 'scratch'") in text
+        assert f"{init} init: 2 runs side by side, one thread each; nnU-Net's output in {seg_log}" in proc.stdout
     assert "nnU-Net said" in (out / "logs" / "02_plan_and_preprocess.log").read_text()
     # progress bars stay on the console (standard error)
-    for bar in ("pretraining", "train seg", "train cls"):
+    for bar in ("pretraining", "train seg, diffusion init", "train seg, scratch init", "train cls"):
         assert re.search(rf"{bar}: +100%", proc.stderr), bar
 
 
@@ -120,7 +125,7 @@ def test_train_seg_alone_shows_a_progress_bar_and_keeps_nnunet_in_its_log(quick_
         env={**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0"},
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    bar = re.findall(r"train seg: 100%\|[^|]*\| 3/3 \[[\d:]+<[\d:]+, +(\d+\.\d+)it/s, epoch=0, loss=(-?\d\.\d{3})\]",
+    bar = re.findall(r"train seg, scratch init: 100%\|[^|]*\| 3/3 \[[\d:]+<[\d:]+, +(\d+\.\d+)it/s, epoch=0, loss=(-?\d\.\d{3})\]",
                      proc.stderr)
     assert bar and float(bar[-1][0]) > 0, proc.stderr[-2000:]
     for dump in NNUNET_DUMPS:

@@ -338,7 +338,8 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
 
         # on standard error, so that it stays on the console when nnU-Net's prints go to a log file
         per_epoch = int(self.num_iterations_per_epoch)
-        self.start_progress(int(self.num_epochs) * per_epoch, int(self.current_epoch) * per_epoch, "train seg",
+        self.start_progress(int(self.num_epochs) * per_epoch, int(self.current_epoch) * per_epoch,
+                            f"train seg, {self.init} init",
                             bar_format=BAR_FORMAT)
 
     def train_step(self, batch: dict) -> dict:
