@@ -225,3 +225,31 @@ def test_classification_lanes_run_jobs_in_one_thread_processes(bench):
         assert lanes.submit(os.getpid).result() == os.getpid()
         with pytest.raises(ZeroDivisionError):
             lanes.submit(divmod, 1, 0).result()
+
+
+def test_classification_study_keeps_each_run_with_its_settings(bench, tmp_path, monkeypatch):
+    """A killed study resumes from ``<work>/study_runs``: a kept run comes back equal (NaN included) without
+    training; a run kept with other settings is trained again and replaced."""
+    import numpy as np
+
+    cls = bench("bench_classification")
+    args = cls.parse_args(["--work", str(tmp_path)])
+    calls = []
+
+    def fake_oof_runs(mode, seed, fraction, args_, device):
+        calls.append((mode, seed, fraction, args_.epochs))
+        return {"p": {"e1": np.array([0.25, np.nan])}, "pred": {"e1": np.array([0.0, 1.0])},
+                "y": {"e1": np.array([1.0, 0.0])}, "labels": ["a", "b"], "history": [[{"epoch": 0}]],
+                "best_epoch": [0], "n_train": [7], "seconds": 1.5 * len(calls)}
+
+    monkeypatch.setattr(cls, "oof_runs", fake_oof_runs)
+    first = cls.cached_oof_runs("probe", 1, 0.1, args, None)
+    again = cls.cached_oof_runs("probe", 1, 0.1, args, None)
+    assert calls == [("probe", 1, 0.1, args.epochs)] and again["reused"] and "reused" not in first
+    np.testing.assert_array_equal(again["p"]["e1"], first["p"]["e1"])  # NaN kept as NaN
+    assert again["seconds"] == 1.5 and again["n_train"] == [7]
+    assert (tmp_path / "study_runs" / "probe_lf0.1_s1.json").is_file()
+    args.epochs += 1
+    third = cls.cached_oof_runs("probe", 1, 0.1, args, None)
+    assert len(calls) == 2 and "reused" not in third and third["seconds"] == 3.0
+    assert cls.cached_oof_runs("probe", 1, 0.1, args, None)["seconds"] == 3.0  # the replacement is kept
