@@ -630,7 +630,9 @@ def study_design_text(pool: StudyPool, args, seeds: list[int], fractions: list[f
         "(left-right mirroring), clean input (t = 0). Training exams per run: "
         + "; ".join(f"{100 * lf:g} % of the labels: {'/'.join(map(str, n))}" for lf, n in n_train.items())
         + " (a label fraction keeps the same seeded subset, per site, for every seed and mode).",
-        f"Times: data {data_s / 60:.1f} min" + (f", pretraining {pre_time}" if pre_time else "") + ".",
+        f"Times: data {data_s / 60:.1f} min" + (f", pretraining {pre_time}" if pre_time else "")
+        + (f"; the pretrainings and runs went {args.lanes} at a time, one process of one thread each (train min below "
+           "is each run's own wall time)" if args.lanes > 1 else "") + ".",
         "",
     ]
 
