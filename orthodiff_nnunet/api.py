@@ -43,7 +43,7 @@ class DemoResult:
 #: code, fewer iterations). Segmentation trains the sagittal view only (all three views classify), twice:
 #: from the diffusion encoder and from scratch, the same iterations, data and seed (docs/DEMO.md).
 DEMO_SETTINGS = {
-    "full": {"cases_per_site": 12, "pretrain_iterations": 50, "seg_epochs": 10, "seg_iterations": 300,
+    "full": {"cases_per_site": 12, "pretrain_iterations": 50, "seg_epochs": 10, "seg_iterations": 500,
              "cls_epochs": 6, "cls_iterations": 10, "n_boot": 500, "cls_boot": 200},
     "quick": {"cases_per_site": 6, "pretrain_iterations": 4, "seg_epochs": 2, "seg_iterations": 4,
               "cls_epochs": 1, "cls_iterations": 2, "n_boot": 20, "cls_boot": 20},
@@ -345,8 +345,9 @@ class _DemoRun:
                 results = _train_seg_side_by_side(kwargs, logs)
                 for init in DEMO_SEG_INITS:
                     log.info("%s init: %s", init, results[init].summary())
-                stage.extra += [f"{init} init: {lanes} runs side by side, one thread each; nnU-Net's output in "
-                                f"{logs[init]}" for init in DEMO_SEG_INITS if logs[init] is not None]
+                if stage.log_file is not None:
+                    stage.extra.append(f"the {lanes} runs went side by side, one process of one thread each; "
+                                       f"nnU-Net's output in {', '.join(str(x) for x in logs.values())}")
             else:
                 from orthodiff_nnunet.segmentation import train_segmentation
 

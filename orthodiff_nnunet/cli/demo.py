@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from orthodiff_nnunet.api import DEMO_SETTINGS
 from orthodiff_nnunet.cli import options as opt
+
+
+_FULL, _QUICK = DEMO_SETTINGS["full"], DEMO_SETTINGS["quick"]
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,13 +18,14 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="run the whole pipeline on generated phantom data (no real data needed)")
     p.add_argument("-o", "--output", type=Path, default=Path("orthodiff_demo"),
                    help="work folder (default ./orthodiff_demo); nnUNet_raw/preprocessed/results go inside")
-    p.add_argument("--cases", type=int, default=None, help="exams per site (default 12; --quick 6)")
+    p.add_argument("--cases", type=int, default=None, help=f"exams per site (default {_FULL['cases_per_site']}; --quick {_QUICK['cases_per_site']})")
     opt.add_seed(p, 0, "random seed of the phantom (default 0)")
     p.add_argument("--pretrain-iterations", type=int, default=None,
-                   help="diffusion iterations per orientation (default 50; --quick 4)")
+                   help=f"diffusion iterations per orientation (default {_FULL['pretrain_iterations']}; "
+                        f"--quick {_QUICK['pretrain_iterations']})")
     p.add_argument("--seg-iterations", type=int, default=None,
                    help="segmentation iterations of each of the two sagittal models, diffusion and scratch init "
-                        "(default 300; --quick 4)")
+                        f"(default {_FULL['seg_iterations']}; --quick {_QUICK['seg_iterations']})")
     p.add_argument("--quick", action="store_true",
                    help="the shortest settings (same stages and code, fewer iterations): a first look, and the tests")
     opt.add_device(p)
