@@ -340,12 +340,6 @@ def collect_pretraining(args, corpus: dict[str, str], futures: dict) -> dict[str
     return out
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 class Lanes:
     """``submit`` runs jobs in ``n`` spawned processes of one thread each (n > 1), or at once in this process (n = 1:
     the future is already done). Torch with 2 threads on a 2-core machine is slower than 2 one-thread processes,
@@ -356,11 +350,9 @@ class Lanes:
 
     def __enter__(self) -> "Lanes":
         if self.n > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from orthodiff_nnunet.utils import one_thread_processes
 
-            self.pool = ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_one_thread)
+            self.pool = one_thread_processes(self.n)
         return self
 
     def submit(self, fn, *a):

@@ -184,16 +184,13 @@ def _seg_lanes(device: str) -> int:
 
 
 def _train_seg_in_lane(kwargs: dict, log_file: Path | None, bar_position: int):
-    """One ``train_segmentation`` in a spawned process: one torch thread, its own log file, its progress bar on
-    line ``bar_position`` of the console (the parent's environment, nnU-Net's folders included, is inherited)."""
+    """One ``train_segmentation`` in a process of :func:`~orthodiff_nnunet.utils.one_thread_processes`: its own log
+    file, its progress bar on line ``bar_position`` of the console."""
     import os
-
-    import torch
 
     from orthodiff_nnunet.console import output_to_log
     from orthodiff_nnunet.segmentation import train_segmentation
 
-    torch.set_num_threads(1)
     os.environ["TQDM_POSITION"] = str(bar_position)  # tqdm reads its defaults from TQDM_* variables
     with output_to_log(log_file):
         return train_segmentation(**kwargs)
@@ -202,11 +199,11 @@ def _train_seg_in_lane(kwargs: dict, log_file: Path | None, bar_position: int):
 def _train_seg_side_by_side(kwargs: dict[str, dict], logs: dict[str, Path | None]) -> dict:
     """init -> ``SegmentationTrainResult``: the runs of ``kwargs`` in one spawned process each, at the same time;
     an error in either is raised here (after both have stopped)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from orthodiff_nnunet.utils import one_thread_processes
 
-    with ProcessPoolExecutor(len(kwargs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {init: pool.submit(_train_seg_in_lane, kw, logs[init], i) for i, (init, kw) in enumerate(kwargs.items())}
+    with one_thread_processes(len(kwargs)) as pool:
+        futures = {init: pool.submit(_train_seg_in_lane, kw, logs[init], i)
+                   for i, (init, kw) in enumerate(kwargs.items())}
         return {init: f.result() for init, f in futures.items()}
 
 
@@ -318,9 +315,9 @@ class _DemoRun:
     def train_seg(self, planning, plans_id: str) -> dict[str, Path]:
         """Stage 6: sagittal segmentation from the diffusion encoder and from scratch; init -> model folder.
 
-        On a CPU with two or more cores the two inits train side by side, one process of one thread each (a
-        second thread makes an iteration only about 1.25 times faster, so two one-thread runs do about 1.6 times
-        the iterations in the same time; docs/DEMO.md); each run's nnU-Net output goes to its own log file."""
+        On a CPU with two or more cores the two inits train side by side, one process of one thread each (1.35
+        times the iterations per second of one after the other with two threads, measured; docs/DEMO.md); each
+        run's nnU-Net output goes to its own log file."""
         device, settings = self.device, self.settings
         dataset = next(d for d in planning.datasets if d.orientation == "sag")
         epochs, per_epoch = split_iterations(settings["seg_iterations"], settings["seg_epochs"])

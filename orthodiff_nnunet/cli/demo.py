@@ -8,7 +8,6 @@ from pathlib import Path
 from orthodiff_nnunet.api import DEMO_SETTINGS
 from orthodiff_nnunet.cli import options as opt
 
-
 _FULL, _QUICK = DEMO_SETTINGS["full"], DEMO_SETTINGS["quick"]
 
 
@@ -18,7 +17,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="run the whole pipeline on generated phantom data (no real data needed)")
     p.add_argument("-o", "--output", type=Path, default=Path("orthodiff_demo"),
                    help="work folder (default ./orthodiff_demo); nnUNet_raw/preprocessed/results go inside")
-    p.add_argument("--cases", type=int, default=None, help=f"exams per site (default {_FULL['cases_per_site']}; --quick {_QUICK['cases_per_site']})")
+    p.add_argument("--cases", type=int, default=None,
+                   help=f"exams per site (default {_FULL['cases_per_site']}; --quick {_QUICK['cases_per_site']})")
     opt.add_seed(p, 0, "random seed of the phantom (default 0)")
     p.add_argument("--pretrain-iterations", type=int, default=None,
                    help=f"diffusion iterations per orientation (default {_FULL['pretrain_iterations']}; "
