@@ -267,11 +267,13 @@ def train_segmentation(
     validate: bool = True,
     validation_mirroring: bool = True,
     checkpoint_minutes: float | None = None,
+    channels_last: bool = False,
+    run_seed: int | None = None,
     quiet: bool = False,
 ) -> SegmentationTrainResult:
     """Train nnU-Net segmentation on labeled cases, warm-started from the diffusion encoder or from scratch.
 
-    Long (about 100 lines) only because it documents its 21 parameters; the body is named steps.
+    Long (about 100 lines) only because it documents its 24 parameters; the body is named steps.
 
     Args:
         dataset: dataset id or name (one orientation), preprocessed with ``orthodiff plan_and_preprocess``.
@@ -302,6 +304,13 @@ def train_segmentation(
             epoch after this many minutes since the last one; 0: every epoch; None: the trainer's
             default (3). A killed run continued with ``continue_training`` loses at most this
             time plus one epoch (nnU-Net alone: up to 50 epochs).
+        channels_last: network and batches in channels-last-3d memory format (same results; faster 3D
+            convolutions on a CPU, see the trainer).
+        run_seed: seed Python's, numpy's and torch's random generators before the trainer is built: the same
+            seed gives the same random weights (the decoder and heads of a diffusion init, the whole network
+            from scratch) and, with augmentation in-process (``nnUNet_n_proc_DA=0``) on a CPU, the same
+            batches, so two inits trained with one seed differ by the init alone. None (default): unseeded,
+            as nnU-Net. Recorded in the run record.
         quiet: nnU-Net's console output (plans, configuration, per-epoch lines) and this package's log
             records go to ``<fold folder>/nnunet_console.log`` instead of the console; the progress bar
             and warnings stay on the console.
@@ -336,6 +345,8 @@ def train_segmentation(
         trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
         trainer_plans["continue_training"] = continue_training
         root.mkdir(parents=True, exist_ok=True)
+        if run_seed is not None:
+            _seed_everything(int(run_seed))
         with _environment(**{paths.ENV_RESULTS: str(root)}):  # the trainer names its output folder from it
             trainer = trainer_class(trainer_plans, configuration, fold, dataset_json, dev)
         if optimizer not in DEFAULT_LEARNING_RATES:
@@ -343,6 +354,8 @@ def train_segmentation(
         if learning_rate is None:
             learning_rate = DEFAULT_LEARNING_RATES[optimizer]
         trainer.optimizer_name = optimizer
+        trainer.channels_last = bool(channels_last)
+        trainer.run_seed = None if run_seed is None else int(run_seed)
         _configure_trainer(trainer, encoder, label_fraction, seed, learning_rate, warmup_epochs, freeze_encoder_epochs,
                            validation_mirroring, checkpoint_minutes, epochs, iterations_per_epoch,
                            val_iterations_per_epoch)
@@ -351,6 +364,18 @@ def train_segmentation(
         if validate:
             _validate(trainer, out, dataset_json, result)
     return result
+
+
+def _seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators (nnU-Net's sampling and augmentation draw from them)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _check_init(init: str, encoder: Path | None) -> None:

@@ -250,6 +250,87 @@ def test_adamw_is_nnunets_adam_variant_with_the_same_schedule_and_trains(planned
     assert tuple(DEFAULT_LEARNING_RATES) == OPTIMIZERS  # the API's (and CLI's) choices are the trainer's
 
 
+def test_channels_last_reaches_the_network_and_steps_as_the_default_format(planned):
+    """``channels_last``: the network's weights and the images it receives are channels-last-3d, the optimizer
+    updates those same weights, and a train step gives the loss and weights of the default layout."""
+    layout = torch.channels_last_3d
+    trainers = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        # SGD: an update proportional to the gradient (Adam would turn the ~1e-9 rounding-level gradient of a
+        # bias before instance norm into a full step of either sign)
+        trainers[cl] = _trainer(planned["root"], channels_last=cl)
+        trainers[cl].initialize()
+    plain, fast = trainers[False], trainers[True]
+    convs = [m.weight for m in fast.network.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(w.is_contiguous(memory_format=layout) for w in convs)
+    assert sum(not w.is_contiguous() for w in convs) >= len(convs) // 2  # (one input channel, 1x1x1: both at once)
+    assert all(w.is_contiguous() for m in plain.network.modules() if isinstance(m, torch.nn.Conv3d) for w in [m.weight])
+    optimised = {id(q) for g in fast.optimizer.param_groups for q in g["params"]}
+    assert optimised == {id(q) for q in fast.network.parameters()}  # converted in place, not copied
+    for a, b in zip(plain.network.state_dict().values(), fast.network.state_dict().values()):
+        assert torch.equal(a, b)  # same weights (the encoder loaded into both), another layout
+    start = {k: q.clone() for k, q in fast.network.state_dict().items()}
+    seen = {}
+    fast.network.register_forward_pre_hook(lambda m, inputs: seen.setdefault("x", inputs[0]))
+    dl, _ = plain.get_dataloaders()
+    batch = next(dl)
+    for t in (plain, fast):
+        t.current_epoch = 0
+        t.on_train_epoch_start()
+    loss_plain = plain.train_step(batch)["loss"]
+    loss_fast = fast.train_step(batch)["loss"]
+    assert seen["x"].is_contiguous(memory_format=layout)  # (one channel: the same bytes as the default layout)
+    assert torch.equal(seen["x"], torch.as_tensor(batch["data"]))  # same values, another layout
+    assert float(loss_fast) == pytest.approx(float(loss_plain), rel=1e-5)
+    assert any(not torch.equal(q, start[k]) for k, q in fast.network.state_dict().items())  # it did step
+    for (name, a), b in zip(plain.network.named_parameters(), fast.network.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert fast.run_record()["schedule"]["channels_last"] is True
+    assert plain.run_record()["schedule"]["channels_last"] is False
+
+
+def test_run_seed_pairs_the_two_inits_on_the_same_random_weights_and_batches(planned):
+    """One ``run_seed``: the scratch twin and the diffusion init start from the same decoder and heads and draw the
+    same first batches (in-process augmentation); only the encoder differs."""
+    from orthodiff_nnunet.segmentation import _seed_everything
+
+    runs = {}
+    for cls_name in ("nnUNetTrainerOrthoDiffSegScratch", "nnUNetTrainerOrthoDiffSeg"):
+        _seed_everything(7)
+        trainer = _trainer(planned["root"], cls_name)
+        trainer.initialize()
+        dl, _ = trainer.get_dataloaders()
+        runs[cls_name] = (trainer.network, [next(dl) for _ in range(2)])
+    (scratch, b_scratch), (diffusion, b_diffusion) = runs.values()
+    for name, w in scratch.decoder.state_dict().items():
+        if not name.startswith("encoder."):  # the decoder holds a reference to the encoder
+            assert torch.equal(w, diffusion.decoder.state_dict()[name]), name
+    assert not all(torch.equal(w, diffusion.encoder.state_dict()[k]) for k, w in scratch.encoder.state_dict().items())
+    for a, b in zip(b_scratch, b_diffusion):
+        assert list(a["keys"]) == list(b["keys"]) and torch.equal(torch.as_tensor(a["data"]), torch.as_tensor(b["data"]))
+    _seed_everything(8)
+    other = _trainer(planned["root"], "nnUNetTrainerOrthoDiffSegScratch")
+    other.initialize()
+    assert not torch.equal(other.network.decoder.seg_layers[-1].weight, scratch.decoder.seg_layers[-1].weight)
+
+
+def test_run_seed_repeats_a_training_run_bit_for_bit(planned):
+    from orthodiff_nnunet.segmentation import train_segmentation
+
+    common = dict(orientation="sag", fold=3, plans=PLANS, label_fraction=0.75, init="scratch", epochs=1,
+                  iterations_per_epoch=2, val_iterations_per_epoch=1, device="cpu", validate=False)
+    weights = []
+    for seed in (7, 7, 8):
+        result = train_segmentation(DATASET_ID, run_seed=seed, **common)
+        weights.append(torch.load(result.checkpoint, map_location="cpu", weights_only=False)["network_weights"])
+        assert result.run_record["schedule"]["run_seed"] == seed
+        done = result.model_folder.with_name(f"{result.model_folder.name}_seed{seed}_{len(weights)}")
+        result.model_folder.rename(done)  # the next run starts fresh in the same place
+    assert all(torch.equal(w, weights[1][k]) for k, w in weights[0].items())
+    assert not all(torch.equal(w, weights[2][k]) for k, w in weights[0].items())
+
+
 # -- the API end to end ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

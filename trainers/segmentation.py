@@ -162,6 +162,10 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
       warm-up and poly schedule. AdamW is for short schedules: on the demo's phantom, from scratch,
       SGD at 1e-2 had learnt no structure after 100 iterations where AdamW at 3e-3 had femur and tibia
       at Dice 0.85 / 0.90 (docs/DEMO.md).
+    * ``channels_last``: network and training/validation batches in channels-last-3d memory format
+      (same values, another layout). On a CPU, mkldnn's 3D convolutions are faster so: 1.4x per
+      iteration of the demo's network (BENCHMARKS.md, ``bench/bench_seg_trainer.py``). Default off, as
+      nnU-Net.
     """
 
     init = "diffusion"
@@ -180,6 +184,8 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
         self._encoder_frozen = False
         self.checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
         self.optimizer_name: str = "sgd"
+        self.channels_last: bool = False
+        self.run_seed: int | None = None  # recorded only: ``train_segmentation(run_seed=...)`` seeds the generators
         self._last_latest_checkpoint = time.monotonic()
 
     def print_to_log_file(self, *args, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
@@ -231,6 +237,13 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
         check_preprocessed_data(Path(self.preprocessed_dataset_folder_base), self.plans_manager.plans,
                                 self.configuration_name, self.dataset_json)
         super().initialize()
+        self._load_encoder()
+        if self.channels_last:
+            # in place: the optimizer nnU-Net built holds the same parameter objects
+            self.network.to(memory_format=torch.channels_last_3d)
+            self.print_to_log_file("network and batches in channels-last-3d memory format")
+
+    def _load_encoder(self) -> None:
         path = self.resolved_encoder_path()
         if path is None:
             self.print_to_log_file("init 'scratch': nnU-Net's random initialisation (the from-scratch twin)")
@@ -342,11 +355,21 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
                             f"train seg, {self.init} init",
                             bar_format=BAR_FORMAT)
 
+    def _memory_format(self, batch: dict) -> dict:
+        """The batch's images in channels-last-3d memory format if ``channels_last`` (same values)."""
+        if self.channels_last:
+            batch = {**batch, "data": torch.as_tensor(batch["data"]).contiguous(memory_format=torch.channels_last_3d)}
+        return batch
+
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step; the progress bar advances and shows the loss."""
-        out = super().train_step(batch)
+        out = super().train_step(self._memory_format(batch))
         self.advance_progress(epoch=self.current_epoch, loss=f"{float(out['loss']):.3f}")
         return out
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step (channels-last batches if ``channels_last``)."""
+        return super().validation_step(self._memory_format(batch))
 
     def on_epoch_end(self) -> None:
         """nnU-Net's epoch end; ``checkpoint_latest.pth`` also when ``checkpoint_minutes`` have passed.
@@ -427,7 +450,8 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
             "schedule": {"optimizer": self.optimizer_name, "initial_lr": self.initial_lr, "warmup_epochs": self.resolved_warmup_epochs(),
                          "freeze_encoder_epochs": int(self.freeze_encoder_epochs), "num_epochs": self.num_epochs,
                          "num_iterations_per_epoch": self.num_iterations_per_epoch,
-                         "batch_size": self.batch_size},
+                         "batch_size": self.batch_size, "channels_last": bool(self.channels_last),
+                         "run_seed": self.run_seed},
             "versions": {"orthodiff_nnunet": _orthodiff_version, "nnunetv2": _package_version("nnunetv2"),
                          "torch": torch.__version__},
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
