@@ -18,6 +18,11 @@ beside the wall clock: on a machine shared with other jobs the wall clock of a r
 what else runs, the CPU time this process spends much less (one torch thread by default, so
 that no OpenMP thread spins while waiting for a core). Goal: ratio <= 1.02.
 
+``--versus contiguous`` times the memory format instead: (a) our trainer with ``channels_last`` (network
+and batches in channels-last-3d) against (b) the same trainer in nnU-Net's default (contiguous) format,
+both from the same encoder, on the same batches: the ratio is the speed-up of ``train seg
+--channels-last``.
+
 The encoder checkpoint is exported from a freshly built network of the same plans (the timing does
 not depend on the weights' values; the loading path is the real one, checked at initialize).
 
@@ -25,11 +30,13 @@ Data: unless ``--dataset`` names an existing preprocessed dataset (``nnUNet_prep
 procedural sagittal knee phantoms of a 3 T site are written, converted and planned (ResEnc-M) in a
 work folder. ``--size reduced`` (CPU): 4 small phantoms (1.6 mm pixels, 3 mm slices) and a tiny
 network (``write_shrunk_plans``, 16 features, 4 stages); ``--size full``: adult-size phantoms at
-0.4 mm and the planned network unchanged (for the GPU).
+0.4 mm and the planned network unchanged (for the GPU); ``--size demo``: the ``orthodiff demo`` network
+(4 phantoms at 1.6 mm, the plans reduced by ``DEMO_NETWORK``: features / 4, one block per stage, batch 2).
 
 Usage::
 
     OMP_NUM_THREADS=2 python -m bench.bench_seg_trainer --device cpu --size reduced
+    python -m bench.bench_seg_trainer --device cpu --size demo --versus contiguous
     python -m bench.bench_seg_trainer --device cuda --size full
 
 Prints a Markdown table row (with header) and the machine; ``--out FILE`` appends them to FILE.
@@ -56,12 +63,16 @@ def make_dataset(work: Path, size: str) -> tuple[str, str]:
     """Phantoms -> convert -> plan_and_preprocess (reused when present); returns (dataset, plans)."""
     from orthodiff_nnunet.networks.build import write_shrunk_plans
 
-    reduced = size == "reduced"
-    name, plans_id = common.make_phantom_dataset(work, DATASET_ID, "SegBench", n_cases=4 if reduced else 6, seed=3,
-                                                 in_plane_mm=1.6 if reduced else 0.4)
-    if reduced:
+    small = size in ("reduced", "demo")
+    name, plans_id = common.make_phantom_dataset(work, DATASET_ID, "SegBench", n_cases=4 if small else 6, seed=3,
+                                                 in_plane_mm=1.6 if small else 0.4)
+    if size == "reduced":
         plans_id = write_shrunk_plans(work / "preprocessed" / name, plans_id, "segBenchTinyPlans",
                                       max_features=16, max_stages=4)
+    elif size == "demo":
+        from orthodiff_nnunet.api import DEMO_NETWORK
+
+        plans_id = write_shrunk_plans(work / "preprocessed" / name, plans_id, "segBenchDemoPlans", **DEMO_NETWORK)
     return name, plans_id
 
 
@@ -79,7 +90,7 @@ class Timing:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--size", choices=["reduced", "full"], default="reduced")
+    ap.add_argument("--size", choices=["reduced", "demo", "full"], default="reduced")
     ap.add_argument("--dataset", default=None, help="an existing preprocessed dataset (name) instead of phantoms")
     ap.add_argument("--plans", default=None, help=f"its plans identifier (default {RESENC_M_PLANS})")
     ap.add_argument("--iterations", type=int, default=2, help="train steps per repetition (default 2)")
@@ -87,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per trainer first (default 3)")
     ap.add_argument("--control", action="store_true",
                     help="A/A control: time nnUNetTrainer against a second nnUNetTrainer instead of ours")
+    ap.add_argument("--versus", choices=["nnunet", "contiguous"], default="nnunet",
+                    help="nnunet: ours against nnUNetTrainer (default); contiguous: ours with channels_last against "
+                         "ours in the default memory format")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=None, help="append the Markdown result to this file")
@@ -121,6 +135,10 @@ def build_trainers(args: argparse.Namespace, device) -> tuple[object, object, st
         return common.make_trainer(cls, plans, cfg, dataset_json, device, compile_=compile_, **attributes)
 
     torch.manual_seed(0)
+    if args.versus == "contiguous":  # the memory format alone: the same trainer, the same encoder
+        a = build(nnUNetTrainerOrthoDiffSeg, encoder_path=str(encoder), channels_last=True)
+        torch.manual_seed(0)
+        return a, build(nnUNetTrainerOrthoDiffSeg, encoder_path=str(encoder)), plans_id
     if args.control:  # A/A: nnU-Net's trainer against itself, the noise floor of this procedure
         ours = build(nnUNetTrainer)
     else:
@@ -164,7 +182,9 @@ def run(args: argparse.Namespace) -> Timing:
         for i in range(args.warmup):
             t.train_step(batches[i % len(batches)])
     cm = ours.configuration_manager
-    timing = Timing(("A/A control: nnUNetTrainer vs itself, " if args.control else "") + args.device,
+    label = ("A/A control: nnUNetTrainer vs itself, " if args.control else
+             "channels-last vs contiguous (ours both), " if args.versus == "contiguous" else "")
+    timing = Timing(label + args.device,
                     f"{tuple(cm.patch_size)} x {cm.batch_size}", plans_id)
     for i in range(args.repeats):
         order = [("ours", ours), ("nnunet", theirs)] if i % 2 == 0 else [("nnunet", theirs), ("ours", ours)]
@@ -188,11 +208,12 @@ def record(timing: Timing, args: argparse.Namespace) -> None:
 
     row = [timing.row_label, args.size, timing.patch_batch, timing.plans_id,
            cell(timing.wall, "ours"), cell(timing.wall, "nnunet"), ratio(timing.wall)]
-    header = ["device", "size", "patch x batch", "plans", "ours ms/it (wall)", "nnUNetTrainer ms/it (wall)",
+    a, b = ("channels-last", "contiguous") if args.versus == "contiguous" else ("ours", "nnUNetTrainer")
+    header = ["device", "size", "patch x batch", "plans", f"{a} ms/it (wall)", f"{b} ms/it (wall)",
               "wall ratio (range of pairs)"]
     if args.device == "cpu":
         row += [cell(timing.cpu, "ours"), cell(timing.cpu, "nnunet"), ratio(timing.cpu)]
-        header += ["ours CPU ms/it", "nnUNetTrainer CPU ms/it", "CPU-time ratio (range)"]
+        header += [f"{a} CPU ms/it", f"{b} CPU ms/it", "CPU-time ratio (range)"]
     row.append(f"{args.repeats} x {args.iterations}")
     header.append("reps x its")
     text = "\n".join([common.markdown_table(header, [row]), "", common.footer(torch.device(args.device))])
