@@ -40,12 +40,14 @@ class DemoResult:
 
 
 #: the demo's settings: ``full`` (the default command) and ``quick`` (the tests' path: the same stages and
-#: code, fewer iterations). Segmentation trains the sagittal view only (all three views classify), twice:
+#: code, fewer iterations). The external site has more exams than the training site: evaluation is cheap
+#: (about 2.5 s per exam for both segmentation models and the classifier) and 24 exams narrow the intervals
+#: that the newcomer reads (docs/DEMO.md). Segmentation trains the sagittal view only (all three views classify), twice:
 #: from the diffusion encoder and from scratch, the same iterations, data and seed (docs/DEMO.md).
 DEMO_SETTINGS = {
-    "full": {"cases_per_site": 12, "pretrain_iterations": 50, "seg_epochs": 10, "seg_iterations": 500,
+    "full": {"cases_per_site": 12, "external_cases": 24, "pretrain_iterations": 50, "seg_epochs": 10, "seg_iterations": 650,
              "cls_epochs": 6, "cls_iterations": 10, "n_boot": 500, "cls_boot": 200},
-    "quick": {"cases_per_site": 6, "pretrain_iterations": 4, "seg_epochs": 2, "seg_iterations": 4,
+    "quick": {"cases_per_site": 6, "external_cases": 6, "pretrain_iterations": 4, "seg_epochs": 2, "seg_iterations": 4,
               "cls_epochs": 1, "cls_iterations": 2, "n_boot": 20, "cls_boot": 20},
 }
 #: the demo's sites: the tests' 3 T and 1.5 T phantom profiles at twice their in-plane pixel spacing
@@ -66,6 +68,10 @@ DEMO_SEG_OPTIMIZER = "adamw"
 DEMO_SEG_LR = 1e-2
 #: the two initialisations the demo trains and sets side by side in its report
 DEMO_SEG_INITS = ("diffusion", "scratch")
+#: the seed of every trained stage (pretraining ``--seed``, segmentation ``--run-seed``; the classifier's
+#: default seed is 0 too): a demo run repeats on the same machine, and both segmentation inits start from the
+#: same decoder and heads and see the same batches, so that their difference is the init alone
+DEMO_SEED = 0
 DEMO_STAGES = ("convert", "plan_and_preprocess", "pretrain sag", "pretrain cor", "pretrain ax", "train seg",
                "train cls", "evaluate")
 
@@ -108,7 +114,8 @@ def _report_headline(report_json: Path) -> dict[str, float | None]:
     return out
 
 
-def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int | None = None, seed: int = 0,
+def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int | None = None,
+         external_cases: int | None = None, seed: int = 0,
          pretrain_iterations: int | None = None, seg_iterations: int | None = None, cls_epochs: int | None = None,
          device: str = "auto", *, quick: bool = False, verbose: bool = False,
          write: Callable[[str], None] | None = None) -> DemoResult:
@@ -129,7 +136,8 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int | None = Non
 
     Args:
         output: work folder (removed and rebuilt if it holds an earlier demo).
-        cases_per_site: exams per site (default 12; quick 6).
+        cases_per_site: exams of the training site (default 12; quick 6).
+        external_cases: exams of the external site (default 24; quick 6).
         seed: phantom seed.
         pretrain_iterations, seg_iterations, cls_epochs: override the settings' lengths.
         device: ``auto``, ``cuda`` or ``cpu``.
@@ -138,14 +146,13 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int | None = Non
         write: where console lines go (default: this module's logger at INFO; the CLI prints them).
     """
     settings = dict(DEMO_SETTINGS["quick" if quick else "full"])
-    for key, value in (("cases_per_site", cases_per_site), ("pretrain_iterations", pretrain_iterations),
+    for key, value in (("cases_per_site", cases_per_site), ("external_cases", external_cases),
+                       ("pretrain_iterations", pretrain_iterations),
                        ("seg_iterations", seg_iterations), ("cls_epochs", cls_epochs)):
         if value is not None:
             settings[key] = int(value)
-    cases_per_site = settings["cases_per_site"]
-    run = _DemoRun(_fresh_demo_folder(output), settings, device, quick=quick, verbose=verbose, write=write,
-                   cases_per_site=cases_per_site)
-    run.convert_sites(cases_per_site, seed)
+    run = _DemoRun(_fresh_demo_folder(output), settings, device, quick=quick, verbose=verbose, write=write)
+    run.convert_sites(settings["cases_per_site"], settings["external_cases"], seed)
     planning = run.plan()
     plans_id = "orthodiffDemoPlans"
     run.pretrain(planning, plans_id)
@@ -172,15 +179,19 @@ def _fresh_demo_folder(output: Path) -> Path:
     return output
 
 
+def _on_cpu(device: str) -> bool:
+    from orthodiff_nnunet.conventions import resolve_device
+
+    return resolve_device(device).type == "cpu"
+
+
 def _seg_lanes(device: str) -> int:
     """How many segmentation runs the demo trains side by side: 2 on a CPU with 2 or more usable cores, else 1
     (on a GPU the runs share the one device; one after the other is as fast)."""
     import os
 
-    from orthodiff_nnunet.conventions import resolve_device
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if resolve_device(device).type == "cpu" and cores >= 2 else 1
+    return 2 if _on_cpu(device) and cores >= 2 else 1
 
 
 def _train_seg_in_lane(kwargs: dict, log_file: Path | None, bar_position: int):
@@ -215,7 +226,7 @@ class _DemoRun:
     """
 
     def __init__(self, output: Path, settings: dict[str, int], device: str, *, quick: bool, verbose: bool,
-                 write: Callable[[str], None] | None, cases_per_site: int) -> None:
+                 write: Callable[[str], None] | None) -> None:
         from orthodiff_nnunet import paths
         from orthodiff_nnunet.console import StageConsole
 
@@ -226,7 +237,8 @@ class _DemoRun:
         self.console = StageConsole(self.logs, total=len(DEMO_STAGES), verbose=verbose, write=write or log.info)
         self.details: list[str] = [f"OrthoDiff-nnU-Net demo in {output} (synthetic phantom data)"]
         self.console.say(f"OrthoDiff-nnU-Net demo{' (--quick)' if quick else ''} in {output}: synthetic phantom knees, "
-                         f"{cases_per_site} exams per site; {len(DEMO_STAGES)} stages"
+                         f"{settings['cases_per_site']} training and {settings['external_cases']} external exams; "
+                         f"{len(DEMO_STAGES)} stages"
                          + ("" if verbose else f", nnU-Net's output in {self.logs}/ (-v shows it here)"))
         self.console.say("Each stage's equivalent command follows its `$`; they run as shown after")
         self.console.say(f"      $ export nnUNet_raw={self.raw} nnUNet_preprocessed={self.pre} nnUNet_results={self.res}")
@@ -237,7 +249,7 @@ class _DemoRun:
 
         return os.path.relpath(p, self.output)
 
-    def convert_sites(self, cases_per_site: int, seed: int) -> None:
+    def convert_sites(self, training_cases: int, external_cases: int, seed: int) -> None:
         """Stage 1: write the 3 T training and 1.5 T external phantom sites and convert them."""
         import dataclasses
 
@@ -247,14 +259,14 @@ class _DemoRun:
         output = self.output
         site_a, site_b = (dataclasses.replace(site, in_plane_spacing_mm=DEMO_IN_PLANE_MM[site.name])
                           for site in (SITE_3T, SITE_15T))
-        sites = ((site_a, 501, False, seed), (site_b, 511, True, seed + 1000))
+        sites = ((site_a, 501, False, seed, training_cases), (site_b, 511, True, seed + 1000, external_cases))
         manifests = {site.name: output / "sites" / site.name / "manifest.csv" for site, *_ in sites}
         commands = [f"orthodiff convert {self.rel(manifests[site.name])} -d {base} -n Knee{site.name} -np 1"
-                    + (" --external" if external else " --folds 2") for site, base, external, _ in sites]
+                    + (" --external" if external else " --folds 2") for site, base, external, *_ in sites]
         with self.console.stage("convert", [f"cd {output}", *commands]) as stage:
             counts = []
-            for site, base_id, external, site_seed in sites:
-                manifest = write_site(output / "sites" / site.name, site, n_cases=cases_per_site, seed=site_seed,
+            for site, base_id, external, site_seed, n_cases in sites:
+                manifest = write_site(output / "sites" / site.name, site, n_cases=n_cases, seed=site_seed,
                                       patients_with_two_exams=1)
                 # 2 folds: with a handful of exams, fold 0's validation still holds several exams
                 result = convert(manifest, base_id, f"Knee{site.name}", raw=self.raw, external=external,
@@ -302,11 +314,12 @@ class _DemoRun:
             # the classifier (fold 0) tests on exams the encoders must not have seen: they are left out here
             test_folds = default_test_folds(len(json.loads((folder / "splits_final.json").read_text())), 0)
             command = (f"orthodiff pretrain -d {dataset.dataset_name} -p {plans_id} --iterations {n_pre} "
-                       f"--checkpoint-every {n_pre} --lr 1e-3 --sample-steps 5 --device {device} "
+                       f"--checkpoint-every {n_pre} --lr 1e-3 --sample-steps 5 --seed {DEMO_SEED} --device {device} "
                        f"--exclude-fold {' '.join(map(str, test_folds))}")
             with self.console.stage(f"pretrain {dataset.orientation}", [command]) as stage:
                 result = pretrain(dataset.dataset_name, plans=plans_id, iterations=n_pre, checkpoint_every=n_pre,
-                                  learning_rate=1e-3, device=device, sample_steps=5, exclude_folds=test_folds)
+                                  learning_rate=1e-3, device=device, sample_steps=5, exclude_folds=test_folds,
+                                  seed=DEMO_SEED)
                 self.details.append(result.summary())
                 stage.figures = (f"{result.iterations} it, train loss {_fmt(result.train_losses[-1])}, "
                                  f"EMA val loss {_fmt(result.val_losses[-1])}"
@@ -321,9 +334,11 @@ class _DemoRun:
         device, settings = self.device, self.settings
         dataset = next(d for d in planning.datasets if d.orientation == "sag")
         epochs, per_epoch = split_iterations(settings["seg_iterations"], settings["seg_epochs"])
+        channels_last = _on_cpu(device)  # mkldnn's 3D convolutions: 1.28x per demo step (BENCHMARKS.md)
         commands = [f"orthodiff train seg -d {dataset.dataset_name} -f all -p {plans_id} --init {init} "
                     f"--optimizer {DEMO_SEG_OPTIMIZER} --lr {DEMO_SEG_LR:g} --epochs {epochs} "
                     f"--iterations-per-epoch {per_epoch} --val-iterations 2 --no-validation --device {device}"
+                    + (" --channels-last" if channels_last else "") + f" --run-seed {DEMO_SEED}"
                     for init in DEMO_SEG_INITS]
         lanes = _seg_lanes(device)
         if lanes > 1:
@@ -332,7 +347,8 @@ class _DemoRun:
         with self.console.stage("train seg", commands) as stage:
             kwargs = {init: dict(dataset=dataset.dataset_name, fold="all", init=init, plans=plans_id, epochs=epochs,
                                  iterations_per_epoch=per_epoch, val_iterations_per_epoch=2, device=device,
-                                 validate=False, optimizer=DEMO_SEG_OPTIMIZER, learning_rate=DEMO_SEG_LR)
+                                 validate=False, optimizer=DEMO_SEG_OPTIMIZER, learning_rate=DEMO_SEG_LR,
+                                 channels_last=channels_last, run_seed=DEMO_SEED)
                       for init in DEMO_SEG_INITS}
             if lanes > 1:
                 logs = {init: None if stage.log_file is None else stage.log_file.with_suffix(f".{init}.log")

@@ -135,9 +135,9 @@ def test_plan_and_demo_map_their_negations_and_renames(monkeypatch, capsys):
     assert kw["preprocess"] is False and kw["verify_dataset_integrity"] is True and kw["show_progress"] is False
 
     demo = _record(monkeypatch, api, "demo")
-    assert main(["demo", "--cases", "4", "--quick", "-o", "work"]) == 0
+    assert main(["demo", "--cases", "4", "--external-cases", "5", "--quick", "-o", "work"]) == 0
     (kw,) = demo.calls
-    assert kw["cases_per_site"] == 4 and kw["quick"] is True and kw["output"] == Path("work")
+    assert kw["cases_per_site"] == 4 and kw["external_cases"] == 5 and kw["quick"] is True and kw["output"] == Path("work")
     assert kw["verbose"] is False
     kw["write"]("stage line")
     assert capsys.readouterr().out.endswith("stage line\n")

@@ -18,7 +18,11 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("orthodiff_demo"),
                    help="work folder (default ./orthodiff_demo); nnUNet_raw/preprocessed/results go inside")
     p.add_argument("--cases", type=int, default=None,
-                   help=f"exams per site (default {_FULL['cases_per_site']}; --quick {_QUICK['cases_per_site']})")
+                   help=f"exams of the 3 T training site (default {_FULL['cases_per_site']}; --quick "
+                        f"{_QUICK['cases_per_site']})")
+    p.add_argument("--external-cases", type=int, default=None,
+                   help=f"exams of the 1.5 T external site (default {_FULL['external_cases']}; --quick "
+                        f"{_QUICK['external_cases']})")
     opt.add_seed(p, 0, "random seed of the phantom (default 0)")
     p.add_argument("--pretrain-iterations", type=int, default=None,
                    help=f"diffusion iterations per orientation (default {_FULL['pretrain_iterations']}; "
