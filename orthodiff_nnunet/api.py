@@ -179,6 +179,20 @@ def _fresh_demo_folder(output: Path) -> Path:
     return output
 
 
+def _demo_pseudonym_key(path: Path, seed: int) -> Path:
+    """The demo's pseudonym key, derived from the phantom seed and written beside the sites (outside the datasets).
+
+    Pseudonyms name the cases and so decide nnU-Net's case order and the folds; a fresh random key per run (the
+    default for real data) made two demo runs split, pretrain and classify differently. The phantom has no
+    patient to protect, so its key is a function of the seed: the same seed gives the same cases, folds and
+    figures on the same machine. Real data keep a random key (``orthodiff convert`` creates it)."""
+    import hashlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hashlib.sha256(f"orthodiff demo phantom, seed {int(seed)}".encode()).hexdigest() + "\n")
+    return path
+
+
 def _on_cpu(device: str) -> bool:
     from orthodiff_nnunet.conventions import resolve_device
 
@@ -261,8 +275,10 @@ class _DemoRun:
                           for site in (SITE_3T, SITE_15T))
         sites = ((site_a, 501, False, seed, training_cases), (site_b, 511, True, seed + 1000, external_cases))
         manifests = {site.name: output / "sites" / site.name / "manifest.csv" for site, *_ in sites}
-        commands = [f"orthodiff convert {self.rel(manifests[site.name])} -d {base} -n Knee{site.name} -np 1"
-                    + (" --external" if external else " --folds 2") for site, base, external, *_ in sites]
+        key = _demo_pseudonym_key(output / "sites" / "pseudonym.key", seed)
+        commands = [f"orthodiff convert {self.rel(manifests[site.name])} -d {base} -n Knee{site.name} -np 1 "
+                    f"--pseudonym-key {self.rel(key)}" + (" --external" if external else " --folds 2")
+                    for site, base, external, *_ in sites]
         with self.console.stage("convert", [f"cd {output}", *commands]) as stage:
             counts = []
             for site, base_id, external, site_seed, n_cases in sites:
@@ -270,7 +286,7 @@ class _DemoRun:
                                       patients_with_two_exams=1)
                 # 2 folds: with a handful of exams, fold 0's validation still holds several exams
                 result = convert(manifest, base_id, f"Knee{site.name}", raw=self.raw, external=external,
-                                 num_processes=1, num_folds=2)
+                                 num_processes=1, num_folds=2, pseudonym_key=key)
                 self.details.append(result.summary())
                 counts.append(f"{site.name} ({site.field_strength_t:g} T, {'external' if external else 'training'}) "
                               f"{max(result.num_cases.values(), default=0)} exams x {len(result.datasets)} orientations")

@@ -8,6 +8,7 @@ on the demo's preprocessed data (a new scratch run, 3 iterations) to check its p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -73,6 +74,28 @@ def test_one_line_per_stage_in_order_with_time_and_log(quick_demo):
     assert re.search(r"sag, 4 it each: diffusion init loss -?\d\.\d{3}, pseudo Dice \d\.\d{3}; "
                      r"scratch init loss -?\d\.\d{3}, pseudo Dice \d\.\d{3}", figures["train seg"])
     assert re.search(r"mean Dice \d\.\d{3} \(scratch \d\.\d{3}\), macro AUROC", figures["evaluate"])
+
+
+def test_demo_cases_and_folds_repeat_with_the_seed_derived_pseudonym_key(quick_demo, tmp_path):
+    """The phantom's pseudonym key comes from the seed (a random key per run made every demo run split
+    differently): converting the same site again with that key gives the same case names and folds."""
+    from orthodiff_nnunet.api import convert
+
+    out, proc = quick_demo
+    key = out / "sites" / "pseudonym.key"
+    assert "--pseudonym-key sites/pseudonym.key" in proc.stdout
+    assert key.is_file() and not key.resolve().is_relative_to((out / "nnUNet_raw").resolve())
+    convert(out / "sites" / "SiteA" / "manifest.csv", 501, "KneeSiteA", raw=tmp_path / "raw", num_processes=1,
+            num_folds=2, pseudonym_key=key)
+    for name in ("splits_final.json", "orthodiff_targets.json"):
+        again = json.loads((tmp_path / "raw" / "Dataset501_KneeSiteASag" / name).read_text())
+        assert again == json.loads((out / "nnUNet_raw" / "Dataset501_KneeSiteASag" / name).read_text()), name
+    other = tmp_path / "other.key"
+    other.write_text("00" * 32)
+    convert(out / "sites" / "SiteA" / "manifest.csv", 501, "KneeSiteA", raw=tmp_path / "raw2", num_processes=1,
+            num_folds=2, pseudonym_key=other)
+    names = sorted(p.name for p in (tmp_path / "raw2" / "Dataset501_KneeSiteASag" / "imagesTr").iterdir())
+    assert names != sorted(p.name for p in (out / "nnUNet_raw" / "Dataset501_KneeSiteASag" / "imagesTr").iterdir())
 
 
 def test_no_nnunet_dumps_on_the_console_but_in_the_logs(quick_demo):
