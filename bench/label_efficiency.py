@@ -45,7 +45,10 @@ On a shared 2-core machine torch with 2 threads ran 3.4x slower than with 1, so 
 processes (``--lanes``) of one thread each. The CPU defaults were chosen by checking convergence first
 (2026-12-02, scratch at 100 %, AdamW 1e-2, validation pseudo-Dice): with features 4-8-16-32-32 scratch never
 learnt the patella (0 after 400 and 800 iterations); with 8-16-32-64-64 femur / tibia / patella reached
-0.93 / 0.92 / 0.86 after 275 of 400 iterations. An earlier run with nnU-Net's SGD and 350 iterations per arm
+0.93 / 0.92 / 0.86 after 275 of 400 iterations. But the cartilage had not converged at 400: a later check over
+1,500 iterations (scratch, 100 %) found every validation curve flat only from about 1,200 (bones 0.95 / 0.94 / 0.91,
+cartilages 0.71-0.74), so the default is now 48 epochs x 25 = 1,200 iterations per arm. An earlier run with
+nnU-Net's SGD and 350 iterations per arm
 learnt nothing (BENCHMARKS.md).
 
 Every stage reuses what the work folder holds (delete it, or a stage's folder, to redo it). Writes
@@ -597,7 +600,9 @@ def parse_args(argv=None):
     ap.add_argument("--pretrain-iterations", type=int, default=1000,
                     help="cpu: pretraining iterations (default 1000)")
     ap.add_argument("--pretrain-lr", type=float, default=1e-3, help="cpu: pretraining AdamW lr (default 1e-3)")
-    ap.add_argument("--epochs", type=int, default=16, help="cpu: segmentation epochs (default 16)")
+    ap.add_argument("--epochs", type=int, default=48,
+                    help="cpu: segmentation epochs (default 48 = 1,200 iterations: scratch at 100 %% converged there, "
+                         "the 2026-12-02 check over 1,500; 16 = 400 was not converged)")
     ap.add_argument("--iterations-per-epoch", type=int, default=25, help="cpu: iterations per epoch (default 25)")
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw",
                     help="segmentation optimizer of every arm (default adamw: nnU-Net's SGD learnt nothing in a few "
