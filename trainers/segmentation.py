@@ -163,9 +163,9 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
       SGD at 1e-2 had learnt no structure after 100 iterations where AdamW at 3e-3 had femur and tibia
       at Dice 0.85 / 0.90 (docs/DEMO.md).
     * ``channels_last``: network and training/validation batches in channels-last-3d memory format
-      (same values, another layout). On a CPU, mkldnn's 3D convolutions are faster so: 1.4x per
-      iteration of the demo's network (BENCHMARKS.md, ``bench/bench_seg_trainer.py``). Default off, as
-      nnU-Net.
+      (same values, another layout). On a CPU, mkldnn's 3D convolutions are faster so: 1.28x per
+      training step of the demo's network (BENCHMARKS.md, ``bench/bench_seg_trainer.py --versus
+      contiguous``). Default off, as nnU-Net.
     """
 
     init = "diffusion"

@@ -23,7 +23,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--external-cases", type=int, default=None,
                    help=f"exams of the 1.5 T external site (default {_FULL['external_cases']}; --quick "
                         f"{_QUICK['external_cases']})")
-    opt.add_seed(p, 0, "random seed of the phantom (default 0)")
+    opt.add_seed(p, 0, "random seed of the phantom and of its pseudonym key (default 0)")
     p.add_argument("--pretrain-iterations", type=int, default=None,
                    help=f"diffusion iterations per orientation (default {_FULL['pretrain_iterations']}; "
                         f"--quick {_QUICK['pretrain_iterations']})")

@@ -55,7 +55,7 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     opt.add_device(p)
     p.add_argument("--channels-last", action="store_true",
                    help="network and batches in channels-last-3d memory format: same results, faster 3D convolutions "
-                        "on a CPU (1.4x per iteration of the demo's network)")
+                        "on a CPU (1.28x per step of the demo's network, BENCHMARKS.md)")
     p.add_argument("--run-seed", type=int, default=None,
                    help="seed of the random weights, batch sampling and augmentation (default: unseeded, as nnU-Net); "
                         "two inits trained with one seed differ by the init alone (CPU, nnUNet_n_proc_DA=0)")
