@@ -449,12 +449,8 @@ def arm_dir(work: Path, init: str, fraction: float, seed: int) -> Path:
 
 
 def train_arm(args, work: Path, state: dict, init: str, fraction: float, seed: int) -> tuple[Path, dict]:
-    """Train one arm (reused when its final checkpoint exists), check its cases; (fold folder, its timing)."""
-    import random
-
-    import numpy as np
-    import torch
-
+    """Train one arm (reused when its final checkpoint exists), check its cases; (fold folder, its timing).
+    The arm's seed is ``train_segmentation``'s ``run_seed`` (torch/numpy/random before the trainer is built)."""
     from orthodiff_nnunet.paths import set_nnunet_paths
     from orthodiff_nnunet.segmentation import train_segmentation
 
@@ -469,9 +465,6 @@ def train_arm(args, work: Path, state: dict, init: str, fraction: float, seed: i
     fold_dir = model / f"fold_{fold}"
     t0, c0 = time.perf_counter(), cpu_seconds()
     if not (fold_dir / "checkpoint_final.pth").is_file():
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
         kw = {}
         if args.size == "cpu":
             kw = {"epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch,
@@ -479,7 +472,7 @@ def train_arm(args, work: Path, state: dict, init: str, fraction: float, seed: i
         train_segmentation(dataset, fold=fold, init=seg_init, encoder=encoder, plans=plans, device=args.device,
                            optimizer=args.optimizer, learning_rate=args.seg_lr,
                            validate=False, continue_training=(fold_dir / "checkpoint_latest.pth").is_file(),
-                           checkpoint_minutes=3, channels_last=args.channels_last, **kw)
+                           checkpoint_minutes=3, channels_last=args.channels_last, run_seed=seed, **kw)
     timing = {"train_wall": time.perf_counter() - t0, "train_cpu": cpu_seconds() - c0}
     record = json.loads((fold_dir / SEG_RUN_RECORD).read_text())
     expected = json.loads((work / "preprocessed" / dataset / "splits_final.json").read_text())[fold]["train"]

@@ -30,7 +30,7 @@ from orthodiff_nnunet.conventions import (
     resolve_device,
 )
 from orthodiff_nnunet.errors import OrthodiffError
-from orthodiff_nnunet.utils import atomic_write_json, save_figure
+from orthodiff_nnunet.utils import atomic_write_json, save_figure, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def pretrain(
     check_objective(objective, mask_ratio, mask_block)
     inputs = _resolve_inputs(dataset, plans, configuration)
     dev = resolve_device(device)
-    _seed_everything(seed)
+    seed_everything(seed)
     trainer = _make_trainer(inputs, configuration, dev, resume, objective, mask_ratio, mask_block)
     _configure(trainer, total_iterations=iterations, checkpoint_every=checkpoint_every, schedule_name=schedule,
                prediction=prediction, min_snr_gamma=min_snr_gamma, initial_lr=learning_rate, ema_decay=ema_decay,
@@ -192,22 +192,6 @@ def _resolve_inputs(dataset: int | str, plans: str | None, configuration: str) -
                              f"(they have {', '.join(plans_dict['configurations'])}): re-run plan_and_preprocess")
     dataset_json = json.loads((paths.preprocessed_dir() / dataset_name / "dataset.json").read_text())
     return _PretrainInputs(dataset_name, plans_identifier, plans_dict, dataset_json)
-
-
-def _seed_everything(seed: int | None) -> None:
-    """Seed torch, numpy and Python's ``random`` (per DDP rank); nothing when ``seed`` is None."""
-    if seed is None:
-        return
-    import os
-    import random
-
-    import torch
-
-    # DDP ranks must draw different patches and noise; the weights are rank 0's (DDP broadcasts them)
-    rank_seed = int(seed) + 1000 * int(os.environ.get("RANK", "0"))
-    random.seed(rank_seed)
-    np.random.seed(rank_seed)
-    torch.manual_seed(rank_seed)  # CUDA generators too
 
 
 def _make_trainer(inputs: _PretrainInputs, configuration: str, dev, resume: bool, objective: str,

@@ -47,7 +47,7 @@ from orthodiff_nnunet.conventions import (
     find_plans,
     resolve_device,
 )
-from orthodiff_nnunet.utils import nnunet_stdout_to_log
+from orthodiff_nnunet.utils import nnunet_stdout_to_log, seed_everything
 
 if TYPE_CHECKING:
     from orthodiff_nnunet.io.dicom_seg import DicomSegExport
@@ -345,8 +345,7 @@ def train_segmentation(
         trainer_plans = copy.deepcopy(plans_dict)  # nnU-Net's trainer pops keys from the dict it is given
         trainer_plans["continue_training"] = continue_training
         root.mkdir(parents=True, exist_ok=True)
-        if run_seed is not None:
-            _seed_everything(int(run_seed))
+        seed_everything(run_seed)
         with _environment(**{paths.ENV_RESULTS: str(root)}):  # the trainer names its output folder from it
             trainer = trainer_class(trainer_plans, configuration, fold, dataset_json, dev)
         if optimizer not in DEFAULT_LEARNING_RATES:
@@ -364,18 +363,6 @@ def train_segmentation(
         if validate:
             _validate(trainer, out, dataset_json, result)
     return result
-
-
-def _seed_everything(seed: int) -> None:
-    """Python's, numpy's and torch's global generators (nnU-Net's sampling and augmentation draw from them)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _check_init(init: str, encoder: Path | None) -> None:

@@ -65,6 +65,27 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, tmp_dir
         raise
 
 
+def seed_everything(seed: int | None) -> None:
+    """Seed torch, numpy and Python's ``random`` (per DDP rank); nothing when ``seed`` is None.
+
+    nnU-Net's case sampling and augmentation draw from these global generators, so with augmentation in-process
+    (``nnUNet_n_proc_DA=0``) a seeded CPU run repeats. Used by ``orthodiff pretrain --seed`` and ``train seg
+    --run-seed``."""
+    if seed is None:
+        return
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    # DDP ranks must draw different patches and noise; the weights are rank 0's (DDP broadcasts them)
+    rank_seed = int(seed) + 1000 * int(os.environ.get("RANK", "0"))
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)  # CUDA generators too
+
+
 def _one_torch_thread() -> None:
     import torch
 

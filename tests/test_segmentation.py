@@ -293,11 +293,11 @@ def test_channels_last_reaches_the_network_and_steps_as_the_default_format(plann
 def test_run_seed_pairs_the_two_inits_on_the_same_random_weights_and_batches(planned):
     """One ``run_seed``: the scratch twin and the diffusion init start from the same decoder and heads and draw the
     same first batches (in-process augmentation); only the encoder differs."""
-    from orthodiff_nnunet.segmentation import _seed_everything
+    from orthodiff_nnunet.utils import seed_everything
 
     runs = {}
     for cls_name in ("nnUNetTrainerOrthoDiffSegScratch", "nnUNetTrainerOrthoDiffSeg"):
-        _seed_everything(7)
+        seed_everything(7)
         trainer = _trainer(planned["root"], cls_name)
         trainer.initialize()
         dl, _ = trainer.get_dataloaders()
@@ -309,7 +309,7 @@ def test_run_seed_pairs_the_two_inits_on_the_same_random_weights_and_batches(pla
     assert not all(torch.equal(w, diffusion.encoder.state_dict()[k]) for k, w in scratch.encoder.state_dict().items())
     for a, b in zip(b_scratch, b_diffusion):
         assert list(a["keys"]) == list(b["keys"]) and torch.equal(torch.as_tensor(a["data"]), torch.as_tensor(b["data"]))
-    _seed_everything(8)
+    seed_everything(8)
     other = _trainer(planned["root"], "nnUNetTrainerOrthoDiffSegScratch")
     other.initialize()
     assert not torch.equal(other.network.decoder.seg_layers[-1].weight, scratch.decoder.seg_layers[-1].weight)
