@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,7 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, tmp_dir
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=tmp_dir or path.parent)
     if mode is None:
         umask = os.umask(0)
         os.umask(umask)
@@ -63,6 +64,44 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, tmp_dir
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: a hidden temporary of ours that names its writer: ``.<name>.pid<pid>.tmp`` or ``.<name>.pid<pid>.<part>.tmp``
+_PID_TEMPORARY = re.compile(r"^\..+\.pid(\d+)(?:\.\w+)?\.tmp$")
+
+
+def temporary_path(path: Path, part: str | None = None) -> Path:
+    """The hidden temporary beside ``path`` that this process writes before renaming it into place.
+
+    It names the process (``.<name>.pid<pid>[.<part>].tmp``), so that :func:`remove_dead_temporaries` in a
+    later run can tell a leftover of a killed run from a write in progress."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.pid{os.getpid()}{'.' + part if part else ''}.tmp")
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Delete the hidden temporaries in ``folder`` (not below it) whose writing process is gone.
+
+    A SIGKILL (out of memory, a scheduler's time limit) can land between writing a temporary and renaming it;
+    the file it replaces stays whole, and the temporary is left. This removes those of :func:`temporary_path`
+    and :func:`atomic_write_bytes` whose process no longer exists; a live process's (also this one's) and
+    another user's are kept. Returns the removed paths.
+    """
+    removed = []
+    for f in sorted(Path(folder).glob(".*.tmp")):
+        m = _PID_TEMPORARY.match(f.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # a live process: not ours to delete
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # exists, under another user
+        f.unlink(missing_ok=True)
+        removed.append(f)
+    return removed
 
 
 def seed_everything(seed: int | None) -> None:

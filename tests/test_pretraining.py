@@ -106,12 +106,22 @@ def test_kill_and_resume_ends_at_same_iteration_and_optimizer_state(planned):
     proc.wait()
     saved = torch.load(latest, map_location="cpu", weights_only=False)
     assert 2 <= saved["current_epoch"] < 4, "the run was killed before it finished"
-    assert not list(out.glob("*.tmp"))  # atomic writes: no half-written checkpoint is left as the latest
+    # the kill may land mid-write: the latest checkpoint (loaded above) stays whole, a temporary may be left.
+    # Plant one of a process that is gone and one of a live process: the resumed run removes only the first.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead_tmp = out / f".loss_curve.csv.pid{gone.pid}.x1y2z3.tmp"
+    live_tmp = out / f".checkpoint_latest.pth.pid{os.getpid()}.tmp"  # this test process: alive
+    dead_tmp.write_text("half")
+    live_tmp.write_text("half")
     # without --resume the run refuses to overwrite
     refused = subprocess.run([sys.executable, "-m", "orthodiff_nnunet.cli", *args], capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     done = subprocess.run([sys.executable, "-m", "orthodiff_nnunet.cli", *args, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(out.glob(".*.tmp")) == [live_tmp]  # the killed runs' temporaries are gone, the live one kept
+    assert f"removed {dead_tmp.name}, left by a killed run" in "".join(
+        f.read_text() for f in out.glob("training_log_*.txt"))
     final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 4  # 40 iterations = 4 x 10
     steps = {int(s["step"]) for s in final["optimizer_state"]["state"].values()}

@@ -39,7 +39,8 @@ from orthodiff_nnunet.networks.conditioning import TimestepConditionedNetwork
 from orthodiff_nnunet.networks.precision import PRECISIONS
 from orthodiff_nnunet.preprocessing import check_preprocessed_data
 from orthodiff_nnunet.trainers.progress import TrainingProgressMixin
-from orthodiff_nnunet.utils import atomic_write_json, atomic_write_text, save_figure
+from orthodiff_nnunet.utils import (atomic_write_json, atomic_write_text, remove_dead_temporaries, save_figure,
+                                    temporary_path)
 
 
 
@@ -474,17 +475,27 @@ class nnUNetTrainerOrthoDiffPretrain(TrainingProgressMixin, nnUNetTrainer):
         """
         if self.local_rank != 0:
             return
-        tmp = f"{filename}.tmp"
+        tmp, with_rng = temporary_path(Path(filename)), temporary_path(Path(filename), "rng")
         states = self.rng_states()
-        super().save_checkpoint(tmp)
-        if os.path.exists(tmp):
-            ckpt = torch.load(tmp, map_location="cpu", weights_only=False, mmap=True)
-            ckpt["orthodiff_rng_states"] = states
-            torch.save(ckpt, f"{tmp}.rng")
-            del ckpt
-            os.replace(f"{tmp}.rng", filename)
-            os.remove(tmp)
-            atomic_write_json(Path(self.output_folder, self.CONFIG_FILE), self.objective_config())
+        try:
+            super().save_checkpoint(str(tmp))
+            if tmp.exists():
+                ckpt = torch.load(tmp, map_location="cpu", weights_only=False, mmap=True)
+                ckpt["orthodiff_rng_states"] = states
+                torch.save(ckpt, with_rng)
+                del ckpt
+                os.replace(with_rng, filename)
+                atomic_write_json(Path(self.output_folder, self.CONFIG_FILE), self.objective_config())
+        finally:
+            tmp.unlink(missing_ok=True)
+            with_rng.unlink(missing_ok=True)
+
+    def on_train_start(self) -> None:
+        """nnU-Net's start, then (rank 0) delete the temporaries that a killed run left in the output folder."""
+        super().on_train_start()
+        if self.local_rank == 0:
+            for f in remove_dead_temporaries(Path(self.output_folder)):
+                self.print_to_log_file(f"removed {f.name}, left by a killed run")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's load; the checkpoint's RNG states are restored when the next epoch starts."""

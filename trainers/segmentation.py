@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version as _package_version
@@ -72,14 +71,13 @@ from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
 from orthodiff_nnunet.networks.encoder_io import EncoderLoadReport, encoder_of, load_encoder
 from orthodiff_nnunet.preprocessing import check_preprocessed_data
 from orthodiff_nnunet.trainers.progress import TrainingProgressMixin
-from orthodiff_nnunet.utils import atomic_write_json
+from orthodiff_nnunet.utils import atomic_write_json, remove_dead_temporaries, temporary_path
 
 INITS = ("diffusion", "scratch")
 OPTIMIZERS = ("sgd", "adamw")  # nnU-Net's default and its nnUNetTrainerAdam
 DEFAULT_WARMUP_FRACTION = 0.05  # nnssl: 50 of 1000 epochs
 #: minutes between ``checkpoint_latest.pth`` writes (at the end of the first epoch after that time; 0: every epoch)
 DEFAULT_CHECKPOINT_MINUTES = 3.0
-_CHECKPOINT_TMP = re.compile(r"^\.(checkpoint_\w+\.pth)\.(\d+)\.tmp$")
 
 
 class SegmentationSetupError(OrthodiffError):
@@ -397,7 +395,7 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
         path = Path(filename)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temporary_path(path)
         try:
             super().save_checkpoint(str(tmp))
             with open(tmp, "rb") as f:
@@ -409,19 +407,8 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
             self._last_latest_checkpoint = time.monotonic()
 
     def _remove_stale_checkpoint_temporaries(self) -> None:
-        """Delete checkpoint temporaries of killed runs (their process is gone) in the fold folder."""
-        for f in Path(self.output_folder).glob(".checkpoint_*.tmp"):
-            m = _CHECKPOINT_TMP.match(f.name)
-            if m is None or int(m.group(2)) == os.getpid():
-                continue
-            try:
-                os.kill(int(m.group(2)), 0)
-                continue  # a live process: not ours to delete
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # exists, under another user
-            f.unlink(missing_ok=True)
+        """Delete temporaries of killed runs (their process is gone) in the fold folder."""
+        for f in remove_dead_temporaries(Path(self.output_folder)):
             self.print_to_log_file(f"removed {f.name}, left by a killed run")
 
     def run_record(self) -> dict:
