@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -52,7 +53,12 @@ def planned(tmp_path_factory):
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        convert(labeled, DATASET_ID, "SegTest", num_processes=1)
+        # a fixed key (outside the dataset): the same case names, hence the same folds, every run. With a random
+        # key, 2 of 7 cases unlabeled left some fold without a labeled validation case in most runs; this key
+        # gives every fold one (test_fold_without_a_labeled_validation_case_is_refused_by_name checks it)
+        key = root / "pseudonym.key"
+        key.write_text(hashlib.sha256(b"orthodiff segmentation tests 3").hexdigest() + "\n")
+        convert(labeled, DATASET_ID, "SegTest", num_processes=1, pseudonym_key=key)
         result = plan_and_preprocess([DATASET_ID], num_processes=1, show_progress=False)
         # tiny network: 3 stages, 8 features, one residual block per stage, batch 2
         plans_id = write_shrunk_plans(root / "pre" / DATASET, result.datasets[0].plans_identifier, PLANS)
@@ -83,6 +89,13 @@ def _trainer(root: Path, cls_name: str = "nnUNetTrainerOrthoDiffSeg", plans_id: 
 
 def _labeled(targets: dict) -> set[str]:
     return {c for c, v in targets.items() if v["segmentation"] == "labeled"}
+
+
+def _folds(planned: dict, labeled_val: bool) -> list[int]:
+    """Folds of the fixture's splits whose validation holds a labeled case (or, with False, none)."""
+    splits = load_json(planned["root"] / "pre" / DATASET / "splits_final.json")
+    labeled = _labeled(planned["targets"])
+    return [i for i, s in enumerate(splits) if bool(set(s["val"]) & labeled) == labeled_val]
 
 
 # -- pure -----------------------------------------------------------------------------------------
@@ -192,6 +205,20 @@ def test_split_keeps_labeled_cases_and_label_fraction_is_deterministic(planned):
     assert len(tr) == round(0.5 * len(fold_train)) and set(tr) <= set(fold_train) and val == full_val
     tr_all, val_all = _trainer(root, fold="all").do_split()
     assert sorted(tr_all) == sorted(labeled) and val_all == tr_all  # nnU-Net's fold 'all', labeled only
+
+
+def test_fold_without_a_labeled_validation_case_is_refused_by_name(planned, tmp_path):
+    from orthodiff_nnunet.trainers.segmentation import SegmentationSetupError
+
+    labeled = sorted(_labeled(planned["targets"]))
+    unlabeled = sorted(set(planned["targets"]) - set(labeled))
+    assert _folds(planned, labeled_val=True) == [0, 1, 2, 3, 4]  # the fixture's own folds: each has one
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": labeled, "val": unlabeled}]))
+    trainer = _trainer(planned["root"])
+    trainer.preprocessed_dataset_folder_base = str(tmp_path)  # a user's own split file (the data stay)
+    with pytest.raises(SegmentationSetupError, match=rf"fold 0 of {DATASET} has no labeled validation case .*"
+                                                     rf"{unlabeled[0]}.*another fold, or fold 'all'"):
+        trainer.do_split()
 
 
 def test_frozen_encoder_epochs_then_whole_network_trains(planned):
@@ -318,7 +345,7 @@ def test_run_seed_pairs_the_two_inits_on_the_same_random_weights_and_batches(pla
 def test_run_seed_repeats_a_training_run_bit_for_bit(planned):
     from orthodiff_nnunet.segmentation import train_segmentation
 
-    common = dict(orientation="sag", fold=3, plans=PLANS, label_fraction=0.75, init="scratch", epochs=1,
+    common = dict(orientation="sag", fold=_folds(planned, labeled_val=True)[-1], plans=PLANS, label_fraction=0.75, init="scratch", epochs=1,
                   iterations_per_epoch=2, val_iterations_per_epoch=1, device="cpu", validate=False)
     weights = []
     for seed in (7, 7, 8):

@@ -313,6 +313,12 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
             if not tr_lab:
                 raise SegmentationSetupError(f"fold {self.fold} of {self.plans_manager.dataset_name} has no labeled "
                                              "training case: convert label maps for the training site")
+            if not val_lab and self.fold != "all":
+                raise SegmentationSetupError(
+                    f"fold {self.fold} of {self.plans_manager.dataset_name} has no labeled validation case (its "
+                    f"{len(val_keys)} validation case(s) {', '.join(sorted(val_keys))} are unlabeled), and nnU-Net's "
+                    "per-epoch pseudo-Dice needs one: train another fold, or fold 'all', or write a "
+                    "splits_final.json whose every fold validates on a labeled case")
             sites = {c: table.get(c, {}).get("site", "unknown") for c in tr_lab}
             chosen = label_fraction_subset(tr_lab, sites, float(self.label_fraction), int(self.label_fraction_seed))
             if self.fold == "all":
