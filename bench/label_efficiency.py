@@ -577,6 +577,9 @@ def parse_args(argv=None):
     ap.add_argument("--test-knees", type=int, default=12, help="held-out test knees (default 12)")
     ap.add_argument("--val-knees", type=int, default=4, help="validation knees for the learning curves (default 4)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    ap.add_argument("--fractions", type=float, nargs="+", choices=[0.1, 1.0], default=[0.1, 1.0], metavar="F",
+                    help="label fractions to train, 0.1 and/or 1.0 (default both); the analysis tabulates what the "
+                         "work folder holds")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the knee split (default 0)")
     ap.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 64],
                     help="cpu: features per stage, capping the planned ones (default 8 16 32 64 64: with 4 8 16 32 32 "
@@ -688,7 +691,7 @@ class Study:
             self.pre_futures["diffusion"] = lanes.submit(self.pretrain_task, "diffusion")
             if "mae" in inits:
                 self.pre_futures["mae"] = lanes.submit(self.pretrain_task, "mae")
-            arm_futures = [lanes.submit(self.arm_task, i, f, s) for i in inits for f in (0.1, 1.0)
+            arm_futures = [lanes.submit(self.arm_task, i, f, s) for i in inits for f in self.args.fractions
                            for s in range(self.args.seeds)]
             for fut in [*self.pre_futures.values(), *arm_futures]:
                 fut.result()  # re-raise a failure
