@@ -784,6 +784,13 @@ def load_arm_results(work: Path) -> dict[tuple[str, float], list[dict]]:
     return results
 
 
+def paired_seeds(a: list[dict], b: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The arms of ``a`` and ``b`` (sorted by seed) restricted to the seeds both have: a paired difference
+    compares one seed of one init with the same seed (same subset, same decoder start) of the other."""
+    common = {r["seed"] for r in a} & {r["seed"] for r in b}
+    return [r for r in a if r["seed"] in common], [r for r in b if r["seed"] in common]
+
+
 def test_site_tables(key: str, complete: dict, cmap: dict, out: dict) -> tuple[dict, dict, dict]:
     """Per arm on one test site: pooled Dice per structure with knee-bootstrap CIs, the paired difference to
     scratch, each seed's mean (also sets ``out``'s scan and knee counts)."""
@@ -802,11 +809,12 @@ def test_site_tables(key: str, complete: dict, cmap: dict, out: dict) -> tuple[d
             m, lo, hi, n = cluster_mean_ci(np.nanmean(mat, axis=1), knees, N_BOOT, 0)
             table[name][str(label)] = [m, lo, hi, n]
             per_seed[name][str(label)] = [float(np.nanmean(mat[:, j])) for j in range(mat.shape[1])]
-        if init != "scratch" and ("scratch", frac) in complete:
+        pa, pb = paired_seeds(arms, complete.get(("scratch", frac), []))
+        if init != "scratch" and pa:
             diffs[name] = {}
             for label, _title in ROWS:
-                _, a = _per_scan_values(arms, key, _structure_value(label))
-                _, b = _per_scan_values(complete[("scratch", frac)], key, _structure_value(label))
+                _, a = _per_scan_values(pa, key, _structure_value(label))
+                _, b = _per_scan_values(pb, key, _structure_value(label))
                 m, lo, hi, n = cluster_mean_ci(np.nanmean(a - b, axis=1), knees, N_BOOT, 0)
                 diffs[name][str(label)] = [m, lo, hi, n]
         out["n_scans_" + key] = len(scans)
@@ -822,17 +830,19 @@ def goals_of(key: str, complete: dict, diffs: dict, cmap: dict) -> dict:
 
     goals = {}
     for init in ("diffusion", "mae"):
-        if (init, 0.1) not in complete or ("scratch", 0.1) not in complete:
+        pa, pb = paired_seeds(complete.get((init, 0.1), []), complete.get(("scratch", 0.1), []))
+        if not pa:
             continue
         diff = diffs[f"{init} 10%"]["mean of 6"]
-        scans, a10 = _per_scan_values(complete[(init, 0.1)], key, _structure_value("mean of 6"))
-        _, s10 = _per_scan_values(complete[("scratch", 0.1)], key, _structure_value("mean of 6"))
+        scans, a10 = _per_scan_values(pa, key, _structure_value("mean of 6"))
+        _, s10 = _per_scan_values(pb, key, _structure_value("mean of 6"))
         goal = {"difference_to_scratch": diff, "goal1_met": bool(diff[0] >= 0.02 and diff[1] > 0),
                 "difference_ci_knees_and_seeds": list(knee_and_seed_ci(a10 - s10, [cmap[c]["knee"] for c in scans],
                                                                        N_BOOT, 0))}
         if (init, 1.0) in complete:
             scans, m100 = _per_scan_values(complete[(init, 1.0)], key, _structure_value("mean of 6"))
-            a, b = np.nanmean(a10, axis=1), np.nanmean(m100, axis=1)
+            _, own10 = _per_scan_values(complete[(init, 0.1)], key, _structure_value("mean of 6"))
+            a, b = np.nanmean(own10, axis=1), np.nanmean(m100, axis=1)
             ratio = float(np.mean(a) / np.mean(b))
             lo, hi, _ = bootstrap_ci(lambda idx: float(np.mean(a[idx]) / np.mean(b[idx])), len(a), N_BOOT, 0,
                                      clusters=[cmap[c]["knee"] for c in scans])
@@ -905,13 +915,16 @@ def analyse(work: Path, args, d: dict, state: dict) -> None:
     """Tables (pooled Dice with patient-bootstrap CIs, paired differences, per-seed means), figures, goals."""
     cmap = case_map(work)
     results = load_arm_results(work)
-    complete = {k: v for k, v in results.items() if len(v) == args.seeds}
+    # every arm with at least one finished seed (each table names its seeds); paired differences use the
+    # seeds both arms have
+    complete = dict(results)
     out: dict = {"note": NOTE, "command": command_line(), "machine": machine(_device(args)),
                  "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="minutes"),
                  "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                  "design": {"test_knees": len(d["test"]), "val_knees": len(d["val"]), "pool_knees": len(d["pool"]),
                             "subset_10_knees": d["subset_10"], "split_seed": d["split_seed"]},
                  "state": state, "arms_found": {f"{i} {f:g}": len(v) for (i, f), v in results.items()},
+                 "seeds": {f"{i} {f:.0%}": [a["seed"] for a in v] for (i, f), v in results.items()},
                  "tables": {}, "differences": {}, "per_seed": {}, "goals": {}, "curves": {}}
     for key in ("internal", "external"):
         table, diffs, per_seed = test_site_tables(key, complete, cmap, out)
@@ -1019,8 +1032,10 @@ def _markdown_test_site(r: dict, key: str, title: str) -> list[str]:
         for label, rowname in ROWS:
             L.append(f"| {rowname} | " + " | ".join(_fmt_ci(*diffs[n][str(label)][:3]) for n in dn) + " |")
     ps = r["per_seed"].get(key, {})
-    L += ["", f"Per-seed mean of 6 ({key} test), seeds 0, 1, 2: "
-          + "; ".join(f"{n} " + " / ".join(f"{v:.3f}" for v in ps[n]["mean of 6"]) for n in names)]
+    seeds = r.get("seeds", {})
+    L += ["", f"Per-seed mean of 6 ({key} test): "
+          + "; ".join(f"{n} (seeds {', '.join(map(str, seeds.get(n, [])))}) "
+                      + " / ".join(f"{v:.3f}" for v in ps[n]["mean of 6"]) for n in names)]
     return L
 
 
@@ -1065,7 +1080,8 @@ def markdown(r: dict, args) -> str:
          f"Design: {de['test_knees']} test knees ({r.get('n_scans_internal', '?')} scans), {de['val_knees']} "
          f"validation knees (learning curves only), {de['pool_knees']} pool knees. 10 % = "
          f"{len(next(iter(de['subset_10_knees'].values())))} whole knees per seed (subset drawn per seed). "
-         "Arms (init x label fraction) trained with seeds 0-" + str(args.seeds - 1) + "."]
+         "Arms (init x label fraction) and their seeds: "
+         + "; ".join(f"{n} {', '.join(map(str, v))}" for n, v in r.get("seeds", {}).items()) + "."]
     for key, title in (("internal", "Internal test site (SiteA 3 T, the labeled site)"),
                        ("external", "External test site (1.5 T, other vendor/contrast/noise/bias/thickness; "
                                     "not in the pretraining corpus)")):

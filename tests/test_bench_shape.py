@@ -209,6 +209,16 @@ def test_label_efficiency_interval_over_knees_and_seeds(bench):
     assert lo == 0.0 and hi == pytest.approx(6 / 7)
 
 
+def test_label_efficiency_pairs_only_the_seeds_both_arms_have(bench):
+    """A study run in parts (an arm with fewer finished seeds) pairs seed with seed, never seed 2 with seed 1."""
+    le = bench("label_efficiency")
+    diffusion = [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+    scratch = [{"seed": 0}, {"seed": 2}]
+    a, b = le.paired_seeds(diffusion, scratch)
+    assert [r["seed"] for r in a] == [r["seed"] for r in b] == [0, 2]
+    assert le.paired_seeds(diffusion, []) == ([], [])
+
+
 def test_classification_lanes_run_jobs_in_one_thread_processes(bench):
     """The study's lanes: with 2, jobs run in spawned processes of one torch thread each (results in order, a
     failing job raises in the parent); with 1, in this process."""
