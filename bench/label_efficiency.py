@@ -465,6 +465,11 @@ def train_arm(args, work: Path, state: dict, init: str, fraction: float, seed: i
     fold_dir = model / f"fold_{fold}"
     t0, c0 = time.perf_counter(), cpu_seconds()
     if not (fold_dir / "checkpoint_final.pth").is_file():
+        if fold_dir.is_dir() and not (fold_dir / "checkpoint_latest.pth").is_file():
+            import shutil
+
+            print(f"  {fold_dir}: a run killed before its first checkpoint; starting it again", flush=True)
+            shutil.rmtree(fold_dir)  # nothing to continue from, and train seg refuses a used folder
         kw = {}
         if args.size == "cpu":
             kw = {"epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch,
