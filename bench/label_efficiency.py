@@ -40,6 +40,7 @@ Usage::
     OMP_NUM_THREADS=1 python -m bench.label_efficiency --work /tmp/le4 --channels-last   # the same, 1.28x per step
     python -m bench.label_efficiency --size full --lanes 1 --work /scratch/le_full   # GPU, plans unchanged
     python -m bench.label_efficiency --only-analysis --work ...                     # tables from what is there
+    OMP_NUM_THREADS=1 python -m bench.label_efficiency --work /tmp/le5 --channels-last --fractions 0.1   # in parts
 
 On a shared 2-core machine torch with 2 threads ran 3.4x slower than with 1, so the default runs two
 processes (``--lanes``) of one thread each. The CPU defaults were chosen by checking convergence first
