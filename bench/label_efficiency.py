@@ -921,9 +921,6 @@ def analyse(work: Path, args, d: dict, state: dict) -> None:
     """Tables (pooled Dice with patient-bootstrap CIs, paired differences, per-seed means), figures, goals."""
     cmap = case_map(work)
     results = load_arm_results(work)
-    # every arm with at least one finished seed (each table names its seeds); paired differences use the
-    # seeds both arms have
-    complete = dict(results)
     out: dict = {"note": NOTE, "command": command_line(), "machine": machine(_device(args)),
                  "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="minutes"),
                  "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -933,9 +930,11 @@ def analyse(work: Path, args, d: dict, state: dict) -> None:
                  "seeds": {f"{i} {f:.0%}": [a["seed"] for a in v] for (i, f), v in results.items()},
                  "tables": {}, "differences": {}, "per_seed": {}, "goals": {}, "curves": {}}
     for key in ("internal", "external"):
-        table, diffs, per_seed = test_site_tables(key, complete, cmap, out)
+        # every arm with at least one finished seed (each table names its seeds); paired differences use the
+        # seeds both arms have
+        table, diffs, per_seed = test_site_tables(key, results, cmap, out)
         out["tables"][key], out["differences"][key], out["per_seed"][key] = table, diffs, per_seed
-        out["goals"].update(goals_of(key, complete, diffs, cmap))
+        out["goals"].update(goals_of(key, results, diffs, cmap))
     out["curves"] = learning_curves(results)
     out["pretraining"] = pre = pretraining_summary(work, cmap, d)
     out["arm_cpu_seconds"] = sum(a["seconds"]["train_cpu"] + a["seconds"]["predict_cpu"]

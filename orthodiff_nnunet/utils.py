@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -79,13 +79,14 @@ def temporary_path(path: Path, part: str | None = None) -> Path:
     return path.with_name(f".{path.name}.pid{os.getpid()}{'.' + part if part else ''}.tmp")
 
 
-def remove_dead_temporaries(folder: Path) -> list[Path]:
+def remove_dead_temporaries(folder: Path, log: Callable[[str], Any] | None = None) -> list[Path]:
     """Delete the hidden temporaries in ``folder`` (not below it) whose writing process is gone.
 
     A SIGKILL (out of memory, a scheduler's time limit) can land between writing a temporary and renaming it;
     the file it replaces stays whole, and the temporary is left. This removes those of :func:`temporary_path`
     and :func:`atomic_write_bytes` whose process no longer exists; a live process's (also this one's) and
-    another user's are kept. Returns the removed paths.
+    another user's are kept. ``log`` (e.g. a trainer's ``print_to_log_file``) gets one line per removed file.
+    Returns the removed paths.
     """
     removed = []
     for f in sorted(Path(folder).glob(".*.tmp")):
@@ -101,6 +102,8 @@ def remove_dead_temporaries(folder: Path) -> list[Path]:
             continue  # exists, under another user
         f.unlink(missing_ok=True)
         removed.append(f)
+        if log is not None:
+            log(f"removed {f.name}, left by a killed run")
     return removed
 
 
@@ -112,7 +115,6 @@ def seed_everything(seed: int | None) -> None:
     --run-seed``."""
     if seed is None:
         return
-    import os
     import random
 
     import numpy as np

@@ -494,8 +494,7 @@ class nnUNetTrainerOrthoDiffPretrain(TrainingProgressMixin, nnUNetTrainer):
         """nnU-Net's start, then (rank 0) delete the temporaries that a killed run left in the output folder."""
         super().on_train_start()
         if self.local_rank == 0:
-            for f in remove_dead_temporaries(Path(self.output_folder)):
-                self.print_to_log_file(f"removed {f.name}, left by a killed run")
+            remove_dead_temporaries(Path(self.output_folder), self.print_to_log_file)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's load; the checkpoint's RNG states are restored when the next epoch starts."""

@@ -349,7 +349,7 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
         super().on_train_start()
         self._last_latest_checkpoint = time.monotonic()
         if self.local_rank == 0:
-            self._remove_stale_checkpoint_temporaries()
+            remove_dead_temporaries(Path(self.output_folder), self.print_to_log_file)  # a killed run's leftovers
             atomic_write_json(Path(self.output_folder) / SEG_RUN_RECORD, self.run_record())
         from orthodiff_nnunet.console import BAR_FORMAT
 
@@ -411,11 +411,6 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
             tmp.unlink(missing_ok=True)
         if path.name == "checkpoint_latest.pth":
             self._last_latest_checkpoint = time.monotonic()
-
-    def _remove_stale_checkpoint_temporaries(self) -> None:
-        """Delete temporaries of killed runs (their process is gone) in the fold folder."""
-        for f in remove_dead_temporaries(Path(self.output_folder)):
-            self.print_to_log_file(f"removed {f.name}, left by a killed run")
 
     def run_record(self) -> dict:
         """What makes this run what it is (written to ``orthodiff_seg_run.json`` in the fold folder)."""
