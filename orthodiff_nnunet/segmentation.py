@@ -269,6 +269,7 @@ def train_segmentation(
     checkpoint_minutes: float | None = None,
     channels_last: bool = False,
     run_seed: int | None = None,
+    augmentation: str = "nnunet",
     quiet: bool = False,
 ) -> SegmentationTrainResult:
     """Train nnU-Net segmentation on labeled cases, warm-started from the diffusion encoder or from scratch.
@@ -311,6 +312,9 @@ def train_segmentation(
             from scratch) and, with augmentation in-process (``nnUNet_n_proc_DA=0``) on a CPU, the same
             batches, so two inits trained with one seed differ by the init alone. None (default): unseeded,
             as nnU-Net. Recorded in the run record.
+        augmentation: ``nnunet`` (nnU-Net's training transforms) or ``cross-site`` (nnU-Net's, with its noise
+            and contrast transforms applied more often and wider, for validation at sites of lower field
+            strength; ``CROSS_SITE_AUGMENTATION`` in the trainer module). Recorded in the run record.
         quiet: nnU-Net's console output (plans, configuration, per-epoch lines) and this package's log
             records go to ``<fold folder>/nnunet_console.log`` instead of the console; the progress bar
             and warnings stay on the console.
@@ -355,6 +359,7 @@ def train_segmentation(
         trainer.optimizer_name = optimizer
         trainer.channels_last = bool(channels_last)
         trainer.run_seed = None if run_seed is None else int(run_seed)
+        trainer.augmentation = augmentation
         _configure_trainer(trainer, encoder, label_fraction, seed, learning_rate, warmup_epochs, freeze_encoder_epochs,
                            validation_mirroring, checkpoint_minutes, epochs, iterations_per_epoch,
                            val_iterations_per_epoch)

@@ -317,6 +317,33 @@ def test_channels_last_reaches_the_network_and_steps_as_the_default_format(plann
     assert plain.run_record()["schedule"]["channels_last"] is False
 
 
+def test_cross_site_augmentation_puts_more_and_stronger_noise_into_the_batches(planned):
+    """``augmentation="cross-site"``: the pipeline nnU-Net's training loader applies (taken from the loader) adds
+    noise to about half the patches, up to sd 0.6, where nnU-Net's own adds it to 10 %, up to sd 0.1; the run
+    record says which profile trained; an unknown profile is refused before training."""
+    from orthodiff_nnunet.trainers.segmentation import SegmentationSetupError
+
+    noisy, strongest = {}, {}
+    for profile in ("nnunet", "cross-site"):
+        trainer = _trainer(planned["root"], augmentation=profile)
+        trainer.initialize()
+        dl, _ = trainer.get_dataloaders()
+        pipeline = dl.data_loader.transforms  # what every training batch goes through (in-process augmentation)
+        patch = tuple(trainer.configuration_manager.patch_size)
+        torch.manual_seed(0)
+        # a blank patch: blur, brightness, contrast, gamma, low resolution, rotation and mirroring keep it blank,
+        # so what is left in it is the added noise
+        sds = np.array([float(pipeline(image=torch.zeros(1, *patch),
+                                       segmentation=torch.zeros(1, *patch, dtype=torch.int16))["image"].std())
+                        for _ in range(300)])
+        noisy[profile], strongest[profile] = float((sds > 1e-4).mean()), float(sds.max())
+        assert trainer.run_record()["schedule"]["augmentation"] == profile
+    assert 0.03 < noisy["nnunet"] < 0.17 and strongest["nnunet"] <= 0.12
+    assert 0.38 < noisy["cross-site"] < 0.62 and 0.4 < strongest["cross-site"] < 0.8
+    with pytest.raises(SegmentationSetupError, match="augmentation 'heavy': use one of nnunet, cross-site"):
+        _trainer(planned["root"], augmentation="heavy").initialize()
+
+
 def test_run_seed_pairs_the_two_inits_on_the_same_random_weights_and_batches(planned):
     """One ``run_seed``: the scratch twin and the diffusion init start from the same decoder and heads and draw the
     same first batches (in-process augmentation); only the encoder differs."""

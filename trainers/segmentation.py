@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast
 from nnunetv2.paths import nnUNet_raw, nnUNet_results
 from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -78,6 +79,20 @@ OPTIMIZERS = ("sgd", "adamw")  # nnU-Net's default and its nnUNetTrainerAdam
 DEFAULT_WARMUP_FRACTION = 0.05  # nnssl: 50 of 1000 epochs
 #: minutes between ``checkpoint_latest.pth`` writes (at the end of the first epoch after that time; 0: every epoch)
 DEFAULT_CHECKPOINT_MINUTES = 3.0
+#: ``augmentation`` profiles: nnU-Net's pipeline as it is, or with its noise and contrast transforms stronger
+AUGMENTATIONS = ("nnunet", "cross-site")
+#: what ``cross-site`` changes in nnU-Net's pipeline: (transform class name) -> (apply probability, attribute,
+#: value). nnU-Net adds Gaussian noise of sd 0-0.1 (z-score units) to 10 % of the patches and scales the
+#: contrast by 0.75-1.25 in 15 %. Noise in MR magnitude images scales inversely with field strength, so a
+#: site at half the field (1.5 T against a 3 T training site) has twice the relative noise: on the demo's
+#: 3 T phantom site the noise is 0.28-0.35 z units (median absolute difference of neighbouring voxels), and
+#: half the SNR adds about 0.55 to it; lower field also flattens tissue contrast. ``cross-site`` covers that
+#: range in half the patches (noise sd 0-0.6) and flattens or raises contrast (0.6-1.25) in 30 %; everything
+#: else is nnU-Net's (docs/DEMO.md has the measurement that chose it).
+CROSS_SITE_AUGMENTATION = {
+    "GaussianNoiseTransform": (0.5, "noise_variance", (0.0, 0.6)),  # batchgeneratorsv2 samples it as the sd
+    "ContrastTransform": (0.3, "contrast_range", BGContrast((0.6, 1.25))),  # nnU-Net's sampler: half below 1
+}
 
 
 class SegmentationSetupError(OrthodiffError):
@@ -140,6 +155,28 @@ class WarmupPolyLRScheduler(_LRScheduler):
         return self._last_lr
 
 
+def adjust_random_transforms(compose, changes: dict[str, tuple[float, str, object]]) -> None:
+    """Set, in nnU-Net's composed training transforms, the apply probability and one attribute of each randomly
+    applied transform named in ``changes`` (class name -> (probability, attribute, value)).
+
+    Raises:
+        SegmentationSetupError: a named transform is not in the pipeline, or more than once (another nnU-Net
+            version composes it differently: the profile must be checked against it).
+    """
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    for name, (probability, attribute, value) in changes.items():
+        found = [t for t in compose.transforms
+                 if isinstance(t, RandomTransform) and type(t.transform).__name__ == name]
+        if len(found) != 1 or not hasattr(found[0].transform, attribute):
+            raise SegmentationSetupError(
+                f"nnU-Net's training transforms hold {len(found)} randomly applied {name} (expected one with "
+                f"{attribute!r}): this nnU-Net version composes its augmentation differently; use augmentation "
+                "'nnunet' or update CROSS_SITE_AUGMENTATION in orthodiff_nnunet/trainers/segmentation.py")
+        found[0].apply_probability = float(probability)
+        setattr(found[0].transform, attribute, value)
+
+
 class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
     """nnU-Net segmentation warm-started from the diffusion encoder (``init = "diffusion"``).
 
@@ -164,6 +201,9 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
       (same values, another layout). On a CPU, mkldnn's 3D convolutions are faster so: 1.28x per
       training step of the demo's network (BENCHMARKS.md, ``bench/bench_seg_trainer.py --versus
       contiguous``). Default off, as nnU-Net.
+    * ``augmentation``: ``nnunet`` (default: nnU-Net's training transforms unchanged) or ``cross-site``
+      (nnU-Net's, with the noise and contrast transforms applied more often and wider, for a model that
+      meets sites of lower field strength: :data:`CROSS_SITE_AUGMENTATION`).
     """
 
     init = "diffusion"
@@ -183,6 +223,7 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
         self.checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
         self.optimizer_name: str = "sgd"
         self.channels_last: bool = False
+        self.augmentation: str = "nnunet"
         self.run_seed: int | None = None  # recorded only: ``train_segmentation(run_seed=...)`` seeds the generators
         self._last_latest_checkpoint = time.monotonic()
 
@@ -209,6 +250,8 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
     def _check_settings(self) -> None:
         if self.init not in INITS:
             raise SegmentationSetupError(f"init {self.init!r}: use one of {', '.join(INITS)}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise SegmentationSetupError(f"augmentation {self.augmentation!r}: use one of {', '.join(AUGMENTATIONS)}")
         if self.optimizer_name not in OPTIMIZERS:
             raise SegmentationSetupError(f"optimizer {self.optimizer_name!r}: use one of {', '.join(OPTIMIZERS)}")
         if not 0 < float(self.label_fraction) <= 1:
@@ -336,6 +379,17 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
 
     # -- training ---------------------------------------------------------------------------------
 
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms; with ``augmentation == "cross-site"`` its noise and contrast transforms
+        get :data:`CROSS_SITE_AUGMENTATION`'s probabilities and ranges (the same transform objects, adjusted).
+
+        nnU-Net declares this a static method and calls it on the trainer (``self.get_training_transforms``
+        in ``get_dataloaders``), so an instance method can read the run's setting."""
+        transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        if self.augmentation == "cross-site":
+            adjust_random_transforms(transforms, CROSS_SITE_AUGMENTATION)
+        return transforms
+
     def on_train_epoch_start(self) -> None:
         """Freeze the encoder for the first ``freeze_encoder_epochs`` epochs, then nnU-Net's epoch start."""
         frozen = self.current_epoch < self.freeze_encoder_epochs
@@ -439,7 +493,7 @@ class nnUNetTrainerOrthoDiffSeg(TrainingProgressMixin, nnUNetTrainer):
                          "freeze_encoder_epochs": int(self.freeze_encoder_epochs), "num_epochs": self.num_epochs,
                          "num_iterations_per_epoch": self.num_iterations_per_epoch,
                          "batch_size": self.batch_size, "channels_last": bool(self.channels_last),
-                         "run_seed": self.run_seed},
+                         "run_seed": self.run_seed, "augmentation": self.augmentation},
             "versions": {"orthodiff_nnunet": _orthodiff_version, "nnunetv2": _package_version("nnunetv2"),
                          "torch": torch.__version__},
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -59,6 +59,10 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--run-seed", type=int, default=None,
                    help="seed of the random weights, batch sampling and augmentation (default: unseeded, as nnU-Net); "
                         "two inits trained with one seed differ by the init alone (CPU, nnUNet_n_proc_DA=0)")
+    p.add_argument("--augmentation", choices=("nnunet", "cross-site"), default="nnunet",
+                   help="nnunet: nnU-Net's training augmentation (default); cross-site: nnU-Net's with its noise and "
+                        "contrast transforms in more patches and wider (noise sd up to 0.6 z units in half the patches, "
+                        "contrast 0.6-1.25 in 30%%), for a model validated at a site of lower field strength (docs/DEMO.md)")
     p.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation")
     p.add_argument("--no-validation-mirroring", action="store_true",
                    help="final validation without mirroring test-time augmentation")
