@@ -30,6 +30,7 @@ SCRIPTS = {
     "bench_seg_trainer": ([], "repeats", 20),
     "collect": ([], "out", REPO / "BENCHMARKS.md"),
     "compare_planners": ([], "skip_real", False),
+    "demo_robustness": ([], "run_seeds", [0, 1, 2]),
     "feature_probe": (["--work", "/tmp/le_shape_test"], "timesteps", [100, 300]),
     "label_efficiency": (["--work", "/tmp/le_shape_test"], "lanes", 2),
     "pretrain_real_knees": ([], "objective", "diffusion"),
