@@ -40,12 +40,13 @@ class DemoResult:
 
 
 #: the demo's settings: ``full`` (the default command) and ``quick`` (the tests' path: the same stages and
-#: code, fewer iterations). The external site has more exams than the training site: evaluation is cheap
-#: (about 2.5 s per exam for both segmentation models and the classifier) and 24 exams narrow the intervals
-#: that the newcomer reads (docs/DEMO.md). Segmentation trains the sagittal view only (all three views classify), twice:
+#: code, fewer iterations). 24 external exams: evaluation is cheap (about 2.5 s per exam for both segmentation
+#: models and the classifier) and 24 exams narrow the intervals that the newcomer reads. 24 training exams: a
+#: training exam costs only its conversion and preprocessing (the iterations are fixed), and twice the 12 of
+#: before raised the external patella Dice over 4 run seeds from 0.872 to 0.903 on average (docs/DEMO.md). Segmentation trains the sagittal view only (all three views classify), twice:
 #: from the diffusion encoder and from scratch, the same iterations, data and seed (docs/DEMO.md).
 DEMO_SETTINGS = {
-    "full": {"cases_per_site": 12, "external_cases": 24, "pretrain_iterations": 50, "seg_epochs": 10, "seg_iterations": 650,
+    "full": {"cases_per_site": 24, "external_cases": 24, "pretrain_iterations": 50, "seg_epochs": 10, "seg_iterations": 650,
              "cls_epochs": 6, "cls_iterations": 10, "n_boot": 500, "cls_boot": 200},
     "quick": {"cases_per_site": 6, "external_cases": 6, "pretrain_iterations": 4, "seg_epochs": 2, "seg_iterations": 4,
               "cls_epochs": 1, "cls_iterations": 2, "n_boot": 20, "cls_boot": 20},
