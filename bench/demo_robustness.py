@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,12 +64,12 @@ def _demo_env(demo: Path, results: Path) -> dict[str, str]:
 def arms(args) -> list[dict]:
     """One training per (augmentation, init, run seed), with its folder, command and environment."""
     from orthodiff_nnunet import api
+    from orthodiff_nnunet.conventions import SEG_TRAINER_OF_INIT, SEGMENTATION_CONFIGURATION, default_encoder_path
 
     demo, work = args.demo.resolve(), (args.work or args.demo / "robustness").resolve()
     dataset = next((demo / "nnUNet_preprocessed").glob("Dataset501_*")).name
-    plans = "orthodiffDemoPlans"
-    encoder = (demo / "nnUNet_results" / dataset / f"nnUNetTrainerOrthoDiffPretrain__{plans}__3d_diffusion" /
-               "fold_all" / "encoder.pt")
+    plans = api.DEMO_PLANS
+    encoder = default_encoder_path(dataset, plans, demo / "nnUNet_results")
     iterations = args.iterations or api.DEMO_SETTINGS["full"]["seg_iterations"]
     epochs, per_epoch = api.split_iterations(iterations, api.DEMO_SETTINGS["full"]["seg_epochs"])
     lr = args.lr if args.lr is not None else api.DEMO_SEG_LR
@@ -85,7 +86,7 @@ def arms(args) -> list[dict]:
                            "--augmentation", augmentation, "--checkpoint-minutes", "0"]
                 if init == "diffusion":
                     command += ["--encoder", str(encoder)]
-                model = results / dataset / f"{'nnUNetTrainerOrthoDiffSeg' + ('Scratch' if init == 'scratch' else '')}__{plans}__3d_fullres"
+                model = results / dataset / f"{SEG_TRAINER_OF_INIT[init]}__{plans}__{SEGMENTATION_CONFIGURATION}"
                 out.append({"name": name, "augmentation": augmentation, "init": init, "seed": seed, "results": results,
                             "model": model, "command": command, "env": _demo_env(demo, results),
                             "report": results / "report", "iterations": iterations, "lr": lr})
@@ -96,12 +97,10 @@ def _train(arm: dict) -> subprocess.Popen | None:
     if (arm["model"] / "fold_all" / "checkpoint_final.pth").is_file():
         return None  # finished earlier: a rerun only evaluates what is missing
     if arm["model"].exists():  # killed mid-run: start it again
-        import shutil
-
         shutil.rmtree(arm["model"])
     arm["results"].mkdir(parents=True, exist_ok=True)
-    log = open(arm["results"] / "train.log", "w")
-    return subprocess.Popen(arm["command"], env=arm["env"], stdout=log, stderr=subprocess.STDOUT)
+    with open(arm["results"] / "train.log", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(arm["command"], env=arm["env"], stdout=log, stderr=subprocess.STDOUT)
 
 
 def _evaluate(arm: dict) -> None:

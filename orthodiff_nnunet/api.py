@@ -71,6 +71,8 @@ DEMO_SEG_LR = 1e-2
 #: and wider (``train seg --augmentation cross-site``): the external site is a 1.5 T site with twice the relative
 #: noise of the 3 T training site, far beyond nnU-Net's noise augmentation (docs/DEMO.md has the measurement)
 DEMO_SEG_AUGMENTATION = "cross-site"
+#: the identifier of the demo's reduced copy of the planned network's plans (:data:`DEMO_NETWORK`)
+DEMO_PLANS = "orthodiffDemoPlans"
 #: the two initialisations the demo trains and sets side by side in its report
 DEMO_SEG_INITS = ("diffusion", "scratch")
 #: the seed of every trained stage (pretraining ``--seed``, segmentation ``--run-seed``; the classifier's
@@ -159,7 +161,7 @@ def demo(output: Path = Path("orthodiff_demo"), cases_per_site: int | None = Non
     run = _DemoRun(_fresh_demo_folder(output), settings, device, quick=quick, verbose=verbose, write=write)
     run.convert_sites(settings["cases_per_site"], settings["external_cases"], seed)
     planning = run.plan()
-    plans_id = "orthodiffDemoPlans"
+    plans_id = DEMO_PLANS
     run.pretrain(planning, plans_id)
     seg_models = run.train_seg(planning, plans_id)
     cls = run.train_cls(plans_id)

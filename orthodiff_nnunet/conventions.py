@@ -38,6 +38,9 @@ SEG_SCRATCH_TRAINER = "nnUNetTrainerOrthoDiffSegScratch"
 CLS_TRAINER = "nnUNetTrainerOrthoDiffCls"
 #: ``train seg --init`` -> the trainer that runs it
 SEG_TRAINER_OF_INIT: dict[str, str] = {"diffusion": SEG_TRAINER, "scratch": SEG_SCRATCH_TRAINER}
+#: ``train seg --augmentation`` profiles: nnU-Net's training transforms as they are, or with the noise and
+#: contrast transforms stronger (``CROSS_SITE_AUGMENTATION`` in the segmentation trainer)
+SEG_AUGMENTATIONS = ("nnunet", "cross-site")
 #: ``pretrain --objective`` -> the trainer that runs it
 PRETRAIN_TRAINER_OF_OBJECTIVE: dict[str, str] = {"diffusion": PRETRAIN_TRAINER, "mae": MAE_TRAINER}
 

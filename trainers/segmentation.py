@@ -65,7 +65,7 @@ from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import
 from torch.optim.lr_scheduler import _LRScheduler
 
 from orthodiff_nnunet import __version__ as _orthodiff_version
-from orthodiff_nnunet.conventions import SEG_RUN_RECORD, default_encoder_path
+from orthodiff_nnunet.conventions import SEG_AUGMENTATIONS, SEG_RUN_RECORD, default_encoder_path
 from orthodiff_nnunet.data.splits import SPLIT_SEED, label_fraction_subset
 from orthodiff_nnunet.errors import OrthodiffError
 from orthodiff_nnunet.networks.build import architecture_hash, architecture_of
@@ -79,8 +79,7 @@ OPTIMIZERS = ("sgd", "adamw")  # nnU-Net's default and its nnUNetTrainerAdam
 DEFAULT_WARMUP_FRACTION = 0.05  # nnssl: 50 of 1000 epochs
 #: minutes between ``checkpoint_latest.pth`` writes (at the end of the first epoch after that time; 0: every epoch)
 DEFAULT_CHECKPOINT_MINUTES = 3.0
-#: ``augmentation`` profiles: nnU-Net's pipeline as it is, or with its noise and contrast transforms stronger
-AUGMENTATIONS = ("nnunet", "cross-site")
+AUGMENTATIONS = SEG_AUGMENTATIONS
 #: what ``cross-site`` changes in nnU-Net's pipeline: (transform class name) -> (apply probability, attribute,
 #: value). nnU-Net adds Gaussian noise of sd 0-0.1 (z-score units) to 10 % of the patches and scales the
 #: contrast by 0.75-1.25 in 15 %. Noise in MR magnitude images scales inversely with field strength, so a

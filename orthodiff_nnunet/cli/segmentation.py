@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from orthodiff_nnunet.cli import options as opt
-from orthodiff_nnunet.conventions import SEG_TRAINER_OF_INIT, SEGMENTATION_CONFIGURATION
+from orthodiff_nnunet.conventions import SEG_AUGMENTATIONS, SEG_TRAINER_OF_INIT, SEGMENTATION_CONFIGURATION
 from orthodiff_nnunet.data.splits import SPLIT_SEED
 from orthodiff_nnunet.segmentation import (
     DEFAULT_LEARNING_RATES,
@@ -59,7 +59,7 @@ def add_train_seg_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--run-seed", type=int, default=None,
                    help="seed of the random weights, batch sampling and augmentation (default: unseeded, as nnU-Net); "
                         "two inits trained with one seed differ by the init alone (CPU, nnUNet_n_proc_DA=0)")
-    p.add_argument("--augmentation", choices=("nnunet", "cross-site"), default="nnunet",
+    p.add_argument("--augmentation", choices=SEG_AUGMENTATIONS, default="nnunet",
                    help="nnunet: nnU-Net's training augmentation (default); cross-site: nnU-Net's with its noise and "
                         "contrast transforms in more patches and wider (noise sd up to 0.6 z units in half the patches, "
                         "contrast 0.6-1.25 in 30%%), for a model validated at a site of lower field strength (docs/DEMO.md)")
